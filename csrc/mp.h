@@ -1,0 +1,102 @@
+/*
+ * mp.h: declarations shared by the C files of multiprocessing.core.
+ *
+ * Each file owns one concern and registers its classes in its *_open(L),
+ * which core.c calls in order. Class names are macros so that luaL_newmetatable
+ * gives __name, and messages name the class for free. Everything here is
+ * hidden (-fvisibility=hidden) except what multiprocessing.h exports.
+ *
+ * Interfaces between files:
+ *   - errors: mp_raise() builds an error object through the Lua module
+ *     multiprocessing.errors and raises it.
+ *   - codec: mp_encode()/mp_decode() turn a Lua value into a message and
+ *     back; a message may carry file descriptors (handles), collected in an
+ *     mp_fdlist that the transport sends beside the bytes (SCM_RIGHTS) or,
+ *     under fork, that the receiver already has.
+ *   - handles: a userdata whose metatable has __mp_reduce travels as a
+ *     handle (see codec.c); kinds are rebuilt by mp_register_handle_kind().
+ *   - time: mp_deadline()/mp_remaining_ms() on CLOCK_MONOTONIC.
+ */
+#ifndef MP_H
+#define MP_H
+
+#ifndef _GNU_SOURCE
+#define _GNU_SOURCE
+#endif
+
+#include <stddef.h>
+#include <stdint.h>
+#include "lua.h"
+#include "lauxlib.h"
+
+#define MP_API __attribute__((visibility("hidden")))
+
+/* class names (luaL_newmetatable) */
+#define MP_PROCESS_T    "multiprocessing.Process"
+#define MP_CONNECTION_T "multiprocessing.Connection"
+#define MP_BUF_T        "multiprocessing.Buffer"
+
+/* Most fds one message may carry (SCM_RIGHTS allows 253). */
+#define MP_MAX_FDS 64
+
+typedef struct mp_fdlist {
+  int n;
+  int fd[MP_MAX_FDS];
+} mp_fdlist;
+
+/* A growable byte buffer owned by a userdata (MP_BUF_T), so that a raise
+   while it is filled leaks nothing. */
+typedef struct mp_buf {
+  char *data;
+  size_t len, cap;
+} mp_buf;
+
+/* -- core.c --------------------------------------------------------- */
+/* Raise an error object {type=, message=} made by multiprocessing.errors. */
+MP_API int mp_raise(lua_State *L, const char *type, const char *fmt, ...);
+/* Push an error object without raising it. */
+MP_API void mp_pusherror(lua_State *L, const char *type, const char *fmt, ...);
+/* Push a new boxed buffer and return it; freed by __gc/__close. */
+MP_API mp_buf *mp_buf_push(lua_State *L, size_t cap);
+/* Make room for n more bytes; raises on out of memory. Returns write pointer. */
+MP_API char *mp_buf_reserve(lua_State *L, mp_buf *b, size_t n);
+MP_API void mp_buf_add(lua_State *L, mp_buf *b, const void *p, size_t n);
+/* Absolute CLOCK_MONOTONIC time in seconds. */
+MP_API double mp_now(void);
+/* Timeout argument at index i: nil -> -1 (forever), number >= 0 -> seconds.
+   Raises on a negative or non-number timeout. */
+MP_API double mp_opttimeout(lua_State *L, int i);
+/* Milliseconds left until deadline (deadline < 0 means forever -> -1),
+   for poll(); never negative. */
+MP_API int mp_remaining_ms(double deadline);
+/* Deadline for a timeout from mp_opttimeout (-1 stays -1). */
+MP_API double mp_deadline(double timeout);
+/* Close every fd of the list and empty it. */
+MP_API void mp_fdlist_close(mp_fdlist *l);
+/* Pid of this process, refreshed after fork (cheap). */
+MP_API int mp_getpid(void);
+
+/* -- codec.c -------------------------------------------------------- */
+#define MP_DECODE_NOFUNCS 1   /* refuse functions (untrusted source) */
+/* Serialize the value at idx and append it to b. Handles append their fds
+   to fds (which may be NULL: then a handle raises). Raises
+   SerializationError naming the path of what cannot be serialized. */
+MP_API void mp_encode(lua_State *L, int idx, mp_buf *b, mp_fdlist *fds);
+/* Decode a whole message and push its value. fds are the fds that came with
+   the message; the decoder takes them over (a handle's rebuild owns its fd,
+   the fds no handle took are closed). Raises SerializationError. */
+MP_API void mp_decode(lua_State *L, const char *p, size_t len,
+                      mp_fdlist *fds, int flags);
+
+/* -- *_open: each file registers its classes and adds its functions to the
+   module table at the top of the stack. */
+MP_API void mp_core_open(lua_State *L);
+MP_API void mp_process_open(lua_State *L);
+MP_API void mp_conn_open(lua_State *L);
+MP_API void mp_codec_open(lua_State *L);
+MP_API void mp_shm_open(lua_State *L);
+MP_API void mp_sync_open(lua_State *L);
+MP_API void mp_queue_open(lua_State *L);
+MP_API void mp_pool_open(lua_State *L);
+
+#endif

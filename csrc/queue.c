@@ -1,0 +1,4 @@
+/* queue.c: placeholder until its issue lands; registers nothing yet. */
+#include "mp.h"
+
+MP_API void mp_queue_open(lua_State *L) { (void)L; }
