@@ -11,6 +11,8 @@ local concat = table.concat
 
 local M = {}
 local classes = {}
+local exports = {}   -- what require "multiprocessing" shows: the classes
+M.exports = exports
 
 local Error = {}
 
@@ -51,6 +53,7 @@ local function class(name, super)
                     __tostring = function() return "<class " .. name .. ">" end })
   classes[name] = c
   M[name] = c
+  exports[name] = c
   return c
 end
 

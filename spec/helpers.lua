@@ -1,0 +1,96 @@
+-- Helpers shared by the specs: leak checks (fds, child processes) and
+-- bounded waits. Every spec that starts processes wraps itself with
+-- helpers.leakcheck() so that nothing it started outlives it.
+local H = {}
+
+local function listdir(path)
+  local p = io.popen("ls -1 " .. path .. " 2>/dev/null")
+  local t = {}
+  for l in p:lines() do t[#t + 1] = l end
+  p:close()
+  return t
+end
+
+local function mypid()
+  local f = assert(io.open("/proc/self/stat"))
+  local pid = f:read("*l"):match("^(%d+)")
+  f:close()
+  return tonumber(pid)
+end
+H.mypid = mypid
+
+-- Open fds of this process (popen's own fds excluded by counting twice).
+function H.fds()
+  local f = {}
+  local p = io.popen("ls -1 /proc/" .. mypid() .. "/fd")
+  -- ls runs in a child; it lists our fds, including popen's pipe end
+  for l in p:lines() do f[#f + 1] = tonumber(l) end
+  p:close()
+  table.sort(f)
+  return f
+end
+
+-- Pids of live (non-zombie) processes whose parent is this process,
+-- ignoring the helper commands this file itself runs.
+function H.children()
+  local me = tostring(mypid())
+  local kids = {}
+  for _, d in ipairs(listdir("/proc")) do
+    if d:match("^%d+$") then
+      local f = io.open("/proc/" .. d .. "/stat")
+      if f then
+        local s = f:read("*l") or ""
+        f:close()
+        local comm, state, ppid = s:match("^%d+ %((.*)%) (%S) (%d+)")
+        if ppid == me and state ~= "Z" and comm ~= "ls" and comm ~= "sh" then
+          kids[#kids + 1] = tonumber(d)
+        end
+      end
+    end
+  end
+  return kids
+end
+
+-- Wait until pred() is true, up to timeout seconds; returns pred's value.
+function H.wait_until(pred, timeout)
+  local core = require "multiprocessing.core"
+  local deadline = core.monotonic() + (timeout or 5)
+  local v = pred()
+  while not v and core.monotonic() < deadline do
+    os.execute("sleep 0.01")
+    v = pred()
+  end
+  return v
+end
+
+-- Snapshot fds and children; the returned function asserts both are back
+-- to the snapshot (after a GC and a short grace period for exits).
+function H.snapshot()
+  local fds0 = #H.fds()
+  return function()
+    collectgarbage(); collectgarbage()
+    local ok = H.wait_until(function()
+      return #H.children() == 0 and #H.fds() <= fds0
+    end, 5)
+    if not ok then
+      error(string.format("leak: %d children %s, fds %d -> %d",
+        #H.children(), table.concat(H.children(), ","), fds0, #H.fds()), 2)
+    end
+  end
+end
+
+-- In a describe block: before_each/after_each that check for leaks.
+function H.leakcheck()
+  local check
+  before_each(function() check = H.snapshot() end)
+  after_each(function() check() end)
+end
+
+-- Path of a temporary file name unique to this process.
+local tmpn = 0
+function H.tmpname(tag)
+  tmpn = tmpn + 1
+  return string.format("/tmp/mp-spec-%d-%d-%s", mypid(), tmpn, tag or "x")
+end
+
+return H
