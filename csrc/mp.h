@@ -76,6 +76,20 @@ MP_API void mp_fdlist_close(mp_fdlist *l);
 /* Pid of this process, refreshed after fork (cheap). */
 MP_API int mp_getpid(void);
 
+/* -- shm.c ---------------------------------------------------------- */
+/* Create a memfd segment of size bytes (zero-filled), mapped shared; its fd
+   (close-on-exec) goes to *fd. Raises on failure. name is for /proc only. */
+MP_API void *mp_shm_create(lua_State *L, const char *name, size_t size, int *fd);
+/* Map the whole segment behind fd (as received by a handle); NULL on error,
+   with errno set. */
+MP_API void *mp_shm_map(int fd, size_t *size);
+MP_API void mp_shm_unmap(void *p, size_t size);
+/* Wait while *addr == val, until deadline (mp_deadline(); -1 forever).
+   Returns 0 when woken, else EAGAIN (value differed), ETIMEDOUT or EINTR. */
+MP_API int mp_futex_wait(uint32_t *addr, uint32_t val, double deadline);
+/* Wake up to n waiters on addr; returns how many were woken. */
+MP_API int mp_futex_wake(uint32_t *addr, int n);
+
 /* -- codec.c -------------------------------------------------------- */
 #define MP_DECODE_NOFUNCS 1   /* refuse functions (untrusted source) */
 /* Serialize the value at idx and append it to b. Handles append their fds
