@@ -18,6 +18,7 @@ WARN = -std=c99 -Wall -Wextra -Wshadow -Wmissing-prototypes -Wstrict-prototypes 
        -Wpointer-arith -Wcast-qual -Wundef $(WERROR)
 ALL_CFLAGS = $(CFLAGS) $(WARN) -fPIC -fvisibility=hidden -I$(LUA_INCDIR) -Icsrc
 LDFLAGS_SO = -shared
+LIBS       = -lm
 
 SRC  = $(wildcard csrc/*.c)
 HDR  = $(wildcard csrc/*.h)
@@ -33,7 +34,7 @@ DEPS = lua5.4 liblua5.4-dev lua-busted gcc make
 all: $(SO)
 
 $(SO): $(SRC) $(HDR)
-	$(CC) $(ALL_CFLAGS) $(LDFLAGS_SO) -o $@ $(SRC)
+	$(CC) $(ALL_CFLAGS) $(LDFLAGS_SO) -o $@ $(SRC) $(LIBS)
 
 # Install what is missing (Debian); does nothing when all is there.
 deps:
