@@ -1,2 +1,535 @@
+/*
+ * conn.c: Connection, framed messages over a Unix stream socket, with fd
+ * passing (SCM_RIGHTS) for handles.
+ *
+ * A message is a 16-byte header (payload length u64, number of fds u32,
+ * kind u32: 0 raw bytes, 1 a serialized value), then the payload. The fds
+ * ride on the first bytes of the message; the receiver keeps the fds that
+ * arrive in a queue and hands a message exactly the number its header
+ * names, so messages are never merged or split whatever their size.
+ *
+ * Reads go through a 64 KiB buffer so that small messages cost one read;
+ * a payload larger than the buffer is read straight into its destination.
+ * A timeout applies to the wait for a message to begin; once its first
+ * byte is there the rest is read to the end (the sender is writing it).
+ * Sends use MSG_NOSIGNAL: a closed peer is nil, "closed", never SIGPIPE.
+ */
 #include "mp.h"
-MP_API void mp_conn_open(lua_State *L) { (void)L; }
+
+#include <errno.h>
+#include <fcntl.h>
+#include <poll.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <sys/uio.h>
+#include <unistd.h>
+
+#define HDR_SIZE 16
+#define RBUF_SIZE 65536
+#define KIND_BYTES 0
+#define KIND_VALUE 1
+
+typedef struct mp_conn {
+  int fd;              /* -1 when closed */
+  int readable, writable;
+  int eof;             /* the peer closed: nothing more will come */
+  char *rbuf;          /* read buffer, RBUF_SIZE bytes */
+  size_t rpos, rlen;   /* unread bytes are rbuf[rpos .. rlen) */
+  mp_fdlist rfds;      /* fds received, not yet claimed by a message */
+} mp_conn;
+
+static mp_conn *to_conn(lua_State *L, int i) {
+  return (mp_conn *)luaL_checkudata(L, i, MP_CONNECTION_T);
+}
+
+static mp_conn *check_conn(lua_State *L, int i) {
+  mp_conn *c = to_conn(L, i);
+  if (c->fd < 0) luaL_error(L, "connection is closed");
+  return c;
+}
+
+static void conn_release(mp_conn *c) {
+  if (c->fd >= 0) close(c->fd);
+  c->fd = -1;
+  free(c->rbuf);
+  c->rbuf = NULL;
+  c->rpos = c->rlen = 0;
+  mp_fdlist_close(&c->rfds);
+}
+
+/* Push a closed connection with its send buffer as user value. */
+static mp_conn *newconn(lua_State *L) {
+  mp_conn *c = (mp_conn *)lua_newuserdatauv(L, sizeof(mp_conn), 1);
+  memset(c, 0, sizeof *c);
+  c->fd = -1;
+  luaL_setmetatable(L, MP_CONNECTION_T);
+  mp_buf_push(L, 0);
+  lua_setiuservalue(L, -2, 1);
+  return c;
+}
+
+static void conn_setfd(lua_State *L, mp_conn *c, int fd, int r, int w) {
+  c->rbuf = (char *)malloc(RBUF_SIZE);
+  if (c->rbuf == NULL) {
+    close(fd);
+    luaL_error(L, "not enough memory");
+  }
+  c->fd = fd;
+  c->readable = r;
+  c->writable = w;
+}
+
+/* core.Pipe([duplex=true]) -> c1, c2 */
+static int conn_pipe(lua_State *L) {
+  int duplex = lua_isnoneornil(L, 1) ? 1 : lua_toboolean(L, 1);
+  int sv[2];
+  mp_conn *a = newconn(L), *b = newconn(L);
+  if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv) != 0)
+    return luaL_error(L, "socketpair: %s", strerror(errno));
+  if (!duplex) {
+    shutdown(sv[0], SHUT_WR);
+    shutdown(sv[1], SHUT_RD);
+  }
+  conn_setfd(L, a, sv[0], 1, duplex);
+  conn_setfd(L, b, sv[1], duplex, 1);
+  return 2;
+}
+
+/* core.conn_from_fd(fd, readable, writable) -> Connection owning fd */
+static int conn_from_fd(lua_State *L) {
+  int fd = (int)luaL_checkinteger(L, 1);
+  int r = lua_toboolean(L, 2), w = lua_toboolean(L, 3);
+  mp_conn *c;
+  luaL_argcheck(L, fd >= 0, 1, "bad file descriptor");
+  c = newconn(L);
+  conn_setfd(L, c, fd, r, w);
+  return 1;
+}
+
+/* ---- sending ------------------------------------------------------- */
+
+static void put_header(char *h, uint64_t len, uint32_t nfds, uint32_t kind) {
+  memcpy(h, &len, 8);
+  memcpy(h + 8, &nfds, 4);
+  memcpy(h + 12, &kind, 4);
+}
+
+/* Send the iovecs whole, the fds with the first bytes. 0, or an errno. */
+static int sendall(int fd, struct iovec *iov, int niov, const mp_fdlist *fds) {
+  union {
+    char buf[CMSG_SPACE(sizeof(int) * MP_MAX_FDS)];
+    struct cmsghdr align;
+  } u;
+  struct msghdr msg;
+  int first = 1;
+  while (niov > 0) {
+    ssize_t n;
+    memset(&msg, 0, sizeof msg);
+    msg.msg_iov = iov;
+    msg.msg_iovlen = (size_t)niov;
+    if (first && fds && fds->n > 0) {
+      struct cmsghdr *cm;
+      size_t sz = sizeof(int) * (size_t)fds->n;
+      memset(u.buf, 0, sizeof u.buf);
+      msg.msg_control = u.buf;
+      msg.msg_controllen = CMSG_SPACE(sz);
+      cm = CMSG_FIRSTHDR(&msg);
+      cm->cmsg_level = SOL_SOCKET;
+      cm->cmsg_type = SCM_RIGHTS;
+      cm->cmsg_len = CMSG_LEN(sz);
+      memcpy(CMSG_DATA(cm), fds->fd, sz);
+    }
+    n = sendmsg(fd, &msg, MSG_NOSIGNAL);
+    if (n < 0) {
+      if (errno == EINTR) continue;
+      return errno;
+    }
+    first = 0;
+    while (niov > 0 && (size_t)n >= iov->iov_len) {
+      n -= (ssize_t)iov->iov_len;
+      iov++;
+      niov--;
+    }
+    if (niov > 0) {
+      iov->iov_base = (char *)iov->iov_base + n;
+      iov->iov_len -= (size_t)n;
+    }
+  }
+  return 0;
+}
+
+static int send_result(lua_State *L, int err) {
+  if (err == 0) {
+    lua_pushboolean(L, 1);
+    return 1;
+  }
+  if (err == EPIPE || err == ECONNRESET) {
+    lua_pushnil(L);
+    lua_pushliteral(L, "closed");
+    return 2;
+  }
+  return luaL_fileresult(L, 0, "send");
+}
+
+static mp_conn *check_writable(lua_State *L) {
+  mp_conn *c = check_conn(L, 1);
+  if (!c->writable) luaL_error(L, "connection is read-only");
+  return c;
+}
+
+/* c:send(v) -> true | nil, "closed" */
+static int conn_send(lua_State *L) {
+  mp_conn *c = check_writable(L);
+  mp_buf *b;
+  mp_fdlist fds;
+  struct iovec iov;
+  luaL_checkany(L, 2);
+  if (lua_isnil(L, 2)) return luaL_argerror(L, 2, "nil is not a message");
+  lua_settop(L, 2);
+  lua_getiuservalue(L, 1, 1);
+  b = (mp_buf *)lua_touserdata(L, 3);
+  b->len = 0;
+  mp_buf_reserve(L, b, HDR_SIZE);
+  b->len = HDR_SIZE;
+  fds.n = 0;
+  mp_encode(L, 2, b, &fds);
+  put_header(b->data, b->len - HDR_SIZE, (uint32_t)fds.n, KIND_VALUE);
+  iov.iov_base = b->data;
+  iov.iov_len = b->len;
+  return send_result(L, sendall(c->fd, &iov, 1, &fds));
+}
+
+/* c:send_bytes(s [, i [, j]]) -> true | nil, "closed" */
+static int conn_send_bytes(lua_State *L) {
+  mp_conn *c = check_writable(L);
+  size_t len;
+  const char *s = luaL_checklstring(L, 2, &len);
+  lua_Integer i = luaL_optinteger(L, 3, 1), j = luaL_optinteger(L, 4, -1);
+  char h[HDR_SIZE];
+  struct iovec iov[2];
+  /* string.sub's rules for i, j */
+  if (i < 0) i = (lua_Integer)len + i + 1 > 0 ? (lua_Integer)len + i + 1 : 1;
+  else if (i == 0) i = 1;
+  if (j < 0) j = (lua_Integer)len + j + 1;
+  else if (j > (lua_Integer)len) j = (lua_Integer)len;
+  if (i > j) i = j + 1;
+  put_header(h, (uint64_t)(j - i + 1), 0, KIND_BYTES);
+  iov[0].iov_base = h;
+  iov[0].iov_len = HDR_SIZE;
+  iov[1].iov_base = (char *)(uintptr_t)(s + i - 1);
+  iov[1].iov_len = (size_t)(j - i + 1);
+  return send_result(L, sendall(c->fd, iov, 2, NULL));
+}
+
+/* ---- receiving ----------------------------------------------------- */
+
+static void stash_fds(mp_conn *c, struct msghdr *msg) {
+  struct cmsghdr *cm;
+  for (cm = CMSG_FIRSTHDR(msg); cm; cm = CMSG_NXTHDR(msg, cm)) {
+    if (cm->cmsg_level == SOL_SOCKET && cm->cmsg_type == SCM_RIGHTS) {
+      int n = (int)((cm->cmsg_len - CMSG_LEN(0)) / sizeof(int)), k;
+      int *fd = (int *)(void *)CMSG_DATA(cm);
+      for (k = 0; k < n; k++) {
+        if (c->rfds.n < MP_MAX_FDS) c->rfds.fd[c->rfds.n++] = fd[k];
+        else close(fd[k]);
+      }
+    }
+  }
+}
+
+/* One read of up to len bytes into p, collecting fds. >0 bytes, 0 at end
+   of stream, -1 on error (errno). */
+static ssize_t rawread(mp_conn *c, char *p, size_t len) {
+  union {
+    char buf[CMSG_SPACE(sizeof(int) * MP_MAX_FDS)];
+    struct cmsghdr align;
+  } u;
+  struct msghdr msg;
+  struct iovec iov;
+  ssize_t n;
+  iov.iov_base = p;
+  iov.iov_len = len;
+  memset(&msg, 0, sizeof msg);
+  msg.msg_iov = &iov;
+  msg.msg_iovlen = 1;
+  msg.msg_control = u.buf;
+  msg.msg_controllen = sizeof u.buf;
+  do n = recvmsg(c->fd, &msg, MSG_CMSG_CLOEXEC);
+  while (n < 0 && errno == EINTR);
+  if (n > 0 && msg.msg_controllen > 0) stash_fds(c, &msg);
+  if (n == 0) c->eof = 1;
+  return n;
+}
+
+/* Make sure at least n (<= RBUF_SIZE) bytes are buffered. 1 ok, 0 end of
+   stream first, -1 error. */
+static int fill(mp_conn *c, size_t n) {
+  if (c->rlen - c->rpos >= n) return 1;
+  if (c->rpos > 0) {
+    memmove(c->rbuf, c->rbuf + c->rpos, c->rlen - c->rpos);
+    c->rlen -= c->rpos;
+    c->rpos = 0;
+  }
+  while (c->rlen < n) {
+    ssize_t r = rawread(c, c->rbuf + c->rlen, RBUF_SIZE - c->rlen);
+    if (r <= 0) return (int)r;
+    c->rlen += (size_t)r;
+  }
+  return 1;
+}
+
+/* Copy len payload bytes to dst: first what is buffered, then read the
+   rest straight into dst. */
+static int readinto(mp_conn *c, char *dst, size_t len) {
+  size_t have = c->rlen - c->rpos;
+  if (have > len) have = len;
+  memcpy(dst, c->rbuf + c->rpos, have);
+  c->rpos += have;
+  while (have < len) {
+    ssize_t r = rawread(c, dst + have, len - have);
+    if (r <= 0) return (int)r;
+    have += (size_t)r;
+  }
+  return 1;
+}
+
+/* Is something to read there (or the end of the stream)? Waits up to ms
+   (-1 forever). 1 yes, 0 no, -1 error. */
+static int wait_readable(mp_conn *c, int ms) {
+  struct pollfd pfd;
+  int r;
+  if (c->rlen > c->rpos || c->eof) return 1;
+  pfd.fd = c->fd;
+  pfd.events = POLLIN;
+  do r = poll(&pfd, 1, ms);
+  while (r < 0 && errno == EINTR);   /* resumes with the same ms: bounded */
+  return r;
+}
+
+static mp_conn *check_readable(lua_State *L) {
+  mp_conn *c = check_conn(L, 1);
+  if (!c->readable) luaL_error(L, "connection is write-only");
+  return c;
+}
+
+static int ret_reason(lua_State *L, const char *why) {
+  lua_pushnil(L);
+  lua_pushstring(L, why);
+  return 2;
+}
+
+/* Claim n fds from the queue for a message (header already read). */
+static void claim_fds(lua_State *L, mp_conn *c, uint32_t n, mp_fdlist *out) {
+  out->n = 0;
+  if (n == 0) return;
+  if (n > (uint32_t)c->rfds.n)
+    luaL_error(L, "message announced %d fds but %d arrived", (int)n, c->rfds.n);
+  memcpy(out->fd, c->rfds.fd, sizeof(int) * n);
+  out->n = (int)n;
+  memmove(c->rfds.fd, c->rfds.fd + n, sizeof(int) * (size_t)(c->rfds.n - (int)n));
+  c->rfds.n -= (int)n;
+}
+
+/* Receive one message: pushes the payload as a string (as_value 0) or its
+   decoded value (as_value 1); returns the number of results. */
+static int recv_message(lua_State *L, int as_value) {
+  mp_conn *c = check_readable(L);
+  double deadline = mp_deadline(mp_opttimeout(L, 2));
+  uint64_t len;
+  uint32_t nfds, kind;
+  mp_fdlist fds;
+  int r = wait_readable(c, mp_remaining_ms(deadline));
+  if (r < 0) return luaL_fileresult(L, 0, "poll");
+  if (r == 0) return ret_reason(L, "timeout");
+  r = fill(c, HDR_SIZE);
+  if (r == 0) {
+    if (c->rlen > c->rpos) return luaL_error(L, "connection closed in the middle of a message");
+    return ret_reason(L, "closed");
+  }
+  if (r < 0) return luaL_fileresult(L, 0, "recv");
+  memcpy(&len, c->rbuf + c->rpos, 8);
+  memcpy(&nfds, c->rbuf + c->rpos + 8, 4);
+  memcpy(&kind, c->rbuf + c->rpos + 12, 4);
+  if (nfds > MP_MAX_FDS || kind > KIND_VALUE || len > (uint64_t)SIZE_MAX / 2)
+    return luaL_error(L, "corrupt message header");
+  c->rpos += HDR_SIZE;
+  claim_fds(L, c, nfds, &fds);
+  if (!as_value || kind == KIND_BYTES) {
+    /* bytes: straight into a Lua string buffer */
+    luaL_Buffer B;
+    char *p;
+    mp_fdlist_close(&fds);
+    p = luaL_buffinitsize(L, &B, (size_t)len);
+    r = readinto(c, p, (size_t)len);
+    if (r <= 0) return luaL_error(L, "connection closed in the middle of a message");
+    luaL_pushresultsize(&B, (size_t)len);
+    return 1;
+  }
+  if (c->rlen - c->rpos >= len) {         /* all buffered: decode in place */
+    const char *p = c->rbuf + c->rpos;
+    c->rpos += (size_t)len;
+    mp_decode(L, p, (size_t)len, &fds, 0);
+    return 1;
+  } else {
+    int top = lua_gettop(L);
+    mp_buf *b = mp_buf_push(L, (size_t)len);
+    if (readinto(c, b->data, (size_t)len) <= 0) {
+      mp_fdlist_close(&fds);
+      return luaL_error(L, "connection closed in the middle of a message");
+    }
+    mp_decode(L, b->data, (size_t)len, &fds, 0);
+    lua_remove(L, top + 1);               /* the buffer */
+    return 1;
+  }
+}
+
+/* c:recv([timeout]) -> v | nil, "closed" | nil, "timeout" */
+static int conn_recv(lua_State *L) { return recv_message(L, 1); }
+
+/* c:recv_bytes([timeout]) -> s | nil, "closed" | nil, "timeout" */
+static int conn_recv_bytes(lua_State *L) { return recv_message(L, 0); }
+
+/* c:poll([timeout=0]) -> boolean */
+static int conn_poll(lua_State *L) {
+  mp_conn *c = check_readable(L);
+  double t = lua_isnoneornil(L, 2) ? 0 : mp_opttimeout(L, 2);
+  int r = wait_readable(c, mp_remaining_ms(mp_deadline(t)));
+  if (r < 0) return luaL_fileresult(L, 0, "poll");
+  lua_pushboolean(L, r > 0);
+  return 1;
+}
+
+/* c:fileno() -> fd */
+static int conn_fileno(lua_State *L) {
+  lua_pushinteger(L, check_conn(L, 1)->fd);
+  return 1;
+}
+
+/* c:_buffered() -> true when a message (or its start) is already buffered,
+   which a poll() on the fd would not see */
+static int conn__buffered(lua_State *L) {
+  mp_conn *c = to_conn(L, 1);
+  lua_pushboolean(L, c->fd >= 0 && (c->rlen > c->rpos || c->eof));
+  return 1;
+}
+
+/* c:close(); may be called twice */
+static int conn_close(lua_State *L) {
+  conn_release(to_conn(L, 1));
+  return 0;
+}
+
+static int conn__tostring(lua_State *L) {
+  mp_conn *c = to_conn(L, 1);
+  if (c->fd < 0) lua_pushliteral(L, "<Connection(closed)>");
+  else
+    lua_pushfstring(L, "<Connection(fd=%d, %s)>", c->fd,
+                    c->readable && c->writable ? "duplex"
+                    : c->readable ? "read-only" : "write-only");
+  return 1;
+}
+
+static int conn__index(lua_State *L) {
+  mp_conn *c = to_conn(L, 1);
+  const char *k = lua_tostring(L, 2);
+  lua_pushvalue(L, 2);
+  if (lua_rawget(L, lua_upvalueindex(1)) != LUA_TNIL) return 1;
+  if (k == NULL) return 0;
+  if (strcmp(k, "closed") == 0) lua_pushboolean(L, c->fd < 0);
+  else if (strcmp(k, "readable") == 0) lua_pushboolean(L, c->fd >= 0 && c->readable);
+  else if (strcmp(k, "writable") == 0) lua_pushboolean(L, c->fd >= 0 && c->writable);
+  else return 0;
+  return 1;
+}
+
+/* __mp_reduce(c) -> "Connection", {readable, writable}, fd
+   (for the codec: the receiver rebuilds a connection on its copy of fd) */
+static int conn__reduce(lua_State *L) {
+  mp_conn *c = check_conn(L, 1);
+  if (c->rlen > c->rpos)
+    return mp_raise(L, "SerializationError",
+                    "cannot send a connection with unread buffered data");
+  lua_pushliteral(L, "Connection");
+  lua_createtable(L, 2, 0);
+  lua_pushboolean(L, c->readable);
+  lua_rawseti(L, -2, 1);
+  lua_pushboolean(L, c->writable);
+  lua_rawseti(L, -2, 2);
+  lua_pushinteger(L, c->fd);
+  return 3;
+}
+
+/* core.poll(fds, [timeout]) -> list of the positions in fds that are
+   readable (or hung up); empty on timeout */
+static int core_poll(lua_State *L) {
+  struct pollfd stackfds[64], *pfd = stackfds;
+  lua_Integer n, i, k = 0;
+  double deadline;
+  int r;
+  luaL_checktype(L, 1, LUA_TTABLE);
+  deadline = mp_deadline(mp_opttimeout(L, 2));
+  n = (lua_Integer)lua_rawlen(L, 1);
+  if (n > 64) pfd = (struct pollfd *)lua_newuserdatauv(L, sizeof(*pfd) * (size_t)n, 0);
+  for (i = 0; i < n; i++) {
+    lua_rawgeti(L, 1, i + 1);
+    pfd[i].fd = (int)luaL_checkinteger(L, -1);
+    pfd[i].events = POLLIN;
+    pfd[i].revents = 0;
+    lua_pop(L, 1);
+  }
+  for (;;) {
+    r = poll(pfd, (nfds_t)n, mp_remaining_ms(deadline));
+    if (r >= 0 || errno != EINTR) break;
+  }
+  if (r < 0) return luaL_fileresult(L, 0, "poll");
+  lua_createtable(L, r, 0);
+  for (i = 0; i < n; i++)
+    if (pfd[i].revents) {
+      lua_pushinteger(L, i + 1);
+      lua_rawseti(L, -2, ++k);
+    }
+  return 1;
+}
+
+static int conn__gc(lua_State *L) {
+  conn_release(to_conn(L, 1));
+  return 0;
+}
+
+static const luaL_Reg conn_methods[] = {
+  {"send", conn_send},
+  {"recv", conn_recv},
+  {"send_bytes", conn_send_bytes},
+  {"recv_bytes", conn_recv_bytes},
+  {"poll", conn_poll},
+  {"fileno", conn_fileno},
+  {"close", conn_close},
+  {"_buffered", conn__buffered},
+  {NULL, NULL}
+};
+
+MP_API void mp_conn_open(lua_State *L) {
+  static const luaL_Reg funcs[] = {
+    {"Pipe", conn_pipe},
+    {"conn_from_fd", conn_from_fd},
+    {"poll", core_poll},
+    {NULL, NULL}
+  };
+  luaL_newmetatable(L, MP_CONNECTION_T);   /* mod, mt */
+  luaL_newlib(L, conn_methods);            /* mod, mt, methods */
+  lua_pushvalue(L, -1);
+  lua_setfield(L, -4, "Connection_methods");
+  lua_pushcclosure(L, conn__index, 1);
+  lua_setfield(L, -2, "__index");
+  lua_pushcfunction(L, conn__gc);
+  lua_setfield(L, -2, "__gc");
+  lua_pushcfunction(L, conn__gc);
+  lua_setfield(L, -2, "__close");
+  lua_pushcfunction(L, conn__tostring);
+  lua_setfield(L, -2, "__tostring");
+  lua_pushcfunction(L, conn__reduce);
+  lua_setfield(L, -2, "__mp_reduce");
+  lua_pop(L, 1);
+  luaL_setfuncs(L, funcs, 0);
+}

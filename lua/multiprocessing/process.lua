@@ -1,0 +1,202 @@
+-- multiprocessing.process: the Process class (a C userdata, csrc/process.c)
+-- with start and run added here, the process registry and the exit path.
+--
+-- Exit rules (DESIGN.md point 4): a child runs its target under xpcall,
+-- runs the exit hooks (queues flush, its own children are handled as below),
+-- then leaves through core._exit. The main program, at its normal end,
+-- terminates daemonic children and joins the others (as Python does).
+
+local core = require "multiprocessing.core"
+local errors = require "multiprocessing.errors"
+
+local type, error, pairs, ipairs, tostring, setmetatable, select, xpcall, pcall =
+      type, error, pairs, ipairs, tostring, setmetatable, select, xpcall, pcall
+local unpack, traceback = table.unpack, debug.traceback
+local stderr = io.stderr
+
+local M = {}
+local exports = {}
+M.exports = exports
+
+local methods = core.Process_methods
+local counter = 0
+local children = {}        -- started, not yet reaped children: Process -> true
+local hooks = {}           -- exit hooks, run in order
+local current, parent      -- current process object, parent descriptor
+local spawned_child = false
+
+-- The main process as seen by current_process() in it.
+local MainProcess = setmetatable({
+  name = "MainProcess", daemon = false, exitcode = nil,
+  is_alive = function() return true end,
+}, {
+  __index = function(_, k) if k == "pid" or k == "ident" then return core.getpid() end end,
+  __tostring = function() return "<_MainProcess(MainProcess, started)>" end,
+})
+
+local function check_opts(opts)
+  if opts == nil then return {} end
+  if type(opts) ~= "table" then
+    error("bad argument #1 to 'Process' (table expected, got " .. type(opts) .. ")", 3)
+  end
+  for k in pairs(opts) do
+    if k ~= "target" and k ~= "args" and k ~= "name" and k ~= "daemon"
+       and k ~= "run" then
+      error("Process: unknown option '" .. tostring(k) .. "'", 3)
+    end
+  end
+  if opts.target ~= nil and type(opts.target) ~= "function" then
+    local mt = getmetatable(opts.target)
+    if not (mt and mt.__call) then
+      error("Process: 'target' must be a function (got " .. type(opts.target) .. ")", 3)
+    end
+  end
+  if opts.args ~= nil and type(opts.args) ~= "table" then
+    error("Process: 'args' must be a table (got " .. type(opts.args) .. ")", 3)
+  end
+  if opts.name ~= nil and type(opts.name) ~= "string" then
+    error("Process: 'name' must be a string (got " .. type(opts.name) .. ")", 3)
+  end
+  if opts.daemon ~= nil and type(opts.daemon) ~= "boolean" then
+    error("Process: 'daemon' must be a boolean (got " .. type(opts.daemon) .. ")", 3)
+  end
+  if opts.run ~= nil and type(opts.run) ~= "function" then
+    error("Process: 'run' must be a function (got " .. type(opts.run) .. ")", 3)
+  end
+  return opts
+end
+
+-- mp.Process{target=fn, args={...}, name=s, daemon=b, run=fn} -> Process
+function exports.Process(opts)
+  opts = check_opts(opts)
+  counter = counter + 1
+  local fields = {
+    target = opts.target,
+    args = opts.args or {},
+    name = opts.name or ("Process-" .. counter),
+    daemon = opts.daemon,
+    run = opts.run,
+  }
+  if fields.daemon == nil then
+    fields.daemon = current ~= nil and current.daemon or false
+  end
+  return core.process_new(fields)
+end
+
+-- p:run(): target(unpack(args)) in the calling process
+function methods.run(self)
+  local target = self.target
+  if target then
+    local args = self.args
+    return target(unpack(args, 1, args.n or #args))
+  end
+end
+
+-- Run every exit hook, then terminate daemonic children and join the others.
+local function exit_function()
+  for i = 1, #hooks do pcall(hooks[i]) end
+  for p in pairs(children) do
+    if p.daemon then p:terminate() end
+  end
+  for p in pairs(children) do
+    pcall(p.join, p)
+    children[p] = nil
+  end
+end
+M._exit_function = exit_function
+
+-- Message handler for a child's target: the error with the traceback of
+-- the child's own frames (the parent's frames below the fork are cut).
+function M._traceback(err)
+  local msg = err
+  if type(err) ~= "string" and not (type(err) == "table" and getmetatable(err)
+                                    and getmetatable(err).__tostring) then
+    msg = "(error object is a " .. type(err) .. " value)"
+  end
+  local tb = traceback(tostring(msg), 2)
+  local cut = tb:find("\n\t%[C%]: in function 'xpcall'")
+  if cut then tb = tb:sub(1, cut - 1) end
+  return tb
+end
+
+-- The child's side of start: never returns.
+local function bootstrap(self, ppid, pname)
+  current = self
+  parent = setmetatable({ pid = ppid, name = pname }, {
+    __index = { is_alive = function(p) return core.getppid() == p.pid end },
+    __tostring = function(p) return "<_ParentProcess(" .. p.name .. ", " .. p.pid .. ")>" end,
+  })
+  children = {}
+  hooks = {}
+  local code = 0
+  local ok, err = xpcall(self.run, M._traceback, self)
+  if not ok then
+    code = 1
+    stderr:write("Process ", tostring(self.name), " (pid ", tostring(core.getpid()),
+                 "):\n", tostring(err), "\n")
+  end
+  exit_function()
+  core._exit(code)
+end
+
+-- The object whose __gc runs the exit function at the main program's end.
+-- It is made anew at each start, so that it is finalized before the
+-- Process objects it must still join (Lua finalizes in reverse order).
+local guard
+local function arm_exit_guard()
+  if guard then getmetatable(guard).__gc = nil end
+  guard = setmetatable({}, { __gc = function() exit_function() end })
+end
+
+-- p:start()
+function methods.start(self)
+  if self._state ~= "initial" then
+    error(errors.new("ProcessError", "cannot start a process twice"), 2)
+  end
+  if current and current.daemon then
+    error(errors.new("ProcessError", "daemonic processes are not allowed to have children"), 2)
+  end
+  if M._start_guard then M._start_guard() end
+  local me = current or MainProcess
+  local ppid, pname = core.getpid(), me.name
+  for p in pairs(children) do          -- reap what has ended
+    if not p:is_alive() then children[p] = nil end
+  end
+  local pid = self:_fork()
+  if pid == 0 then
+    local ok, err = pcall(bootstrap, self, ppid, pname)
+    -- bootstrap does not return; reaching here means it failed outright
+    pcall(stderr.write, stderr, "multiprocessing: child bootstrap failed: ", tostring(err), "\n")
+    core._exit(ok and 0 or 1)
+  end
+  children[self] = true
+  arm_exit_guard()
+end
+
+-- mp.current_process() -> the calling process's Process object
+function exports.current_process() return current or MainProcess end
+
+-- mp.parent_process() -> the parent's descriptor, nil in the main process
+function exports.parent_process() return parent end
+
+-- mp.active_children() -> list of live children (finished ones are reaped)
+function exports.active_children()
+  local t = {}
+  for p in pairs(children) do
+    if p:is_alive() then t[#t + 1] = p else children[p] = nil end
+  end
+  return t
+end
+
+exports.cpu_count = core.cpu_count
+
+-- mp.is_main() -> false in a spawned child (which re-runs the entry chunk)
+function exports.is_main() return not spawned_child end
+
+-- process._atexit(fn): run fn in a child's exit path and at the main
+-- program's normal end (before children are joined).
+function M._atexit(fn) hooks[#hooks + 1] = fn end
+function M._set_spawned_child(v) spawned_child = v end
+function M._children() return children end
+
+return M
