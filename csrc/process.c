@@ -104,16 +104,21 @@ static int process_new(lua_State *L) {
   return 1;
 }
 
-/* p:_fork() -> pid in the parent, 0 in the child */
+/* p:_fork(bootstrap, ...) -> pid. The child calls bootstrap(...) under
+   lua_pcall and leaves with _exit whatever happens: it never returns into
+   the caller's code, even if a signal turns into a Lua error (lua5.4's
+   SIGINT hook) before the bootstrap's own handler is in place. */
 static int process__fork(lua_State *L) {
   mp_process *p = check_process(L, 1);
   int parent = mp_getpid(), pid, fd;
+  luaL_checktype(L, 2, LUA_TFUNCTION);
   if (p->state != P_INITIAL)
     return mp_raise(L, "ProcessError", "cannot start a process twice");
   fflush(NULL);                           /* never write a buffer twice */
   pid = fork();
   if (pid < 0) return mp_raise(L, "ProcessError", "fork: %s", strerror(errno));
   if (pid == 0) {
+    int status;
     /* no child outlives a killed parent */
     prctl(PR_SET_PDEATHSIG, SIGKILL);
     if (getppid() != parent) _exit(1);    /* parent died before prctl */
@@ -122,8 +127,15 @@ static int process__fork(lua_State *L) {
     p->owner = parent;
     p->state = P_STARTED;
     p->self = 1;
-    lua_pushinteger(L, 0);
-    return 1;
+    status = lua_pcall(L, lua_gettop(L) - 2, 1, 0);
+    if (status != LUA_OK) {
+      const char *msg = lua_tostring(L, -1);
+      fprintf(stderr, "multiprocessing: child %d failed outside its target: %s\n",
+              (int)getpid(), msg ? msg : "(error object)");
+    }
+    fflush(NULL);
+    _exit(status == LUA_OK && lua_isinteger(L, -1) ? (int)lua_tointeger(L, -1) & 0xff
+                                                  : 1);
   }
   fd = pidfd_open_(pid);
   p->pid = pid;

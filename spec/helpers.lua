@@ -80,10 +80,18 @@ function H.snapshot()
 end
 
 -- In a describe block: before_each/after_each that check for leaks.
+-- busted's functions live in the spec's environment, not in _G: take them
+-- from the calling block's _ENV.
 function H.leakcheck()
+  local f, env = debug.getinfo(2, "f").func, _G
+  for i = 1, math.huge do
+    local name, v = debug.getupvalue(f, i)
+    if not name then break end
+    if name == "_ENV" then env = v break end
+  end
   local check
-  before_each(function() check = H.snapshot() end)
-  after_each(function() check() end)
+  env.before_each(function() check = H.snapshot() end)
+  env.after_each(function() check() end)
 end
 
 -- Path of a temporary file name unique to this process.
@@ -91,6 +99,22 @@ local tmpn = 0
 function H.tmpname(tag)
   tmpn = tmpn + 1
   return string.format("/tmp/mp-spec-%d-%d-%s", mypid(), tmpn, tag or "x")
+end
+
+-- Run Lua source in a fresh lua5.4 (with this tree on the paths) and
+-- return its output (stdout and stderr together) and its exit code.
+function H.run_lua(src, timeout)
+  local script = H.tmpname("script.lua")
+  local f = assert(io.open(script, "w"))
+  f:write(src)
+  f:close()
+  local p = io.popen(string.format("timeout %d lua5.4 %s 2>&1; echo \"exit:$?\"",
+                                   timeout or 30, script))
+  local out = p:read("a")
+  p:close()
+  os.remove(script)
+  local code = tonumber(out:match("exit:(%d+)\n?$"))
+  return out:gsub("exit:%d+\n?$", ""), code
 end
 
 return H

@@ -96,7 +96,7 @@ end
 local function exit_function()
   for i = 1, #hooks do pcall(hooks[i]) end
   for p in pairs(children) do
-    if p.daemon then p:terminate() end
+    if p.daemon and p._state == "started" then p:terminate() end
   end
   for p in pairs(children) do
     pcall(p.join, p)
@@ -119,7 +119,8 @@ function M._traceback(err)
   return tb
 end
 
--- The child's side of start: never returns.
+-- The child's side of start, called by _fork in the child, which then
+-- leaves with the code returned.
 local function bootstrap(self, ppid, pname)
   current = self
   parent = setmetatable({ pid = ppid, name = pname }, {
@@ -136,7 +137,7 @@ local function bootstrap(self, ppid, pname)
                  "):\n", tostring(err), "\n")
   end
   exit_function()
-  core._exit(code)
+  return code       -- _fork's child side flushes and _exits with it
 end
 
 -- The object whose __gc runs the exit function at the main program's end.
@@ -146,6 +147,15 @@ local guard
 local function arm_exit_guard()
   if guard then getmetatable(guard).__gc = nil end
   guard = setmetatable({}, { __gc = function() exit_function() end })
+end
+
+-- p:join([timeout]) -> exitcode | nil, "timeout"; a joined child leaves
+-- the registry, so its sentinel is freed with the object.
+local c_join = methods.join
+function methods.join(self, timeout)
+  local code, why = c_join(self, timeout)
+  if code then children[self] = nil end
+  return code, why
 end
 
 -- p:start()
@@ -159,16 +169,10 @@ function methods.start(self)
   if M._start_guard then M._start_guard() end
   local me = current or MainProcess
   local ppid, pname = core.getpid(), me.name
-  for p in pairs(children) do          -- reap what has ended
-    if not p:is_alive() then children[p] = nil end
+  for p in pairs(children) do          -- forget what has ended
+    if p._state ~= "started" or not p:is_alive() then children[p] = nil end
   end
-  local pid = self:_fork()
-  if pid == 0 then
-    local ok, err = pcall(bootstrap, self, ppid, pname)
-    -- bootstrap does not return; reaching here means it failed outright
-    pcall(stderr.write, stderr, "multiprocessing: child bootstrap failed: ", tostring(err), "\n")
-    core._exit(ok and 0 or 1)
-  end
+  self:_fork(bootstrap, self, ppid, pname)
   children[self] = true
   arm_exit_guard()
 end
@@ -183,7 +187,8 @@ function exports.parent_process() return parent end
 function exports.active_children()
   local t = {}
   for p in pairs(children) do
-    if p:is_alive() then t[#t + 1] = p else children[p] = nil end
+    if p._state == "started" and p:is_alive() then t[#t + 1] = p
+    else children[p] = nil end
   end
   return t
 end

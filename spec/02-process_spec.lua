@@ -1,0 +1,305 @@
+-- Process under fork: arguments, lifecycle, exit codes, signals, registry.
+local H = require "helpers"
+local mp = require "multiprocessing"
+local core = require "multiprocessing.core"
+
+local function started(opts)
+  local p = mp.Process(opts)
+  p:start()
+  return p
+end
+
+-- Read a file written by a child (a way to see what happened in it).
+local function slurp(path)
+  local f = io.open(path)
+  if not f then return nil end
+  local s = f:read("a")
+  f:close()
+  os.remove(path)
+  return s
+end
+
+describe("Process arguments", function()
+  it("rejects a non-table, unknown options and bad field types", function()
+    assert.has_error(function() mp.Process(5) end)
+    assert.has_error(function() mp.Process{ targt = print } end)
+    assert.has_error(function() mp.Process{ target = 5 } end)
+    assert.has_error(function() mp.Process{ args = "x" } end)
+    assert.has_error(function() mp.Process{ name = 1 } end)
+    assert.has_error(function() mp.Process{ daemon = "yes" } end)
+    assert.has_error(function() mp.Process{ run = 1 } end)
+  end)
+
+  it("names processes Process-N by default and keeps a given name", function()
+    local a, b = mp.Process(), mp.Process{ name = "worker-1" }
+    assert.truthy(a.name:match("^Process%-%d+$"))
+    assert.are.equal("worker-1", b.name)
+    assert.are.equal("<Process(worker-1, initial)>", tostring(b))
+  end)
+
+  it("has no pid, exitcode or sentinel before start", function()
+    local p = mp.Process()
+    assert.is_nil(p.pid)
+    assert.is_nil(p.exitcode)
+    assert.is_nil(p.sentinel)
+    assert.is_false(p:is_alive())
+  end)
+
+  it("refuses to join a process that was not started", function()
+    assert.has_error(function() mp.Process():join(0) end,
+                     "can only join a started process")
+  end)
+
+  it("refuses a negative timeout", function()
+    local p = started{}
+    assert.has_error(function() p:join(-1) end)
+    p:join(5)
+  end)
+
+  it("keeps read-only fields read-only", function()
+    local p = mp.Process()
+    assert.has_error(function() p.pid = 3 end)
+    assert.has_error(function() p.exitcode = 0 end)
+  end)
+end)
+
+describe("Process", function()
+  H.leakcheck()
+
+  it("runs its target with its args in a child", function()
+    local out = H.tmpname("args")
+    local p = started{ target = function(path, a, b)
+      local f = io.open(path, "w")
+      f:write(a + b, " ", core.getpid())
+      f:close()
+    end, args = { out, 2, 3 } }
+    assert.are.equal(0, p:join(5))
+    local sum, pid = slurp(out):match("(%d+) (%d+)")
+    assert.are.equal("5", sum)
+    assert.are.equal(p.pid, tonumber(pid))
+    assert.are_not.equal(core.getpid(), p.pid)
+  end)
+
+  it("passes nils in args given as table.pack(...)", function()
+    local out = H.tmpname("nils")
+    local p = started{ target = function(path, x, y, z)
+      local f = io.open(path, "w")
+      f:write(tostring(x), tostring(y), tostring(z))
+      f:close()
+    end, args = table.pack(out, nil, 2, nil) }
+    p:join(5)
+    assert.are.equal("nil2nil", slurp(out))
+  end)
+
+  it("raises 'cannot start a process twice' and the first start still runs", function()
+    local a, b = mp.Pipe()
+    local p = started{ target = function(c) c:send("ran") end, args = { b } }
+    local ok, err = pcall(p.start, p)
+    assert.is_false(ok)
+    assert.is_true(mp.ProcessError:is(err))
+    assert.are.equal("cannot start a process twice", err.message)
+    assert.are.equal("ran", a:recv(5))
+    assert.are.equal(0, p:join(5))
+    a:close(); b:close()
+  end)
+
+  it("reports exit codes: 0, 1 on error, n for os.exit(n), -N for a signal", function()
+    assert.are.equal(0, started{ target = function() end }:join(5))
+    assert.are.equal(0, started{}:join(5))
+    assert.are.equal(3, started{ target = function() os.exit(3) end }:join(5))
+    local q = started{ target = function() while true do end end }
+    assert.are.same({ nil, "timeout" }, { q:join(0.05) })
+    q:kill()
+    assert.are.equal(-9, q:join(5))
+    assert.are.equal(-9, q.exitcode)
+  end)
+
+  it("exits 1 on an error and writes it with its traceback to stderr", function()
+    local out, code = H.run_lua([[
+      local mp = require "multiprocessing"
+      local function inner() error("deep failure") end
+      local p = mp.Process{ name = "failing", target = function() inner() end }
+      p:start()
+      io.write("exitcode=", p:join(10), "\n")
+    ]])
+    assert.are.equal(0, code, out)
+    assert.truthy(out:find("exitcode=1", 1, true), out)
+    assert.truthy(out:find("deep failure", 1, true), out)
+    assert.truthy(out:find("stack traceback", 1, true), out)
+    assert.truthy(out:find("in upvalue 'inner'", 1, true), out)
+    assert.truthy(out:find("failing", 1, true), out)
+    -- the parent's frames below the fork are cut
+    assert.is_nil(out:find("in main chunk", 1, true), out)
+  end)
+
+  it("terminate, kill and interrupt send SIGTERM, SIGKILL and SIGINT", function()
+    local loop = function() while true do end end
+    for sig, how in pairs{ [15] = "terminate", [9] = "kill", [2] = "interrupt" } do
+      local p = started{ target = loop }
+      assert.is_true(p:is_alive())
+      p[how](p)
+      local code = p:join(5)
+      if how == "interrupt" and code == 1 then
+        -- the lua5.4 interpreter turns SIGINT into an "interrupted!" error
+        -- while its main chunk runs, as Python raises KeyboardInterrupt
+        code = -2
+      end
+      assert.are.equal(-sig, code)
+      assert.is_false(p:is_alive())
+      p[how](p)                 -- after the end: nothing happens
+    end
+  end)
+
+  it("has a sentinel that becomes readable when it ends", function()
+    local a, b = mp.Pipe()
+    local p = started{ target = function(c) c:recv(5) end, args = { b } }
+    assert.are.equal("number", type(p.sentinel))
+    assert.are.same({}, mp.wait({ p.sentinel }, 0.05))
+    a:send(1)
+    assert.are.same({ p }, mp.wait({ p }, 5))
+    p:join(5)
+    a:close(); b:close()
+  end)
+
+  it("calls run in the caller, any number of times, and run may be overridden", function()
+    local n = 0
+    local p = mp.Process{ target = function(k) n = n + k end, args = { 2 } }
+    p:run(); p:run()
+    assert.are.equal(4, n)
+    local seen
+    local q = mp.Process{ name = "custom", run = function(self) seen = self.name end }
+    q:run()
+    assert.are.equal("custom", seen)
+    local out = H.tmpname("run")
+    local r = mp.Process{ run = function(self)
+      local f = io.open(self.out, "w"); f:write(self.name); f:close()
+    end }
+    r.out = out
+    r:start()
+    assert.are.equal(0, r:join(5))
+    assert.are.equal(r.name, slurp(out))
+  end)
+
+  it("knows its current and parent process in the child", function()
+    local a, b = mp.Pipe()
+    local p = started{ name = "kid", target = function(c)
+      local cur, par = mp.current_process(), mp.parent_process()
+      c:send(cur.name .. " " .. cur.pid .. " " .. par.pid .. " " .. tostring(par:is_alive()))
+    end, args = { b } }
+    assert.are.equal("kid " .. p.pid .. " " .. core.getpid() .. " true", a:recv(5))
+    p:join(5)
+    assert.are.equal("MainProcess", mp.current_process().name)
+    assert.is_nil(mp.parent_process())
+    a:close(); b:close()
+  end)
+
+  it("lists live children in active_children and reaps finished ones", function()
+    local a, b = mp.Pipe()
+    local p = started{ target = function(c) c:recv(5) end, args = { b } }
+    local found = false
+    for _, c in ipairs(mp.active_children()) do found = found or c == p end
+    assert.is_true(found)
+    a:send("go")
+    p:join(5)
+    for _, c in ipairs(mp.active_children()) do assert.are_not.equal(p, c) end
+    a:close(); b:close()
+  end)
+
+  it("does not let a daemonic process have children", function()
+    local a, b = mp.Pipe()
+    local p = started{ daemon = true, target = function(c)
+      local ok, err = pcall(function() mp.Process{}:start() end)
+      c:send(tostring(ok) .. " " .. tostring(err and err.message))
+    end, args = { b } }
+    assert.are.equal("false daemonic processes are not allowed to have children", a:recv(5))
+    p:join(5)
+    a:close(); b:close()
+  end)
+
+  it("closes: raises while running, then releases the sentinel", function()
+    local a, b = mp.Pipe()
+    local p = started{ target = function(c) c:recv(5) end, args = { b } }
+    assert.has_error(function() p:close() end)
+    a:send(1)
+    p:join(5)
+    p:close()
+    p:close()
+    assert.are.equal("<Process(" .. p.name .. ", closed)>", tostring(p))
+    assert.has_error(function() p:join() end, "process object is closed")
+    a:close(); b:close()
+  end)
+
+  it("works as a to-be-closed variable and is collected without leaks", function()
+    do
+      local p <close> = started{}
+      p:join(5)
+    end
+    for _ = 1, 20 do started{}:join(5) end
+    collectgarbage(); collectgarbage()
+  end)
+
+  it("refuses to set daemon after start", function()
+    local p = started{}
+    assert.has_error(function() p.daemon = true end, "process has already started")
+    p:join(5)
+  end)
+
+  it("flushes buffered output before fork, so nothing is written twice", function()
+    local path = H.tmpname("flush")
+    local f = io.open(path, "w")
+    f:setvbuf("full")
+    f:write("once;")
+    local p = started{ target = function() f:write("child;") f:flush() end }
+    p:join(5)
+    f:close()
+    assert.are.equal("once;child;", slurp(path))
+  end)
+
+  it("never outlives a parent that was killed", function()
+    -- an intermediate process starts a grandchild and is then killed
+    local a, b = mp.Pipe()
+    local mid = started{ target = function(c)
+      local g = mp.Process{ target = function() while true do end end }
+      g:start()
+      c:send(g.pid)
+      while true do end
+    end, args = { b } }
+    local gpid = a:recv(5)
+    mid:kill()
+    assert.are.equal(-9, mid:join(5))
+    local gone = H.wait_until(function()
+      local f = io.open("/proc/" .. gpid .. "/stat")
+      if not f then return true end
+      local s = f:read("a"); f:close()
+      return s:match("^%d+ %(.-%) Z") ~= nil
+    end, 5)
+    assert.is_true(gone)
+    a:close(); b:close()
+  end)
+end)
+
+describe("program exit", function()
+  it("terminates daemonic children and joins the others", function()
+    local out = H.tmpname("exit")
+    local script = H.tmpname("exit.lua")
+    local f = io.open(script, "w")
+    f:write(([[
+      local mp = require "multiprocessing"
+      local d = mp.Process{ daemon = true, target = function() while true do end end }
+      d:start()
+      local n = mp.Process{ target = function()
+        os.execute("sleep 0.2")
+        local f = io.open(%q, "w") f:write("joined") f:close()
+      end }
+      n:start()
+      io.write(d.pid, "\n")
+    ]]):format(out))
+    f:close()
+    local p = io.popen("lua5.4 " .. script)
+    local dpid = p:read("l")
+    p:close()
+    os.remove(script)
+    assert.are.equal("joined", slurp(out))
+    assert.is_nil(io.open("/proc/" .. dpid .. "/stat"), "daemon still running")
+  end)
+end)
