@@ -1,0 +1,268 @@
+-- Pipe and Connection: framing, values, bytes, timeouts, closing, wait.
+local H = require "helpers"
+local mp = require "multiprocessing"
+
+describe("Pipe arguments", function()
+  it("rejects a non-boolean duplex", function()
+    assert.has_error(function() mp.Pipe(1) end)
+    assert.has_error(function() mp.Pipe("no") end)
+  end)
+
+  it("refuses nil as a message and bad timeouts", function()
+    local a, b = mp.Pipe()
+    assert.has_error(function() a:send(nil) end)
+    assert.has_error(function() a:send() end)
+    assert.has_error(function() b:recv(-1) end)
+    assert.has_error(function() b:recv("soon") end)
+    assert.has_error(function() a:send_bytes({}) end)
+    a:close(); b:close()
+  end)
+
+  it("makes one-way pipes whose misuse raises", function()
+    local r, w = mp.Pipe(false)
+    assert.is_true(r.readable); assert.is_false(r.writable)
+    assert.is_false(w.readable); assert.is_true(w.writable)
+    assert.has_error(function() r:send(1) end, "connection is read-only")
+    assert.has_error(function() r:send_bytes("x") end, "connection is read-only")
+    assert.has_error(function() w:recv(0) end, "connection is write-only")
+    assert.has_error(function() w:poll() end, "connection is write-only")
+    r:close(); w:close()
+  end)
+end)
+
+describe("Connection", function()
+  H.leakcheck()
+
+  it("sends values both ways in a duplex pipe", function()
+    local a, b = mp.Pipe()
+    assert.is_true(a:send(42))
+    assert.are.equal(42, b:recv(1))
+    b:send("back")
+    assert.are.equal("back", a:recv(1))
+    a:close(); b:close()
+  end)
+
+  it("keeps integers, floats, booleans and strings exact", function()
+    local a, b = mp.Pipe()
+    for _, v in ipairs{ 0, -1, math.maxinteger, math.mininteger, 1.5, -0.0,
+                        1 / 0, false, true, "", "a\0b", string.rep("x", 1000) } do
+      a:send(v)
+      local r = b:recv(1)
+      assert.are.equal(v, r)
+      assert.are.equal(math.type(v), math.type(r))
+    end
+    a:send(0 / 0)
+    local nan = b:recv(1)
+    assert.is_true(nan ~= nan)
+    a:close(); b:close()
+  end)
+
+  it("sends tables with shared references and cycles", function()
+    local a, b = mp.Pipe()
+    local shared = { 1, 2 }
+    local t = { x = shared, y = shared, list = { "a", "b", { deep = true } } }
+    t.self = t
+    a:send(t)
+    local r = b:recv(1)
+    assert.are.equal(r.x, r.y)
+    assert.are.equal(r, r.self)
+    assert.are.same({ 1, 2 }, r.x)
+    assert.is_true(r.list[3].deep)
+    a:close(); b:close()
+  end)
+
+  it("sends raw bytes, slices and empty messages", function()
+    local a, b = mp.Pipe()
+    a:send_bytes("hello")
+    a:send_bytes("")
+    a:send_bytes("abcdef", 2, 4)
+    a:send_bytes("abcdef", -2)
+    a:send_bytes("abc", 3, 2)
+    assert.are.equal("hello", b:recv_bytes(1))
+    assert.are.equal("", b:recv_bytes(1))
+    assert.are.equal("bcd", b:recv_bytes(1))
+    assert.are.equal("ef", b:recv_bytes(1))
+    assert.are.equal("", b:recv_bytes(1))
+    a:close(); b:close()
+  end)
+
+  it("never merges or splits messages", function()
+    local a, b = mp.Pipe()
+    for i = 1, 200 do a:send_bytes(string.rep("m", i)) end
+    for i = 1, 200 do assert.are.equal(i, #b:recv_bytes(1)) end
+    a:close(); b:close()
+  end)
+
+  it("times out with nil, 'timeout' and polls", function()
+    local a, b = mp.Pipe()
+    assert.are.same({ nil, "timeout" }, { b:recv(0) })
+    assert.are.same({ nil, "timeout" }, { b:recv(0.05) })
+    assert.are.same({ nil, "timeout" }, { b:recv_bytes(0.01) })
+    assert.is_false(b:poll())
+    assert.is_false(b:poll(0.02))
+    a:send_bytes("x")
+    assert.is_true(b:poll(1))
+    assert.is_true(b:poll())          -- still there: poll does not consume
+    assert.are.equal("x", b:recv(1))
+    a:close(); b:close()
+  end)
+
+  it("returns nil, 'closed' at the end of the stream, after what was sent", function()
+    local a, b = mp.Pipe()
+    a:send("last")
+    a:close()
+    assert.is_true(b:poll())
+    assert.are.equal("last", b:recv(1))
+    assert.are.same({ nil, "closed" }, { b:recv(1) })
+    assert.are.same({ nil, "closed" }, { b:recv_bytes() })
+    b:close()
+  end)
+
+  it("returns nil, 'closed' when sending to a closed peer (no SIGPIPE)", function()
+    local a, b = mp.Pipe()
+    b:close()
+    assert.are.same({ nil, "closed" }, { a:send("x") })
+    assert.are.same({ nil, "closed" }, { a:send_bytes(string.rep("y", 1 << 20)) })
+    a:close()
+  end)
+
+  it("raises on use after close, and close is idempotent", function()
+    local a, b = mp.Pipe()
+    a:close(); a:close()
+    assert.is_true(a.closed)
+    assert.is_false(a.readable)
+    assert.are.equal("<Connection(closed)>", tostring(a))
+    assert.has_error(function() a:send(1) end, "connection is closed")
+    assert.has_error(function() a:recv(0) end, "connection is closed")
+    assert.has_error(function() a:fileno() end, "connection is closed")
+    b:close()
+  end)
+
+  it("names its fd and direction in tostring", function()
+    local a, b = mp.Pipe()
+    assert.truthy(tostring(a):match("^<Connection%(fd=%d+, duplex%)>$"))
+    local r, w = mp.Pipe(false)
+    assert.truthy(tostring(r):find("read-only", 1, true))
+    assert.truthy(tostring(w):find("write-only", 1, true))
+    assert.are.equal("integer", math.type(a:fileno()))
+    a:close(); b:close(); r:close(); w:close()
+  end)
+
+  it("closes as a to-be-closed variable and by the collector", function()
+    local fd
+    do
+      local a, b = mp.Pipe()
+      local ca <close> = a
+      local cb <close> = b
+      fd = a:fileno()
+    end
+    for _ = 1, 50 do mp.Pipe() end
+    collectgarbage(); collectgarbage()
+    assert.is_nil(io.open("/proc/self/fd/" .. fd))
+  end)
+
+  it("carries 16 MiB and larger messages between processes", function()
+    local a, b = mp.Pipe()
+    local p = mp.Process{ target = function(c)
+      local s = c:recv_bytes(10)
+      c:send_bytes(s)
+      c:send(#s)
+    end, args = { b } }
+    p:start()
+    local big = string.rep("0123456789abcdef", (20 << 20) // 16)
+    a:send_bytes(big)
+    local back = a:recv_bytes(20)
+    assert.are.equal(#big, #back)
+    assert.is_true(back == big)
+    assert.are.equal(#big, a:recv(5))
+    assert.are.equal(0, p:join(5))
+    a:close(); b:close()
+  end)
+
+  it("passes a value message to recv_bytes as its encoding and bytes to recv as a string", function()
+    local a, b = mp.Pipe()
+    a:send_bytes("raw")
+    assert.are.equal("raw", b:recv(1))
+    a:send({ 1, 2 })
+    assert.are.equal("string", type(b:recv_bytes(1)))
+    a:close(); b:close()
+  end)
+
+  it("talks both ways with a child process", function()
+    local a, b = mp.Pipe()
+    local p = mp.Process{ target = function(c)
+      while true do
+        local v = c:recv(5)
+        if v == nil or v == "stop" then break end
+        c:send(v * 2)
+      end
+    end, args = { b } }
+    p:start()
+    for i = 1, 100 do
+      a:send(i)
+      assert.are.equal(i * 2, a:recv(5))
+    end
+    a:send("stop")
+    assert.are.equal(0, p:join(5))
+    a:close(); b:close()
+  end)
+
+  it("sees the end of the stream when the child holding the other end exits", function()
+    local a, b = mp.Pipe()
+    local p = mp.Process{ target = function(c) c:send("bye") end, args = { b } }
+    p:start()
+    b:close()                       -- the parent's copy
+    assert.are.equal("bye", a:recv(5))
+    assert.are.same({ nil, "closed" }, { a:recv(5) })
+    p:join(5)
+    a:close()
+  end)
+end)
+
+describe("mp.wait", function()
+  H.leakcheck()
+
+  it("rejects what cannot be waited on", function()
+    assert.has_error(function() mp.wait(5) end)
+    assert.has_error(function() mp.wait({ {} }) end)
+    assert.has_error(function() mp.wait({ mp.Process() }) end)
+    assert.has_error(function() mp.wait({}, -1) end)
+  end)
+
+  it("returns an empty list on timeout", function()
+    local a, b = mp.Pipe()
+    assert.are.same({}, mp.wait({ a, b }, 0.02))
+    a:close(); b:close()
+  end)
+
+  it("returns the ready connections and finished processes", function()
+    local a, b = mp.Pipe()
+    local c, d = mp.Pipe()
+    local p = mp.Process{ target = function(conn) conn:send("hi") end, args = { d } }
+    p:start()
+    local got = mp.wait({ a, c }, 5)
+    assert.are.same({ c }, got)
+    assert.are.same({ p }, mp.wait({ p }, 5))
+    a:send(1)
+    local both = mp.wait({ b, c }, 5)
+    assert.are.equal(2, #both)
+    p:join(5)
+    a:close(); b:close(); c:close(); d:close()
+  end)
+
+  it("sees messages already buffered in a connection", function()
+    local a, b = mp.Pipe()
+    a:send_bytes("one"); a:send_bytes("two")
+    assert.are.equal("one", b:recv_bytes(1))   -- "two" is now buffered
+    assert.are.same({ b }, mp.wait({ b }, 0))
+    assert.are.equal("two", b:recv_bytes(0))
+    a:close(); b:close()
+  end)
+
+  it("accepts raw file descriptors", function()
+    local a, b = mp.Pipe()
+    a:send_bytes("x")
+    assert.are.same({ b:fileno() }, mp.wait({ b:fileno() }, 1))
+    a:close(); b:close()
+  end)
+end)
