@@ -35,6 +35,10 @@
 #define MP_PROCESS_T    "multiprocessing.Process"
 #define MP_CONNECTION_T "multiprocessing.Connection"
 #define MP_BUF_T        "multiprocessing.Buffer"
+/* queue.c: one struct, three classes (method sets) */
+#define MP_QUEUE_T          "multiprocessing.Queue"
+#define MP_SIMPLEQUEUE_T    "multiprocessing.SimpleQueue"
+#define MP_JOINABLEQUEUE_T  "multiprocessing.JoinableQueue"
 
 /* Most fds one message may carry (SCM_RIGHTS allows 253). */
 #define MP_MAX_FDS 64
