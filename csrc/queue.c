@@ -1,4 +1,881 @@
-/* queue.c: placeholder until its issue lands; registers nothing yet. */
+/*
+ * queue.c: Queue, SimpleQueue and JoinableQueue over one shared-memory
+ * segment per queue.
+ *
+ * The segment is a memfd: a 4 KiB header (a lock, the ring's state, futex
+ * words) followed by a byte ring that holds whole records (16-byte header,
+ * then the payload, 8-aligned). A record never wraps: when it does not fit
+ * at the end of the ring it goes to the start and the state remembers where
+ * the first run of records ends (wrap). When no room is left the ring
+ * grows: the memfd is made larger (ftruncate), the wrapped run is copied
+ * behind the first one, and every process remaps (mremap) when it next
+ * takes the lock and sees a new capacity. So an unbounded put never blocks,
+ * an item of any size goes through in one copy in and one copy out, memory
+ * grows only with what is queued, and a ring that grew large goes back to
+ * its base size once drained. maxsize bounds the number of items.
+ *
+ * The lock is a futex word holding the owner's pid. A waiter that sleeps
+ * too long checks whether the owner is still alive (kill(pid, 0), zombie
+ * check in /proc) and takes the lock over if it died. Each change of the
+ * ring's state is committed through a journal (copy the new state, mark
+ * it valid, apply it, clear the mark) and every locker replays a valid
+ * journal first, so a process killed at any point leaves either the old
+ * state or the new one: a half-written item is never visible and its room
+ * is reused, a consumer killed in get loses no item.
+ *
+ * Waits spin briefly on the item count (the other side is usually a few
+ * microseconds away), then sleep on a sequence word that the other side
+ * bumps only when someone announced a wait. Strings, numbers and booleans
+ * are stored raw; other values go through the codec, encoded before the
+ * lock is taken so that an unserializable value raises in put.
+ *
+ * Waitable: an eventfd made with the queue is readable while the queue is
+ * not empty, maintained only while some process watches (q:fileno()).
+ */
 #include "mp.h"
 
-MP_API void mp_queue_open(lua_State *L) { (void)L; }
+#include <errno.h>
+#include <fcntl.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/eventfd.h>
+#include <sys/mman.h>
+#include <unistd.h>
+
+#define HDR_BYTES   4096                /* header page; the ring follows */
+#define BASE_CAP    (256u * 1024)       /* ring bytes of a new queue */
+#define SHRINK_CAP  (4u * 1024 * 1024)  /* a drained ring above this shrinks */
+#define REC_HDR     16
+#define STACK_ITEM  8192                /* items copied out through the C stack */
+#define KEEP_RBUF   (1u << 20)          /* largest read buffer kept between gets */
+#define MAX_ITEM    ((uint64_t)1 << 40)
+#define SPIN_SECS   50e-6
+#define LOCK_WAITERS 0x80000000u
+#define MAGIC       0x4d505131u         /* "MPQ1" */
+
+#if defined(__x86_64__) || defined(__i386__)
+#define cpu_relax() __builtin_ia32_pause()
+#elif defined(__aarch64__)
+#define cpu_relax() __asm__ __volatile__("yield" ::: "memory")
+#else
+#define cpu_relax() ((void)0)
+#endif
+
+#define LOAD(p)      __atomic_load_n((p), __ATOMIC_SEQ_CST)
+#define ADD(p, n)    __atomic_fetch_add((p), (n), __ATOMIC_SEQ_CST)
+
+/* record types */
+enum { T_STR = 1, T_INT, T_NUM, T_TRUE, T_FALSE, T_VALUE };
+/* queue kinds */
+enum { K_QUEUE, K_SIMPLE, K_JOINABLE };
+static const char *const kind_names[] = {"Queue", "SimpleQueue", "JoinableQueue", NULL};
+static const char *const kind_classes[] = {MP_QUEUE_T, MP_SIMPLEQUEUE_T,
+                                           MP_JOINABLEQUEUE_T};
+
+/* The ring's state; changed only under the lock, through the journal. */
+typedef struct qstate {
+  uint64_t cap;         /* ring bytes */
+  uint64_t head, tail;  /* next record to read, next byte to write */
+  uint64_t wrap;        /* 0, or the end of the first run: records are
+                           [head, wrap) then [0, tail) */
+  uint64_t nitems;
+  uint32_t unfinished;  /* JoinableQueue: put minus task_done (futex word) */
+  uint32_t pad;
+} qstate;
+
+typedef struct qshm {
+  uint32_t lock;        /* 0, or owner pid | LOCK_WAITERS */
+  uint32_t jvalid;      /* the journal holds a state to apply */
+  uint32_t magic, kind;
+  uint64_t maxsize;     /* 0: unbounded */
+  qstate st;            /* committed state */
+  qstate jr;            /* journal */
+  char pad1[64];
+  uint32_t not_empty;   /* futex sequence words, bumped when waiters */
+  uint32_t not_full;
+  uint32_t get_waiters; /* processes announced asleep on them */
+  uint32_t put_waiters;
+  uint32_t watchers;    /* queue objects that called fileno() */
+} qshm;
+
+typedef struct rec {
+  uint64_t len;
+  uint32_t type, pad;
+} rec;
+
+typedef struct mp_queue {
+  qshm *shm;            /* NULL when closed */
+  char *ring;           /* ring mapping (mapcap bytes), NULL until first use */
+  size_t mapcap;
+  int fd, efd;          /* memfd, eventfd */
+  int kind;
+  int watching;         /* pid that counted this object in watchers, or 0 */
+  char *rbuf;           /* read buffer for large encoded items */
+  size_t rcap;
+} mp_queue;
+
+/* ---- lock and journal --------------------------------------------- */
+
+/* Is pid gone (or a zombie that will never release anything)? */
+static int pid_dead(uint32_t pid) {
+  char path[64], buf[512], *p;
+  ssize_t n;
+  int fd;
+  if (pid == 0) return 0;
+  if (kill((pid_t)pid, 0) != 0 && errno == ESRCH) return 1;
+  snprintf(path, sizeof path, "/proc/%u/stat", (unsigned)pid);
+  fd = open(path, O_RDONLY | O_CLOEXEC);
+  if (fd < 0) return errno == ENOENT;
+  n = read(fd, buf, sizeof buf - 1);
+  close(fd);
+  if (n <= 0) return 0;
+  buf[n] = '\0';
+  p = strrchr(buf, ')');
+  return p != NULL && p[1] == ' ' && (p[2] == 'Z' || p[2] == 'X');
+}
+
+static void q_replay(qshm *s) {
+  if (__atomic_load_n(&s->jvalid, __ATOMIC_ACQUIRE)) {
+    s->st = s->jr;
+    __atomic_store_n(&s->jvalid, 0, __ATOMIC_SEQ_CST);
+  }
+}
+
+static void q_lock(qshm *s) {
+  uint32_t me = (uint32_t)mp_getpid(), v = 0;
+  int i;
+  if (__atomic_compare_exchange_n(&s->lock, &v, me, 0, __ATOMIC_ACQUIRE,
+                                  __ATOMIC_RELAXED))
+    goto locked;
+  for (i = 0; i < 200; i++) {
+    cpu_relax();
+    v = 0;
+    if (__atomic_load_n(&s->lock, __ATOMIC_RELAXED) == 0 &&
+        __atomic_compare_exchange_n(&s->lock, &v, me, 0, __ATOMIC_ACQUIRE,
+                                    __ATOMIC_RELAXED))
+      goto locked;
+  }
+  for (;;) {
+    v = __atomic_load_n(&s->lock, __ATOMIC_RELAXED);
+    if (v == 0) {
+      /* others may sleep too: keep the waiters bit */
+      if (__atomic_compare_exchange_n(&s->lock, &v, me | LOCK_WAITERS, 0,
+                                      __ATOMIC_ACQUIRE, __ATOMIC_RELAXED))
+        goto locked;
+      continue;
+    }
+    if (!(v & LOCK_WAITERS)) {
+      uint32_t w = v | LOCK_WAITERS;
+      if (!__atomic_compare_exchange_n(&s->lock, &v, w, 0, __ATOMIC_RELAXED,
+                                       __ATOMIC_RELAXED))
+        continue;
+      v = w;
+    }
+    if (mp_futex_wait(&s->lock, v, mp_now() + 0.02) == ETIMEDOUT &&
+        (v & ~LOCK_WAITERS) != me && pid_dead(v & ~LOCK_WAITERS) &&
+        __atomic_compare_exchange_n(&s->lock, &v, me | LOCK_WAITERS, 0,
+                                    __ATOMIC_ACQUIRE, __ATOMIC_RELAXED))
+      goto locked;                        /* the owner died holding it */
+  }
+locked:
+  q_replay(s);
+}
+
+static void q_unlock(qshm *s) {
+  if (__atomic_exchange_n(&s->lock, 0, __ATOMIC_RELEASE) & LOCK_WAITERS)
+    mp_futex_wake(&s->lock, 1);
+}
+
+/* Make ns the state, so that a death at any point leaves old or new. */
+static void q_commit(qshm *s, const qstate *ns) {
+  s->jr = *ns;
+  __atomic_store_n(&s->jvalid, 1, __ATOMIC_SEQ_CST);
+  s->st = *ns;
+  __atomic_store_n(&s->jvalid, 0, __ATOMIC_SEQ_CST);
+}
+
+/* Map the ring at the committed capacity (under the lock). 0 or errno. */
+static int q_remap(mp_queue *q) {
+  size_t cap = (size_t)q->shm->st.cap;
+  void *p;
+  if (cap == q->mapcap && q->ring != NULL) return 0;
+  if (q->ring == NULL)
+    p = mmap(NULL, cap, PROT_READ | PROT_WRITE, MAP_SHARED, q->fd, HDR_BYTES);
+  else
+    p = mremap(q->ring, q->mapcap, cap, MREMAP_MAYMOVE);
+  if (p == MAP_FAILED) return errno;
+  q->ring = (char *)p;
+  q->mapcap = cap;
+  return 0;
+}
+
+static uint64_t rec_size(uint64_t len) {
+  return REC_HDR + ((len + 7) & ~(uint64_t)7);
+}
+
+/* Find room for a record of n bytes in st (a copy of the state), growing
+   the ring if needed; *off is where to write. Under the lock. 0 or errno. */
+static int q_reserve(mp_queue *q, qstate *st, uint64_t n, uint64_t *off) {
+  for (;;) {
+    uint64_t used, cap;
+    if (st->wrap == 0) {
+      if (st->tail + n <= st->cap) { *off = st->tail; st->tail += n; return 0; }
+      if (n <= st->head) {                /* wrap to the start */
+        st->wrap = st->tail;
+        *off = 0;
+        st->tail = n;
+        return 0;
+      }
+    } else if (st->tail + n <= st->head) {
+      *off = st->tail; st->tail += n; return 0;
+    }
+    /* grow: the wrapped run moves behind the first one */
+    used = st->wrap ? st->wrap + st->tail : st->tail;
+    cap = st->cap * 2;
+    while (cap < used + n) {
+      if (cap > ((uint64_t)1 << 46)) return ENOMEM;
+      cap *= 2;
+    }
+    if (ftruncate(q->fd, (off_t)(HDR_BYTES + cap)) != 0) return errno;
+    {
+      void *p = mremap(q->ring, q->mapcap, (size_t)cap, MREMAP_MAYMOVE);
+      if (p == MAP_FAILED) return errno;
+      q->ring = (char *)p;
+      q->mapcap = (size_t)cap;
+    }
+    if (st->wrap) {
+      memcpy(q->ring + st->wrap, q->ring, (size_t)st->tail);
+      st->tail += st->wrap;
+      st->wrap = 0;
+    }
+    st->cap = cap;
+  }
+}
+
+/* ---- waiting ------------------------------------------------------ */
+
+static int can_go(qshm *s, int for_get) {
+  uint64_t n = LOAD(&s->st.nitems);
+  return for_get ? n > 0 : (s->maxsize == 0 || n < s->maxsize);
+}
+
+/* Wait until a get (for_get) or a put may succeed, or the deadline: spin
+   a little, then announce ourselves and sleep on the sequence word. */
+static void q_wait(qshm *s, int for_get, double deadline) {
+  uint32_t *seq = for_get ? &s->not_empty : &s->not_full;
+  uint32_t *waiters = for_get ? &s->get_waiters : &s->put_waiters;
+  double spin_end = 0;
+  uint32_t v;
+  int i;
+  for (i = 1;; i++) {
+    if (can_go(s, for_get)) return;
+    if ((i & 63) == 0) {
+      double now = mp_now();
+      if (spin_end == 0) spin_end = now + SPIN_SECS;
+      else if (now >= spin_end) break;
+      if (deadline >= 0 && now >= deadline) return;
+    }
+    cpu_relax();
+  }
+  ADD(waiters, 1);
+  v = LOAD(seq);
+  if (!can_go(s, for_get)) mp_futex_wait(seq, v, deadline);
+  __atomic_fetch_sub(waiters, 1, __ATOMIC_SEQ_CST);
+}
+
+/* Bump the sequence word if someone sleeps on it; returns whether to wake. */
+static int q_signal(uint32_t *seq, uint32_t *waiters) {
+  __atomic_thread_fence(__ATOMIC_SEQ_CST);
+  if (LOAD(waiters) == 0) return 0;
+  ADD(seq, 1);
+  return 1;
+}
+
+static void efd_set(int efd) {
+  uint64_t one = 1;
+  ssize_t r = write(efd, &one, sizeof one);
+  (void)r;
+}
+
+static void efd_clear(int efd) {
+  uint64_t v;
+  ssize_t r = read(efd, &v, sizeof v);
+  (void)r;
+}
+
+/* ---- userdata ----------------------------------------------------- */
+
+static mp_queue *to_queue(lua_State *L, int i) {
+  int k;
+  for (k = 0; k < 3; k++) {
+    mp_queue *q = (mp_queue *)luaL_testudata(L, i, kind_classes[k]);
+    if (q != NULL) return q;
+  }
+  luaL_typeerror(L, i, "Queue");
+  return NULL;
+}
+
+static mp_queue *check_queue(lua_State *L, int i) {
+  mp_queue *q = to_queue(L, i);
+  if (q->shm == NULL) luaL_error(L, "%s is closed", kind_names[q->kind]);
+  return q;
+}
+
+/* Release this process's view: never locks, never blocks (used by __gc). */
+static void queue_release(mp_queue *q) {
+  if (q->shm != NULL) {
+    if (q->watching == mp_getpid())
+      __atomic_fetch_sub(&q->shm->watchers, 1, __ATOMIC_SEQ_CST);
+    mp_shm_unmap(q->shm, HDR_BYTES);
+    q->shm = NULL;
+  }
+  if (q->ring != NULL) mp_shm_unmap(q->ring, q->mapcap);
+  q->ring = NULL;
+  q->mapcap = 0;
+  if (q->fd >= 0) close(q->fd);
+  if (q->efd >= 0) close(q->efd);
+  q->fd = q->efd = -1;
+  q->watching = 0;
+  free(q->rbuf);
+  q->rbuf = NULL;
+  q->rcap = 0;
+}
+
+static mp_queue *queue_push(lua_State *L, int kind) {
+  mp_queue *q = (mp_queue *)lua_newuserdatauv(L, sizeof(mp_queue), 0);
+  memset(q, 0, sizeof *q);
+  q->fd = q->efd = -1;
+  q->kind = kind;
+  luaL_setmetatable(L, kind_classes[kind]);
+  return q;
+}
+
+/* core.queue_new(maxsize, kind) -> Queue | SimpleQueue | JoinableQueue */
+static int queue_new(lua_State *L) {
+  lua_Integer maxsize = luaL_checkinteger(L, 1);
+  int kind = luaL_checkoption(L, 2, "Queue", kind_names);
+  mp_queue *q;
+  void *p;
+  int fd;
+  luaL_argcheck(L, maxsize >= 0, 1, "maxsize must be >= 0");
+  q = queue_push(L, kind);
+  p = mp_shm_create(L, "multiprocessing-queue", HDR_BYTES, &fd);
+  q->shm = (qshm *)p;
+  q->fd = fd;
+  if (ftruncate(fd, (off_t)(HDR_BYTES + BASE_CAP)) != 0)
+    return luaL_error(L, "Queue: ftruncate: %s", strerror(errno));
+  q->efd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+  if (q->efd < 0) return luaL_error(L, "Queue: eventfd: %s", strerror(errno));
+  q->shm->magic = MAGIC;
+  q->shm->kind = (uint32_t)kind;
+  q->shm->maxsize = (uint64_t)maxsize;
+  q->shm->st.cap = BASE_CAP;
+  return 1;
+}
+
+/* core.queue_from_fds(state, memfd, eventfd) -> queue (rebuilt handle; it
+   owns both fds) */
+static int queue_from_fds(lua_State *L) {
+  int fd = (int)luaL_checkinteger(L, 2), efd = (int)luaL_checkinteger(L, 3);
+  mp_queue *q;
+  void *p;
+  luaL_checktype(L, 1, LUA_TTABLE);
+  q = queue_push(L, K_QUEUE);
+  q->fd = fd;
+  q->efd = efd;
+  p = mmap(NULL, HDR_BYTES, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+  if (p == MAP_FAILED) return luaL_error(L, "Queue: mmap: %s", strerror(errno));
+  q->shm = (qshm *)p;
+  if (q->shm->magic != MAGIC || q->shm->kind > K_JOINABLE)
+    return luaL_error(L, "Queue: not a queue segment");
+  q->kind = (int)q->shm->kind;
+  luaL_setmetatable(L, kind_classes[q->kind]);
+  return 1;
+}
+
+/* ---- put ---------------------------------------------------------- */
+
+static int queue_put_t(lua_State *L, double timeout) {
+  mp_queue *q = check_queue(L, 1);
+  qshm *s = q->shm;
+  const char *p = NULL;
+  char num[8];
+  size_t len = 0;
+  uint32_t type;
+  uint64_t need, off = 0;
+  double deadline;
+  switch (lua_type(L, 2)) {
+    case LUA_TNIL: case LUA_TNONE:
+      return luaL_argerror(L, 2, "nil is not a message");
+    case LUA_TSTRING:
+      p = lua_tolstring(L, 2, &len);
+      type = T_STR;
+      break;
+    case LUA_TNUMBER:
+      if (lua_isinteger(L, 2)) {
+        lua_Integer i = lua_tointeger(L, 2);
+        memcpy(num, &i, 8);
+        type = T_INT;
+      } else {
+        lua_Number d = lua_tonumber(L, 2);
+        memcpy(num, &d, 8);
+        type = T_NUM;
+      }
+      p = num;
+      len = 8;
+      break;
+    case LUA_TBOOLEAN:
+      type = lua_toboolean(L, 2) ? T_TRUE : T_FALSE;
+      break;
+    default: {
+      mp_buf *b = mp_buf_push(L, 0);       /* encode before locking: raises here */
+      mp_encode(L, 2, b, NULL);
+      p = b->data;
+      len = b->len;
+      type = T_VALUE;
+    }
+  }
+  if ((uint64_t)len > MAX_ITEM)
+    return luaL_argerror(L, 2, "item too large (more than 1 TiB)");
+  need = rec_size(len);
+  deadline = mp_deadline(timeout);
+  for (;;) {
+    qstate st;
+    rec *r;
+    int err, wake_get;
+    if (!can_go(s, 0)) {
+      if (timeout == 0) goto full;
+      if (deadline >= 0 && mp_now() >= deadline) goto timedout;
+      q_wait(s, 0, deadline);
+      continue;
+    }
+    q_lock(s);
+    st = s->st;
+    if (s->maxsize != 0 && st.nitems >= s->maxsize) { q_unlock(s); continue; }
+    if (st.nitems == 0) st.head = st.tail = st.wrap = 0;
+    if ((err = q_remap(q)) != 0 || (err = q_reserve(q, &st, need, &off)) != 0) {
+      q_unlock(s);
+      return luaL_error(L, "Queue.put: cannot grow the queue: %s", strerror(err));
+    }
+    r = (rec *)(q->ring + off);
+    r->len = len;
+    r->type = type;
+    r->pad = 0;
+    if (len) memcpy(q->ring + off + REC_HDR, p, len);
+    st.nitems++;
+    if (q->kind == K_JOINABLE) st.unfinished++;
+    q_commit(s, &st);
+    if (st.nitems == 1 && LOAD(&s->watchers) > 0) efd_set(q->efd);
+    wake_get = q_signal(&s->not_empty, &s->get_waiters);
+    q_unlock(s);
+    if (wake_get) mp_futex_wake(&s->not_empty, 1);
+    lua_pushboolean(L, 1);
+    return 1;
+  }
+full:
+  lua_pushnil(L);
+  lua_pushliteral(L, "full");
+  return 2;
+timedout:
+  lua_pushnil(L);
+  lua_pushliteral(L, "timeout");
+  return 2;
+}
+
+/* q:put(v [, timeout]) -> true | nil, "full" | nil, "timeout" */
+static int queue_put(lua_State *L) {
+  double timeout = mp_opttimeout(L, 3);
+  if (lua_gettop(L) > 3) return luaL_error(L, "put: too many arguments");
+  return queue_put_t(L, timeout);
+}
+
+/* q:put_nowait(v) -> true | nil, "full" */
+static int queue_put_nowait(lua_State *L) {
+  if (lua_gettop(L) > 2) return luaL_error(L, "put_nowait: too many arguments");
+  return queue_put_t(L, 0);
+}
+
+/* ---- get ---------------------------------------------------------- */
+
+/* protected: push the string at (lightuserdata 1, length 2) */
+static int push_lstring(lua_State *L) {
+  lua_pushlstring(L, (const char *)lua_touserdata(L, 1),
+                  (size_t)lua_tointeger(L, 2));
+  return 1;
+}
+
+static int queue_get_t(lua_State *L, double timeout) {
+  mp_queue *q = check_queue(L, 1);
+  qshm *s = q->shm;
+  char stackbuf[STACK_ITEM];
+  double deadline = mp_deadline(timeout);
+  lua_settop(L, 1);
+  luaL_checkstack(L, 8, NULL);
+  for (;;) {
+    qstate st;
+    rec *r;
+    const char *payload;
+    uint64_t len;
+    uint32_t type;
+    int err, wake_put, wake_get, shrink = 0, pushed = 0;
+    if (LOAD(&s->st.nitems) == 0) {
+      if (timeout == 0) goto empty;
+      if (deadline >= 0 && mp_now() >= deadline) goto timedout;
+      q_wait(s, 1, deadline);
+      continue;
+    }
+    q_lock(s);
+    st = s->st;
+    if (st.nitems == 0) { q_unlock(s); continue; }
+    if ((err = q_remap(q)) != 0) {
+      q_unlock(s);
+      return luaL_error(L, "Queue.get: mmap: %s", strerror(err));
+    }
+    r = (rec *)(q->ring + st.head);
+    len = r->len;
+    type = r->type;
+    payload = q->ring + st.head + REC_HDR;
+    if (len <= STACK_ITEM) {
+      memcpy(stackbuf, payload, (size_t)len);
+    } else if (type == T_STR) {
+      /* straight into a Lua string, under the lock: protect the allocation
+         and keep finalizers (which may use queues) from running meanwhile */
+      int gcwas = lua_gc(L, LUA_GCISRUNNING), status;
+      if (gcwas) lua_gc(L, LUA_GCSTOP);
+      lua_pushcfunction(L, push_lstring);
+      lua_pushlightuserdata(L, (void *)(uintptr_t)payload);
+      lua_pushinteger(L, (lua_Integer)len);
+      status = lua_pcall(L, 2, 1, 0);
+      if (gcwas) lua_gc(L, LUA_GCRESTART);
+      if (status != LUA_OK) { q_unlock(s); return lua_error(L); }
+      pushed = 1;
+    } else {
+      if (q->rcap < len) {
+        char *nb = (char *)realloc(q->rbuf, (size_t)len);
+        if (nb == NULL) {
+          q_unlock(s);
+          return luaL_error(L, "Queue.get: not enough memory for a %I-byte item",
+                            (lua_Integer)len);
+        }
+        q->rbuf = nb;
+        q->rcap = (size_t)len;
+      }
+      memcpy(q->rbuf, payload, (size_t)len);
+    }
+    st.head += rec_size(len);
+    st.nitems--;
+    if (st.wrap != 0 && st.head == st.wrap) st.head = st.wrap = 0;
+    if (st.nitems == 0) {
+      st.head = st.tail = st.wrap = 0;
+      if (st.cap > SHRINK_CAP) { st.cap = BASE_CAP; shrink = 1; }
+    }
+    q_commit(s, &st);
+    if (shrink) {
+      if (ftruncate(q->fd, (off_t)(HDR_BYTES + BASE_CAP)) == 0) q_remap(q);
+    }
+    if (st.nitems == 0 && LOAD(&s->watchers) > 0) efd_clear(q->efd);
+    wake_put = s->maxsize != 0 && q_signal(&s->not_full, &s->put_waiters);
+    /* pass the word on if more items wait and more consumers sleep */
+    wake_get = st.nitems > 0 && q_signal(&s->not_empty, &s->get_waiters);
+    q_unlock(s);
+    if (wake_put) mp_futex_wake(&s->not_full, 1);
+    if (wake_get) mp_futex_wake(&s->not_empty, 1);
+    if (pushed) return 1;
+    switch (type) {
+      case T_STR: lua_pushlstring(L, stackbuf, (size_t)len); break;
+      case T_INT: {
+        lua_Integer i;
+        memcpy(&i, stackbuf, 8);
+        lua_pushinteger(L, i);
+        break;
+      }
+      case T_NUM: {
+        lua_Number d;
+        memcpy(&d, stackbuf, 8);
+        lua_pushnumber(L, d);
+        break;
+      }
+      case T_TRUE: lua_pushboolean(L, 1); break;
+      case T_FALSE: lua_pushboolean(L, 0); break;
+      case T_VALUE: {
+        mp_fdlist none;
+        none.n = 0;
+        if (len <= STACK_ITEM) {
+          mp_decode(L, stackbuf, (size_t)len, &none, 0);
+        } else {
+          /* the box owns the read buffer while decoding (which may raise
+             or, through a handle's rebuild, run Lua code) */
+          mp_buf *b = mp_buf_push(L, 0);
+          b->data = q->rbuf;
+          b->cap = q->rcap;
+          b->len = (size_t)len;
+          q->rbuf = NULL;
+          q->rcap = 0;
+          mp_decode(L, b->data, b->len, &none, 0);
+          if (q->shm != NULL && q->rbuf == NULL && b->cap <= KEEP_RBUF) {
+            q->rbuf = b->data;
+            q->rcap = b->cap;
+            b->data = NULL;
+            b->cap = b->len = 0;
+          }
+        }
+        break;
+      }
+      default:
+        return luaL_error(L, "Queue.get: corrupt record (type %d)", (int)type);
+    }
+    return 1;
+  }
+empty:
+  lua_pushnil(L);
+  lua_pushliteral(L, "empty");
+  return 2;
+timedout:
+  lua_pushnil(L);
+  lua_pushliteral(L, "timeout");
+  return 2;
+}
+
+/* q:get([timeout]) -> v | nil, "empty" | nil, "timeout" */
+static int queue_get(lua_State *L) {
+  double timeout = mp_opttimeout(L, 2);
+  if (lua_gettop(L) > 2) return luaL_error(L, "get: too many arguments");
+  return queue_get_t(L, timeout);
+}
+
+/* q:get_nowait() -> v | nil, "empty" */
+static int queue_get_nowait(lua_State *L) {
+  if (lua_gettop(L) > 1) return luaL_error(L, "get_nowait: too many arguments");
+  return queue_get_t(L, 0);
+}
+
+/* ---- state -------------------------------------------------------- */
+
+/* q:qsize() -> number of items (approximate) */
+static int queue_qsize(lua_State *L) {
+  mp_queue *q = check_queue(L, 1);
+  lua_pushinteger(L, (lua_Integer)LOAD(&q->shm->st.nitems));
+  return 1;
+}
+
+/* q:empty() -> boolean (approximate) */
+static int queue_empty(lua_State *L) {
+  mp_queue *q = check_queue(L, 1);
+  lua_pushboolean(L, LOAD(&q->shm->st.nitems) == 0);
+  return 1;
+}
+
+/* q:full() -> boolean (approximate) */
+static int queue_full(lua_State *L) {
+  mp_queue *q = check_queue(L, 1);
+  lua_pushboolean(L, !can_go(q->shm, 0));
+  return 1;
+}
+
+/* q:fileno() -> fd, readable while the queue is not empty */
+static int queue_fileno(lua_State *L) {
+  mp_queue *q = check_queue(L, 1);
+  qshm *s = q->shm;
+  if (q->watching != mp_getpid()) {
+    q_lock(s);
+    ADD(&s->watchers, 1);
+    q->watching = mp_getpid();
+    efd_clear(q->efd);
+    if (s->st.nitems > 0) efd_set(q->efd);
+    q_unlock(s);
+  }
+  lua_pushinteger(L, q->efd);
+  return 1;
+}
+
+/* q:_ready() -> boolean: a get would not block now. When not, the eventfd
+   is cleared, so a poller that woke for an item taken by another consumer
+   sleeps again. */
+static int queue__ready(lua_State *L) {
+  mp_queue *q = check_queue(L, 1);
+  qshm *s = q->shm;
+  int ready = LOAD(&s->st.nitems) > 0;
+  if (!ready && LOAD(&s->watchers) > 0) {
+    q_lock(s);
+    if (s->st.nitems == 0) efd_clear(q->efd);
+    else ready = 1;
+    q_unlock(s);
+  }
+  lua_pushboolean(L, ready);
+  return 1;
+}
+
+/* q:close(): this process puts and gets no more; items already put stay
+   in the queue for the others (they are in shared memory already) */
+static int queue_close(lua_State *L) {
+  queue_release(to_queue(L, 1));
+  return 0;
+}
+
+/* q:join_thread(): every item this process put is in the queue already
+   (there is no feeder buffer); raises, as Python, if the queue is open */
+static int queue_join_thread(lua_State *L) {
+  mp_queue *q = to_queue(L, 1);
+  if (q->shm != NULL)
+    return luaL_error(L, "join_thread: %s is not closed", kind_names[q->kind]);
+  return 0;
+}
+
+/* q:cancel_join_thread(): nothing to cancel (puts never stay behind) */
+static int queue_cancel_join_thread(lua_State *L) {
+  to_queue(L, 1);
+  return 0;
+}
+
+/* ---- JoinableQueue ------------------------------------------------ */
+
+/* q:task_done(): raises if called more times than items were put */
+static int queue_task_done(lua_State *L) {
+  mp_queue *q = check_queue(L, 1);
+  qshm *s = q->shm;
+  qstate st;
+  q_lock(s);
+  st = s->st;
+  if (st.unfinished == 0) {
+    q_unlock(s);
+    return luaL_error(L, "task_done() called too many times");
+  }
+  st.unfinished--;
+  q_commit(s, &st);
+  q_unlock(s);
+  if (st.unfinished == 0) mp_futex_wake(&s->st.unfinished, 0x7fffffff);
+  return 0;
+}
+
+/* q:join([timeout]) -> true | nil, "timeout": every item put was task_done */
+static int queue_join(lua_State *L) {
+  mp_queue *q = check_queue(L, 1);
+  double deadline = mp_deadline(mp_opttimeout(L, 2));
+  qshm *s = q->shm;
+  for (;;) {
+    uint32_t v = LOAD(&s->st.unfinished);
+    if (v == 0) {
+      lua_pushboolean(L, 1);
+      return 1;
+    }
+    if (deadline >= 0 && mp_now() >= deadline) break;
+    mp_futex_wait(&s->st.unfinished, v, deadline);
+  }
+  lua_pushnil(L);
+  lua_pushliteral(L, "timeout");
+  return 2;
+}
+
+/* ---- metamethods -------------------------------------------------- */
+
+static int queue__gc(lua_State *L) {
+  queue_release(to_queue(L, 1));
+  return 0;
+}
+
+static int queue__tostring(lua_State *L) {
+  mp_queue *q = to_queue(L, 1);
+  if (q->shm == NULL)
+    lua_pushfstring(L, "<%s(closed)>", kind_names[q->kind]);
+  else if (q->shm->maxsize != 0)
+    lua_pushfstring(L, "<%s(qsize=%I, maxsize=%I)>", kind_names[q->kind],
+                    (lua_Integer)LOAD(&q->shm->st.nitems),
+                    (lua_Integer)q->shm->maxsize);
+  else
+    lua_pushfstring(L, "<%s(qsize=%I)>", kind_names[q->kind],
+                    (lua_Integer)LOAD(&q->shm->st.nitems));
+  return 1;
+}
+
+/* __mp_reduce(q) -> "Queue", {kind}, memfd, eventfd */
+static int queue__reduce(lua_State *L) {
+  mp_queue *q = check_queue(L, 1);
+  lua_pushliteral(L, "Queue");
+  lua_createtable(L, 1, 0);
+  lua_pushstring(L, kind_names[q->kind]);
+  lua_rawseti(L, -2, 1);
+  lua_pushinteger(L, q->fd);
+  lua_pushinteger(L, q->efd);
+  return 4;
+}
+
+/* core.queue_stats(q) -> table: ring capacity and state (for specs) */
+static int queue__stats(lua_State *L) {
+  mp_queue *q = check_queue(L, 1);
+  qstate st = q->shm->st;
+  lua_createtable(L, 0, 8);
+  lua_pushinteger(L, (lua_Integer)st.cap);
+  lua_setfield(L, -2, "cap");
+  lua_pushinteger(L, (lua_Integer)st.nitems);
+  lua_setfield(L, -2, "nitems");
+  lua_pushinteger(L, (lua_Integer)LOAD(&q->shm->lock));
+  lua_setfield(L, -2, "lock");
+  lua_pushinteger(L, (lua_Integer)LOAD(&q->shm->get_waiters));
+  lua_setfield(L, -2, "get_waiters");
+  lua_pushinteger(L, (lua_Integer)LOAD(&q->shm->put_waiters));
+  lua_setfield(L, -2, "put_waiters");
+  lua_pushinteger(L, (lua_Integer)st.unfinished);
+  lua_setfield(L, -2, "unfinished");
+  return 1;
+}
+
+static const luaL_Reg simple_methods[] = {
+  {"put", queue_put},
+  {"get", queue_get},
+  {"empty", queue_empty},
+  {"close", queue_close},
+  {"fileno", queue_fileno},
+  {"_ready", queue__ready},
+  {"_stats", queue__stats},
+  {NULL, NULL}
+};
+
+static const luaL_Reg queue_methods[] = {
+  {"put_nowait", queue_put_nowait},
+  {"get_nowait", queue_get_nowait},
+  {"qsize", queue_qsize},
+  {"full", queue_full},
+  {"join_thread", queue_join_thread},
+  {"cancel_join_thread", queue_cancel_join_thread},
+  {NULL, NULL}
+};
+
+static const luaL_Reg joinable_methods[] = {
+  {"task_done", queue_task_done},
+  {"join", queue_join},
+  {NULL, NULL}
+};
+
+static const luaL_Reg queue_meta[] = {
+  {"__gc", queue__gc},
+  {"__close", queue__gc},
+  {"__tostring", queue__tostring},
+  {"__mp_reduce", queue__reduce},
+  {NULL, NULL}
+};
+
+MP_API void mp_queue_open(lua_State *L) {
+  static const luaL_Reg funcs[] = {
+    {"queue_new", queue_new},
+    {"queue_from_fds", queue_from_fds},
+    {NULL, NULL}
+  };
+  int k;
+  for (k = 0; k < 3; k++) {
+    luaL_newmetatable(L, kind_classes[k]);      /* mod, mt */
+    luaL_setfuncs(L, queue_meta, 0);
+    lua_newtable(L);                            /* mod, mt, methods */
+    luaL_setfuncs(L, simple_methods, 0);
+    if (k != K_SIMPLE) luaL_setfuncs(L, queue_methods, 0);
+    if (k == K_JOINABLE) luaL_setfuncs(L, joinable_methods, 0);
+    lua_pushvalue(L, -1);
+    lua_setfield(L, -4, k == K_QUEUE ? "Queue_methods"
+                      : k == K_SIMPLE ? "SimpleQueue_methods"
+                                      : "JoinableQueue_methods");
+    lua_setfield(L, -2, "__index");             /* mod, mt */
+    lua_pop(L, 1);
+  }
+  luaL_setfuncs(L, funcs, 0);
+}
