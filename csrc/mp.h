@@ -105,6 +105,13 @@ MP_API void mp_encode(lua_State *L, int idx, mp_buf *b, mp_fdlist *fds);
    the fds no handle took are closed). Raises SerializationError. */
 MP_API void mp_decode(lua_State *L, const char *p, size_t len,
                       mp_fdlist *fds, int flags);
+/* mp_encode with the name of the root in error paths (NULL: "value"),
+   e.g. "args" gives "args[2].sock: cannot serialize userdata (FILE*)". */
+MP_API void mp_encode_named(lua_State *L, int idx, mp_buf *b, mp_fdlist *fds,
+                            const char *root);
+/* Most nested tables/functions/handles in one message, both ways. */
+#define MP_CODEC_MAXDEPTH 200
+/* mp_decode sets fds->n to 0: the fds are its own from then on. */
 
 /* -- *_open: each file registers its classes and adds its functions to the
    module table at the top of the stack. */
