@@ -1,4 +1,986 @@
-/* sync.c: placeholder until its issue lands; registers nothing yet. */
+/*
+ * sync.c: Lock, RLock, Semaphore, BoundedSemaphore, Condition, Event and
+ * Barrier in shared memory, built on futexes.
+ *
+ * Each object is one memfd segment (shm.c) holding an mp_syncmem; the
+ * userdata (mp_sync) maps it. Under fork the mapping is simply inherited;
+ * for the codec an object reduces to (kind, state, fd) and is rebuilt by
+ * mapping the fd again.
+ *
+ * Locks survive the death of their holder. A lock is one 64-bit word:
+ * the low 32 bits hold the owner's pid (0 when free), the high 32 bits a
+ * tag of the owner (the low bits of its start time, from /proc), so that a
+ * recycled pid is not taken for the owner. The futex sleeps on the low
+ * half. Acquire is one compare-and-swap; a waiter spins a little (two
+ * processes trading a lock rarely sleep), then sleeps in slices of
+ * CHECK_SLICE seconds, and after a slice that ended with the same holder it
+ * checks the holder: gone (ESRCH), a zombie, or a different process with
+ * that pid means dead, and the waiter takes the lock over with one CAS and
+ * returns true, "abandoned". A try (timeout 0) checks at once. Release
+ * wakes one sleeper only when the sleeper count says there is one (a
+ * Dekker pair of sequentially consistent operations, so no wake-up is
+ * lost). As in Python, a Lock may be released by any process; an RLock
+ * only by its owner.
+ *
+ * Condition, Semaphore and Barrier keep their counters in the segment,
+ * under an internal lock of the same kind, so a process killed inside
+ * one of their short critical sections does not wedge the others.
+ *
+ * The hot paths (Lock/RLock acquire and release) check their argument
+ * with lua_touserdata, the block size and a magic number: no registry
+ * look-up.
+ */
 #include "mp.h"
 
-MP_API void mp_sync_open(lua_State *L) { (void)L; }
+#include <errno.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/types.h>
+#include <unistd.h>
+
+/* ---- shared layout -------------------------------------------------- */
+
+#define SYNC_MAGIC  0x4d5053594e43u   /* "MPSYNC": never a user address */
+#define SEG_MAGIC   0x6d707331u       /* first word of every segment */
+#define PIDMASK     0x3fffffffu
+#define CHECK_SLICE 0.05              /* seconds between holder checks */
+#define SPIN        200               /* tries before sleeping */
+
+enum { K_LOCK, K_RLOCK, K_SEM, K_BSEM, K_COND, K_EVENT, K_BARRIER, K_N };
+static const char *const kind_names[K_N] = {
+  "Lock", "RLock", "Semaphore", "BoundedSemaphore", "Condition", "Event",
+  "Barrier"
+};
+static const char *const kind_tnames[K_N] = {
+  MP_LOCK_T, MP_RLOCK_T, MP_SEMAPHORE_T, MP_BSEMAPHORE_T, MP_CONDITION_T,
+  MP_EVENT_T, MP_BARRIER_T
+};
+
+enum { B_FILLING, B_ACTING, B_BROKEN };
+
+typedef struct mp_syncmem {
+  uint32_t magic, kind;
+  uint64_t lock;       /* Lock/RLock word, or the internal lock */
+  uint32_t count;      /* RLock recursion level (owner only) */
+  uint32_t sleepers;   /* processes asleep on lock */
+  uint32_t value;      /* futex: semaphore value, event flag, condition
+                          sequence, barrier generation */
+  uint32_t vsleepers;  /* processes asleep on value */
+  uint32_t maxvalue;   /* BoundedSemaphore bound, Barrier parties */
+  uint32_t waiters;    /* Condition: waiters not yet notified */
+  uint32_t tokens;     /* Condition: notifications not yet taken */
+  uint32_t bstate;     /* Barrier: B_* */
+  uint32_t bcount;     /* Barrier: arrived in this generation */
+  uint8_t outcome[8];  /* Barrier: 1 if generation g%8 ended broken */
+} mp_syncmem;
+
+typedef struct mp_sync {
+  uint64_t magic;
+  int kind;
+  int fd;
+  int owner;           /* pid of the process that mapped it */
+  size_t size;         /* bytes mapped */
+  mp_syncmem *m;       /* NULL once closed */
+} mp_sync;
+
+/* ---- atomics -------------------------------------------------------- */
+
+#define LOAD(p)        __atomic_load_n((p), __ATOMIC_SEQ_CST)
+#define STORE(p, v)    __atomic_store_n((p), (v), __ATOMIC_SEQ_CST)
+#define ADD(p, v)      __atomic_add_fetch((p), (v), __ATOMIC_SEQ_CST)
+#define SUB(p, v)      __atomic_sub_fetch((p), (v), __ATOMIC_SEQ_CST)
+#define CAS(p, e, d)   __atomic_compare_exchange_n((p), (e), (d), 0, \
+                         __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST)
+
+static void cpu_relax(void) {
+#if defined(__x86_64__) || defined(__i386__)
+  __asm__ __volatile__("pause");
+#elif defined(__aarch64__)
+  __asm__ __volatile__("yield");
+#endif
+}
+
+/* The futex half of a 64-bit lock word: the one holding the pid. */
+static uint32_t *lock_futex(uint64_t *w) {
+#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_BIG_ENDIAN__
+  return (uint32_t *)w + 1;
+#else
+  return (uint32_t *)w;
+#endif
+}
+
+static int ncpus;
+static int may_spin(void) {
+  if (ncpus == 0) {
+    long n = sysconf(_SC_NPROCESSORS_ONLN);
+    ncpus = n > 0 ? (int)n : 1;
+  }
+  return ncpus > 1;
+}
+
+/* ---- process identity ----------------------------------------------- */
+
+/* Read state and start time (clock ticks since boot) of pid from /proc.
+   Returns 0 on success, else an errno. */
+static int proc_stat(int pid, char *state, uint64_t *start) {
+  char path[64], buf[1024], *p;
+  FILE *f;
+  size_t n;
+  int field;
+  snprintf(path, sizeof path, "/proc/%d/stat", pid);
+  f = fopen(path, "re");
+  if (f == NULL) return errno ? errno : ENOENT;
+  n = fread(buf, 1, sizeof buf - 1, f);
+  fclose(f);
+  buf[n] = '\0';
+  p = strrchr(buf, ')');                 /* the name may hold spaces */
+  if (p == NULL) return EINVAL;
+  p++;
+  /* field 3 is the state, field 22 the start time */
+  for (field = 3; field <= 22; field++) {
+    while (*p == ' ') p++;
+    if (*p == '\0') return EINVAL;
+    if (field == 3) *state = *p;
+    if (field == 22) {
+      *start = strtoull(p, NULL, 10);
+      return 0;
+    }
+    while (*p && *p != ' ') p++;
+  }
+  return EINVAL;
+}
+
+static int ident_pid;
+static uint64_t ident_word;
+
+/* This process's lock word: pid | start-time tag << 32. */
+static uint64_t my_ident(void) {
+  int pid = mp_getpid();
+  if (pid != ident_pid) {
+    char st;
+    uint64_t start = 0;
+    if (proc_stat(pid, &st, &start) != 0) start = 0;
+    ident_word = (uint64_t)((uint32_t)pid & PIDMASK) |
+                 ((uint64_t)(uint32_t)start << 32);
+    ident_pid = pid;
+  }
+  return ident_word;
+}
+
+/* Is the process named by lock word w gone? */
+static int holder_dead(uint64_t w) {
+  int pid = (int)(w & PIDMASK);
+  uint32_t tag = (uint32_t)(w >> 32);
+  char st = '?';
+  uint64_t start = 0;
+  int e;
+  if (w == 0) return 0;
+  if (pid == mp_getpid()) return w != my_ident();
+  if (kill(pid, 0) != 0 && errno == ESRCH) return 1;
+  e = proc_stat(pid, &st, &start);
+  if (e == ENOENT) return 1;
+  if (e != 0) return 0;                 /* no /proc: trust kill() */
+  if (st == 'Z' || st == 'X') return 1;
+  return tag != 0 && tag != (uint32_t)start;
+}
+
+/* ---- the lock word -------------------------------------------------- */
+
+enum { L_BUSY = 0, L_OK = 1, L_ABANDONED = 2 };
+
+static int take_over(mp_syncmem *m, uint64_t cur, uint64_t me) {
+  return holder_dead(cur) && CAS(&m->lock, &cur, me);
+}
+
+/* Acquire the lock word for me within timeout (-1 forever, 0 try).
+   Returns L_OK, L_ABANDONED, or L_BUSY (timed out / busy). */
+static int word_acquire_slow(mp_syncmem *m, uint64_t me, double timeout) {
+  uint32_t *fw = lock_futex(&m->lock);
+  double deadline;
+  uint64_t cur;
+  int i;
+  if (timeout == 0) {
+    for (i = 0; i < 4; i++) {
+      cur = LOAD(&m->lock);
+      if (cur == 0) {
+        if (CAS(&m->lock, &cur, me)) return L_OK;
+        continue;
+      }
+      return take_over(m, cur, me) ? L_ABANDONED : L_BUSY;
+    }
+    return L_BUSY;
+  }
+  if (may_spin()) {
+    for (i = 0; i < SPIN; i++) {
+      cur = LOAD(&m->lock);
+      if (cur == 0 && CAS(&m->lock, &cur, me)) return L_OK;
+      cpu_relax();
+    }
+  }
+  deadline = mp_deadline(timeout);
+  for (;;) {
+    double now, until;
+    int r = 0;
+    cur = LOAD(&m->lock);
+    if (cur == 0) {
+      if (CAS(&m->lock, &cur, me)) return L_OK;
+      continue;
+    }
+    now = mp_now();
+    if (deadline >= 0 && now >= deadline)
+      return take_over(m, cur, me) ? L_ABANDONED : L_BUSY;
+    until = now + CHECK_SLICE;
+    if (deadline >= 0 && deadline < until) until = deadline;
+    ADD(&m->sleepers, 1);
+    if (LOAD(&m->lock) == cur)
+      r = mp_futex_wait(fw, (uint32_t)cur, until);
+    SUB(&m->sleepers, 1);
+    if (r == ETIMEDOUT && LOAD(&m->lock) == cur && take_over(m, cur, me))
+      return L_ABANDONED;
+  }
+}
+
+static int word_acquire(mp_syncmem *m, uint64_t me, double timeout) {
+  uint64_t z = 0;
+  if (CAS(&m->lock, &z, me)) return L_OK;
+  return word_acquire_slow(m, me, timeout);
+}
+
+/* Release; returns the previous word (0: it was not held). */
+static uint64_t word_release(mp_syncmem *m) {
+  uint64_t old = __atomic_exchange_n(&m->lock, 0, __ATOMIC_SEQ_CST);
+  if (LOAD(&m->sleepers) > 0) mp_futex_wake(lock_futex(&m->lock), 1);
+  return old;
+}
+
+/* Internal lock of Condition/Semaphore/Barrier counters (never times
+   out: its critical sections are a few instructions of C). */
+static void ilock(mp_syncmem *m) {
+  word_acquire(m, my_ident(), -1);
+}
+static void iunlock(mp_syncmem *m) {
+  word_release(m);
+}
+
+/* Wait while *w == val until deadline, resuming after EINTR. */
+static int value_wait(mp_syncmem *m, uint32_t *w, uint32_t val,
+                      double deadline) {
+  int r;
+  ADD(&m->vsleepers, 1);
+  do r = mp_futex_wait(w, val, deadline);
+  while (r == EINTR);
+  SUB(&m->vsleepers, 1);
+  return r;
+}
+
+static void value_wake(mp_syncmem *m, uint32_t *w, int n) {
+  if (LOAD(&m->vsleepers) > 0) mp_futex_wake(w, n);
+}
+
+/* ---- userdata ------------------------------------------------------- */
+
+static int isclosed(const mp_sync *s) { return s->m == NULL; }
+
+/* Fast check: a full userdata of our size with our magic, of a kind in
+   mask, not closed. Falls back to a descriptive error. */
+static mp_sync *check_sync(lua_State *L, int i, unsigned mask) {
+  mp_sync *s = (mp_sync *)lua_touserdata(L, i);
+  if (s == NULL || lua_rawlen(L, i) != sizeof(mp_sync) ||
+      s->magic != SYNC_MAGIC || !(mask & (1u << s->kind))) {
+    int k;
+    for (k = 0; k < K_N; k++)
+      if (mask & (1u << k)) break;
+    luaL_typeerror(L, i, kind_names[k < K_N ? k : 0]);
+    return NULL;
+  }
+  if (isclosed(s)) {
+    luaL_error(L, "%s is closed", kind_names[s->kind]);
+    return NULL;
+  }
+  return s;
+}
+
+#define M_LOCKS ((1u << K_LOCK) | (1u << K_RLOCK))
+#define M_SEMS  ((1u << K_SEM) | (1u << K_BSEM))
+#define M_ALL   ((1u << K_N) - 1)
+
+static void sync_release(mp_sync *s) {
+  if (s->m != NULL) mp_shm_unmap(s->m, s->size);
+  s->m = NULL;
+  if (s->fd >= 0) close(s->fd);
+  s->fd = -1;
+}
+
+/* Push a new closed object of kind k with one user value. */
+static mp_sync *sync_push(lua_State *L, int k) {
+  mp_sync *s = (mp_sync *)lua_newuserdatauv(L, sizeof(mp_sync), 1);
+  s->magic = SYNC_MAGIC;
+  s->kind = k;
+  s->fd = -1;
+  s->owner = mp_getpid();
+  s->size = 0;
+  s->m = NULL;
+  luaL_setmetatable(L, kind_tnames[k]);
+  return s;
+}
+
+static mp_sync *sync_new(lua_State *L, int k) {
+  mp_sync *s = sync_push(L, k);
+  int fd;
+  char name[40];
+  snprintf(name, sizeof name, "mp-%s", kind_names[k]);
+  s->m = (mp_syncmem *)mp_shm_create(L, name, sizeof(mp_syncmem), &fd);
+  s->fd = fd;
+  s->size = sizeof(mp_syncmem);
+  s->m->magic = SEG_MAGIC;
+  s->m->kind = (uint32_t)k;
+  return s;
+}
+
+/* ---- Lock and RLock ------------------------------------------------- */
+
+/* Push the result of an acquire: true | true, "abandoned" | false */
+static int push_acquired(lua_State *L, int r) {
+  lua_pushboolean(L, r != L_BUSY);
+  if (r == L_ABANDONED) {
+    lua_pushliteral(L, "abandoned");
+    return 2;
+  }
+  return 1;
+}
+
+/* Acquire s (a Lock or RLock) as the calling process. */
+static int lock_acquire_impl(mp_sync *s, double timeout) {
+  mp_syncmem *m = s->m;
+  uint64_t me = my_ident();
+  int r;
+  if (s->kind == K_RLOCK && __atomic_load_n(&m->lock, __ATOMIC_RELAXED) == me) {
+    m->count++;
+    return L_OK;
+  }
+  r = word_acquire(m, me, timeout);
+  if (r != L_BUSY && s->kind == K_RLOCK) m->count = 1;
+  return r;
+}
+
+/* lock:acquire([timeout]) -> true | true, "abandoned" | false */
+static int lock_acquire(lua_State *L) {
+  mp_sync *s = check_sync(L, 1, M_LOCKS);
+  double timeout = mp_opttimeout(L, 2);
+  return push_acquired(L, lock_acquire_impl(s, timeout));
+}
+
+/* Release s fully or one level; raises as Python does on misuse. */
+static void lock_release_impl(lua_State *L, mp_sync *s) {
+  mp_syncmem *m = s->m;
+  if (s->kind == K_RLOCK) {
+    if (__atomic_load_n(&m->lock, __ATOMIC_RELAXED) != my_ident() ||
+        m->count == 0) {
+      luaL_error(L, "cannot release un-acquired lock (this RLock is not "
+                    "held by this process)");
+      return;
+    }
+    if (--m->count > 0) return;
+  }
+  if (word_release(m) == 0) luaL_error(L, "release unlocked lock");
+}
+
+/* lock:release() */
+static int lock_release(lua_State *L) {
+  lock_release_impl(L, check_sync(L, 1, M_LOCKS));
+  return 0;
+}
+
+/* lock:locked() -> boolean */
+static int lock_locked(lua_State *L) {
+  mp_sync *s = check_sync(L, 1, M_LOCKS);
+  lua_pushboolean(L, LOAD(&s->m->lock) != 0);
+  return 1;
+}
+
+/* lock:_is_mine() -> boolean: held by the calling process */
+static int lock_is_mine(lua_State *L) {
+  mp_sync *s = check_sync(L, 1, M_LOCKS);
+  lua_pushboolean(L, LOAD(&s->m->lock) == my_ident());
+  return 1;
+}
+
+/* lock:_count() -> recursion level (RLock), 1/0 (Lock) */
+static int lock_count(lua_State *L) {
+  mp_sync *s = check_sync(L, 1, M_LOCKS);
+  uint64_t w = LOAD(&s->m->lock);
+  lua_pushinteger(L, s->kind == K_RLOCK ? (w ? s->m->count : 0) : (w != 0));
+  return 1;
+}
+
+/* ---- Semaphore ------------------------------------------------------ */
+
+/* sem:acquire([timeout]) -> true | false */
+static int sem_acquire(lua_State *L) {
+  mp_sync *s = check_sync(L, 1, M_SEMS);
+  double timeout = mp_opttimeout(L, 2), deadline;
+  mp_syncmem *m = s->m;
+  uint32_t v;
+  int i;
+  for (i = 0; i < (timeout != 0 && may_spin() ? SPIN : 1); i++) {
+    v = LOAD(&m->value);
+    while (v > 0)
+      if (CAS(&m->value, &v, v - 1)) goto ok;
+    if (timeout != 0) cpu_relax();
+  }
+  if (timeout == 0) goto busy;
+  deadline = mp_deadline(timeout);
+  for (;;) {
+    int r;
+    v = LOAD(&m->value);
+    while (v > 0)
+      if (CAS(&m->value, &v, v - 1)) goto ok;
+    r = value_wait(m, &m->value, 0, deadline);
+    if (r == ETIMEDOUT) {
+      v = LOAD(&m->value);
+      while (v > 0)
+        if (CAS(&m->value, &v, v - 1)) goto ok;
+      goto busy;
+    }
+  }
+ok:
+  lua_pushboolean(L, 1);
+  return 1;
+busy:
+  lua_pushboolean(L, 0);
+  return 1;
+}
+
+/* sem:release([n=1]); a BoundedSemaphore raises past its bound */
+static int sem_release(lua_State *L) {
+  mp_sync *s = check_sync(L, 1, M_SEMS);
+  mp_syncmem *m = s->m;
+  uint32_t v = LOAD(&m->value);
+  for (;;) {
+    if (s->kind == K_BSEM && v >= m->maxvalue)
+      return luaL_error(L, "semaphore released too many times");
+    if (v == UINT32_MAX) return luaL_error(L, "semaphore value overflow");
+    if (CAS(&m->value, &v, v + 1)) break;
+  }
+  value_wake(m, &m->value, 1);
+  return 0;
+}
+
+/* sem:get_value() -> integer */
+static int sem_get_value(lua_State *L) {
+  mp_sync *s = check_sync(L, 1, M_SEMS);
+  lua_pushinteger(L, LOAD(&s->m->value));
+  return 1;
+}
+
+/* ---- Event ---------------------------------------------------------- */
+
+/* ev:is_set() -> boolean */
+static int event_is_set(lua_State *L) {
+  mp_sync *s = check_sync(L, 1, 1u << K_EVENT);
+  lua_pushboolean(L, LOAD(&s->m->value) != 0);
+  return 1;
+}
+
+/* ev:set() */
+static int event_set(lua_State *L) {
+  mp_sync *s = check_sync(L, 1, 1u << K_EVENT);
+  STORE(&s->m->value, 1);
+  value_wake(s->m, &s->m->value, INT32_MAX);
+  return 0;
+}
+
+/* ev:clear() */
+static int event_clear(lua_State *L) {
+  mp_sync *s = check_sync(L, 1, 1u << K_EVENT);
+  STORE(&s->m->value, 0);
+  return 0;
+}
+
+/* ev:wait([timeout]) -> boolean: the flag at return */
+static int event_wait(lua_State *L) {
+  mp_sync *s = check_sync(L, 1, 1u << K_EVENT);
+  double deadline = mp_deadline(mp_opttimeout(L, 2));
+  mp_syncmem *m = s->m;
+  while (LOAD(&m->value) == 0) {
+    if (deadline >= 0 && mp_now() >= deadline) break;
+    if (value_wait(m, &m->value, 0, deadline) == ETIMEDOUT) break;
+  }
+  lua_pushboolean(L, LOAD(&m->value) != 0);
+  return 1;
+}
+
+/* ---- Condition ------------------------------------------------------ */
+
+/* The condition's lock (its user value), checked. */
+static mp_sync *cond_lock(lua_State *L, int i) {
+  mp_sync *lk;
+  lua_getiuservalue(L, i, 1);
+  lk = check_sync(L, -1, M_LOCKS);
+  lua_pop(L, 1);                         /* kept alive by the condition */
+  return lk;
+}
+
+/* cond:acquire([timeout]) -> as lock:acquire */
+static int cond_acquire(lua_State *L) {
+  mp_sync *c = check_sync(L, 1, 1u << K_COND);
+  double timeout = mp_opttimeout(L, 2);
+  (void)c;
+  return push_acquired(L, lock_acquire_impl(cond_lock(L, 1), timeout));
+}
+
+/* cond:release() */
+static int cond_release(lua_State *L) {
+  check_sync(L, 1, 1u << K_COND);
+  lock_release_impl(L, cond_lock(L, 1));
+  return 0;
+}
+
+static int try_token(mp_syncmem *m) {
+  uint32_t t = LOAD(&m->tokens);
+  while (t > 0)
+    if (CAS(&m->tokens, &t, t - 1)) return 1;
+  return 0;
+}
+
+/* cond:wait([timeout]) -> true | false (timeout), plus "abandoned" when
+   the lock, taken back, had been abandoned by a dead process. The lock is
+   released fully (an RLock at any level) and restored as it was. */
+static int cond_wait(lua_State *L) {
+  mp_sync *c = check_sync(L, 1, 1u << K_COND);
+  double deadline = mp_deadline(mp_opttimeout(L, 2));
+  mp_sync *lk = cond_lock(L, 1);
+  mp_syncmem *m = c->m, *lm = lk->m;
+  uint32_t level, seq;
+  int notified = 0, r;
+  if (LOAD(&lm->lock) != my_ident())
+    return luaL_error(L, "cannot wait on un-acquired lock");
+  level = lk->kind == K_RLOCK ? lm->count : 1;
+  ilock(m);
+  m->waiters++;
+  iunlock(m);
+  /* release fully */
+  if (lk->kind == K_RLOCK) lm->count = 0;
+  word_release(lm);
+  for (;;) {
+    seq = LOAD(&m->value);
+    if (try_token(m)) { notified = 1; break; }
+    if (deadline >= 0 && mp_now() >= deadline) break;
+    if (value_wait(m, &m->value, seq, deadline) == ETIMEDOUT) {
+      if (try_token(m)) notified = 1;
+      break;
+    }
+  }
+  /* take the lock back, then settle the count under the internal lock */
+  r = word_acquire(lm, my_ident(), -1);
+  if (lk->kind == K_RLOCK) lm->count = level;
+  if (!notified) {
+    ilock(m);
+    if (try_token(m)) notified = 1;
+    else if (m->waiters > 0) m->waiters--;
+    iunlock(m);
+  }
+  lua_pushboolean(L, notified);
+  if (r == L_ABANDONED) {
+    lua_pushliteral(L, "abandoned");
+    return 2;
+  }
+  return 1;
+}
+
+static void cond_notify_n(lua_State *L, lua_Integer n) {
+  mp_sync *c = check_sync(L, 1, 1u << K_COND);
+  mp_sync *lk = cond_lock(L, 1);
+  mp_syncmem *m = c->m;
+  uint32_t k;
+  if (LOAD(&lk->m->lock) != my_ident()) {
+    luaL_error(L, "cannot notify on un-acquired lock");
+    return;
+  }
+  ilock(m);
+  k = m->waiters;
+  if (n >= 0 && (lua_Integer)k > n) k = (uint32_t)n;
+  m->waiters -= k;
+  m->tokens += k;
+  if (k > 0) ADD(&m->value, 1);
+  iunlock(m);
+  if (k > 0) value_wake(m, &m->value, k >= INT32_MAX ? INT32_MAX : (int)k);
+}
+
+/* cond:notify([n=1]) */
+static int cond_notify(lua_State *L) {
+  lua_Integer n = luaL_optinteger(L, 2, 1);
+  luaL_argcheck(L, n >= 0, 2, "must be >= 0");
+  cond_notify_n(L, n);
+  return 0;
+}
+
+/* cond:notify_all() */
+static int cond_notify_all(lua_State *L) {
+  cond_notify_n(L, -1);
+  return 0;
+}
+
+/* cond:_lock() -> the lock */
+static int cond_getlock(lua_State *L) {
+  check_sync(L, 1, 1u << K_COND);
+  lua_getiuservalue(L, 1, 1);
+  return 1;
+}
+
+/* ---- Barrier -------------------------------------------------------- */
+
+/* Wait for generation gen to end; 1 if it passed, 0 broken, -1 timeout. */
+static int barrier_await(mp_syncmem *m, uint32_t gen, double deadline) {
+  for (;;) {
+    uint32_t g = LOAD(&m->value);
+    if (g != gen) return m->outcome[gen % 8] ? 0 : 1;
+    if (LOAD(&m->bstate) == B_BROKEN) return 0;
+    if (deadline >= 0 && mp_now() >= deadline) return -1;
+    value_wait(m, &m->value, gen, deadline);
+  }
+}
+
+/* End generation: everyone waiting leaves (broken or not). Under ilock. */
+static void barrier_next(mp_syncmem *m, int broken) {
+  m->outcome[m->value % 8] = (uint8_t)broken;
+  m->bcount = 0;
+  m->bstate = B_FILLING;
+  ADD(&m->value, 1);
+}
+
+/* Break the barrier: this generation ends broken (so its sleepers see
+   the futex word change) and later waits say "broken" until reset().
+   Under ilock. */
+static void barrier_break(mp_syncmem *m) {
+  barrier_next(m, 1);
+  m->bstate = B_BROKEN;
+}
+
+/* b:_wait(timeout_or_nil, has_action) -> index [, true: run the action then
+   call _pass or _break] | nil, "broken" | nil, "timeout" */
+static int barrier_wait(lua_State *L) {
+  mp_sync *b = check_sync(L, 1, 1u << K_BARRIER);
+  double deadline = mp_deadline(mp_opttimeout(L, 2));
+  int has_action = lua_toboolean(L, 3);
+  mp_syncmem *m = b->m;
+  uint32_t gen, index;
+  int r;
+  for (;;) {
+    ilock(m);
+    if (m->bstate != B_ACTING) break;
+    gen = m->value;
+    iunlock(m);                          /* the last party is in its action */
+    r = barrier_await(m, gen, deadline);
+    if (r < 0) goto timedout_unlocked;
+  }
+  if (m->bstate == B_BROKEN) {
+    iunlock(m);
+    goto broken;
+  }
+  gen = m->value;
+  index = ++m->bcount;
+  if (index == m->maxvalue) {
+    if (has_action) {
+      m->bstate = B_ACTING;
+      iunlock(m);
+      lua_pushinteger(L, index);
+      lua_pushboolean(L, 1);
+      return 2;
+    }
+    barrier_next(m, 0);
+    iunlock(m);
+    value_wake(m, &m->value, INT32_MAX);
+    lua_pushinteger(L, index);
+    return 1;
+  }
+  iunlock(m);
+  r = barrier_await(m, gen, deadline);
+  if (r > 0) {
+    lua_pushinteger(L, index);
+    return 1;
+  }
+  ilock(m);
+  if (m->value == gen && m->bcount > 0) m->bcount--;
+  if (r < 0 && m->value == gen) {
+    barrier_break(m);
+    iunlock(m);
+    value_wake(m, &m->value, INT32_MAX);
+    goto timedout;
+  }
+  iunlock(m);
+broken:
+  lua_pushnil(L);
+  lua_pushliteral(L, "broken");
+  return 2;
+timedout_unlocked:
+  ilock(m);
+  if (m->bstate != B_BROKEN) barrier_break(m);
+  iunlock(m);
+  value_wake(m, &m->value, INT32_MAX);
+timedout:
+  lua_pushnil(L);
+  lua_pushliteral(L, "timeout");
+  return 2;
+}
+
+/* b:_pass(): the action succeeded, release this generation */
+static int barrier_pass(lua_State *L) {
+  mp_sync *b = check_sync(L, 1, 1u << K_BARRIER);
+  mp_syncmem *m = b->m;
+  ilock(m);
+  if (m->bstate == B_ACTING) barrier_next(m, 0);
+  iunlock(m);
+  value_wake(m, &m->value, INT32_MAX);
+  return 0;
+}
+
+/* b:abort(): break the barrier; waiting and future waits say "broken" */
+static int barrier_abort(lua_State *L) {
+  mp_sync *b = check_sync(L, 1, 1u << K_BARRIER);
+  mp_syncmem *m = b->m;
+  ilock(m);
+  barrier_break(m);
+  iunlock(m);
+  value_wake(m, &m->value, INT32_MAX);
+  return 0;
+}
+
+/* b:reset(): parties waiting now get "broken"; the barrier is usable again */
+static int barrier_reset(lua_State *L) {
+  mp_sync *b = check_sync(L, 1, 1u << K_BARRIER);
+  mp_syncmem *m = b->m;
+  ilock(m);
+  barrier_next(m, 1);
+  iunlock(m);
+  value_wake(m, &m->value, INT32_MAX);
+  return 0;
+}
+
+/* b:_state() -> {action=, timeout=} */
+static int barrier_state(lua_State *L) {
+  check_sync(L, 1, 1u << K_BARRIER);
+  lua_getiuservalue(L, 1, 1);
+  return 1;
+}
+
+/* b:_fields() -> parties, n_waiting, broken */
+static int barrier_fields(lua_State *L) {
+  mp_sync *b = check_sync(L, 1, 1u << K_BARRIER);
+  mp_syncmem *m = b->m;
+  lua_pushinteger(L, m->maxvalue);
+  lua_pushinteger(L, LOAD(&m->bstate) == B_BROKEN ? 0 : LOAD(&m->bcount));
+  lua_pushboolean(L, LOAD(&m->bstate) == B_BROKEN);
+  return 3;
+}
+
+/* ---- common methods ------------------------------------------------- */
+
+/* obj:close(): unmap and close this process's mapping; twice is fine */
+static int sync_close(lua_State *L) {
+  mp_sync *s = (mp_sync *)lua_touserdata(L, 1);
+  if (s == NULL || lua_rawlen(L, 1) != sizeof(mp_sync) ||
+      s->magic != SYNC_MAGIC)
+    return luaL_typeerror(L, 1, "synchronization object");
+  sync_release(s);
+  return 0;
+}
+
+/* __gc/__close: never raises */
+static int sync__gc(lua_State *L) {
+  mp_sync *s = (mp_sync *)lua_touserdata(L, 1);
+  if (s != NULL && lua_rawlen(L, 1) == sizeof(mp_sync) &&
+      s->magic == SYNC_MAGIC)
+    sync_release(s);
+  return 0;
+}
+
+/* obj:fileno() -> the segment's fd */
+static int sync_fileno(lua_State *L) {
+  mp_sync *s = check_sync(L, 1, M_ALL);
+  lua_pushinteger(L, s->fd);
+  return 1;
+}
+
+static int sync__tostring(lua_State *L) {
+  mp_sync *s = (mp_sync *)lua_touserdata(L, 1);
+  mp_syncmem *m;
+  const char *name;
+  if (s == NULL || lua_rawlen(L, 1) != sizeof(mp_sync) ||
+      s->magic != SYNC_MAGIC)
+    return luaL_typeerror(L, 1, "synchronization object");
+  name = kind_names[s->kind];
+  m = s->m;
+  if (m == NULL) {
+    lua_pushfstring(L, "<%s(closed)>", name);
+    return 1;
+  }
+  switch (s->kind) {
+    case K_LOCK: case K_RLOCK: {
+      uint64_t w = LOAD(&m->lock);
+      if (w == 0) lua_pushfstring(L, "<%s(unlocked)>", name);
+      else if (s->kind == K_RLOCK)
+        lua_pushfstring(L, "<%s(owner=%d, count=%d)>", name,
+                        (int)(w & PIDMASK), (int)m->count);
+      else lua_pushfstring(L, "<%s(locked by %d)>", name, (int)(w & PIDMASK));
+      break;
+    }
+    case K_SEM:
+      lua_pushfstring(L, "<%s(value=%d)>", name, (int)LOAD(&m->value));
+      break;
+    case K_BSEM:
+      lua_pushfstring(L, "<%s(value=%d, maxvalue=%d)>", name,
+                      (int)LOAD(&m->value), (int)m->maxvalue);
+      break;
+    case K_COND: {
+      lua_getiuservalue(L, 1, 1);
+      lua_pushfstring(L, "<%s(%s, waiters=%d)>", name, luaL_tolstring(L, -1, NULL),
+                      (int)LOAD(&m->waiters));
+      break;
+    }
+    case K_EVENT:
+      lua_pushfstring(L, "<%s(%s)>", name, LOAD(&m->value) ? "set" : "unset");
+      break;
+    case K_BARRIER:
+      if (LOAD(&m->bstate) == B_BROKEN)
+        lua_pushfstring(L, "<%s(parties=%d, broken)>", name, (int)m->maxvalue);
+      else
+        lua_pushfstring(L, "<%s(parties=%d, waiting=%d)>", name,
+                        (int)m->maxvalue, (int)LOAD(&m->bcount));
+      break;
+  }
+  return 1;
+}
+
+/* __mp_reduce(obj) -> kind, state, fd. The state is the user value (a
+   Condition's lock, a Barrier's {action, timeout}) or false. */
+static int sync__reduce(lua_State *L) {
+  mp_sync *s = check_sync(L, 1, M_ALL);
+  lua_pushstring(L, kind_names[s->kind]);
+  if (lua_getiuservalue(L, 1, 1) == LUA_TNIL) {
+    lua_pop(L, 1);
+    lua_pushboolean(L, 0);
+  }
+  lua_pushinteger(L, s->fd);
+  return 3;
+}
+
+/* core.sync_new(kind [, value [, maxvalue]] [, uservalue]) -> object
+   (sync.lua validates the arguments) */
+static int sync_new_l(lua_State *L) {
+  static const char *const opts[] = {
+    "Lock", "RLock", "Semaphore", "BoundedSemaphore", "Condition", "Event",
+    "Barrier", NULL
+  };
+  int k = luaL_checkoption(L, 1, NULL, opts);
+  lua_Integer v = luaL_optinteger(L, 2, 0);
+  mp_sync *s;
+  luaL_argcheck(L, v >= 0 && v <= (lua_Integer)INT32_MAX, 2, "out of range");
+  s = sync_new(L, k);
+  s->m->value = (uint32_t)(k == K_BARRIER ? 0 : v);
+  s->m->maxvalue = (uint32_t)v;
+  if (!lua_isnoneornil(L, 3)) {
+    lua_pushvalue(L, 3);
+    lua_setiuservalue(L, -2, 1);
+  }
+  return 1;
+}
+
+/* core.sync_from_fd(kind, fd [, uservalue]) -> object mapping fd (which
+   it owns from now on, closed on failure) */
+static int sync_from_fd(lua_State *L) {
+  static const char *const opts[] = {
+    "Lock", "RLock", "Semaphore", "BoundedSemaphore", "Condition", "Event",
+    "Barrier", NULL
+  };
+  int k = luaL_checkoption(L, 1, NULL, opts);
+  int fd = (int)luaL_checkinteger(L, 2);
+  size_t size = 0;
+  mp_sync *s = sync_push(L, k);
+  mp_syncmem *m = (mp_syncmem *)mp_shm_map(fd, &size);
+  if (m == NULL || size < sizeof(mp_syncmem) || m->magic != SEG_MAGIC ||
+      m->kind != (uint32_t)k) {
+    int e = errno;
+    if (m != NULL) mp_shm_unmap(m, size);
+    close(fd);
+    return luaL_error(L, "cannot map %s from fd %d: %s", kind_names[k], fd,
+                      m == NULL ? strerror(e) : "not such an object");
+  }
+  s->m = m;
+  s->size = size;
+  s->fd = fd;
+  if (!lua_isnoneornil(L, 3)) {
+    lua_pushvalue(L, 3);
+    lua_setiuservalue(L, -2, 1);
+  }
+  return 1;
+}
+
+static const luaL_Reg lock_methods[] = {
+  {"acquire", lock_acquire}, {"release", lock_release},
+  {"locked", lock_locked}, {"_is_mine", lock_is_mine}, {"_count", lock_count},
+  {NULL, NULL}
+};
+static const luaL_Reg sem_methods[] = {
+  {"acquire", sem_acquire}, {"release", sem_release},
+  {"get_value", sem_get_value}, {NULL, NULL}
+};
+static const luaL_Reg cond_methods[] = {
+  {"acquire", cond_acquire}, {"release", cond_release}, {"wait", cond_wait},
+  {"notify", cond_notify}, {"notify_all", cond_notify_all},
+  {"_lock", cond_getlock}, {NULL, NULL}
+};
+static const luaL_Reg event_methods[] = {
+  {"is_set", event_is_set}, {"set", event_set}, {"clear", event_clear},
+  {"wait", event_wait}, {NULL, NULL}
+};
+static const luaL_Reg barrier_methods[] = {
+  {"_wait", barrier_wait}, {"_pass", barrier_pass}, {"abort", barrier_abort},
+  {"reset", barrier_reset}, {"_fields", barrier_fields}, {"_state", barrier_state}, {NULL, NULL}
+};
+static const luaL_Reg common_methods[] = {
+  {"close", sync_close}, {"fileno", sync_fileno}, {NULL, NULL}
+};
+
+/* Register class k with methods; module table at -1. core.<Kind>_methods
+   is the methods table (sync.lua adds Lua methods to it). */
+static void open_class(lua_State *L, int k, const luaL_Reg *methods) {
+  char name[64];
+  luaL_newmetatable(L, kind_tnames[k]);     /* mod, mt */
+  lua_newtable(L);                          /* mod, mt, methods */
+  luaL_setfuncs(L, methods, 0);
+  luaL_setfuncs(L, common_methods, 0);
+  snprintf(name, sizeof name, "%s_methods", kind_names[k]);
+  lua_pushvalue(L, -1);
+  lua_setfield(L, -4, name);
+  lua_setfield(L, -2, "__index");           /* mod, mt */
+  lua_pushcfunction(L, sync__gc);
+  lua_setfield(L, -2, "__gc");
+  lua_pushcfunction(L, sync__gc);
+  lua_setfield(L, -2, "__close");
+  lua_pushcfunction(L, sync__tostring);
+  lua_setfield(L, -2, "__tostring");
+  lua_pushcfunction(L, sync__reduce);
+  lua_setfield(L, -2, "__mp_reduce");
+  snprintf(name, sizeof name, "%s_mt", kind_names[k]);
+  lua_setfield(L, -2, name);                /* mod */
+}
+
+MP_API void mp_sync_open(lua_State *L) {
+  static const luaL_Reg funcs[] = {
+    {"sync_new", sync_new_l},
+    {"sync_from_fd", sync_from_fd},
+    {NULL, NULL}
+  };
+  open_class(L, K_LOCK, lock_methods);
+  open_class(L, K_RLOCK, lock_methods);
+  open_class(L, K_SEM, sem_methods);
+  open_class(L, K_BSEM, sem_methods);
+  open_class(L, K_COND, cond_methods);
+  open_class(L, K_EVENT, event_methods);
+  open_class(L, K_BARRIER, barrier_methods);
+  luaL_setfuncs(L, funcs, 0);
+  mp_sharedctypes_open(L);
+}

@@ -1,0 +1,141 @@
+-- multiprocessing.sharedctypes: Value, Array, RawValue, RawArray.
+--
+-- The objects are C userdata (csrc/sharedctypes.c) over a memfd segment;
+-- this module validates the type, the initial value and the options, makes
+-- the lock (a new RLock by default, as Python's), fills the data, and
+-- registers how Value and Array are rebuilt from a handle (codec).
+
+local core = require "multiprocessing.core"
+local sync = require "multiprocessing.synchronize"
+
+local type, error, pairs, pcall, tostring, getmetatable, math_type =
+      type, error, pairs, pcall, tostring, getmetatable, math.type
+local byte = string.byte
+
+local M = {}
+local exports = {}
+M.exports = exports
+
+-- level counts from the function that calls argerror
+local function argerror(n, fname, msg, level)
+  error("bad argument #" .. n .. " to '" .. fname .. "' (" .. msg .. ")", (level or 3) + 1)
+end
+
+local function ctype(t, fname)
+  if type(t) ~= "string" then
+    argerror(1, fname, "type name or code expected, got " .. type(t), 4)
+  end
+  local code = core.ctype(t)
+  if not code then
+    argerror(1, fname, "unknown type '" .. t .. "' (int8 uint8 int16 uint16 " ..
+             "int32 uint32 int64 uint64 float double bool char, or a code " ..
+             "b B h H i I l L q Q f d c ?)", 4)
+  end
+  return code
+end
+
+local function check_opts(opts, fname)
+  if opts == nil then return true end
+  if type(opts) ~= "table" then
+    argerror(3, fname, "options table expected, got " .. type(opts), 3)
+  end
+  for k in pairs(opts) do
+    if k ~= "lock" then argerror(3, fname, "unknown option '" .. tostring(k) .. "'", 3) end
+  end
+  local lock = opts.lock
+  if lock == nil or lock == true then return true end
+  if lock == false then return false end
+  if not sync.is_lock(lock) then
+    local mt = getmetatable(lock)
+    argerror(3, fname, "'lock' must be a boolean, a Lock or an RLock, got " ..
+             (type(mt) == "table" and mt.__name or type(lock)), 3)
+  end
+  return lock
+end
+
+local function make_lock(lock)
+  if lock == true then return core.sync_new("RLock") end
+  return lock
+end
+
+-- Fill obj by set(obj, i, v) for each value, closing obj and raising a
+-- message that names the item if one is refused.
+local function fill(obj, fname, items, n, what)
+  local i = 0
+  local ok, err = pcall(function()
+    for j = 1, n do
+      i = j
+      obj[j] = items[j]
+    end
+  end)
+  if not ok then
+    obj:close()
+    local msg = type(err) == "string" and err:gsub("^[^:]*:%d+: ", "") or tostring(err)
+    error("bad argument #2 to '" .. fname .. "' (" .. what .. " " .. i .. ": " .. msg .. ")", 4)
+  end
+end
+
+local function new_value(fname, t, init, lock)
+  local code = ctype(t, fname)
+  local v = core.shared_new(code, 1, false, lock)
+  if init ~= nil then
+    local ok, err = pcall(function() v.value = init end)
+    if not ok then
+      v:close()
+      local msg = type(err) == "string" and err:gsub("^[^:]*:%d+: ", "") or tostring(err)
+      argerror(2, fname, msg)
+    end
+  end
+  return v
+end
+
+local function new_array(fname, t, init, lock)
+  local code = ctype(t, fname)
+  local ti = type(init)
+  local n
+  if math_type(init) == "integer" then
+    if init < 0 then argerror(2, fname, "size must be >= 0, got " .. init) end
+    return core.shared_new(code, init, true, lock)
+  elseif ti == "table" then
+    n = init.n or #init
+    local a = core.shared_new(code, n, true, lock)
+    fill(a, fname, init, n, "item")
+    return a
+  elseif ti == "string" and code == "c" then
+    n = #init
+    local a = core.shared_new(code, n, true, lock)
+    local bytes = { byte(init, 1, -1) }
+    fill(a, fname, bytes, n, "byte")
+    return a
+  end
+  argerror(2, fname, "size or list expected, got " ..
+           (ti == "number" and tostring(init) or ti))
+end
+
+-- mp.Value(type, [init [, {lock=true}]])
+function exports.Value(t, init, opts)
+  return new_value("Value", t, init, make_lock(check_opts(opts, "Value")))
+end
+
+-- mp.RawValue(type, [init])
+function exports.RawValue(t, init)
+  return new_value("RawValue", t, init, false)
+end
+
+-- mp.Array(type, size_or_list [, {lock=true}])
+function exports.Array(t, init, opts)
+  return new_array("Array", t, init, make_lock(check_opts(opts, "Array")))
+end
+
+-- mp.RawArray(type, size_or_list)
+function exports.RawArray(t, init)
+  return new_array("RawArray", t, init, false)
+end
+
+if core.register_handle then
+  local from_fd = core.shared_from_fd
+  core.register_handle("Value", function(lock, fd) return from_fd(fd, lock or false) end)
+  core.register_handle("Array", function(lock, fd) return from_fd(fd, lock or false) end)
+end
+
+return M
