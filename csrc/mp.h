@@ -113,6 +113,19 @@ MP_API void mp_encode_named(lua_State *L, int idx, mp_buf *b, mp_fdlist *fds,
 #define MP_CODEC_MAXDEPTH 200
 /* mp_decode sets fds->n to 0: the fds are its own from then on. */
 
+/* -- sync.c, sharedctypes.c ----------------------------------------- */
+#define MP_LOCK_T       "multiprocessing.Lock"
+#define MP_RLOCK_T      "multiprocessing.RLock"
+#define MP_SEMAPHORE_T  "multiprocessing.Semaphore"
+#define MP_BSEMAPHORE_T "multiprocessing.BoundedSemaphore"
+#define MP_CONDITION_T  "multiprocessing.Condition"
+#define MP_EVENT_T      "multiprocessing.Event"
+#define MP_BARRIER_T    "multiprocessing.Barrier"
+#define MP_VALUE_T      "multiprocessing.Value"
+#define MP_ARRAY_T      "multiprocessing.Array"
+/* Value and Array; called by mp_sync_open (core.c's list is fixed). */
+MP_API void mp_sharedctypes_open(lua_State *L);
+
 /* -- *_open: each file registers its classes and adds its functions to the
    module table at the top of the stack. */
 MP_API void mp_core_open(lua_State *L);
