@@ -713,6 +713,11 @@ static void enc_function(enc *e, int idx) {
     enc_byte(e, 0);
     s.name = lua_getupvalue(L, idx, (int)i);
     if (s.name == NULL || *s.name == '\0') s.name = "?";
+    if (strcmp(s.name, "_ENV") == 0 && lua_istable(L, -1)) {
+      enc_byte(e, T_GLOBALS);            /* any environment: the receiver's */
+      lua_pop(L, 1);
+      continue;
+    }
     s.i = (lua_Integer)i;
     enc_value(e, lua_gettop(L));
     lua_pop(L, 1);
