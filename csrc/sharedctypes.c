@@ -235,6 +235,7 @@ static int shared_new(lua_State *L) {
   mp_shared *s;
   seg_hdr *h;
   int fd;
+  lua_settop(L, 4);
   luaL_argcheck(L, t != NULL, 1, "unknown type code");
   luaL_argcheck(L, n >= 0 && (uint64_t)n < ((uint64_t)1 << 40) / t->size, 2,
                 "size out of range");
@@ -262,10 +263,13 @@ static int shared_new(lua_State *L) {
 static int shared_from_fd(lua_State *L) {
   int fd = (int)luaL_checkinteger(L, 1);
   size_t size = 0;
-  void *mem = mp_shm_map(fd, &size);
-  seg_hdr *h = (seg_hdr *)mem;
+  void *mem;
+  seg_hdr *h;
   const ctype *t = NULL;
   mp_shared *s;
+  lua_settop(L, 2);
+  mem = mp_shm_map(fd, &size);
+  h = (seg_hdr *)mem;
   if (mem == NULL || size < HDR_SIZE || h->magic != SEG_MAGIC ||
       (t = find_code((int)h->code)) == NULL || h->esize != t->size ||
       h->n > (size - HDR_SIZE) / t->size || h->isarray > 1) {

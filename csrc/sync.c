@@ -877,6 +877,7 @@ static int sync_new_l(lua_State *L) {
   int k = luaL_checkoption(L, 1, NULL, opts);
   lua_Integer v = luaL_optinteger(L, 2, 0);
   mp_sync *s;
+  lua_settop(L, 3);
   luaL_argcheck(L, v >= 0 && v <= (lua_Integer)INT32_MAX, 2, "out of range");
   s = sync_new(L, k);
   s->m->value = (uint32_t)(k == K_BARRIER ? 0 : v);
@@ -898,7 +899,9 @@ static int sync_from_fd(lua_State *L) {
   int k = luaL_checkoption(L, 1, NULL, opts);
   int fd = (int)luaL_checkinteger(L, 2);
   size_t size = 0;
-  mp_sync *s = sync_push(L, k);
+  mp_sync *s;
+  lua_settop(L, 3);
+  s = sync_push(L, k);
   mp_syncmem *m = (mp_syncmem *)mp_shm_map(fd, &size);
   if (m == NULL || size < sizeof(mp_syncmem) || m->magic != SEG_MAGIC ||
       m->kind != (uint32_t)k) {
