@@ -46,10 +46,13 @@
 
 #define HDR_BYTES   4096                /* header page; the ring follows */
 #define BASE_CAP    (256u * 1024)       /* ring bytes of a new queue */
-#define SHRINK_CAP  (4u * 1024 * 1024)  /* a drained ring above this shrinks */
+#define SHRINK_CAP  (16u * 1024 * 1024) /* a drained ring above this shrinks */
+#define PACE_BYTES  (4u * 1024 * 1024)  /* queued bytes above which put paces */
+#define PACE_SECS   2e-3                /* ... while a get was this recent */
 #define REC_HDR     16
 #define STACK_ITEM  8192                /* items copied out through the C stack */
 #define KEEP_RBUF   (1u << 20)          /* largest read buffer kept between gets */
+#define POPULATE_MIN (128u * 1024)       /* prefault copies this large */
 #define MAX_ITEM    ((uint64_t)1 << 40)
 #define SPIN_SECS   50e-6
 #define LOCK_WAITERS 0x80000000u
@@ -98,6 +101,8 @@ typedef struct qshm {
   uint32_t get_waiters; /* processes announced asleep on them */
   uint32_t put_waiters;
   uint32_t watchers;    /* queue objects that called fileno() */
+  uint32_t pad2;
+  double last_get;      /* mp_now() of the latest get (pacing) */
 } qshm;
 
 typedef struct rec {
@@ -211,8 +216,34 @@ static int q_remap(mp_queue *q) {
   return 0;
 }
 
+/* Fault in the pages of ring[off, off + len) in one call before a large
+   copy (much cheaper than a fault per page); harmless where unsupported. */
+static void q_populate(mp_queue *q, uint64_t off, uint64_t len, int write) {
+#ifdef MADV_POPULATE_WRITE
+  if (len >= POPULATE_MIN) {
+    uintptr_t a = (uintptr_t)(q->ring + off), e = a + (uintptr_t)len;
+    uintptr_t pg = 4096;
+    a &= ~(pg - 1);
+    madvise((void *)a, (size_t)(e - a),
+            write ? MADV_POPULATE_WRITE : MADV_POPULATE_READ);
+  }
+#else
+  (void)q; (void)off; (void)len; (void)write;
+#endif
+}
+
 static uint64_t rec_size(uint64_t len) {
   return REC_HDR + ((len + 7) & ~(uint64_t)7);
+}
+
+/* Would a record of n bytes fit without growing the ring? */
+static int q_fits(const qstate *st, uint64_t n) {
+  if (st->wrap == 0) return st->tail + n <= st->cap || n <= st->head;
+  return st->tail + n <= st->head;
+}
+
+static uint64_t q_used(const qstate *st) {
+  return st->wrap ? st->wrap - st->head + st->tail : st->tail - st->head;
 }
 
 /* Find room for a record of n bytes in st (a copy of the state), growing
@@ -283,6 +314,23 @@ static void q_wait(qshm *s, int for_get, double deadline) {
   v = LOAD(seq);
   if (!can_go(s, for_get)) mp_futex_wait(seq, v, deadline);
   __atomic_fetch_sub(waiters, 1, __ATOMIC_SEQ_CST);
+}
+
+/* Wait (a little) until an item of the n0 queued was taken, or until. */
+static void q_pace(qshm *s, uint64_t n0, double until) {
+  uint32_t v;
+  int i;
+  for (i = 1; LOAD(&s->st.nitems) >= n0; i++) {
+    if ((i & 63) == 0 && mp_now() >= until) return;
+    if (i == 4096) {
+      ADD(&s->put_waiters, 1);
+      v = LOAD(&s->not_full);
+      if (LOAD(&s->st.nitems) >= n0) mp_futex_wait(&s->not_full, v, until);
+      __atomic_fetch_sub(&s->put_waiters, 1, __ATOMIC_SEQ_CST);
+      return;
+    }
+    cpu_relax();
+  }
 }
 
 /* Bump the sequence word if someone sleeps on it; returns whether to wake. */
@@ -455,6 +503,17 @@ static int queue_put_t(lua_State *L, double timeout) {
     st = s->st;
     if (s->maxsize != 0 && st.nitems >= s->maxsize) { q_unlock(s); continue; }
     if (st.nitems == 0) st.head = st.tail = st.wrap = 0;
+    if (s->maxsize == 0 && !q_fits(&st, need) && q_used(&st) >= PACE_BYTES &&
+        mp_now() - s->last_get < PACE_SECS) {
+      /* consumers are busy taking items: let them make room rather than
+         grow the ring into fresh memory; never longer than they keep up */
+      uint64_t n0 = st.nitems;
+      double until = mp_now() + PACE_SECS;
+      q_unlock(s);
+      if (deadline >= 0 && deadline < until) until = deadline;
+      q_pace(s, n0, until);
+      continue;
+    }
     if ((err = q_remap(q)) != 0 || (err = q_reserve(q, &st, need, &off)) != 0) {
       q_unlock(s);
       return luaL_error(L, "Queue.put: cannot grow the queue: %s", strerror(err));
@@ -463,6 +522,7 @@ static int queue_put_t(lua_State *L, double timeout) {
     r->len = len;
     r->type = type;
     r->pad = 0;
+    q_populate(q, off, need, 1);
     if (len) memcpy(q->ring + off + REC_HDR, p, len);
     st.nitems++;
     if (q->kind == K_JOINABLE) st.unfinished++;
@@ -537,6 +597,7 @@ static int queue_get_t(lua_State *L, double timeout) {
     len = r->len;
     type = r->type;
     payload = q->ring + st.head + REC_HDR;
+    q_populate(q, st.head, rec_size(len), 0);
     if (len <= STACK_ITEM) {
       memcpy(stackbuf, payload, (size_t)len);
     } else if (type == T_STR) {
@@ -576,7 +637,8 @@ static int queue_get_t(lua_State *L, double timeout) {
       if (ftruncate(q->fd, (off_t)(HDR_BYTES + BASE_CAP)) == 0) q_remap(q);
     }
     if (st.nitems == 0 && LOAD(&s->watchers) > 0) efd_clear(q->efd);
-    wake_put = s->maxsize != 0 && q_signal(&s->not_full, &s->put_waiters);
+    s->last_get = mp_now();
+    wake_put = q_signal(&s->not_full, &s->put_waiters);
     /* pass the word on if more items wait and more consumers sleep */
     wake_get = st.nitems > 0 && q_signal(&s->not_empty, &s->get_waiters);
     q_unlock(s);

@@ -1,0 +1,63 @@
+-- bench/queue.lua: Queue throughput between two processes, and a round
+-- trip through two queues against a raw C pipe ping-pong (bench/pingpong.c,
+-- built into /tmp by this file). Prints <case>\t<impl>\t<value>\t<unit>.
+local mp = require "multiprocessing"
+local core = require "multiprocessing.core"
+local now = core.monotonic
+
+local function producer(q, item, n)
+  for _ = 1, n do q:put(item) end
+end
+
+-- items/s (or MiB/s) from one producer process to this process
+local function stream(item, n)
+  local q = mp.Queue()
+  local t0 = now()
+  local p = mp.Process{target = producer, args = {q, item, n}}
+  p:start()
+  for _ = 1, n do assert(q:get(30) ~= nil) end
+  local dt = now() - t0
+  p:join(30)
+  q:close()
+  return dt
+end
+
+local function echo(a, b, n)
+  for _ = 1, n do b:put(a:get(30)) end
+end
+
+local function pingpong(n)
+  local a, b = mp.Queue(), mp.Queue()
+  local p = mp.Process{target = echo, args = {a, b, n}}
+  p:start()
+  a:put(0); b:get(30)                       -- the child is running
+  local t0 = now()
+  for i = 2, n do a:put(i); b:get(30) end
+  local dt = now() - t0
+  p:join(30)
+  return (n - 1) / dt
+end
+
+local function out(case, impl, value, unit)
+  io.write(string.format("%s\t%s\t%.1f\t%s\n", case, impl, value, unit))
+  io.flush()
+end
+
+if mp.is_main() then
+  local N = 1000000
+  out("small_int", "lua-mp", N / stream(12345, N), "ops/s")
+  out("small_str", "lua-mp", N / stream("hello, world", N), "ops/s")
+  local M = 1000
+  out("1mib", "lua-mp", M / stream(string.rep("x", 1 << 20), M), "MiB/s")
+  out("pingpong", "lua-mp", pingpong(200000), "ops/s")
+  -- the C baseline, built next to this file's source
+  local src = (arg and arg[0] or "bench/queue.lua"):gsub("queue%.lua$", "pingpong.c")
+  local exe = os.tmpname()
+  if os.execute("cc -O2 -o " .. exe .. " " .. src .. " 2>/dev/null") then
+    local f = io.popen(exe .. " 200000")
+    local rate = tonumber(f:read("l"))
+    f:close()
+    if rate then out("pingpong", "c-pipe", rate, "ops/s") end
+  end
+  os.remove(exe)
+end
