@@ -29,7 +29,7 @@ ENV  = LUA_PATH="$(CURDIR)/lua/?.lua;$(CURDIR)/lua/?/init.lua;;" \
        LUA_CPATH="$(CURDIR)/lua/?.so;;"
 DEPS = lua5.4 liblua5.4-dev lua-busted gcc make
 
-.PHONY: all run test examples bench fuzz lint install clean deps spec env
+.PHONY: all run test examples bench fuzz fuzz-ci lint install clean deps spec env
 
 all: $(SO)
 
@@ -79,3 +79,25 @@ lint:
 
 clean:
 	rm -f $(SO)
+
+# Fuzz the codec's decoder with libFuzzer (clang, libclang-rt-*-dev):
+#   make fuzz [FUZZ_SECONDS=600]   make fuzz-ci (60 s, for CI)
+# Findings (crash-*, leak-*) and the grown corpus go to fuzz/out/.
+FUZZ_CC      ?= clang
+FUZZ_SECONDS ?= 600
+FUZZ_LIBS    ?= -llua5.4 -lm
+FUZZ_BIN      = fuzz/out/fuzz_decode
+
+$(FUZZ_BIN): fuzz/fuzz_decode.c $(SRC) $(HDR)
+	mkdir -p fuzz/out/corpus
+	$(FUZZ_CC) -g -O1 -fsanitize=fuzzer,address,undefined \
+	  -fno-sanitize-recover=undefined -I$(LUA_INCDIR) -Icsrc \
+	  -o $@ fuzz/fuzz_decode.c $(SRC) $(FUZZ_LIBS)
+
+fuzz: $(FUZZ_BIN)
+	$(FUZZ_BIN) -max_total_time=$(FUZZ_SECONDS) -max_len=4096 -timeout=10 \
+	  -rss_limit_mb=2048 -artifact_prefix=fuzz/out/ -print_final_stats=1 \
+	  fuzz/out/corpus fuzz/corpus
+
+fuzz-ci:
+	$(MAKE) fuzz FUZZ_SECONDS=60

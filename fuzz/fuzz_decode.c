@@ -1,0 +1,117 @@
+/*
+ * fuzz_decode.c: libFuzzer harness for the codec's decoder (csrc/codec.c).
+ *
+ * One lua_State for the whole run, with multiprocessing.core opened and a
+ * handle kind "fuzz" whose rebuild closes the fds it is given. Each input
+ * is decoded by mp_decode with MP_DECODE_NOFUNCS (bytecode is never loaded
+ * from untrusted bytes: it can crash Lua itself) and two fds of /dev/null
+ * beside it, under lua_pcall. A finding is: a crash or sanitizer report, an
+ * error that is not a SerializationError, a stack not restored, or an fd
+ * that the decoder neither gave to a handle nor closed.
+ *
+ * Built and run by `make fuzz` (FUZZ_SECONDS, default 600) and `make
+ * fuzz-ci` (60 s) from the repository root, on fuzz/corpus.
+ */
+#include "mp.h"
+#include "multiprocessing.h"
+#include "lualib.h"
+
+#include <fcntl.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
+
+static lua_State *L;
+
+/* rebuild for kind "fuzz": close the fds, return {state} */
+static int fuzz_rebuild(lua_State *L1) {
+  int i, n = lua_gettop(L1);
+  for (i = 2; i <= n; i++) close((int)lua_tointeger(L1, i));
+  lua_createtable(L1, 1, 0);
+  lua_pushvalue(L1, 1);
+  lua_rawseti(L1, -2, 1);
+  return 1;
+}
+
+static int decode(lua_State *L1) {
+  const char *p = (const char *)lua_touserdata(L1, 1);
+  size_t n = (size_t)lua_tointeger(L1, 2);
+  mp_fdlist *fds = (mp_fdlist *)lua_touserdata(L1, 3);
+  mp_decode(L1, p, n, fds, MP_DECODE_NOFUNCS);
+  return 1;
+}
+
+static void setup(void) {
+  L = luaL_newstate();
+  if (L == NULL) abort();
+  luaL_openlibs(L);
+  /* multiprocessing.errors from the source tree (run from the repo root) */
+  if (luaL_dostring(L, "package.path = './lua/?.lua;' .. package.path "
+                       "require 'multiprocessing.errors'") != LUA_OK) {
+    fprintf(stderr, "fuzz_decode: %s (run from the repository root)\n",
+            lua_tostring(L, -1));
+    exit(2);
+  }
+  lua_settop(L, 0);
+  luaL_requiref(L, "multiprocessing.core", luaopen_multiprocessing_core, 0);
+  lua_getfield(L, -1, "register_handle");
+  lua_pushliteral(L, "fuzz");
+  lua_pushcfunction(L, fuzz_rebuild);
+  lua_call(L, 2, 0);
+  lua_settop(L, 0);
+}
+
+int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
+  static unsigned long runs;
+  mp_fdlist fds;
+  int top, st, i, fd0, fd1;
+  char *copy;
+  if (L == NULL) setup();
+  /* an exact-size copy, so that ASan sees any read past the end */
+  copy = (char *)malloc(size ? size : 1);
+  if (copy == NULL) abort();
+  memcpy(copy, data, size);
+  fd0 = open("/dev/null", O_RDONLY | O_CLOEXEC);
+  fd1 = open("/dev/null", O_RDONLY | O_CLOEXEC);
+  if (fd0 < 0 || fd1 < 0) abort();
+  fds.n = 2;
+  fds.fd[0] = fd0;
+  fds.fd[1] = fd1;
+  top = lua_gettop(L);
+  lua_pushcfunction(L, decode);
+  lua_pushlightuserdata(L, copy);
+  lua_pushinteger(L, (lua_Integer)size);
+  lua_pushlightuserdata(L, &fds);
+  st = lua_pcall(L, 3, 1, 0);
+  if (st != LUA_OK) {
+    const char *type = NULL;
+    if (lua_istable(L, -1)) {
+      lua_getfield(L, -1, "type");
+      type = lua_tostring(L, -1);
+    }
+    if (type == NULL || strcmp(type, "SerializationError") != 0) {
+      lua_settop(L, top + 1);
+      fprintf(stderr, "fuzz_decode: unexpected error: %s\n",
+              luaL_tolstring(L, -1, NULL));
+      abort();
+    }
+  }
+  lua_settop(L, top + 1);
+  lua_pop(L, 1);
+  if (lua_gettop(L) != top) abort();
+  /* both fds must be gone: closed by the decoder or by the rebuild */
+  for (i = 0; i < 2; i++) {
+    int fd = i ? fd1 : fd0;
+    if (fcntl(fd, F_GETFD) != -1) {
+      fprintf(stderr, "fuzz_decode: fd %d leaked\n", fd);
+      abort();
+    }
+  }
+  free(copy);
+  if (++runs % 256 == 0) lua_gc(L, LUA_GCCOLLECT);
+  return 0;
+}
