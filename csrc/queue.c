@@ -193,10 +193,16 @@ static void q_unlock(qshm *s) {
     mp_futex_wake(&s->lock, 1);
 }
 
+/* Specs only: make the next put of this process die (_exit) after writing
+   its item (1) or after writing the journal (2), holding the lock. */
+static int crash_stage;
+
 /* Make ns the state, so that a death at any point leaves old or new. */
 static void q_commit(qshm *s, const qstate *ns) {
+  if (crash_stage == 1) _exit(9);
   s->jr = *ns;
   __atomic_store_n(&s->jvalid, 1, __ATOMIC_SEQ_CST);
+  if (crash_stage == 2) _exit(9);
   s->st = *ns;
   __atomic_store_n(&s->jvalid, 0, __ATOMIC_SEQ_CST);
 }
@@ -863,7 +869,20 @@ static int queue__reduce(lua_State *L) {
   return 4;
 }
 
-/* core.queue_stats(q) -> table: ring capacity and state (for specs) */
+/* core.queue_test_crash(stage): see crash_stage (specs only) */
+static int queue_test_crash(lua_State *L) {
+  crash_stage = (int)luaL_checkinteger(L, 1);
+  return 0;
+}
+
+/* core.queue_test_lock(q): take the queue's lock and keep it (specs only:
+   the caller is a child about to be killed) */
+static int queue_test_lock(lua_State *L) {
+  q_lock(check_queue(L, 1)->shm);
+  return 0;
+}
+
+/* q:_stats() -> table: ring capacity and state (for specs) */
 static int queue__stats(lua_State *L) {
   mp_queue *q = check_queue(L, 1);
   qstate st = q->shm->st;
@@ -922,6 +941,8 @@ MP_API void mp_queue_open(lua_State *L) {
   static const luaL_Reg funcs[] = {
     {"queue_new", queue_new},
     {"queue_from_fds", queue_from_fds},
+    {"queue_test_crash", queue_test_crash},
+    {"queue_test_lock", queue_test_lock},
     {NULL, NULL}
   };
   int k;

@@ -1,0 +1,480 @@
+-- Queue, SimpleQueue, JoinableQueue: arguments, values, blocking and
+-- timeouts, many producers and consumers, large items, killed processes.
+local H = require "helpers"
+local mp = require "multiprocessing"
+local core = require "multiprocessing.core"
+
+-- Start a process running fn(...) and return it.
+local function spawn(fn, ...)
+  local p = mp.Process{ target = fn, args = table.pack(...) }
+  p:start()
+  return p
+end
+
+describe("Queue arguments", function()
+  it("rejects bad maxsize and extra arguments", function()
+    assert.has_error(function() mp.Queue(-1) end)
+    assert.has_error(function() mp.Queue(1.5) end)
+    assert.has_error(function() mp.Queue("3") end)
+    assert.has_error(function() mp.Queue(3, 4) end)
+    assert.has_error(function() mp.JoinableQueue(-2) end)
+    assert.has_error(function() mp.SimpleQueue(1) end)
+    local q = mp.Queue(2.0)
+    assert.is_true(q:put(1))
+    q:close()
+  end)
+
+  it("refuses nil as an item and bad timeouts", function()
+    local q <close> = mp.Queue()
+    assert.has_error(function() q:put(nil) end)
+    assert.has_error(function() q:put() end)
+    assert.has_error(function() q:put(1, -1) end)
+    assert.has_error(function() q:put(1, "soon") end)
+    assert.has_error(function() q:get(-0.5) end)
+    assert.has_error(function() q:get(1, 2) end)
+    assert.has_error(function() q:put(1, 1, 1) end)
+    assert.has_error(function() q:get_nowait(1) end)
+    assert.are.equal(0, q:qsize())
+  end)
+
+  it("raises in put for a value that cannot be serialized, and keeps nothing", function()
+    local q <close> = mp.Queue()
+    assert.has_error(function() q:put(coroutine.create(print)) end)
+    assert.has_error(function() q:put({ 1, 2, io.stdout }) end)
+    assert.are.equal(0, q:qsize())
+    assert.are.same({ nil, "empty" }, { q:get_nowait() })
+  end)
+
+  it("raises when a queue is put into a queue (no fd channel)", function()
+    local q <close> = mp.Queue()
+    local other <close> = mp.Queue()
+    assert.has_error(function() q:put(other) end)
+    assert.has_error(function() q:put({ inner = other }) end)
+    assert.is_true(q:empty())
+  end)
+
+  it("raises on a closed queue, and close is idempotent", function()
+    local q = mp.Queue()
+    q:close()
+    q:close()
+    assert.has_error(function() q:put(1) end, "Queue is closed")
+    assert.has_error(function() q:get(0) end, "Queue is closed")
+    assert.has_error(function() q:qsize() end)
+    assert.has_error(function() q:fileno() end)
+    assert.matches("closed", tostring(q))
+  end)
+end)
+
+describe("Queue in one process", function()
+  H.leakcheck()
+
+  it("keeps every kind of value exact and in order", function()
+    local q <close> = mp.Queue()
+    local values = { 0, -1, math.maxinteger, math.mininteger, 1.5, -0.0, 1 / 0,
+                     false, true, "", "a\0b", string.rep("y", 100000) }
+    for _, v in ipairs(values) do assert.is_true(q:put(v)) end
+    assert.are.equal(#values, q:qsize())
+    for _, v in ipairs(values) do
+      local r = q:get(0)
+      assert.are.equal(v, r)
+      assert.are.equal(math.type(v), math.type(r))
+    end
+    q:put(0 / 0)
+    local nan = q:get(0)
+    assert.is_true(nan ~= nan)
+    assert.is_true(q:empty())
+  end)
+
+  it("carries tables through the codec", function()
+    local q <close> = mp.Queue()
+    local shared = { 1, 2 }
+    local t = { x = shared, y = shared, list = { "a", { deep = true } } }
+    t.self = t
+    q:put(t)
+    local r = q:get(0)
+    assert.are.equal(r.x, r.y)
+    assert.are.equal(r, r.self)
+    assert.are.same({ 1, 2 }, r.x)
+    assert.is_true(r.list[2].deep)
+    local big = {}
+    for i = 1, 50000 do big[i] = i end        -- an encoded item above 8 KiB
+    q:put(big)
+    local rb = q:get(0)
+    assert.are.equal(50000, #rb)
+    assert.are.equal(50000, rb[50000])
+  end)
+
+  it("says empty and full for calls that cannot wait, timeout for positive ones", function()
+    local q <close> = mp.Queue(2)
+    assert.are.same({ nil, "empty" }, { q:get_nowait() })
+    assert.are.same({ nil, "empty" }, { q:get(0) })
+    assert.are.same({ nil, "timeout" }, { q:get(0.02) })
+    assert.is_true(q:put_nowait("a"))
+    assert.is_true(q:put("b", 0))
+    assert.is_true(q:full())
+    assert.are.same({ nil, "full" }, { q:put_nowait("c") })
+    assert.are.same({ nil, "full" }, { q:put("c", 0) })
+    assert.are.same({ nil, "timeout" }, { q:put("c", 0.02) })
+    assert.are.equal(2, q:qsize())
+    assert.are.equal("a", q:get_nowait())
+    assert.is_false(q:full())
+    assert.are.equal("b", q:get(1))
+    assert.is_true(q:empty())
+  end)
+
+  it("bounds the number of items, not their size", function()
+    local q <close> = mp.Queue(3)
+    local s = string.rep("z", 1 << 20)
+    for _ = 1, 3 do assert.is_true(q:put(s, 0)) end
+    assert.are.same({ nil, "full" }, { q:put("tiny", 0) })
+    for _ = 1, 3 do assert.are.equal(s, q:get(0)) end
+  end)
+
+  it("never blocks an unbounded put and keeps order while the ring grows and wraps", function()
+    local q <close> = mp.Queue()
+    local base = q:_stats().cap
+    local nextput, nextget = 1, 1
+    -- interleave so that the ring wraps, then outgrows itself with
+    -- wrapped records in it
+    for round = 1, 6 do
+      for _ = 1, 3000 * round do
+        assert.is_true(q:put(string.rep("k", nextput % 97) .. nextput, 0))
+        nextput = nextput + 1
+      end
+      for _ = 1, 2000 * round do
+        local v = q:get(0)
+        assert.are.equal(string.rep("k", nextget % 97) .. nextget, v)
+        nextget = nextget + 1
+      end
+    end
+    assert.is_true(q:_stats().cap > base)
+    while nextget < nextput do
+      assert.are.equal(string.rep("k", nextget % 97) .. nextget, q:get(0))
+      nextget = nextget + 1
+    end
+    assert.are.same({ nil, "empty" }, { q:get(0) })
+  end)
+
+  it("passes a 64 MiB item and gives the memory back once drained", function()
+    local q <close> = mp.Queue()
+    local base = q:_stats().cap
+    local big = string.rep("0123456789abcdef", 4 << 20)
+    assert.is_true(q:put(big))
+    assert.is_true(q:_stats().cap >= #big)
+    local r = q:get(1)
+    assert.are.equal(#big, #r)
+    assert.is_true(r == big)
+    assert.are.equal(base, q:_stats().cap)
+  end)
+
+  it("names itself and its state", function()
+    local q <close> = mp.Queue(5)
+    q:put(1)
+    assert.are.equal("<Queue(qsize=1, maxsize=5)>", tostring(q))
+    local u <close> = mp.Queue()
+    assert.are.equal("<Queue(qsize=0)>", tostring(u))
+    local j <close> = mp.JoinableQueue()
+    assert.matches("^<JoinableQueue", tostring(j))
+    local s <close> = mp.SimpleQueue()
+    assert.matches("^<SimpleQueue", tostring(s))
+  end)
+
+  it("has join_thread (after close) and cancel_join_thread", function()
+    local q = mp.Queue()
+    q:put(1)
+    q:cancel_join_thread()
+    assert.has_error(function() q:join_thread() end)
+    q:close()
+    q:join_thread()
+    q:cancel_join_thread()
+  end)
+
+  it("closes on <close> when a block errors, and by __gc", function()
+    local fds0 = #H.fds()
+    local ok = pcall(function()
+      local q <close> = mp.Queue()
+      q:put(1)
+      error("boom")
+    end)
+    assert.is_false(ok)
+    assert.are.equal(fds0, #H.fds())
+    do local q = mp.Queue(); q:put("x"); q:fileno() end
+    collectgarbage(); collectgarbage()
+    assert.are.equal(fds0, #H.fds())
+  end)
+
+  it("is a handle for the codec", function()
+    local q <close> = mp.Queue()
+    local mt = getmetatable(q)
+    local kind, state, fd, efd = mt.__mp_reduce(q)
+    assert.are.equal("Queue", kind)
+    assert.are.same({ "Queue" }, state)
+    assert.are.equal("number", math.type(fd) and "number")
+    assert.are.equal(q:fileno(), efd)
+  end)
+end)
+
+describe("SimpleQueue and JoinableQueue in one process", function()
+  it("SimpleQueue has put, get, empty, close", function()
+    local q = mp.SimpleQueue()
+    assert.is_nil(q.qsize)
+    assert.is_nil(q.put_nowait)
+    assert.is_true(q:empty())
+    q:put({ a = 1 })
+    assert.is_false(q:empty())
+    assert.are.same({ a = 1 }, q:get(1))
+    assert.are.same({ nil, "timeout" }, { q:get(0.01) })
+    q:close()
+    assert.has_error(function() q:put(1) end)
+  end)
+
+  it("JoinableQueue counts unfinished tasks and raises on too many task_done", function()
+    local q <close> = mp.JoinableQueue()
+    assert.are.same({ true }, { q:join(0) })
+    q:put("a"); q:put("b")
+    assert.are.same({ nil, "timeout" }, { q:join(0) })
+    assert.are.same({ nil, "timeout" }, { q:join(0.02) })
+    q:get(0); q:task_done()
+    assert.are.same({ nil, "timeout" }, { q:join(0) })
+    q:get(0); q:task_done()
+    assert.is_true(q:join(1))
+    assert.has_error(function() q:task_done() end, "task_done() called too many times")
+    assert.is_nil(mp.Queue().task_done)
+  end)
+end)
+
+describe("Queue across processes", function()
+  H.leakcheck()
+
+  it("carries items from a writer process to this one, in order", function()
+    local q <close> = mp.Queue()
+    local p = spawn(function(qq) for i = 1, 1000 do qq:put(i) end end, q)
+    for i = 1, 1000 do assert.are.equal(i, q:get(10)) end
+    assert.are.equal(0, p:join(10))
+  end)
+
+  it("delivers everything a producer put just before it exited", function()
+    local q <close> = mp.Queue()
+    local big = string.rep("b", 1 << 20)
+    local p = spawn(function(qq)
+      for i = 1, 500 do qq:put(i) end
+      qq:put(big)
+      qq:put({ last = true })
+    end, q)
+    assert.are.equal(0, p:join(10))
+    for i = 1, 500 do assert.are.equal(i, q:get(0)) end
+    assert.are.equal(big, q:get(0))
+    assert.are.same({ last = true }, q:get(0))
+  end)
+
+  it("4 producers x 20,000 items reach 4 consumers exactly once, in per-producer order", function()
+    local N, P, C = 20000, 4, 4
+    local q <close> = mp.Queue(1000)
+    local results <close> = mp.Queue()
+    local producers, consumers = {}, {}
+    for c = 1, C do
+      consumers[c] = spawn(function(qq, rq)
+        local count, sum, last, inorder = 0, 0, {}, true
+        while true do
+          local v = qq:get(30)
+          if v == nil or v < 0 then break end
+          local pid, seq = v // 1000000, v % 1000000
+          if last[pid] and seq <= last[pid] then inorder = false end
+          last[pid] = seq
+          count, sum = count + 1, sum + v
+        end
+        rq:put({ count = count, sum = sum, inorder = inorder })
+      end, q, results)
+    end
+    for pi = 1, P do
+      producers[pi] = spawn(function(qq, id)
+        for i = 1, N do assert(qq:put(id * 1000000 + i, 30)) end
+      end, q, pi)
+    end
+    for pi = 1, P do assert.are.equal(0, producers[pi]:join(60)) end
+    for _ = 1, C do assert.is_true(q:put(-1, 30)) end
+    local count, sum = 0, 0
+    for _ = 1, C do
+      local r = results:get(60)
+      assert.is_table(r)
+      assert.is_true(r.inorder)
+      count, sum = count + r.count, sum + r.sum
+    end
+    for c = 1, C do assert.are.equal(0, consumers[c]:join(30)) end
+    local want = 0
+    for pi = 1, P do want = want + N * pi * 1000000 + N * (N + 1) // 2 end
+    assert.are.equal(P * N, count)
+    assert.are.equal(want, sum)
+    assert.is_true(q:empty())
+  end)
+
+  it("blocks a put on a full queue until a consumer makes room", function()
+    local q <close> = mp.Queue(1)
+    local go <close> = mp.Queue()
+    q:put("first")
+    local p = spawn(function(qq, g)
+      g:get(10)
+      qq:get(10)
+      qq:get(10)
+    end, q, go)
+    assert.are.same({ nil, "full" }, { q:put("second", 0) })
+    go:put(true)
+    assert.is_true(q:put("second", 10))       -- waited for the child's get
+    assert.are.equal(0, p:join(10))
+    assert.is_true(q:empty())
+  end)
+
+  it("blocks a get on an empty queue until a producer puts", function()
+    local q <close> = mp.Queue()
+    local go <close> = mp.Queue()
+    local p = spawn(function(qq, g) g:get(10); qq:put("late") end, q, go)
+    assert.are.same({ nil, "timeout" }, { q:get(0.05) })
+    go:put(true)
+    assert.are.equal("late", q:get(10))
+    assert.are.equal(0, p:join(10))
+  end)
+
+  it("passes a 64 MiB item to another process", function()
+    local q <close> = mp.Queue()
+    local back <close> = mp.Queue()
+    local p = spawn(function(qq, b)
+      local s = qq:get(30)
+      b:put(#s)
+      b:put(s:sub(1, 16) .. s:sub(-16))
+      b:put(s == string.rep("0123456789abcdef", 4 << 20))
+    end, q, back)
+    q:put(string.rep("0123456789abcdef", 4 << 20))
+    assert.are.equal(64 << 20, back:get(30))
+    assert.are.equal("0123456789abcdef0123456789abcdef", back:get(30))
+    assert.is_true(back:get(30))
+    assert.are.equal(0, p:join(30))
+  end)
+
+  it("loses nothing when a consumer is killed while blocked in get", function()
+    local q <close> = mp.Queue()
+    local p = spawn(function(qq) qq:get(30) end, q)
+    assert.is_truthy(H.wait_until(function() return q:_stats().get_waiters > 0 end, 10))
+    p:kill()
+    assert.are.equal(-9, p:join(10))
+    assert.is_true(q:put("kept", 1))
+    assert.are.equal("kept", q:get(1))
+    q:put(1); q:put(2)
+    assert.are.equal(2, q:qsize())
+    assert.are.equal(1, q:get(1))
+    assert.are.equal(2, q:get(1))
+  end)
+
+  it("recovers the lock from a process killed while holding it", function()
+    local q <close> = mp.Queue()
+    local ready <close> = mp.Queue()
+    q:put("before")
+    local hold <close> = mp.Queue()
+    local p = spawn(function(qq, r, h)
+      core.queue_test_lock(qq)
+      r:put(true)
+      h:get(30)                                 -- sleeps holding qq's lock
+    end, q, ready, hold)
+    assert.is_true(ready:get(10))
+    assert.are_not.equal(0, q:_stats().lock)
+    p:kill()
+    assert.are.equal(-9, p:join(10))
+    assert.is_true(q:put("after", 10))
+    assert.are.equal("before", q:get(10))
+    assert.are.equal("after", q:get(10))
+  end)
+
+  it("never shows a half-written item of a producer killed mid-put", function()
+    local q <close> = mp.Queue()
+    q:put(1)
+    local p = spawn(function(qq)
+      core.queue_test_crash(1)                  -- die after copying, before commit
+      qq:put(string.rep("h", 1 << 20))
+    end, q)
+    assert.are.equal(9, p:join(10))
+    assert.is_true(q:put(2, 10))
+    assert.are.equal(2, q:qsize())
+    assert.are.equal(1, q:get(10))
+    assert.are.equal(2, q:get(10))
+    assert.is_true(q:empty())
+  end)
+
+  it("completes the put of a producer killed after its journal was written", function()
+    local q <close> = mp.Queue()
+    local p = spawn(function(qq)
+      core.queue_test_crash(2)                  -- die inside the commit
+      qq:put("journaled")
+    end, q)
+    assert.are.equal(9, p:join(10))
+    assert.is_true(q:put("next", 10))
+    assert.are.equal("journaled", q:get(10))
+    assert.are.equal("next", q:get(10))
+  end)
+
+  it("stays usable when producers of large items are killed at random moments", function()
+    local q <close> = mp.Queue()
+    local big = string.rep("L", 4 << 20)
+    for round = 1, 4 do
+      local p = spawn(function(qq, s)
+        while true do qq:put(s); qq:get(10) end
+      end, q, big)
+      H.wait_until(function() return q:qsize() > 0 end, 5)
+      os.execute("sleep 0.0" .. round)
+      p:kill()
+      assert.are.equal(-9, p:join(10))
+      -- whatever was committed is whole; nothing half-written shows
+      while true do
+        local v = q:get(0)
+        if v == nil then break end
+        assert.is_true(v == big)
+      end
+      assert.is_true(q:put(round, 10))
+      assert.are.equal(round, q:get(10))
+    end
+  end)
+
+  it("is waitable: mp.wait returns it when a get would not block", function()
+    local q <close> = mp.Queue()
+    local go <close> = mp.Queue()
+    assert.are.same({}, mp.wait({ q }, 0.02))
+    local p = spawn(function(qq, g) g:get(10); qq:put("ping") end, q, go)
+    go:put(true)
+    local ready = mp.wait({ q }, 10)
+    assert.are.equal(q, ready[1])
+    assert.is_true(q:_ready())
+    assert.are.equal("ping", q:get(0))
+    assert.is_false(q:_ready())
+    assert.are.same({}, mp.wait({ q }, 0.02))
+    assert.are.equal(0, p:join(10))
+  end)
+
+  it("JoinableQueue: join returns once 4 workers called task_done for every item", function()
+    local q <close> = mp.JoinableQueue()
+    local done <close> = mp.Queue()
+    local workers = {}
+    for w = 1, 4 do
+      workers[w] = spawn(function(qq, d)
+        while true do
+          local v = qq:get(30)
+          if v == nil or v == "stop" then qq:task_done(); break end
+          d:put(v * v)
+          qq:task_done()
+        end
+      end, q, done)
+    end
+    for i = 1, 200 do q:put(i) end
+    assert.is_true(q:join(30))
+    local sum = 0
+    for _ = 1, 200 do sum = sum + done:get(10) end
+    assert.are.equal(200 * 201 * 401 // 6, sum)
+    for _ = 1, 4 do q:put("stop") end
+    assert.is_true(q:join(30))
+    for w = 1, 4 do assert.are.equal(0, workers[w]:join(10)) end
+  end)
+
+  it("SimpleQueue works between processes", function()
+    local q <close> = mp.SimpleQueue()
+    local p = spawn(function(qq) for i = 1, 100 do qq:put({ i = i }) end end, q)
+    for i = 1, 100 do assert.are.equal(i, q:get(10).i) end
+    assert.are.equal(0, p:join(10))
+  end)
+end)
