@@ -46,7 +46,11 @@
 #define SEG_MAGIC   0x6d707331u       /* first word of every segment */
 #define PIDMASK     0x3fffffffu
 #define CHECK_SLICE 0.05              /* seconds between holder checks */
-#define SPIN        200               /* tries before sleeping */
+#define SPIN        16                /* tries before sleeping: a short spin
+                                         catches a quick release, a long one
+                                         only makes two busy processes
+                                         interleave finely and bounce the
+                                         cache line (measured: slower) */
 
 enum { K_LOCK, K_RLOCK, K_SEM, K_BSEM, K_COND, K_EVENT, K_BARRIER, K_N };
 static const char *const kind_names[K_N] = {
