@@ -45,11 +45,11 @@ end
 
 if mp.is_main() then
   local N = 1000000
-  out("small_int", "lua-mp", N / stream(12345, N), "ops/s")
-  out("small_str", "lua-mp", N / stream("hello, world", N), "ops/s")
+  out("queue_small_int", "lua-mp", N / stream(12345, N), "ops/s")
+  out("queue_small_str", "lua-mp", N / stream("hello, world", N), "ops/s")
   local M = 1000
-  out("1mib", "lua-mp", M / stream(string.rep("x", 1 << 20), M), "MiB/s")
-  out("pingpong", "lua-mp", pingpong(200000), "ops/s")
+  out("queue_1mib", "lua-mp", M / stream(string.rep("x", 1 << 20), M), "MiB/s")
+  out("queue_pingpong", "lua-mp", pingpong(200000), "ops/s")
   -- the C baseline, built next to this file's source
   local src = (arg and arg[0] or "bench/queue.lua"):gsub("queue%.lua$", "pingpong.c")
   local exe = os.tmpname()
@@ -57,7 +57,7 @@ if mp.is_main() then
     local f = io.popen(exe .. " 200000")
     local rate = tonumber(f:read("l"))
     f:close()
-    if rate then out("pingpong", "c-pipe", rate, "ops/s") end
+    if rate then out("queue_pingpong", "c-pipe", rate, "ops/s") end
   end
   os.remove(exe)
 end
