@@ -49,7 +49,7 @@ deps:
 
 run: deps
 	$(MAKE) all
-	$(ENV) $(LUA) examples/primes.lua
+	$(ENV) $(LUA) examples/primes.lua $(N)
 
 test: deps
 	$(MAKE) all

@@ -1,0 +1,51 @@
+-- Process start+join and Pipe round trips (the foundation), for bench/run.lua.
+local mp = require "multiprocessing"
+local clock = require("multiprocessing.core").monotonic
+
+local function rate(n, f)
+  local t0 = clock()
+  f(n)
+  return n / (clock() - t0)
+end
+
+local function emit(case, impl, r, unit)
+  io.write(case, "\t", impl, "\t", string.format("%.1f", r), "\t", unit, "\n")
+end
+
+emit("fork_start_join", "lua-mp", rate(300, function(n)
+  for _ = 1, n do
+    local p = mp.Process{ target = function() end }
+    p:start(); p:join(); p:close()
+  end
+end), "ops/s")
+
+-- An echo child: values (recv/send) or raw bytes, until "stop".
+local function with_echo(bytes, f)
+  local a, b = mp.Pipe()
+  local p = mp.Process{ target = function(c)
+    local recv, send = bytes and c.recv_bytes or c.recv, bytes and c.send_bytes or c.send
+    while true do
+      local v = recv(c)
+      if v == "stop" then break end
+      send(c, v)
+    end
+  end, args = { b } }
+  p:start()
+  f(a)
+  if bytes then a:send_bytes("stop") else a:send("stop") end
+  p:join()
+  a:close(); b:close()
+end
+
+with_echo(false, function(a)
+  emit("pipe_rtt_small", "lua-mp", rate(20000, function(n)
+    for i = 1, n do a:send(i); a:recv() end
+  end), "ops/s")
+end)
+
+with_echo(true, function(a)
+  local mib = string.rep("x", 1 << 20)
+  emit("pipe_1mib", "lua-mp", rate(300, function(n)
+    for _ = 1, n do a:send_bytes(mib); a:recv_bytes() end
+  end) * 2, "MiB/s")
+end)

@@ -1,0 +1,35 @@
+rockspec_format = "3.0"
+package = "multiprocessing"
+version = "scm-1"
+source = {
+  url = "git+https://example.invalid/multiprocessing.git",
+}
+description = {
+  summary = "Python's multiprocessing for Lua 5.4: processes, pipes, queues, locks, shared memory and a supervised pool",
+  detailed = [[
+A C core implements processes (fork, spawn, forkserver), framed pipes with
+fd passing, shared-memory queues, crash-safe locks, shared values and a
+supervised worker pool; Lua modules give it the API Python users know.
+]],
+  license = "MIT",
+}
+dependencies = {
+  "lua >= 5.4, < 5.5",
+}
+build = {
+  type = "builtin",
+  modules = {
+    ["multiprocessing"] = "lua/multiprocessing/init.lua",
+    ["multiprocessing.errors"] = "lua/multiprocessing/errors.lua",
+    ["multiprocessing.process"] = "lua/multiprocessing/process.lua",
+    ["multiprocessing.connection"] = "lua/multiprocessing/connection.lua",
+    ["multiprocessing.core"] = {
+      sources = {
+        "csrc/core.c", "csrc/codec.c", "csrc/process.c", "csrc/conn.c",
+        "csrc/shm.c", "csrc/sync.c", "csrc/queue.c", "csrc/pool.c",
+      },
+      incdirs = { "csrc" },
+      libraries = { "m" },
+    },
+  },
+}
