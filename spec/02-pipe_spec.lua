@@ -207,6 +207,31 @@ describe("Connection", function()
     a:close(); b:close()
   end)
 
+  it("passes a connection through a pipe to another process", function()
+    local a, b = mp.Pipe()
+    local x, y = mp.Pipe()
+    local p = mp.Process{ target = function(c)
+      local conn = c:recv(5)
+      conn:send("through " .. tostring(conn.readable and conn.writable))
+      conn:close()
+    end, args = { b } }
+    p:start()
+    assert.is_true(a:send(y))
+    y:close()                       -- the child received its own copy
+    assert.are.equal("through true", x:recv(5))
+    assert.are.equal(0, p:join(5))
+    a:close(); b:close(); x:close()
+  end)
+
+  it("refuses to send a connection with unread buffered data", function()
+    local a, b = mp.Pipe()
+    local x, y = mp.Pipe()
+    y:send_bytes("1"); y:send_bytes("2")
+    assert.are.equal("1", x:recv_bytes(1))   -- "2" stays buffered in x
+    assert.has_error(function() a:send(x) end)
+    a:close(); b:close(); x:close(); y:close()
+  end)
+
   it("sees the end of the stream when the child holding the other end exits", function()
     local a, b = mp.Pipe()
     local p = mp.Process{ target = function(c) c:send("bye") end, args = { b } }

@@ -107,6 +107,7 @@ describe("Process", function()
     assert.are.equal(0, started{ target = function() end }:join(5))
     assert.are.equal(0, started{}:join(5))
     assert.are.equal(3, started{ target = function() os.exit(3) end }:join(5))
+    assert.are.equal(1, select("#", started{}:join(5)))
     local q = started{ target = function() while true do end end }
     assert.are.same({ nil, "timeout" }, { q:join(0.05) })
     q:kill()

@@ -154,8 +154,11 @@ end
 local c_join = methods.join
 function methods.join(self, timeout)
   local code, why = c_join(self, timeout)
-  if code then children[self] = nil end
-  return code, why
+  if code then
+    children[self] = nil
+    return code
+  end
+  return nil, why
 end
 
 -- p:start()
