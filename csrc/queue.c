@@ -36,6 +36,7 @@
 
 #include <errno.h>
 #include <fcntl.h>
+#include <sched.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -54,7 +55,8 @@
 #define KEEP_RBUF   (1u << 20)          /* largest read buffer kept between gets */
 #define POPULATE_MIN (128u * 1024)       /* prefault copies this large */
 #define MAX_ITEM    ((uint64_t)1 << 40)
-#define SPIN_SECS   50e-6
+#define SPIN_SECS   50e-6             /* longest spin before a futex sleep */
+#define SPIN_MIN    2e-6
 #define LOCK_WAITERS 0x80000000u
 #define MAGIC       0x4d505131u         /* "MPQ1" */
 
@@ -242,12 +244,6 @@ static uint64_t rec_size(uint64_t len) {
   return REC_HDR + ((len + 7) & ~(uint64_t)7);
 }
 
-/* Would a record of n bytes fit without growing the ring? */
-static int q_fits(const qstate *st, uint64_t n) {
-  if (st->wrap == 0) return st->tail + n <= st->cap || n <= st->head;
-  return st->tail + n <= st->head;
-}
-
 static uint64_t q_used(const qstate *st) {
   return st->wrap ? st->wrap - st->head + st->tail : st->tail - st->head;
 }
@@ -298,6 +294,10 @@ static int can_go(qshm *s, int for_get) {
   return for_get ? n > 0 : (s->maxsize == 0 || n < s->maxsize);
 }
 
+/* How long this process spins before sleeping: adapts to whether the
+   other side answers within it (it does when it runs on another CPU). */
+static double spin_secs = SPIN_SECS;
+
 /* Wait until a get (for_get) or a put may succeed, or the deadline: spin
    a little, then announce ourselves and sleep on the sequence word. */
 static void q_wait(qshm *s, int for_get, double deadline) {
@@ -307,15 +307,21 @@ static void q_wait(qshm *s, int for_get, double deadline) {
   uint32_t v;
   int i;
   for (i = 1;; i++) {
-    if (can_go(s, for_get)) return;
+    if (can_go(s, for_get)) {
+      /* spinning paid off: allow a little more next time */
+      spin_secs = spin_secs * 2 > SPIN_SECS ? SPIN_SECS : spin_secs * 2;
+      return;
+    }
     if ((i & 63) == 0) {
       double now = mp_now();
-      if (spin_end == 0) spin_end = now + SPIN_SECS;
+      if (spin_end == 0) spin_end = now + spin_secs;
       else if (now >= spin_end) break;
       if (deadline >= 0 && now >= deadline) return;
+      sched_yield();              /* let a peer waiting for this CPU run */
     }
     cpu_relax();
   }
+  spin_secs = spin_secs / 2 < SPIN_MIN ? SPIN_MIN : spin_secs / 2;
   ADD(waiters, 1);
   v = LOAD(seq);
   if (!can_go(s, for_get)) mp_futex_wait(seq, v, deadline);
@@ -509,7 +515,7 @@ static int queue_put_t(lua_State *L, double timeout) {
     st = s->st;
     if (s->maxsize != 0 && st.nitems >= s->maxsize) { q_unlock(s); continue; }
     if (st.nitems == 0) st.head = st.tail = st.wrap = 0;
-    if (s->maxsize == 0 && !q_fits(&st, need) && q_used(&st) >= PACE_BYTES &&
+    if (s->maxsize == 0 && q_used(&st) >= PACE_BYTES &&
         mp_now() - s->last_get < PACE_SECS) {
       /* consumers are busy taking items: let them make room rather than
          grow the ring into fresh memory; never longer than they keep up */

@@ -198,7 +198,8 @@ describe("Queue in one process", function()
     end)
     assert.is_false(ok)
     assert.are.equal(fds0, #H.fds())
-    do local q = mp.Queue(); q:put("x"); q:fileno() end
+    local function make() local q = mp.Queue(); q:put("x"); q:fileno() end
+    make()
     collectgarbage(); collectgarbage()
     assert.are.equal(fds0, #H.fds())
   end)
