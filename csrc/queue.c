@@ -491,7 +491,7 @@ static int queue_put_t(lua_State *L, double timeout) {
       break;
     default: {
       mp_buf *b = mp_buf_push(L, 0);       /* encode before locking: raises here */
-      mp_encode(L, 2, b, NULL);
+      mp_encode_named(L, 2, b, NULL, "item");
       p = b->data;
       len = b->len;
       type = T_VALUE;
