@@ -1,0 +1,62 @@
+-- Every example runs and exits 0; the seed programs print what they say.
+local H = require "helpers"
+
+local function run(file, args)
+  local p = io.popen(("timeout 60 lua5.4 %s %s 2>&1; echo \"exit:$?\""):format(file, args or ""))
+  local out = p:read("a")
+  p:close()
+  local code = tonumber(out:match("exit:(%d+)\n?$"))
+  return out:gsub("exit:%d+\n?$", ""), code
+end
+
+describe("examples", function()
+  local checks = {
+    ["examples/start_twice.lua"] = function(out)
+      assert.truthy(out:find("second start:\tfalse\tProcessError: cannot start a process twice", 1, true))
+      assert.truthy(out:find("target_func", 1, true))
+    end,
+    ["examples/run_twice.lua"] = function(out)
+      local pids = {}
+      for pid in out:gmatch("in process\t(%d+)") do pids[#pids + 1] = pid end
+      assert.are.equal(3, #pids)
+      assert.are.equal(pids[1], pids[2])
+      assert.are.equal(pids[1], pids[3])
+    end,
+    ["examples/child_pid.lua"] = function(out)
+      local parent = out:match("Parent process (%d+)%.")
+      local child, pp = out:match("Run child process test %((%d+)%), parent (%d+)")
+      assert.is_not_nil(parent)
+      assert.are.equal(parent, pp)
+      assert.are_not.equal(parent, child)
+      assert.truthy(out:find("Child process end.", 1, true))
+    end,
+    ["examples/pipe_duplex.lua"] = function(out)
+      local child = out:match("parent got:\thello from (%d+)")
+      local parent = out:match("child got:\thello back from (%d+)")
+      assert.is_not_nil(child)
+      assert.is_not_nil(parent)
+      assert.are_not.equal(child, parent)
+    end,
+  }
+  local args = { ["examples/primes.lua"] = "200000", ["examples/primes_pool.lua"] = "200000" }
+  checks["examples/primes.lua"] = function(out)
+    -- 17984 primes below 200000
+    assert.truthy(out:find("1 process:   17984 primes", 1, true), out)
+    assert.truthy(out:match("%d+ processes: 17984 primes"), out)
+    assert.truthy(out:find("speed-up:", 1, true))
+  end
+
+  local p = io.popen("ls examples/*.lua")
+  for file in p:lines() do
+    it(file .. " runs and exits 0", function()
+      local out, code = run(file, args[file])
+      assert.are.equal(0, code, out)
+      if checks[file] then checks[file](out) end
+    end)
+  end
+  p:close()
+
+  it("leave no process behind", function()
+    assert.are.same({}, H.children())
+  end)
+end)
