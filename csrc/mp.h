@@ -125,6 +125,17 @@ MP_API void mp_encode_named(lua_State *L, int idx, mp_buf *b, mp_fdlist *fds,
 #define MP_ARRAY_T      "multiprocessing.Array"
 /* Value and Array; called by mp_sync_open (core.c's list is fixed). */
 MP_API void mp_sharedctypes_open(lua_State *L);
+/* A Value that makes its own lock keeps its element (8 bytes) in the lock's
+   segment, beside the lock word. Claim the slot of the Lock/RLock at idx
+   for type code: returns a dup of the lock's segment fd, or -1 (slot taken
+   or dup failed). mp_sync_slot: the slot in a mapped segment and its code,
+   or NULL if seg is not a lock segment with a claimed slot. */
+MP_API int mp_sync_claim_slot(lua_State *L, int idx, int code);
+MP_API char *mp_sync_slot(void *seg, size_t size, int *code);
+
+/* -- pool.c --------------------------------------------------------- */
+/* The parent's side of a Pool: worker channels, epoll set, timer, shm. */
+#define MP_POOL_T       "multiprocessing.PoolCore"
 
 /* -- *_open: each file registers its classes and adds its functions to the
    module table at the top of the stack. */

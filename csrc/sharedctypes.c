@@ -224,6 +224,53 @@ static mp_shared *shared_push(lua_State *L, int isarray) {
   return s;
 }
 
+/* Map fd as a Value living in a lock's slot; 0 if fd is not that. */
+static int map_slot(mp_shared *s, int fd) {
+  size_t size = 0;
+  void *mem = mp_shm_map(fd, &size);
+  int code = 0;
+  char *slot;
+  const ctype *t;
+  if (mem == NULL) return 0;
+  slot = mp_sync_slot(mem, size, &code);
+  t = slot ? find_code(code) : NULL;
+  if (t == NULL) {
+    mp_shm_unmap(mem, size);
+    return 0;
+  }
+  s->isarray = 0;
+  s->code = t->code;
+  s->esize = t->size;
+  s->n = 1;
+  s->size = size;
+  s->mem = mem;
+  s->fd = fd;
+  s->data = slot;
+  return 1;
+}
+
+/* core.shared_value_in_lock(code, lock) -> Value whose element lives in
+   the (new) lock's segment, or nil if the lock has no free slot */
+static int shared_value_in_lock(lua_State *L) {
+  size_t len;
+  const char *code = luaL_checklstring(L, 1, &len);
+  const ctype *t = len == 1 ? find_code(code[0]) : NULL;
+  mp_shared *s;
+  int fd;
+  lua_settop(L, 2);
+  luaL_argcheck(L, t != NULL, 1, "unknown type code");
+  s = shared_push(L, 0);
+  fd = mp_sync_claim_slot(L, 2, t->code);
+  if (fd < 0) return 0;
+  if (!map_slot(s, fd)) {
+    close(fd);
+    return luaL_error(L, "cannot map the lock's segment: %s", strerror(errno));
+  }
+  lua_pushvalue(L, 2);
+  lua_setiuservalue(L, -2, 1);
+  return 1;
+}
+
 /* core.shared_new(code, n, isarray, lock_or_false) -> Value | Array, zeroed
    (sharedctypes.lua validates and fills) */
 static int shared_new(lua_State *L) {
@@ -268,6 +315,13 @@ static int shared_from_fd(lua_State *L) {
   const ctype *t = NULL;
   mp_shared *s;
   lua_settop(L, 2);
+  s = shared_push(L, 0);
+  if (map_slot(s, fd)) {                 /* a Value in its lock's segment */
+    lua_pushvalue(L, 2);
+    lua_setiuservalue(L, -2, 1);
+    return 1;
+  }
+  lua_pop(L, 1);
   mem = mp_shm_map(fd, &size);
   h = (seg_hdr *)mem;
   if (mem == NULL || size < HDR_SIZE || h->magic != SEG_MAGIC ||
@@ -507,6 +561,7 @@ MP_API void mp_sharedctypes_open(lua_State *L) {
   static const luaL_Reg funcs[] = {
     {"shared_new", shared_new},
     {"shared_from_fd", shared_from_fd},
+    {"shared_value_in_lock", shared_value_in_lock},
     {"ctype", shared_ctype},
     {NULL, NULL}
   };

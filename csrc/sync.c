@@ -33,6 +33,7 @@
 #include "mp.h"
 
 #include <errno.h>
+#include <fcntl.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -69,6 +70,10 @@ typedef struct mp_syncmem {
   uint64_t lock;       /* Lock/RLock word, or the internal lock */
   uint32_t count;      /* RLock recursion level (owner only) */
   uint32_t sleepers;   /* processes asleep on lock */
+  uint64_t slot;       /* the element of the Value that made this lock:
+                          in the lock word's cache line, so a locked
+                          update moves one line between processes */
+  uint32_t slotcode;   /* its type code; 0: the slot is unused */
   uint32_t value;      /* futex: semaphore value, event flag, condition
                           sequence, barrier generation */
   uint32_t vsleepers;  /* processes asleep on value */
@@ -372,7 +377,7 @@ static int lock_acquire_impl(mp_sync *s, double timeout) {
 /* lock:acquire([timeout]) -> true | true, "abandoned" | false */
 static int lock_acquire(lua_State *L) {
   mp_sync *s = check_sync(L, 1, M_LOCKS);
-  double timeout = mp_opttimeout(L, 2);
+  double timeout = lua_gettop(L) < 2 ? -1 : mp_opttimeout(L, 2);
   return push_acquired(L, lock_acquire_impl(s, timeout));
 }
 
@@ -973,6 +978,27 @@ static void open_class(lua_State *L, int k, const luaL_Reg *methods) {
   lua_setfield(L, -2, "__mp_reduce");
   snprintf(name, sizeof name, "%s_mt", kind_names[k]);
   lua_setfield(L, -2, name);                /* mod */
+}
+
+/* ---- the Value slot (sharedctypes.c) --------------------------------- */
+
+MP_API char *mp_sync_slot(void *seg, size_t size, int *code) {
+  mp_syncmem *m = (mp_syncmem *)seg;
+  if (size < sizeof(mp_syncmem) || m->magic != SEG_MAGIC ||
+      (m->kind != K_LOCK && m->kind != K_RLOCK) || m->slotcode == 0)
+    return NULL;
+  *code = (int)m->slotcode;
+  return (char *)&m->slot;
+}
+
+MP_API int mp_sync_claim_slot(lua_State *L, int idx, int code) {
+  mp_sync *s = check_sync(L, idx, M_LOCKS);
+  int fd;
+  if (s->m->slotcode != 0) return -1;
+  fd = fcntl(s->fd, F_DUPFD_CLOEXEC, 0);
+  if (fd < 0) return -1;
+  s->m->slotcode = (uint32_t)code;
+  return fd;
 }
 
 MP_API void mp_sync_open(lua_State *L) {

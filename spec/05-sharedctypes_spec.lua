@@ -138,6 +138,19 @@ describe("Value", function()
     l:close()
   end)
 
+  it("keeps two Values apart when one is given the other's lock", function()
+    local a <close> = mp.Value("int64", 1)
+    local b <close> = mp.Value("double", 2.5, { lock = a:get_lock() })
+    assert.are.equal(a:get_lock(), b:get_lock())
+    b.value = -7.25
+    a.value = 99
+    assert.are.equal(99, a.value)
+    assert.are.equal(-7.25, b.value)
+    b:get_lock():acquire()
+    assert.is_true(a:get_lock():_is_mine())
+    b:get_lock():release()
+  end)
+
   it("refuses other fields", function()
     local v <close> = mp.RawValue("int32")
     assert.has_error(function() v.valeu = 1 end)
