@@ -228,7 +228,7 @@ static int word_acquire_slow(mp_syncmem *m, uint64_t me, double timeout) {
       cpu_relax();
     }
   }
-  deadline = mp_deadline(timeout);
+  deadline = timeout > 1e8 ? -1 : mp_deadline(timeout);
   for (;;) {
     double now, until;
     int r = 0;
@@ -286,6 +286,13 @@ static int value_wait(mp_syncmem *m, uint32_t *w, uint32_t val,
 
 static void value_wake(mp_syncmem *m, uint32_t *w, int n) {
   if (LOAD(&m->vsleepers) > 0) mp_futex_wake(w, n);
+}
+
+/* Deadline of the timeout argument i; a timeout of more than three years
+   is forever (so that no time conversion overflows). */
+static double opt_deadline(lua_State *L, int i) {
+  double t = mp_opttimeout(L, i);
+  return t > 1e8 ? -1 : mp_deadline(t);
 }
 
 /* ---- userdata ------------------------------------------------------- */
@@ -440,7 +447,7 @@ static int sem_acquire(lua_State *L) {
     if (timeout != 0) cpu_relax();
   }
   if (timeout == 0) goto busy;
-  deadline = mp_deadline(timeout);
+  deadline = timeout > 1e8 ? -1 : mp_deadline(timeout);
   for (;;) {
     int r;
     v = LOAD(&m->value);
@@ -511,7 +518,7 @@ static int event_clear(lua_State *L) {
 /* ev:wait([timeout]) -> boolean: the flag at return */
 static int event_wait(lua_State *L) {
   mp_sync *s = check_sync(L, 1, 1u << K_EVENT);
-  double deadline = mp_deadline(mp_opttimeout(L, 2));
+  double deadline = opt_deadline(L, 2);
   mp_syncmem *m = s->m;
   while (LOAD(&m->value) == 0) {
     if (deadline >= 0 && mp_now() >= deadline) break;
@@ -559,7 +566,7 @@ static int try_token(mp_syncmem *m) {
    released fully (an RLock at any level) and restored as it was. */
 static int cond_wait(lua_State *L) {
   mp_sync *c = check_sync(L, 1, 1u << K_COND);
-  double deadline = mp_deadline(mp_opttimeout(L, 2));
+  double deadline = opt_deadline(L, 2);
   mp_sync *lk = cond_lock(L, 1);
   mp_syncmem *m = c->m, *lm = lk->m;
   uint32_t level, seq;
@@ -672,7 +679,7 @@ static void barrier_break(mp_syncmem *m) {
    call _pass or _break] | nil, "broken" | nil, "timeout" */
 static int barrier_wait(lua_State *L) {
   mp_sync *b = check_sync(L, 1, 1u << K_BARRIER);
-  double deadline = mp_deadline(mp_opttimeout(L, 2));
+  double deadline = opt_deadline(L, 2);
   int has_action = lua_toboolean(L, 3);
   mp_syncmem *m = b->m;
   uint32_t gen, index;

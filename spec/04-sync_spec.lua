@@ -423,6 +423,14 @@ describe("Event", function()
     assert.is_false(e:is_set())
   end)
 
+  it("takes a huge timeout as waiting until set", function()
+    local e <close> = mp.Event()
+    local p = spawn(function() e:set() end)
+    assert.is_true(e:wait(1e300))
+    assert.is_true(e:wait(math.huge))
+    assert.are.equal(0, join(p))
+  end)
+
   it("wakes every waiting process when set", function()
     local e <close> = mp.Event()
     local ps = {}
