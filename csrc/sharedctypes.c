@@ -258,7 +258,7 @@ static int shared_value_in_lock(lua_State *L) {
   mp_shared *s;
   int fd;
   lua_settop(L, 2);
-  luaL_argcheck(L, t != NULL, 1, "unknown type code");
+  if (t == NULL) return luaL_argerror(L, 1, "unknown type code");
   s = shared_push(L, 0);
   fd = mp_sync_claim_slot(L, 2, t->code);
   if (fd < 0) return 0;
@@ -283,7 +283,7 @@ static int shared_new(lua_State *L) {
   seg_hdr *h;
   int fd;
   lua_settop(L, 4);
-  luaL_argcheck(L, t != NULL, 1, "unknown type code");
+  if (t == NULL) return luaL_argerror(L, 1, "unknown type code");
   luaL_argcheck(L, n >= 0 && (uint64_t)n < ((uint64_t)1 << 40) / t->size, 2,
                 "size out of range");
   s = shared_push(L, isarray);
