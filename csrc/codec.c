@@ -8,8 +8,8 @@
  *   0x03 INT      zigzag varint (LEB128)
  *   0x04 FLOAT    8 bytes, IEEE 754 double, little-endian
  *   0x05 STR      varint length, bytes
- *   0x06 TABLE    varint n (array part 1..n), u32 m (other pairs), n values,
- *                 m key/value pairs
+ *   0x06 TABLE    u32 n, u32 m, then n values (keys 1..n), then m
+ *                 key/value pairs (all other keys)
  *   0x07 TABLE_MT string (registered class name), then as TABLE
  *   0x08 REF      varint id: a table, Lua function or handle seen before
  *   0x09 GLOBALS  the receiver's global table
@@ -71,7 +71,8 @@ enum {
   E_KEYOF,        /* module function -> its field name (weak) */
   E_SIGN,         /* package.loaded signature when E_MODOF was built */
   E_SIGX,
-  E_N = E_SIGX
+  E_BUF,          /* a spare output buffer for mp.dumps, or nil */
+  E_N = E_BUF
 };
 
 static void push_env(lua_State *L) {
@@ -494,52 +495,82 @@ static void enter(enc *e) {
   luaL_checkstack(e->L, 8, "nesting");
 }
 
-/* Table contents: array part 1..n, then the other pairs. */
+/* Table contents in one traversal: the keys 1, 2, ... that lua_next gives
+   first (Lua's array part, in order) are the array section; every other
+   pair follows as key and value. One pass, no lua_rawgeti: a second pass
+   over the array part to find the other keys would cost as much again. */
 static void enc_table_body(enc *e, int idx) {
   lua_State *L = e->L;
-  lua_Unsigned n = lua_rawlen(L, idx), i;
+  lua_Integer expect = 1;
   size_t at;
-  uint32_t m = 0;
-  unsigned char *w;
+  uint32_t n = 0, m = 0;
+  int base = lua_gettop(L), room = 0, more = 1;
   seg s;
-  w = wr(e, 16);
-  at = put_varint(w, n);
-  e->b->len += at + 4;
-  at = e->b->len - 4;                    /* where m goes */
+  wr(e, 8);
+  at = e->b->len;                        /* u32 n, u32 m, patched below */
+  e->b->len += 8;
   s.up = e->path;
-  s.kind = S_INDEX;
   e->path = &s;
-  for (i = 1; i <= n; i++) {
-    int t = lua_rawgeti(L, idx, (lua_Integer)i);
-    if (t == LUA_TNUMBER) {              /* fast paths for lists of numbers */
-      if (lua_isinteger(L, -1)) enc_int(e, lua_tointeger(L, -1));
-      else enc_float(e, lua_tonumber(L, -1));
-    } else {
-      s.i = (lua_Integer)i;
-      enc_value(e, lua_gettop(L));
-    }
-    lua_pop(L, 1);
-  }
   lua_pushnil(L);
-  while (lua_next(L, idx)) {
-    int top = lua_gettop(L);
-    if (lua_isinteger(L, -2)) {
-      lua_Integer k = lua_tointeger(L, -2);
-      if (k >= 1 && (lua_Unsigned)k <= n) {
-        lua_pop(L, 1);
-        continue;
-      }
+  /* The array section: instead of popping each value, its key is copied
+     over it and becomes the next lua_next key (cheaper than lua_settop);
+     the stack is reset every 64 items. */
+  for (;;) {
+    int isint, t;
+    lua_Integer k;
+    if (!lua_next(L, idx)) {
+      more = 0;
+      break;
     }
-    s.kind = S_KEYOF;
-    s.sidx = top - 1;
-    enc_value(e, top - 1);
-    s.kind = S_KEY;
-    enc_value(e, top);
-    lua_pop(L, 1);
-    m++;
+    if (lua_type(L, -2) != LUA_TNUMBER) break;
+    k = lua_tointegerx(L, -2, &isint);
+    if (!isint || k != expect || n == 0xffffffffu) break;
+    t = lua_type(L, -1);
+    if (t == LUA_TNUMBER) {              /* lists of numbers */
+      lua_Number x = lua_tonumber(L, -1);
+      /* only an integral value may be an integer: one call less for floats */
+      if (x >= -9.2e18 && x <= 9.2e18 && x == (lua_Number)(lua_Integer)x &&
+          lua_isinteger(L, -1))
+        enc_int(e, lua_tointeger(L, -1));
+      else
+        enc_float(e, x);
+    } else {
+      s.kind = S_INDEX;
+      s.i = k;
+      enc_value(e, lua_absindex(L, -1));
+    }
+    expect++;
+    n++;
+    if (room == 0) {                     /* keep just the key */
+      lua_settop(L, base + 1);
+      lua_pushinteger(L, k);
+      lua_replace(L, base + 1);
+      luaL_checkstack(L, 70, NULL);
+      room = 64;
+    } else {
+      lua_copy(L, -2, -1);
+      room--;
+    }
   }
+  if (more) {                            /* a pair outside the section */
+    int top;
+    lua_rotate(L, base + 1, 2);          /* k, v at base+1, base+2 */
+    lua_settop(L, base + 2);
+    do {
+      top = lua_gettop(L);
+      s.kind = S_KEYOF;
+      s.sidx = top - 1;
+      enc_value(e, top - 1);
+      s.kind = S_KEY;
+      enc_value(e, top);
+      lua_pop(L, 1);
+      if (++m == 0xffffffffu) enc_fail(e, "table (too many keys)");
+    } while (lua_next(L, idx));
+  }
+  lua_settop(L, base);
   e->path = s.up;
-  put_u32((unsigned char *)e->b->data + at, m);
+  put_u32((unsigned char *)e->b->data + at, n);
+  put_u32((unsigned char *)e->b->data + at + 4, m);
 }
 
 /* A value whose metatable has __mp_reduce (at the top): a handle. Pops it. */
@@ -930,7 +961,7 @@ static void dec_table(dec *d, int withmt) {
     }
     lua_remove(L, -2);                   /* mt */
   }
-  narr = rd_varint(d);
+  narr = rd_u32(d);
   nh = rd_u32(d);
   left = (uint64_t)(d->end - d->p);
   if (narr > left || nh > left / 2 || narr + 2 * nh > d->budget ||
@@ -1093,7 +1124,7 @@ static void dec_handle(dec *d) {
   size_t n;
   const char *kind = rd_name(d, &n);
   uint64_t nfds = rd_varint(d), j;
-  int pos[MP_MAX_FDS], have = d->fb ? d->fb->l.n : 0;
+  int pos[MP_MAX_FDS], fd[MP_MAX_FDS], have = d->fb ? d->fb->l.n : 0;
   if (nfds > MP_MAX_FDS) dec_fail(d, "too many fds");
   for (j = 0; j < nfds; j++) {
     uint64_t k = rd_varint(d);
@@ -1119,19 +1150,25 @@ static void dec_handle(dec *d) {
   dec_enter(d);
   dec_value(d);                          /* rebuild, state */
   d->depth--;
-  for (j = 0; j < nfds; j++) {
-    int i = pos[j], fd = d->fb->l.fd[i];
-    if (d->fb->taken[i]) {               /* second user of one fd: a copy */
-      fd = fcntl(fd, F_DUPFD_CLOEXEC, 0);
-      if (fd < 0) {
+  for (j = 0; j < nfds; j++) {          /* a second user of an fd gets a */
+    int i = pos[j], k;                   /* copy; all copies or none */
+    fd[j] = d->fb->l.fd[i];
+    for (k = 0; k < (int)j && pos[k] != i; k++) {}
+    if (d->fb->taken[i] || k < (int)j) {
+      fd[j] = fcntl(fd[j], F_DUPFD_CLOEXEC, 0);
+      if (fd[j] < 0) {
         char what[120];
         snprintf(what, sizeof what, "cannot duplicate fd: %s",
                  strerror(errno));
+        while (j-- > 0)
+          if (fd[j] != d->fb->l.fd[pos[j]]) close(fd[j]);
         dec_fail(d, what);
       }
     }
-    d->fb->taken[i] = 1;                 /* rebuild owns it from now on */
-    lua_pushinteger(L, fd);
+  }
+  for (j = 0; j < nfds; j++) {
+    d->fb->taken[pos[j]] = 1;            /* rebuild owns them from now on */
+    lua_pushinteger(L, fd[j]);
   }
   lua_call(L, 1 + (int)nfds, 1);
   if (lua_isnil(L, -1)) {
@@ -1308,10 +1345,25 @@ static int codec_dumps(lua_State *L) {
   const char *root = luaL_optstring(L, 2, NULL);
   luaL_checkany(L, 1);
   fds.n = 0;
-  b = mp_buf_push(L, 0);
-  lua_toclose(L, -1);
+  lua_settop(L, 2);
+  push_env(L);                           /* 3 */
+  /* reuse the spare buffer (taken out while in use: a nested dumps from a
+     __mp_reduce gets its own); a raise just leaves it to the GC */
+  if (lua_rawgeti(L, 3, E_BUF) == LUA_TUSERDATA) {
+    b = (mp_buf *)lua_touserdata(L, 4);
+    b->len = 0;
+    lua_pushnil(L);
+    lua_rawseti(L, 3, E_BUF);
+  } else {
+    lua_pop(L, 1);
+    b = mp_buf_push(L, 0);
+  }
   mp_encode_named(L, 1, b, &fds, root);
   lua_pushlstring(L, b->data, b->len);
+  if (b->cap <= 1 << 20) {               /* keep it unless it got big */
+    lua_pushvalue(L, 4);
+    lua_rawseti(L, 3, E_BUF);
+  }
   if (fds.n > 0) {
     int i;
     lua_createtable(L, fds.n, 0);
