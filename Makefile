@@ -29,7 +29,7 @@ ENV  = LUA_PATH="$(CURDIR)/lua/?.lua;$(CURDIR)/lua/?/init.lua;;" \
        LUA_CPATH="$(CURDIR)/lua/?.so;;"
 DEPS = lua5.4 liblua5.4-dev lua-busted gcc make
 
-.PHONY: all run test examples bench fuzz fuzz-ci lint install clean deps spec env
+.PHONY: all run test test-asan examples bench fuzz fuzz-ci lint install clean deps spec env
 
 all: $(SO)
 
@@ -51,9 +51,27 @@ run: deps
 	$(MAKE) all
 	$(ENV) $(LUA) examples/primes.lua $(N)
 
+# The specs run twice: first against a build with AddressSanitizer and
+# UndefinedBehaviorSanitizer (children too), then against the real build;
+# the last line is the real build's "N passed, N failed".
 test: deps
-	$(MAKE) all
-	$(ENV) $(BUSTED) -o spec/summary.lua spec
+	$(MAKE) all test-asan
+	$(ENV) timeout 1800 $(BUSTED) -o spec/summary.lua spec
+
+ASAN_SO = build/asan/multiprocessing/core.so
+ASAN_ENV = LD_PRELOAD="$$($(CC) -print-file-name=libasan.so) $$($(CC) -print-file-name=libubsan.so)" \
+       ASAN_OPTIONS=detect_leaks=0 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
+       LUA_PATH="$(CURDIR)/lua/?.lua;$(CURDIR)/lua/?/init.lua;;" \
+       LUA_CPATH="$(CURDIR)/build/asan/?.so;;"
+
+$(ASAN_SO): $(SRC) $(HDR)
+	@mkdir -p $(dir $@)
+	$(CC) -O1 -g -fsanitize=address,undefined -fno-omit-frame-pointer \
+	  $(WARN) -fPIC -fvisibility=hidden -I$(LUA_INCDIR) -Icsrc $(LDFLAGS_SO) -o $@ $(SRC) $(LIBS)
+
+test-asan: $(ASAN_SO)
+	@echo "== specs under AddressSanitizer and UBSan"
+	$(ASAN_ENV) timeout 1800 $(BUSTED) --cpath="$(CURDIR)/build/asan/?.so" -o spec/summary.lua spec
 
 # Print the environment that makes the source tree requirable:
 #   eval "$(make -s env)"
@@ -78,7 +96,7 @@ lint:
 	cppcheck --quiet --enable=warning,performance,portability --error-exitcode=1 -I$(LUA_INCDIR) csrc
 
 clean:
-	rm -f $(SO)
+	rm -rf $(SO) build
 
 # Fuzz the codec's decoder with libFuzzer (clang, libclang-rt-*-dev):
 #   make fuzz [FUZZ_SECONDS=600]   make fuzz-ci (60 s, for CI)
