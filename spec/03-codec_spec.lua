@@ -410,6 +410,25 @@ describe("codec handles", function()
       a:close(); b:close()
     end)
 
+    -- regression (fuzz finding): two handles on one fd each own a copy,
+    -- and a failure part-way through leaks none
+    it("gives each handle on a shared fd its own copy", function()
+      local a, b = mp.Pipe()
+      local FdUser = { __mp_reduce = function(self) return "spec.FdUser", self.n, self.fd end }
+      core.register_handle("spec.FdUser", function(n, fd)
+        return { n = n, conn = core.conn_from_fd(fd, true, true) }
+      end)
+      local s, fds = dumps({ setmetatable({ n = 1, fd = a:fileno() }, FdUser),
+                             setmetatable({ n = 2, fd = a:fileno() }, FdUser) })
+      assert.are.same({ a:fileno() }, fds)
+      local r = loads(s, { fds = fds })
+      assert.are.equal(1, r[1].n); assert.are.equal(2, r[2].n)
+      assert.are_not.equal(r[1].conn:fileno(), r[2].conn:fileno())
+      r[1].conn:send("one"); r[2].conn:send("two")
+      assert.are.equal("one", b:recv(1)); assert.are.equal("two", b:recv(1))
+      r[1].conn:close(); r[2].conn:close(); a:close(); b:close()
+    end)
+
     it("refuses fd-carrying handles on a transport without fds", function()
       local q = mp.Queue and mp.Queue()
       if not q then return end
