@@ -393,6 +393,26 @@ describe("Condition", function()
     assert.are.equal(3, woken.value)
   end)
 
+  it("takes back a lock abandoned during the wait and says so", function()
+    local c <close> = mp.Condition(mp.Lock())
+    local held <close> = mp.Event()
+    c:acquire()
+    local p = spawn(function()
+      c:acquire()          -- gets it while the parent waits
+      held:set()
+      os.exit(0, false)    -- dies holding it
+    end)
+    -- the child can only take the lock while this process waits, so the
+    -- wait during which it did takes the lock back from the dead child
+    local ok, why
+    repeat ok, why = c:wait(0.05) until held:is_set()
+    assert.are.equal(0, join(p))
+    assert.is_false(ok)
+    assert.are.equal("abandoned", why)
+    assert.is_true(c:_lock():_is_mine())
+    c:release()
+  end)
+
   it("notify with nobody waiting is not remembered", function()
     local c <close> = mp.Condition()
     c:acquire()
