@@ -21,8 +21,13 @@
 #include <poll.h>
 #include <stdlib.h>
 #include <string.h>
+#include <netdb.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
 #include <sys/uio.h>
+#include <sys/un.h>
 #include <unistd.h>
 
 #define HDR_SIZE 16
@@ -37,6 +42,8 @@ typedef struct mp_conn {
   char *rbuf;          /* read buffer, RBUF_SIZE bytes */
   size_t rpos, rlen;   /* unread bytes are rbuf[rpos .. rlen) */
   mp_fdlist rfds;      /* fds received, not yet claimed by a message */
+  int decode_flags;    /* MP_DECODE_NOFUNCS until the peer is trusted */
+  int unixsock;        /* can carry fds */
 } mp_conn;
 
 static mp_conn *to_conn(lua_State *L, int i) {
@@ -78,6 +85,7 @@ static void conn_setfd(lua_State *L, mp_conn *c, int fd, int r, int w) {
   c->fd = fd;
   c->readable = r;
   c->writable = w;
+  c->unixsock = 1;
 }
 
 /* core.Pipe([duplex=true]) -> c1, c2 */
@@ -194,6 +202,9 @@ static int conn_send(lua_State *L) {
   b->len = HDR_SIZE;
   fds.n = 0;
   mp_encode(L, 2, b, &fds);
+  if (fds.n > 0 && !c->unixsock)
+    return mp_raise(L, "SerializationError",
+                    "cannot send a handle (it carries file descriptors) over a TCP connection");
   put_header(b->data, b->len - HDR_SIZE, (uint32_t)fds.n, KIND_VALUE);
   iov.iov_base = b->data;
   iov.iov_len = b->len;
@@ -333,7 +344,7 @@ static void claim_fds(lua_State *L, mp_conn *c, uint32_t n, mp_fdlist *out) {
 
 /* Receive one message: pushes the payload as a string (as_value 0) or its
    decoded value (as_value 1); returns the number of results. */
-static int recv_message(lua_State *L, int as_value) {
+static int recv_message(lua_State *L, int as_value, uint64_t maxlen) {
   mp_conn *c = check_readable(L);
   double deadline = mp_deadline(mp_opttimeout(L, 2));
   uint64_t len;
@@ -353,6 +364,11 @@ static int recv_message(lua_State *L, int as_value) {
   memcpy(&kind, c->rbuf + c->rpos + 12, 4);
   if (nfds > MP_MAX_FDS || kind > KIND_VALUE || len > (uint64_t)SIZE_MAX / 2)
     return luaL_error(L, "corrupt message header");
+  if (len > maxlen) {
+    conn_release(c);       /* the stream cannot be resynchronized */
+    return luaL_error(L, "message of %I bytes is longer than the %I allowed",
+                      (lua_Integer)len, (lua_Integer)maxlen);
+  }
   c->rpos += HDR_SIZE;
   claim_fds(L, c, nfds, &fds);
   if (!as_value || kind == KIND_BYTES) {
@@ -369,7 +385,7 @@ static int recv_message(lua_State *L, int as_value) {
   if (c->rlen - c->rpos >= len) {         /* all buffered: decode in place */
     const char *p = c->rbuf + c->rpos;
     c->rpos += (size_t)len;
-    mp_decode(L, p, (size_t)len, &fds, 0);
+    mp_decode(L, p, (size_t)len, &fds, c->decode_flags);
     return 1;
   } else {
     int top = lua_gettop(L);
@@ -378,17 +394,33 @@ static int recv_message(lua_State *L, int as_value) {
       mp_fdlist_close(&fds);
       return luaL_error(L, "connection closed in the middle of a message");
     }
-    mp_decode(L, b->data, (size_t)len, &fds, 0);
+    mp_decode(L, b->data, (size_t)len, &fds, c->decode_flags);
     lua_remove(L, top + 1);               /* the buffer */
     return 1;
   }
 }
 
 /* c:recv([timeout]) -> v | nil, "closed" | nil, "timeout" */
-static int conn_recv(lua_State *L) { return recv_message(L, 1); }
+static int conn_recv(lua_State *L) { return recv_message(L, 1, UINT64_MAX); }
 
 /* c:recv_bytes([timeout]) -> s | nil, "closed" | nil, "timeout" */
-static int conn_recv_bytes(lua_State *L) { return recv_message(L, 0); }
+static int conn_recv_bytes(lua_State *L) { return recv_message(L, 0, UINT64_MAX); }
+
+/* c:_recv_bytes_max(timeout, maxlen): for handshakes with an untrusted
+   peer, whose length field must not make us allocate */
+static int conn__recv_bytes_max(lua_State *L) {
+  lua_Integer max = luaL_checkinteger(L, 3);
+  luaL_argcheck(L, max >= 0, 3, "must be >= 0");
+  lua_settop(L, 2);
+  return recv_message(L, 0, (uint64_t)max);
+}
+
+/* c:_set_trusted(b): a trusted peer may send functions (bytecode) */
+static int conn__set_trusted(lua_State *L) {
+  mp_conn *c = check_conn(L, 1);
+  c->decode_flags = lua_toboolean(L, 2) ? 0 : MP_DECODE_NOFUNCS;
+  return 0;
+}
 
 /* c:poll([timeout=0]) -> boolean */
 static int conn_poll(lua_State *L) {
@@ -492,6 +524,211 @@ static int core_poll(lua_State *L) {
   return 1;
 }
 
+
+/* ---- Listener and client sockets ----------------------------------- */
+
+typedef struct mp_listener {
+  int fd;              /* -1 when closed */
+  int owner;           /* pid that bound it: only it unlinks the path */
+  int unixsock;
+  char path[sizeof(((struct sockaddr_un *)0)->sun_path)];
+} mp_listener;
+
+static mp_listener *to_listener(lua_State *L, int i) {
+  return (mp_listener *)luaL_checkudata(L, i, MP_LISTENER_T);
+}
+
+static mp_listener *check_listener(lua_State *L, int i) {
+  mp_listener *l = to_listener(L, i);
+  if (l->fd < 0) luaL_error(L, "listener is closed");
+  return l;
+}
+
+static void listener_release(mp_listener *l) {
+  if (l->fd < 0) return;
+  close(l->fd);
+  l->fd = -1;
+  if (l->unixsock && l->path[0] && l->owner == mp_getpid()) unlink(l->path);
+}
+
+static int unix_addr(lua_State *L, const char *path, struct sockaddr_un *sa) {
+  size_t n = strlen(path);
+  memset(sa, 0, sizeof *sa);
+  sa->sun_family = AF_UNIX;
+  if (n == 0 || n >= sizeof sa->sun_path)
+    return luaL_error(L, "bad Unix socket path '%s' (1 to %d bytes)", path,
+                      (int)sizeof sa->sun_path - 1);
+  memcpy(sa->sun_path, path, n);
+  return (int)(offsetof(struct sockaddr_un, sun_path) + n + 1);
+}
+
+/* Resolve host:port; pushes nothing. Raises with gai_strerror. */
+static struct addrinfo *resolve(lua_State *L, const char *host, const char *port,
+                                int passive) {
+  struct addrinfo hints, *res = NULL;
+  int r;
+  memset(&hints, 0, sizeof hints);
+  hints.ai_family = AF_UNSPEC;
+  hints.ai_socktype = SOCK_STREAM;
+  hints.ai_flags = passive ? AI_PASSIVE : 0;
+  r = getaddrinfo(*host ? host : NULL, port, &hints, &res);
+  if (r != 0) luaL_error(L, "cannot resolve '%s:%s': %s", host, port, gai_strerror(r));
+  return res;
+}
+
+/* core.listen(path) or core.listen(host, port, backlog) -> Listener */
+static int core_listen(lua_State *L) {
+  mp_listener *l;
+  int backlog = (int)luaL_optinteger(L, 3, 128), fd = -1, e = 0;
+  const char *host = luaL_checkstring(L, 1);
+  int is_unix = lua_isnoneornil(L, 2);
+  l = (mp_listener *)lua_newuserdatauv(L, sizeof(mp_listener), 0);
+  memset(l, 0, sizeof *l);
+  l->fd = -1;
+  luaL_setmetatable(L, MP_LISTENER_T);
+  if (is_unix) {
+    struct sockaddr_un sa;
+    int len = unix_addr(L, host, &sa);
+    fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    if (fd < 0) return luaL_error(L, "socket: %s", strerror(errno));
+    if (bind(fd, (struct sockaddr *)&sa, (socklen_t)len) != 0 || listen(fd, backlog) != 0) {
+      e = errno;
+      close(fd);
+      return luaL_error(L, "cannot listen on '%s': %s", host, strerror(e));
+    }
+    memcpy(l->path, sa.sun_path, sizeof l->path);
+    l->unixsock = 1;
+  } else {
+    const char *port = luaL_checkstring(L, 2);
+    struct addrinfo *res = resolve(L, host, port, 1), *ai;
+    for (ai = res; ai; ai = ai->ai_next) {
+      int one = 1;
+      fd = socket(ai->ai_family, ai->ai_socktype | SOCK_CLOEXEC, ai->ai_protocol);
+      if (fd < 0) { e = errno; continue; }
+      setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
+      if (bind(fd, ai->ai_addr, ai->ai_addrlen) == 0 && listen(fd, backlog) == 0) break;
+      e = errno;
+      close(fd);
+      fd = -1;
+    }
+    freeaddrinfo(res);
+    if (fd < 0)
+      return luaL_error(L, "cannot listen on '%s:%s': %s", host, port, strerror(e));
+  }
+  l->fd = fd;
+  l->owner = mp_getpid();
+  return 1;
+}
+
+/* l:_address() -> path | host, port (the port chosen when 0 was asked) */
+static int listener__address(lua_State *L) {
+  mp_listener *l = check_listener(L, 1);
+  struct sockaddr_storage ss;
+  socklen_t len = sizeof ss;
+  char host[NI_MAXHOST], port[NI_MAXSERV];
+  if (l->unixsock) {
+    lua_pushstring(L, l->path);
+    return 1;
+  }
+  if (getsockname(l->fd, (struct sockaddr *)&ss, &len) != 0 ||
+      getnameinfo((struct sockaddr *)&ss, len, host, sizeof host, port, sizeof port,
+                  NI_NUMERICHOST | NI_NUMERICSERV) != 0)
+    return luaL_error(L, "getsockname: %s", strerror(errno));
+  lua_pushstring(L, host);
+  lua_pushstring(L, port);
+  return 2;
+}
+
+static void tune(int fd, int unixsock) {
+  int one = 1;
+  if (!unixsock) setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+}
+
+/* l:_accept([timeout]) -> Connection (untrusted) | nil, "timeout" */
+static int listener__accept(lua_State *L) {
+  mp_listener *l = check_listener(L, 1);
+  double deadline = mp_deadline(mp_opttimeout(L, 2));
+  struct pollfd pfd;
+  mp_conn *c;
+  int fd, r;
+  pfd.fd = l->fd;
+  pfd.events = POLLIN;
+  do r = poll(&pfd, 1, mp_remaining_ms(deadline));
+  while (r < 0 && errno == EINTR);
+  if (r < 0) return luaL_fileresult(L, 0, "poll");
+  if (r == 0) return ret_reason(L, "timeout");
+  c = newconn(L);
+  do fd = accept4(l->fd, NULL, NULL, SOCK_CLOEXEC);
+  while (fd < 0 && errno == EINTR);
+  if (fd < 0) return luaL_fileresult(L, 0, "accept");
+  tune(fd, l->unixsock);
+  conn_setfd(L, c, fd, 1, 1);
+  c->unixsock = l->unixsock;
+  c->decode_flags = MP_DECODE_NOFUNCS;
+  return 1;
+}
+
+/* core.connect(path) or core.connect(host, port) -> Connection (untrusted) */
+static int core_connect(lua_State *L) {
+  const char *host = luaL_checkstring(L, 1);
+  int is_unix = lua_isnoneornil(L, 2), fd = -1, e = 0;
+  mp_conn *c = newconn(L);
+  if (is_unix) {
+    struct sockaddr_un sa;
+    int len = unix_addr(L, host, &sa);
+    fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    if (fd < 0) return luaL_error(L, "socket: %s", strerror(errno));
+    if (connect(fd, (struct sockaddr *)&sa, (socklen_t)len) != 0) {
+      e = errno;
+      close(fd);
+      return luaL_error(L, "cannot connect to '%s': %s", host, strerror(e));
+    }
+  } else {
+    const char *port = luaL_checkstring(L, 2);
+    struct addrinfo *res = resolve(L, host, port, 0), *ai;
+    for (ai = res; ai; ai = ai->ai_next) {
+      fd = socket(ai->ai_family, ai->ai_socktype | SOCK_CLOEXEC, ai->ai_protocol);
+      if (fd < 0) { e = errno; continue; }
+      if (connect(fd, ai->ai_addr, ai->ai_addrlen) == 0) break;
+      e = errno;
+      close(fd);
+      fd = -1;
+    }
+    freeaddrinfo(res);
+    if (fd < 0)
+      return luaL_error(L, "cannot connect to '%s:%s': %s", host, port, strerror(e));
+  }
+  tune(fd, is_unix);
+  conn_setfd(L, c, fd, 1, 1);
+  c->unixsock = is_unix;
+  c->decode_flags = MP_DECODE_NOFUNCS;
+  return 1;
+}
+
+static int listener_close(lua_State *L) {
+  listener_release(to_listener(L, 1));
+  return 0;
+}
+
+static int listener_fileno(lua_State *L) {
+  lua_pushinteger(L, check_listener(L, 1)->fd);
+  return 1;
+}
+
+static int listener__closed(lua_State *L) {
+  lua_pushboolean(L, to_listener(L, 1)->fd < 0);
+  return 1;
+}
+
+static const luaL_Reg listener_methods[] = {
+  {"_accept", listener__accept},
+  {"_address", listener__address},
+  {"_closed", listener__closed},
+  {"close", listener_close},
+  {"fileno", listener_fileno},
+  {NULL, NULL}
+};
+
 static int conn__gc(lua_State *L) {
   conn_release(to_conn(L, 1));
   return 0;
@@ -506,6 +743,8 @@ static const luaL_Reg conn_methods[] = {
   {"fileno", conn_fileno},
   {"close", conn_close},
   {"_buffered", conn__buffered},
+  {"_recv_bytes_max", conn__recv_bytes_max},
+  {"_set_trusted", conn__set_trusted},
   {NULL, NULL}
 };
 
@@ -514,6 +753,8 @@ MP_API void mp_conn_open(lua_State *L) {
     {"Pipe", conn_pipe},
     {"conn_from_fd", conn_from_fd},
     {"poll", core_poll},
+    {"listen", core_listen},
+    {"connect", core_connect},
     {NULL, NULL}
   };
   luaL_newmetatable(L, MP_CONNECTION_T);   /* mod, mt */
@@ -531,5 +772,15 @@ MP_API void mp_conn_open(lua_State *L) {
   lua_pushcfunction(L, conn__reduce);
   lua_setfield(L, -2, "__mp_reduce");
   lua_pop(L, 1);
+  luaL_newmetatable(L, MP_LISTENER_T);     /* mod, mt */
+  luaL_newlib(L, listener_methods);
+  lua_pushvalue(L, -1);
+  lua_setfield(L, -3, "__index");           /* mod, mt, methods */
+  lua_setfield(L, -3, "Listener_methods");  /* connection.lua adds accept */
+  lua_pushcfunction(L, listener_close);
+  lua_setfield(L, -2, "__gc");
+  lua_pushcfunction(L, listener_close);
+  lua_setfield(L, -2, "__close");
+  lua_setfield(L, -2, "Listener_mt");       /* connection.lua adds fields */
   luaL_setfuncs(L, funcs, 0);
 }

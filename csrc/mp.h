@@ -34,6 +34,7 @@
 /* class names (luaL_newmetatable) */
 #define MP_PROCESS_T    "multiprocessing.Process"
 #define MP_CONNECTION_T "multiprocessing.Connection"
+#define MP_LISTENER_T   "multiprocessing.Listener"
 #define MP_BUF_T        "multiprocessing.Buffer"
 /* queue.c: one struct, three classes (method sets) */
 #define MP_QUEUE_T          "multiprocessing.Queue"
@@ -142,6 +143,7 @@ MP_API char *mp_sync_slot(void *seg, size_t size, int *code);
 MP_API void mp_core_open(lua_State *L);
 MP_API void mp_process_open(lua_State *L);
 MP_API void mp_conn_open(lua_State *L);
+MP_API void mp_auth_open(lua_State *L);
 MP_API void mp_codec_open(lua_State *L);
 MP_API void mp_shm_open(lua_State *L);
 MP_API void mp_sync_open(lua_State *L);

@@ -31,6 +31,7 @@ build = {
     ["multiprocessing.core"] = {
       sources = {
         "csrc/core.c",
+        "csrc/auth.c",
         "csrc/codec.c",
         "csrc/conn.c",
         "csrc/pool.c",

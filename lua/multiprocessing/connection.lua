@@ -5,6 +5,7 @@
 -- that a read would not block, for fds that can wake spuriously.
 
 local core = require "multiprocessing.core"
+local errors = require "multiprocessing.errors"
 
 local type, ipairs, error, getmetatable, tostring =
       type, ipairs, error, getmetatable, tostring
@@ -83,6 +84,145 @@ function exports.wait(objects, timeout)
     if #ready > 0 or #hits == 0 then return ready end
     if deadline and monotonic() >= deadline then return ready end
   end
+end
+
+-- ---- Listener and Client -------------------------------------------------
+--
+-- An address is "host:port" (TCP; "[::1]:port" for IPv6; port 0 picks a
+-- free one) or anything else, a Unix socket path. With an authkey, both
+-- sides prove they know it before anything is decoded: each sends the other
+-- a random challenge and checks the HMAC-SHA256 of it (as Python does).
+-- A connection whose peer has not proved a key is untrusted: it never loads
+-- functions (bytecode) from it, and handshake messages are size-bounded.
+
+local CHALLENGE, WELCOME, FAILURE = "#CHALLENGE#", "#WELCOME#", "#FAILURE#"
+local HANDSHAKE_TIMEOUT, HANDSHAKE_MAX = 30, 256
+local hmac, random_bytes, equal_digest = core.hmac_sha256, core.random_bytes, core.equal_digest
+local pcall = pcall
+
+local function parse_address(address, fname)
+  if type(address) ~= "string" or address == "" then
+    error("bad argument #1 to '" .. fname .. "' (address string expected, got " ..
+          type(address) .. ")", 3)
+  end
+  local host, port = address:match("^(.*):(%d+)$")
+  if host then
+    host = host:match("^%[(.*)%]$") or host
+    return host, port
+  end
+  return address
+end
+
+local function check_opts(opts, fname, allowed)
+  if opts == nil then return {} end
+  if type(opts) ~= "table" then
+    error("bad argument #2 to '" .. fname .. "' (table expected, got " .. type(opts) .. ")", 3)
+  end
+  for k in pairs(opts) do
+    if not allowed[k] then error(fname .. ": unknown option '" .. tostring(k) .. "'", 3) end
+  end
+  if opts.authkey ~= nil and (type(opts.authkey) ~= "string" or opts.authkey == "") then
+    error(fname .. ": 'authkey' must be a non-empty string", 3)
+  end
+  if opts.backlog ~= nil and (math.type(opts.backlog) ~= "integer" or opts.backlog < 1) then
+    error(fname .. ": 'backlog' must be a positive integer", 3)
+  end
+  return opts
+end
+
+local function recv_small(c)
+  local ok, msg = pcall(c._recv_bytes_max, c, HANDSHAKE_TIMEOUT, HANDSHAKE_MAX)
+  if ok then return msg end
+  return nil
+end
+
+local function deliver_challenge(c, key)
+  local msg = CHALLENGE .. random_bytes(32)
+  c:send_bytes(msg)
+  local answer = recv_small(c)
+  if answer and equal_digest(answer, hmac(key, msg)) then
+    c:send_bytes(WELCOME)
+    return true
+  end
+  if not c.closed then c:send_bytes(FAILURE) end
+  return false, answer and "digest received was wrong" or "no answer to the challenge"
+end
+
+local function answer_challenge(c, key)
+  local msg = recv_small(c)
+  if not msg or msg:sub(1, #CHALLENGE) ~= CHALLENGE then
+    return false, "the peer sent no challenge (does it use an authkey?)"
+  end
+  c:send_bytes(hmac(key, msg))
+  if recv_small(c) ~= WELCOME then return false, "digest sent was rejected" end
+  return true
+end
+
+local function authenticate(c, key, server)
+  local ok, why
+  if server then
+    ok, why = deliver_challenge(c, key)
+    if ok then ok, why = answer_challenge(c, key) end
+  else
+    ok, why = answer_challenge(c, key)
+    if ok then ok, why = deliver_challenge(c, key) end
+  end
+  if not ok then
+    c:close()
+    error(errors.new("AuthenticationError", why), 3)
+  end
+  c:_set_trusted(true)
+  return c
+end
+
+local authkeys = setmetatable({}, { __mode = "k" })
+local Lmethods, Lmt = core.Listener_methods, core.Listener_mt
+
+-- mp.Listener(address [, {authkey=s, backlog=n}]) -> Listener
+function exports.Listener(address, opts)
+  local host, port = parse_address(address, "Listener")
+  opts = check_opts(opts, "Listener", { authkey = true, backlog = true })
+  local l = core.listen(host, port, opts.backlog)
+  authkeys[l] = opts.authkey
+  return l
+end
+
+-- l:accept([timeout]) -> Connection | nil, "timeout"; raises
+-- AuthenticationError when the peer does not prove the authkey
+function Lmethods.accept(self, timeout)
+  local c, why = self:_accept(timeout)
+  if not c then return nil, why end
+  local key = authkeys[self]
+  if key then return authenticate(c, key, true) end
+  return c
+end
+
+Lmt.__index = function(self, k)
+  local m = Lmethods[k]
+  if m ~= nil then return m end
+  if k == "address" then
+    if self:_closed() then return nil end
+    local host, port = self:_address()
+    if port then
+      return (host:find(":", 1, true) and "[" .. host .. "]" or host) .. ":" .. port
+    end
+    return host
+  elseif k == "closed" then
+    return self:_closed()
+  end
+end
+Lmt.__tostring = function(self)
+  if self:_closed() then return "<Listener(closed)>" end
+  return "<Listener(" .. self.address .. ")>"
+end
+
+-- mp.Client(address [, {authkey=s}]) -> Connection
+function exports.Client(address, opts)
+  local host, port = parse_address(address, "Client")
+  opts = check_opts(opts, "Client", { authkey = true })
+  local c = core.connect(host, port)
+  if opts.authkey then return authenticate(c, opts.authkey, false) end
+  return c
 end
 
 return M
