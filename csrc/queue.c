@@ -35,6 +35,7 @@
 #include "mp.h"
 
 #include <errno.h>
+#include <pthread.h>
 #include <fcntl.h>
 #include <sched.h>
 #include <signal.h>
@@ -48,8 +49,9 @@
 #define HDR_BYTES   4096                /* header page; the ring follows */
 #define BASE_CAP    (256u * 1024)       /* ring bytes of a new queue */
 #define SHRINK_CAP  (16u * 1024 * 1024) /* a drained ring above this shrinks */
-#define PACE_BYTES  (4u * 1024 * 1024)  /* queued bytes above which put paces */
-#define PACE_SECS   2e-3                /* ... while a get was this recent */
+#define SOFT_BYTES  (4u * 1024 * 1024)  /* unbounded put: queued bytes above
+                                           which items wait in the feeder */
+#define INLINE_MAX  256                 /* feeder copies items this small */
 #define REC_HDR     16
 #define STACK_ITEM  8192                /* items copied out through the C stack */
 #define KEEP_RBUF   (1u << 20)          /* largest read buffer kept between gets */
@@ -103,8 +105,6 @@ typedef struct qshm {
   uint32_t get_waiters; /* processes announced asleep on them */
   uint32_t put_waiters;
   uint32_t watchers;    /* queue objects that called fileno() */
-  uint32_t pad2;
-  double last_get;      /* mp_now() of the latest get (pacing) */
 } qshm;
 
 typedef struct rec {
@@ -121,7 +121,10 @@ typedef struct mp_queue {
   int watching;         /* pid that counted this object in watchers, or 0 */
   char *rbuf;           /* read buffer for large encoded items */
   size_t rcap;
+  struct feeder *feeder;/* this process's put-behind buffer, or NULL */
 } mp_queue;
+
+static void feeder_finish(mp_queue *q, int flush);
 
 /* ---- lock and journal --------------------------------------------- */
 
@@ -328,23 +331,6 @@ static void q_wait(qshm *s, int for_get, double deadline) {
   __atomic_fetch_sub(waiters, 1, __ATOMIC_SEQ_CST);
 }
 
-/* Wait (a little) until an item of the n0 queued was taken, or until. */
-static void q_pace(qshm *s, uint64_t n0, double until) {
-  uint32_t v;
-  int i;
-  for (i = 1; LOAD(&s->st.nitems) >= n0; i++) {
-    if ((i & 63) == 0 && mp_now() >= until) return;
-    if (i == 4096) {
-      ADD(&s->put_waiters, 1);
-      v = LOAD(&s->not_full);
-      if (LOAD(&s->st.nitems) >= n0) mp_futex_wait(&s->not_full, v, until);
-      __atomic_fetch_sub(&s->put_waiters, 1, __ATOMIC_SEQ_CST);
-      return;
-    }
-    cpu_relax();
-  }
-}
-
 /* Bump the sequence word if someone sleeps on it; returns whether to wake. */
 static int q_signal(uint32_t *seq, uint32_t *waiters) {
   __atomic_thread_fence(__ATOMIC_SEQ_CST);
@@ -385,6 +371,7 @@ static mp_queue *check_queue(lua_State *L, int i) {
 
 /* Release this process's view: never locks, never blocks (used by __gc). */
 static void queue_release(mp_queue *q) {
+  if (q->shm != NULL) feeder_finish(q, 1);   /* write what waits in the feeder */
   if (q->shm != NULL) {
     if (q->watching == mp_getpid())
       __atomic_fetch_sub(&q->shm->watchers, 1, __ATOMIC_SEQ_CST);
@@ -404,7 +391,7 @@ static void queue_release(mp_queue *q) {
 }
 
 static mp_queue *queue_push(lua_State *L, int kind) {
-  mp_queue *q = (mp_queue *)lua_newuserdatauv(L, sizeof(mp_queue), 0);
+  mp_queue *q = (mp_queue *)lua_newuserdatauv(L, sizeof(mp_queue), 1);
   memset(q, 0, sizeof *q);
   q->fd = q->efd = -1;
   q->kind = kind;
@@ -455,6 +442,277 @@ static int queue_from_fds(lua_State *L) {
   return 1;
 }
 
+/* ---- writing a record ------------------------------------------- */
+
+/* Append a record to the ring and commit it; under the lock, with st a
+   copy of the state (reset when empty). Returns 0 or an errno (the ring
+   could not grow); *wake tells whether to wake a sleeping consumer. */
+static int q_write(mp_queue *q, qstate *st, uint32_t type, const char *p,
+                   uint64_t len, int count_task, int *wake) {
+  qshm *s = q->shm;
+  uint64_t need = rec_size(len), off = 0;
+  rec *r;
+  int err;
+  if ((err = q_remap(q)) != 0 || (err = q_reserve(q, st, need, &off)) != 0)
+    return err;
+  r = (rec *)(q->ring + off);
+  r->len = len;
+  r->type = type;
+  r->pad = 0;
+  q_populate(q, off, need, 1);
+  if (len) memcpy(q->ring + off + REC_HDR, p, (size_t)len);
+  st->nitems++;
+  if (count_task) st->unfinished++;
+  q_commit(s, st);
+  if (st->nitems == 1 && LOAD(&s->watchers) > 0) efd_set(q->efd);
+  *wake = q_signal(&s->not_empty, &s->get_waiters);
+  return 0;
+}
+
+/* ---- the feeder ---------------------------------------------------- */
+
+/* An unbounded put never waits. When more than SOFT_BYTES are queued, the
+   item is not copied into fresh ring memory: it waits in this process's
+   feeder (a reference to the Lua string or encoded buffer, kept alive in
+   the queue's user value), and a helper thread moves it into the ring as
+   consumers make room, as Python's feeder thread does. The thread copies
+   raw bytes only and never touches the lua_State. Whatever is still in
+   the feeder is written at once (growing the ring) by close, __gc, the
+   process exit hooks and atexit, unless cancel_join_thread was called. */
+
+typedef struct pnode {
+  struct pnode *next;
+  const char *p;          /* the payload: in a kept Lua value, or inl */
+  uint64_t len;
+  uint32_t type;
+  int ref;                /* slot in the keep table, or LUA_NOREF */
+  int done;               /* in the ring (set by the thread) */
+  char inl[1];            /* small payloads are copied here */
+} pnode;
+
+typedef struct feeder {
+  pthread_mutex_t mu;
+  pthread_cond_t cv;
+  pthread_t th;
+  int started, stop, cancel;
+  int pid;                /* the process that owns it */
+  int error;              /* errno of a write that failed (ring growth) */
+  mp_queue *q;
+  pnode *head, *tail;     /* every node not yet released by the Lua side */
+  pnode *next;            /* first node not yet in the ring */
+  struct feeder *link;    /* all feeders of this process (atexit) */
+} feeder;
+
+static feeder *all_feeders;
+
+/* Write node n into the ring. wait: for room below SOFT_BYTES (the
+   thread), else grow at once (flush). Returns 0, -1 when asked to stop,
+   or an errno. */
+static int feed_one(mp_queue *q, feeder *f, pnode *n, int wait) {
+  qshm *s = q->shm;
+  for (;;) {
+    qstate st;
+    int err, wake = 0;
+    uint32_t v;
+    q_lock(s);
+    st = s->st;
+    if (st.nitems == 0) st.head = st.tail = st.wrap = 0;
+    if (wait && st.nitems > 0 && q_used(&st) + rec_size(n->len) > SOFT_BYTES) {
+      ADD(&s->put_waiters, 1);
+      v = LOAD(&s->not_full);
+      q_unlock(s);
+      mp_futex_wait(&s->not_full, v, mp_now() + 0.02);
+      __atomic_fetch_sub(&s->put_waiters, 1, __ATOMIC_SEQ_CST);
+      if (__atomic_load_n(&f->stop, __ATOMIC_ACQUIRE)) return -1;
+      continue;
+    }
+    err = q_write(q, &st, n->type, n->p, n->len, 0, &wake);
+    q_unlock(s);
+    if (wake) mp_futex_wake(&s->not_empty, 1);
+    return err;
+  }
+}
+
+static void *feeder_main(void *arg) {
+  feeder *f = (feeder *)arg;
+  pthread_mutex_lock(&f->mu);
+  for (;;) {
+    pnode *n;
+    int r;
+    while (!f->stop && f->next == NULL) pthread_cond_wait(&f->cv, &f->mu);
+    if (f->stop) break;
+    n = f->next;
+    pthread_mutex_unlock(&f->mu);
+    r = feed_one(f->q, f, n, 1);
+    pthread_mutex_lock(&f->mu);
+    if (r == 0) {
+      n->done = 1;
+      f->next = n->next;
+    } else if (r > 0) {
+      f->error = r;                       /* put reports it; stop feeding */
+      break;
+    }
+  }
+  pthread_mutex_unlock(&f->mu);
+  return NULL;
+}
+
+/* This process's feeder of q, or NULL (one inherited from the parent by
+   fork belongs to the parent: forget it, never touch its mutex). */
+static feeder *feeder_of(mp_queue *q) {
+  feeder *f = q->feeder;
+  if (f != NULL && f->pid != mp_getpid()) {
+    q->feeder = NULL;
+    return NULL;
+  }
+  return f;
+}
+
+/* Stop the thread and write what is left (unless cancelled or !flush),
+   then free everything. Never raises; used by close, __gc and exits. */
+static void feeder_finish(mp_queue *q, int flush) {
+  feeder *f = feeder_of(q), **pp;
+  pnode *n, *nx;
+  if (f == NULL) { q->feeder = NULL; return; }
+  if (f->started) {
+    pthread_mutex_lock(&f->mu);
+    __atomic_store_n(&f->stop, 1, __ATOMIC_RELEASE);
+    pthread_cond_signal(&f->cv);
+    pthread_mutex_unlock(&f->mu);
+    pthread_join(f->th, NULL);
+  }
+  if (flush && !f->cancel && f->error == 0)
+    for (n = f->next; n != NULL; n = n->next)
+      if (feed_one(q, f, n, 0) != 0) break;
+  for (n = f->head; n != NULL; n = nx) {
+    nx = n->next;
+    free(n);
+  }
+  for (pp = &all_feeders; *pp != NULL; pp = &(*pp)->link)
+    if (*pp == f) { *pp = f->link; break; }
+  pthread_cond_destroy(&f->cv);
+  pthread_mutex_destroy(&f->mu);
+  free(f);
+  q->feeder = NULL;
+}
+
+/* atexit: flush the feeders of this process (os.exit skips __gc). */
+static void feeders_atexit(void) {
+  feeder *f = all_feeders, *nx;
+  for (; f != NULL; f = nx) {
+    nx = f->link;
+    if (f->pid == mp_getpid()) feeder_finish(f->q, 1);
+  }
+}
+
+/* core.queue_flush_all(): flush every feeder of this process now (the
+   exit hook of a child process) */
+static int queue_flush_all(lua_State *L) {
+  (void)L;
+  feeders_atexit();
+  return 0;
+}
+
+/* core.queue_set_exit_hook(fn): fn() is called once per process when its
+   first feeder starts (queues.lua registers the flush as an exit hook) */
+static int queue_set_exit_hook(lua_State *L) {
+  luaL_checktype(L, 1, LUA_TFUNCTION);
+  lua_settop(L, 1);
+  lua_setfield(L, LUA_REGISTRYINDEX, "multiprocessing.queue_exit_hook");
+  return 0;
+}
+
+/* Release the nodes the thread has written: drop their kept values. */
+static void feeder_release(lua_State *L, mp_queue *q, feeder *f, int qi) {
+  pnode *done = NULL, *n;
+  pthread_mutex_lock(&f->mu);
+  if (f->head != NULL && f->head->done) {
+    done = f->head;
+    for (n = done; n->next != NULL && n->next->done; n = n->next) {}
+    f->head = n->next;
+    if (f->head == NULL) f->tail = NULL;
+    n->next = NULL;
+  }
+  pthread_mutex_unlock(&f->mu);
+  if (done == NULL) return;
+  lua_getiuservalue(L, qi, 1);            /* keep */
+  for (n = done; n != NULL; n = done) {
+    done = n->next;
+    if (n->ref != LUA_NOREF && lua_istable(L, -1)) luaL_unref(L, -1, n->ref);
+    free(n);
+  }
+  lua_pop(L, 1);
+  (void)q;
+}
+
+static int registered_atexit;
+static int hook_pid;
+
+/* Make (and start) this process's feeder of q. Raises on failure. */
+static feeder *feeder_new(lua_State *L, mp_queue *q) {
+  feeder *f = (feeder *)calloc(1, sizeof(feeder));
+  sigset_t all, old;
+  if (f == NULL) luaL_error(L, "Queue.put: not enough memory");
+  pthread_mutex_init(&f->mu, NULL);
+  pthread_cond_init(&f->cv, NULL);
+  f->pid = mp_getpid();
+  f->q = q;
+  q->feeder = f;
+  f->link = all_feeders;
+  all_feeders = f;
+  if (!registered_atexit) registered_atexit = atexit(feeders_atexit) == 0;
+  lua_newtable(L);                        /* a fresh keep table */
+  lua_setiuservalue(L, 1, 1);
+  sigfillset(&all);                       /* signals go to the main thread */
+  pthread_sigmask(SIG_BLOCK, &all, &old);
+  f->started = pthread_create(&f->th, NULL, feeder_main, f) == 0;
+  pthread_sigmask(SIG_SETMASK, &old, NULL);
+  if (!f->started) {
+    feeder_finish(q, 0);
+    luaL_error(L, "Queue.put: cannot start the feeder thread");
+  }
+  if (hook_pid != mp_getpid()) {          /* flush at this process's exit */
+    hook_pid = mp_getpid();
+    if (lua_getfield(L, LUA_REGISTRYINDEX, "multiprocessing.queue_exit_hook")
+        == LUA_TFUNCTION)
+      lua_call(L, 0, 0);
+    else
+      lua_pop(L, 1);
+  }
+  return f;
+}
+
+/* Queue the item at stack index vi (the value to keep alive) behind the
+   others of this process. */
+static void feeder_put(lua_State *L, mp_queue *q, feeder *f, uint32_t type,
+                       const char *p, uint64_t len, int vi) {
+  int small = len <= INLINE_MAX;
+  pnode *n = (pnode *)malloc(sizeof(pnode) + (small ? (size_t)len : 0));
+  if (n == NULL) luaL_error(L, "Queue.put: not enough memory");
+  n->next = NULL;
+  n->len = len;
+  n->type = type;
+  n->done = 0;
+  n->ref = LUA_NOREF;
+  if (small) {
+    if (len) memcpy(n->inl, p, (size_t)len);
+    n->p = n->inl;
+  } else {
+    n->p = p;
+    lua_getiuservalue(L, 1, 1);           /* keep */
+    lua_pushvalue(L, vi);
+    n->ref = luaL_ref(L, -2);             /* may raise: n is not linked yet */
+    lua_pop(L, 1);
+  }
+  (void)q;
+  pthread_mutex_lock(&f->mu);
+  if (f->tail) f->tail->next = n; else f->head = n;
+  f->tail = n;
+  if (f->next == NULL) f->next = n;
+  pthread_cond_signal(&f->cv);
+  pthread_mutex_unlock(&f->mu);
+}
+
 /* ---- put ---------------------------------------------------------- */
 
 static int queue_put_t(lua_State *L, double timeout) {
@@ -464,7 +722,7 @@ static int queue_put_t(lua_State *L, double timeout) {
   char num[8];
   size_t len = 0;
   uint32_t type;
-  uint64_t need, off = 0;
+  uint64_t need;
   double deadline;
   switch (lua_type(L, 2)) {
     case LUA_TNIL: case LUA_TNONE:
@@ -501,10 +759,52 @@ static int queue_put_t(lua_State *L, double timeout) {
     return luaL_argerror(L, 2, "item too large (more than 1 TiB)");
   need = rec_size(len);
   deadline = mp_deadline(timeout);
+  if (s->maxsize == 0) {
+    feeder *f = feeder_of(q);
+    int behind = 0;
+    if (f != NULL) {
+      if (f->error != 0)
+        return luaL_error(L, "Queue.put: cannot grow the queue: %s",
+                          strerror(f->error));
+      feeder_release(L, q, f, 1);
+      pthread_mutex_lock(&f->mu);
+      behind = f->next != NULL;           /* keep this producer's order */
+      pthread_mutex_unlock(&f->mu);
+    }
+    if (!behind) {
+      qstate st;
+      int err, wake = 0;
+      q_lock(s);
+      st = s->st;
+      if (st.nitems == 0) st.head = st.tail = st.wrap = 0;
+      if (st.nitems == 0 || q_used(&st) + need <= SOFT_BYTES) {
+        err = q_write(q, &st, type, p, len, q->kind == K_JOINABLE, &wake);
+        q_unlock(s);
+        if (wake) mp_futex_wake(&s->not_empty, 1);
+        if (err != 0)
+          return luaL_error(L, "Queue.put: cannot grow the queue: %s", strerror(err));
+        lua_pushboolean(L, 1);
+        return 1;
+      }
+      q_unlock(s);
+    }
+    if (f == NULL) f = feeder_new(L, q);
+    if (q->kind == K_JOINABLE) {          /* counted now, as Python does */
+      qstate st;
+      q_lock(s);
+      st = s->st;
+      st.unfinished++;
+      q_commit(s, &st);
+      q_unlock(s);
+    }
+    feeder_put(L, q, f, type, p, len, lua_gettop(L) > 2 && type == T_VALUE
+                                      ? lua_gettop(L) : 2);
+    lua_pushboolean(L, 1);
+    return 1;
+  }
   for (;;) {
     qstate st;
-    rec *r;
-    int err, wake_get;
+    int err, wake_get = 0;
     if (!can_go(s, 0)) {
       if (timeout == 0) goto full;
       if (deadline >= 0 && mp_now() >= deadline) goto timedout;
@@ -515,33 +815,10 @@ static int queue_put_t(lua_State *L, double timeout) {
     st = s->st;
     if (s->maxsize != 0 && st.nitems >= s->maxsize) { q_unlock(s); continue; }
     if (st.nitems == 0) st.head = st.tail = st.wrap = 0;
-    if (s->maxsize == 0 && q_used(&st) >= PACE_BYTES &&
-        mp_now() - s->last_get < PACE_SECS) {
-      /* consumers are busy taking items: let them make room rather than
-         grow the ring into fresh memory; never longer than they keep up */
-      uint64_t n0 = st.nitems;
-      double until = mp_now() + PACE_SECS;
-      q_unlock(s);
-      if (deadline >= 0 && deadline < until) until = deadline;
-      q_pace(s, n0, until);
-      continue;
-    }
-    if ((err = q_remap(q)) != 0 || (err = q_reserve(q, &st, need, &off)) != 0) {
-      q_unlock(s);
-      return luaL_error(L, "Queue.put: cannot grow the queue: %s", strerror(err));
-    }
-    r = (rec *)(q->ring + off);
-    r->len = len;
-    r->type = type;
-    r->pad = 0;
-    q_populate(q, off, need, 1);
-    if (len) memcpy(q->ring + off + REC_HDR, p, len);
-    st.nitems++;
-    if (q->kind == K_JOINABLE) st.unfinished++;
-    q_commit(s, &st);
-    if (st.nitems == 1 && LOAD(&s->watchers) > 0) efd_set(q->efd);
-    wake_get = q_signal(&s->not_empty, &s->get_waiters);
+    err = q_write(q, &st, type, p, len, q->kind == K_JOINABLE, &wake_get);
     q_unlock(s);
+    if (err != 0)
+      return luaL_error(L, "Queue.put: cannot grow the queue: %s", strerror(err));
     if (wake_get) mp_futex_wake(&s->not_empty, 1);
     lua_pushboolean(L, 1);
     return 1;
@@ -649,7 +926,6 @@ static int queue_get_t(lua_State *L, double timeout) {
       if (ftruncate(q->fd, (off_t)(HDR_BYTES + BASE_CAP)) == 0) q_remap(q);
     }
     if (st.nitems == 0 && LOAD(&s->watchers) > 0) efd_clear(q->efd);
-    s->last_get = mp_now();
     wake_put = q_signal(&s->not_full, &s->put_waiters);
     /* pass the word on if more items wait and more consumers sleep */
     wake_get = st.nitems > 0 && q_signal(&s->not_empty, &s->get_waiters);
@@ -797,9 +1073,12 @@ static int queue_join_thread(lua_State *L) {
   return 0;
 }
 
-/* q:cancel_join_thread(): nothing to cancel (puts never stay behind) */
+/* q:cancel_join_thread(): items still in this process's feeder are
+   dropped (not written) when the queue is closed or the process exits */
 static int queue_cancel_join_thread(lua_State *L) {
-  to_queue(L, 1);
+  mp_queue *q = to_queue(L, 1);
+  feeder *f = q->shm != NULL ? feeder_of(q) : NULL;
+  if (f != NULL) f->cancel = 1;
   return 0;
 }
 
@@ -947,6 +1226,8 @@ MP_API void mp_queue_open(lua_State *L) {
   static const luaL_Reg funcs[] = {
     {"queue_new", queue_new},
     {"queue_from_fds", queue_from_fds},
+    {"queue_flush_all", queue_flush_all},
+    {"queue_set_exit_hook", queue_set_exit_hook},
     {"queue_test_crash", queue_test_crash},
     {"queue_test_lock", queue_test_lock},
     {NULL, NULL}

@@ -173,6 +173,14 @@ describe("Queue in one process", function()
     assert.are.equal(base, q:_stats().cap)
   end)
 
+  it("gets this process's own items back through its feeder", function()
+    local q <close> = mp.Queue()
+    local mib = string.rep("s", 1 << 20)
+    for i = 1, 12 do assert.is_true(q:put(mib .. i, 0)) end
+    for i = 1, 12 do assert.is_true(q:get(10) == mib .. i) end
+    assert.are.same({ nil, "empty" }, { q:get(0) })
+  end)
+
   it("names itself and its state", function()
     local q <close> = mp.Queue(5)
     q:put(1)
@@ -263,6 +271,19 @@ describe("SimpleQueue and JoinableQueue in one process", function()
     assert.is_true(q:join(1))
     assert.has_error(function() q:task_done() end, "task_done() called too many times")
     assert.is_nil(mp.Queue().task_done)
+  end)
+
+  it("JoinableQueue counts items that wait in the feeder", function()
+    local q <close> = mp.JoinableQueue()
+    local mib = string.rep("j", 1 << 20)
+    for _ = 1, 12 do q:put(mib) end
+    assert.are.equal(12, q:_stats().unfinished)
+    for _ = 1, 12 do
+      assert.are.same({ nil, "timeout" }, { q:join(0) })
+      assert.is_true(q:get(10) == mib)
+      q:task_done()
+    end
+    assert.is_true(q:join(0))
   end)
 end)
 
@@ -453,6 +474,56 @@ describe("Queue across processes", function()
       assert.is_true(q:put(round, 10))
       assert.are.equal(round, q:get(10))
     end
+  end)
+
+  it("keeps a producer's order across items that wait in its feeder", function()
+    local q <close> = mp.Queue()
+    local mib = string.rep("m", 1 << 20)
+    local p = spawn(function(qq, m)
+      for i = 1, 300 do
+        if i % 10 == 0 then qq:put(m .. i) else qq:put(i) end
+      end
+    end, q, mib)
+    for i = 1, 300 do
+      local v = q:get(10)
+      if i % 10 == 0 then assert.is_true(v == mib .. i) else assert.are.equal(i, v) end
+    end
+    assert.are.equal(0, p:join(10))
+    assert.is_true(q:empty())
+  end)
+
+  it("moves items from its feeder while this process waits for something else", function()
+    local q <close> = mp.Queue()
+    local mib = string.rep("w", 1 << 20)
+    local p = spawn(function(qq, m)
+      for _ = 1, 40 do assert(qq:get(20) == m) end
+    end, q, mib)
+    for _ = 1, 40 do assert.is_true(q:put(mib, 0)) end  -- more than the ring takes
+    assert.are.equal(0, p:join(30))                      -- the feeder fed it meanwhile
+  end)
+
+  it("delivers a feeder's items when the producer exits at once", function()
+    local q <close> = mp.Queue()
+    local mib = string.rep("e", 1 << 20)
+    local p = spawn(function(qq, m)
+      for i = 1, 20 do qq:put(m .. i) end
+    end, q, mib)
+    assert.are.equal(0, p:join(30))
+    for i = 1, 20 do assert.is_true(q:get(0) == mib .. i) end
+    assert.are.same({ nil, "empty" }, { q:get(0) })
+  end)
+
+  it("drops a feeder's items at exit after cancel_join_thread", function()
+    local q <close> = mp.Queue()
+    local mib = string.rep("c", 1 << 20)
+    local p = spawn(function(qq, m)
+      for i = 1, 20 do qq:put(m .. i) end
+      qq:cancel_join_thread()
+    end, q, mib)
+    assert.are.equal(0, p:join(30))
+    local n = 0
+    while q:get(0) do n = n + 1 end
+    assert.is_true(n >= 1 and n < 20)
   end)
 
   it("is waitable: mp.wait returns it when a get would not block", function()

@@ -52,6 +52,13 @@ function exports.SimpleQueue(...)
   return core.queue_new(0, "SimpleQueue")
 end
 
+-- A process whose unbounded puts got ahead of the consumers keeps the extra
+-- items in a feeder (csrc/queue.c); they are written at its exit.
+core.queue_set_exit_hook(function()
+  local ok, process = pcall(require, "multiprocessing.process")
+  if ok and process._atexit then process._atexit(core.queue_flush_all) end
+end)
+
 if core.register_handle then
   core.register_handle("Queue", function(state, fd, efd)
     return core.queue_from_fds(state, fd, efd)
