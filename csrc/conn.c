@@ -250,8 +250,8 @@ static void stash_fds(mp_conn *c, struct msghdr *msg) {
 }
 
 /* One read of up to len bytes into p, collecting fds. >0 bytes, 0 at end
-   of stream, -1 on error (errno). */
-static ssize_t rawread(mp_conn *c, char *p, size_t len) {
+   of stream, -1 on error (errno; EAGAIN with MSG_DONTWAIT). */
+static ssize_t rawread(mp_conn *c, char *p, size_t len, int flags) {
   union {
     char buf[CMSG_SPACE(sizeof(int) * MP_MAX_FDS)];
     struct cmsghdr align;
@@ -266,7 +266,7 @@ static ssize_t rawread(mp_conn *c, char *p, size_t len) {
   msg.msg_iovlen = 1;
   msg.msg_control = u.buf;
   msg.msg_controllen = sizeof u.buf;
-  do n = recvmsg(c->fd, &msg, MSG_CMSG_CLOEXEC);
+  do n = recvmsg(c->fd, &msg, MSG_CMSG_CLOEXEC | flags);
   while (n < 0 && errno == EINTR);
   if (n > 0 && msg.msg_controllen > 0) stash_fds(c, &msg);
   if (n == 0) c->eof = 1;
@@ -283,7 +283,7 @@ static int fill(mp_conn *c, size_t n) {
     c->rpos = 0;
   }
   while (c->rlen < n) {
-    ssize_t r = rawread(c, c->rbuf + c->rlen, RBUF_SIZE - c->rlen);
+    ssize_t r = rawread(c, c->rbuf + c->rlen, RBUF_SIZE - c->rlen, 0);
     if (r <= 0) return (int)r;
     c->rlen += (size_t)r;
   }
@@ -298,7 +298,7 @@ static int readinto(mp_conn *c, char *dst, size_t len) {
   memcpy(dst, c->rbuf + c->rpos, have);
   c->rpos += have;
   while (have < len) {
-    ssize_t r = rawread(c, dst + have, len - have);
+    ssize_t r = rawread(c, dst + have, len - have, 0);
     if (r <= 0) return (int)r;
     have += (size_t)r;
   }
@@ -306,11 +306,23 @@ static int readinto(mp_conn *c, char *dst, size_t len) {
 }
 
 /* Is something to read there (or the end of the stream)? Waits up to ms
-   (-1 forever). 1 yes, 0 no, -1 error. */
+   (-1 forever). 1 yes, 0 no, -1 error. Waiting forever needs no poll: the
+   read that follows blocks. Otherwise a non-blocking read comes first, so
+   a message already there costs no poll. */
 static int wait_readable(mp_conn *c, int ms) {
   struct pollfd pfd;
+  ssize_t n;
   int r;
-  if (c->rlen > c->rpos || c->eof) return 1;
+  if (c->rlen > c->rpos || c->eof || ms < 0) return 1;
+  if (c->rpos == c->rlen) c->rpos = c->rlen = 0;
+  n = rawread(c, c->rbuf + c->rlen, RBUF_SIZE - c->rlen, MSG_DONTWAIT);
+  if (n > 0) {
+    c->rlen += (size_t)n;
+    return 1;
+  }
+  if (n == 0) return 1;                   /* end of stream */
+  if (errno != EAGAIN && errno != EWOULDBLOCK) return -1;
+  if (ms == 0) return 0;
   pfd.fd = c->fd;
   pfd.events = POLLIN;
   do r = poll(&pfd, 1, ms);

@@ -108,8 +108,9 @@ function H.run_lua(src, timeout)
   local f = assert(io.open(script, "w"))
   f:write(src)
   f:close()
-  local p = io.popen(string.format("timeout %d lua5.4 %s 2>&1; echo \"exit:$?\"",
-                                   timeout or 30, script))
+  -- the child finds the modules where this process found them
+  local p = io.popen(string.format("LUA_PATH=%q LUA_CPATH=%q timeout %d lua5.4 %s 2>&1; echo \"exit:$?\"",
+                                   package.path, package.cpath, timeout or 30, script))
   local out = p:read("a")
   p:close()
   os.remove(script)
