@@ -1,0 +1,552 @@
+-- Pool: arguments, every call of API.md's Pools table, failures (killed
+-- workers, os.exit, timeouts, retirement), callbacks, lifecycle.
+local H = require "helpers"
+local mp = require "multiprocessing"
+local core = require "multiprocessing.core"
+
+-- A task's sleep that needs no child process: poll on no fds.
+local function nap(t) require("multiprocessing.core").poll({}, t) end
+
+local function slurp(path)
+  local f = io.open(path)
+  if not f then return nil end
+  local s = f:read("a")
+  f:close()
+  return s
+end
+
+-- Run f with a pool of n workers that is always terminated afterwards.
+local function with_pool(opts, f)
+  local pool = mp.Pool(opts)
+  local ok, err = pcall(f, pool)
+  pool:terminate()
+  if not ok then error(err, 0) end
+end
+
+describe("Pool arguments", function()
+  H.leakcheck()
+
+  it("rejects Pool(0), negative counts, bad types and unknown options", function()
+    assert.has_error(function() mp.Pool(0) end)
+    assert.has_error(function() mp.Pool(-2) end)
+    assert.has_error(function() mp.Pool(1.5) end)
+    assert.has_error(function() mp.Pool("2") end)
+    assert.has_error(function() mp.Pool{ processes = 0 } end)
+    assert.has_error(function() mp.Pool{ procesess = 2 } end)
+    assert.has_error(function() mp.Pool{ initializer = 5 } end)
+    assert.has_error(function() mp.Pool{ initargs = 5 } end)
+    assert.has_error(function() mp.Pool{ maxtasksperchild = 0 } end)
+    assert.has_error(function() mp.Pool{ max_memory_per_child = -1 } end)
+    local ok, err = pcall(mp.Pool, 0)
+    assert.is_false(ok)
+    assert.truthy(tostring(err):find("processes", 1, true))
+  end)
+
+  it("rejects bad arguments to the calls, naming them", function()
+    with_pool(1, function(pool)
+      assert.has_error(function() pool:apply(5, {}) end)
+      assert.has_error(function() pool:apply(print, 5) end)
+      assert.has_error(function() pool:map(print, 5) end)
+      assert.has_error(function() pool:map(print, { 1 }, 0) end)
+      assert.has_error(function() pool:map(print, { 1 }, { chunksize = "x" }) end)
+      assert.has_error(function() pool:map(print, { 1 }, { bogus = 1 }) end)
+      assert.has_error(function() pool:apply_async(print, {}, { timeout = -1 }) end)
+      assert.has_error(function() pool:apply_async(print, {}, { callback = 1 }) end)
+      assert.has_error(function() pool:starmap(print, { 1, 2 }) end)
+      assert.has_error(function() pool:poll(-1) end)
+      local ok, err = pcall(pool.map, pool, print, { 1 }, 0)
+      assert.is_false(ok)
+      assert.truthy(tostring(err):find("chunksize", 1, true))
+    end)
+  end)
+
+  it("raises SerializationError for arguments that cannot travel", function()
+    with_pool(1, function(pool)
+      local ok, err = pcall(pool.apply_async, pool, function(f) return f end, { io.stdout })
+      assert.is_false(ok)
+      assert.is_true(mp.SerializationError:is(err))
+      -- a map item that cannot travel fails the map, the pool goes on
+      ok, err = pcall(pool.map, pool, function(x) return x end, { 1, io.stdout, 3 })
+      assert.is_false(ok)
+      assert.is_true(mp.SerializationError:is(err))
+      assert.are.equal(4, pool:apply(function(x) return x * 2 end, { 2 }))
+    end)
+  end)
+
+  it("refuses calls on a closed or terminated pool, and join while running", function()
+    local pool = mp.Pool(1)
+    assert.has_error(function() pool:join() end)
+    pool:close()
+    local ok, err = pcall(pool.apply, pool, print, {})
+    assert.is_false(ok)
+    assert.truthy(tostring(err):find("not running", 1, true))
+    assert.has_error(function() pool:map(print, { 1 }) end)
+    pool:join()
+    assert.are.equal("<Pool(processes=1, joined)>", tostring(pool))
+    local p2 = mp.Pool(1)
+    p2:terminate()
+    assert.has_error(function() p2:imap(print, { 1 }) end)
+    p2:terminate()                       -- twice is fine
+    p2:join()                            -- returns at once
+  end)
+end)
+
+describe("Pool behaviour", function()
+  H.leakcheck()
+
+  it("apply returns several results, nils included", function()
+    with_pool(2, function(pool)
+      local n = select("#", pool:apply(function(a) return a, nil, "z", nil end, { 1 }))
+      assert.are.equal(4, n)
+      local a, b, c = pool:apply(function(x, y) return x + y, nil, y end, { 2, 3 })
+      assert.are.same({ 5, nil, 3 }, { a, b, c })
+      assert.are.equal(0, select("#", pool:apply(function() end)))
+      -- table.pack'd arguments keep their nils
+      assert.are.equal(3, pool:apply(function(...) return select("#", ...) end,
+                                     table.pack(nil, nil, 1)))
+    end)
+  end)
+
+  it("map keeps order, runs closures with their upvalues, keeps nil holes", function()
+    with_pool(2, function(pool)
+      local k = 10
+      local xs = {}
+      for i = 1, 1000 do xs[i] = i end
+      local r = pool:map(function(x) return x + k end, xs)
+      assert.are.equal(1000, #r)
+      for i = 1, 1000 do assert.are.equal(i + 10, r[i]) end
+      local odd = pool:map(function(x) if x % 2 == 1 then return x end end, { 1, 2, 3, 4 })
+      assert.are.equal(4, odd.n)
+      assert.are.same({ 1, nil, 3, nil }, { odd[1], odd[2], odd[3], odd[4] })
+      local empty = pool:map(print, {})
+      assert.are.equal(0, #empty)
+      assert.are.equal(0, empty.n)
+      -- explicit chunk sizes, bigger than the list too
+      for _, cs in ipairs{ 1, 3, 7, 5000 } do
+        local rr = pool:map(function(x) return -x end, xs, cs)
+        assert.are.equal(-1000, rr[1000])
+        assert.are.equal(-1, rr[1])
+      end
+      -- values of every kind travel both ways
+      local t = pool:apply(function(v) return v end, { { a = { 1, 2 }, s = "x\0y", f = 1.5 } })
+      assert.are.same({ a = { 1, 2 }, s = "x\0y", f = 1.5 }, t)
+    end)
+  end)
+
+  it("starmap and starmap_async unpack argument lists", function()
+    with_pool(2, function(pool)
+      local r = pool:starmap(function(a, b) return a * b end, { { 2, 3 }, { 4, 5 }, { 6, 7 } })
+      assert.are.same({ 6, 20, 42 }, { r[1], r[2], r[3] })
+      local ar = pool:starmap_async(function(a, b, c) return c end, { { 1, 2, 3 }, table.pack(1, nil, 9) })
+      local rr = ar:get(10)
+      assert.are.same({ 3, 9 }, { rr[1], rr[2] })
+    end)
+  end)
+
+  it("imap gives positions and results in input order", function()
+    with_pool(3, function(pool)
+      local xs = {}
+      for i = 1, 30 do xs[i] = i end
+      local seen = {}
+      for i, v, extra in pool:imap(function(x)
+        require("multiprocessing.core").poll({}, (x % 3) * 0.005)
+        return x * 2, "e" .. x
+      end, xs) do
+        seen[#seen + 1] = i
+        assert.are.equal(i * 2, v)
+        assert.are.equal("e" .. i, extra)
+      end
+      assert.are.equal(30, #seen)
+      for i = 1, 30 do assert.are.equal(i, seen[i]) end
+      -- a task returning nil does not end the loop
+      local count = 0
+      for i, v in pool:imap(function() return nil end, { 1, 2, 3 }) do
+        count = count + 1
+        assert.is_nil(v)
+        assert.are.equal(count, i)
+      end
+      assert.are.equal(3, count)
+    end)
+  end)
+
+  it("imap_unordered gives every position exactly once", function()
+    with_pool(3, function(pool)
+      local xs = {}
+      for i = 1, 50 do xs[i] = i end
+      local got = {}
+      for i, v in pool:imap_unordered(function(x)
+        require("multiprocessing.core").poll({}, ((x * 7) % 5) * 0.002)
+        return x * x
+      end, xs, 2) do
+        assert.is_nil(got[i])
+        got[i] = v
+      end
+      for i = 1, 50 do assert.are.equal(i * i, got[i]) end
+    end)
+  end)
+
+  it("consumes an iterator input lazily", function()
+    with_pool(2, function(pool)
+      local pulled = 0
+      local function gen()
+        if pulled < 1000 then pulled = pulled + 1; return pulled end
+      end
+      local it = pool:imap(function(x) return x + 1 end, gen)
+      local i, v = it()
+      assert.are.same({ 1, 2 }, { i, v })
+      assert.is_true(pulled < 1000)
+      local n = 1
+      for j, w in it do
+        n = n + 1
+        assert.are.equal(j + 1, w)
+      end
+      assert.are.equal(1000, n)
+      assert.are.equal(1000, pulled)
+      -- imap_unordered over an iterator, and map over one
+      local sum = 0
+      local k = 0
+      for _, w in pool:imap_unordered(function(x) return x end, function()
+        if k < 20 then k = k + 1; return k end
+      end) do sum = sum + w end
+      assert.are.equal(210, sum)
+      local c = 0
+      local r = pool:map(function(x) return x * 3 end, function()
+        if c < 5 then c = c + 1; return c end
+      end)
+      assert.are.same({ 3, 6, 9, 12, 15 }, { r[1], r[2], r[3], r[4], r[5] })
+    end)
+  end)
+
+  it("runs the initializer with its initargs in every worker", function()
+    -- busted runs a spec in its own environment; load gives the real globals,
+    -- which is what a task's _ENV is in a worker
+    local init = load("local a, b = ...; WORKER_TAG = a .. b")
+    with_pool({ processes = 2, initializer = init, initargs = { "x", 7 } }, function(pool)
+      local r = pool:map(function() return WORKER_TAG end, { 1, 2, 3, 4 }, 1)
+      for i = 1, 4 do assert.are.equal("x7", r[i]) end
+      assert.is_nil(rawget(_G, "WORKER_TAG"))
+    end)
+  end)
+
+  it("fails every task with the initializer's error when it raises", function()
+    with_pool({ processes = 1, initializer = function() error("init broke") end }, function(pool)
+      local ok, err = pcall(pool.apply, pool, function() return 1 end, {})
+      assert.is_false(ok)
+      assert.is_true(mp.RemoteError:is(err))
+      assert.truthy(err.message:find("init broke", 1, true))
+      assert.has_error(function() pool:apply(print, {}) end)
+    end)
+  end)
+
+  it("runs callback and error_callback in the parent", function()
+    with_pool(2, function(pool)
+      local me = core.getpid()
+      local got, gotpid, goterr
+      local r = pool:apply_async(function(x) return x + 1, "two" end, { 41 }, {
+        callback = function(a, b) got = { a, b }; gotpid = core.getpid() end })
+      assert.are.equal(42, (r:get(10)))
+      assert.are.same({ 42, "two" }, got)
+      assert.are.equal(me, gotpid)
+      local r2 = pool:apply_async(function() error("bad task") end, {}, {
+        callback = function() got = "wrong" end,
+        error_callback = function(e) goterr = e end })
+      assert.is_true(r2:wait(10))
+      assert.is_false(r2:successful())
+      pool:poll()
+      assert.is_true(mp.RemoteError:is(goterr))
+      assert.truthy(goterr.message:find("bad task", 1, true))
+      local list
+      pool:map_async(function(x) return x * 2 end, { 1, 2, 3 }, { callback = function(l) list = l end }):wait(10)
+      pool:poll()
+      assert.are.same({ 2, 4, 6 }, { list[1], list[2], list[3] })
+    end)
+  end)
+
+  it("raises a task's error as a RemoteError with the worker's traceback", function()
+    with_pool(2, function(pool)
+      local function inner() error("deep failure") end
+      local ok, err = pcall(pool.apply, pool, function() inner() end, {})
+      assert.is_false(ok)
+      assert.is_true(mp.RemoteError:is(err))
+      assert.truthy(err.message:find("deep failure", 1, true))
+      assert.truthy(err.message:find("07%-pool_spec%.lua:%d+"))
+      assert.is_number(err.pid)
+      assert.are_not.equal(core.getpid(), err.pid)
+      assert.truthy(err.traceback:find("inner", 1, true))
+      assert.truthy(err.traceback:find("07-pool_spec.lua", 1, true))
+      assert.falsy(err.traceback:find("busted", 1, true))
+      assert.truthy(tostring(err):find("deep failure", 1, true))
+      -- error objects keep their type as remote_type
+      ok, err = pcall(pool.apply, pool, function()
+        error(require("multiprocessing").TimeoutError("inner timeout"))
+      end, {})
+      assert.are.equal("TimeoutError", err.remote_type)
+      assert.are.equal("inner timeout", err.message)
+      -- map raises the first failure; the other tasks ran
+      ok, err = pcall(pool.map, pool, function(x)
+        if x == 3 or x == 7 then error("item " .. x) end
+        return x
+      end, { 1, 2, 3, 4, 5, 6, 7, 8 }, 1)
+      assert.is_false(ok)
+      assert.truthy(err.message:find("item 3", 1, true))
+      -- a result that cannot travel is the task's error
+      ok, err = pcall(pool.apply, pool, function() return io.stdout end, {})
+      assert.is_false(ok)
+      assert.are.equal("SerializationError", err.remote_type)
+      -- and the pool still works
+      assert.are.equal(9, pool:apply(function(x) return x * x end, { 3 }))
+    end)
+  end)
+
+  it("AsyncResult: get with a timeout, wait, ready, successful", function()
+    with_pool(1, function(pool)
+      local r = pool:apply_async(function() require("multiprocessing.core").poll({}, 0.3); return "late" end)
+      local v, why = r:get(0.01)
+      assert.is_nil(v)
+      assert.are.equal("timeout", why)
+      assert.is_false(r:wait(0.01))
+      assert.is_false(r:ready())
+      assert.has_error(function() r:successful() end)
+      assert.is_true(r:wait(10))
+      assert.is_true(r:ready())
+      assert.is_true(r:successful())
+      assert.are.equal("late", r:get())
+      assert.are.equal("late", r:get(0))
+      assert.has_error(function() r:get(-1) end)
+    end)
+  end)
+
+  it("stats counts workers, done, failed and queued tasks", function()
+    with_pool(2, function(pool)
+      local s = pool:stats()
+      assert.are.same({ workers = 2, busy = 0, queued = 0, done = 0, failed = 0, restarts = 0 }, s)
+      pcall(pool.map, pool, function(x) if x == 2 then error("x") end end, { 1, 2, 3 }, 1)
+      s = pool:stats()
+      assert.are.equal(3, s.done)
+      assert.are.equal(1, s.failed)
+      local r = pool:map_async(function() require("multiprocessing.core").poll({}, 0.2) end, { 1, 2, 3, 4, 5, 6 }, 1)
+      s = pool:stats()
+      assert.are.equal(2, s.busy)
+      assert.are.equal(4, s.queued)
+      r:get(10)
+      assert.are.equal(9, pool:stats().done)
+    end)
+  end)
+
+  it("reports progress to a function, ending at done == total", function()
+    with_pool(2, function(pool)
+      local calls, last = 0, nil
+      pool:map(function(x) return x end, { 1, 2, 3, 4, 5, 6, 7, 8 }, {
+        chunksize = 1, progress = function(done, total) calls = calls + 1; last = { done, total } end })
+      pool:poll()
+      assert.is_true(calls >= 1)
+      assert.are.same({ 8, 8 }, last)
+    end)
+  end)
+
+  it("lets an event loop wait on pool:fileno() and drive it with poll", function()
+    with_pool(2, function(pool)
+      local got
+      pool:apply_async(function() return "ev" end, {}, { callback = function(v) got = v end })
+      local fd = pool:fileno()
+      local deadline = core.monotonic() + 10
+      while not got and core.monotonic() < deadline do
+        core.poll({ fd }, 1)
+        pool:poll()
+      end
+      assert.are.equal("ev", got)
+      assert.are.equal(0, pool:poll())
+    end)
+  end)
+
+  it("close and join finish the queued tasks first", function()
+    local pool = mp.Pool(2)
+    local r = pool:map_async(function(x) require("multiprocessing.core").poll({}, 0.01); return x end,
+                             { 1, 2, 3, 4, 5, 6 }, 1)
+    pool:close()
+    pool:join()
+    local v = r:get(0)
+    assert.are.equal(6, v[6])
+    assert.are.equal(0, #H.children())
+  end)
+end)
+
+describe("Pool failures", function()
+  H.leakcheck()
+
+  it("a worker killed with SIGKILL mid-task fails exactly its task; the pool goes on", function()
+    with_pool(2, function(pool)
+      local file = H.tmpname("pid")
+      local other = pool:apply_async(function() require("multiprocessing.core").poll({}, 0.3); return "fine" end)
+      local r = pool:apply_async(function(path)
+        local c = require "multiprocessing.core"
+        local f = io.open(path, "w"); f:write(c.getpid()); f:close()
+        c.poll({}, 30)
+        return "not reached"
+      end, { file })
+      local pid = H.wait_until(function() return tonumber(slurp(file) or "") end, 10)
+      os.remove(file)
+      assert.is_number(pid)
+      core.kill(pid, 9)
+      local ok, err = pcall(r.get, r, 10)
+      assert.is_false(ok)
+      assert.is_true(mp.WorkerLostError:is(err))
+      assert.are.equal(pid, err.pid)
+      assert.are.equal(-9, err.exitcode)
+      assert.truthy(err.message:find(tostring(pid), 1, true))
+      assert.truthy(err.message:find("-9", 1, true))
+      assert.are.equal("fine", other:get(10))
+      local xs = {}
+      for i = 1, 100 do xs[i] = i end
+      local out = pool:map(function(x) return x * 2 end, xs, 1)
+      for i = 1, 100 do assert.are.equal(2 * i, out[i]) end
+      local s = pool:stats()
+      assert.are.equal(1, s.restarts)
+      assert.are.equal(2, s.workers)
+    end)
+  end)
+
+  it("os.exit(3) in a task fails it with WorkerLostError exit code 3", function()
+    with_pool(1, function(pool)
+      local ok, err = pcall(pool.apply, pool, function() os.exit(3) end, {})
+      assert.is_false(ok)
+      assert.is_true(mp.WorkerLostError:is(err))
+      assert.are.equal(3, err.exitcode)
+      assert.are.equal(5, pool:apply(function() return 5 end, {}))
+      -- tasks queued behind the lost one are not lost
+      local ok2, err2 = pcall(pool.map, pool, function(x)
+        if x == 1 then os.exit(4) end
+        return x
+      end, { 1, 2, 3, 4 }, 1)
+      assert.is_false(ok2)
+      assert.are.equal(4, err2.exitcode)
+      assert.are.equal(2, pool:stats().restarts)
+      assert.are.equal(3, pool:stats().done - pool:stats().failed - 1)
+    end)
+  end)
+
+  it("only the running chunk fails when a worker dies with more queued", function()
+    with_pool(1, function(pool)
+      local rs = {}
+      for i = 1, 5 do
+        rs[i] = pool:apply_async(function(x) if x == 2 then os.exit(7) end return x end, { i })
+      end
+      assert.are.equal(1, rs[1]:get(10))
+      local ok, err = pcall(rs[2].get, rs[2], 10)
+      assert.is_false(ok)
+      assert.are.equal(7, err.exitcode)
+      for i = 3, 5 do assert.are.equal(i, rs[i]:get(10)) end
+    end)
+  end)
+
+  it("a task past its timeout has its worker killed and fails with TimeoutError", function()
+    with_pool(2, function(pool)
+      local r = pool:apply_async(function() require("multiprocessing.core").poll({}, 30) end, {},
+                                 { timeout = 0.2 })
+      local quick = pool:apply_async(function() return "quick" end, {}, { timeout = 5 })
+      local ok, err = pcall(r.get, r, 10)
+      assert.is_false(ok)
+      assert.is_true(mp.TimeoutError:is(err))
+      assert.truthy(err.message:find("timed out", 1, true))
+      assert.are.equal("quick", quick:get(10))
+      assert.are.equal(1, pool:stats().restarts)
+      assert.are.equal(2, pool:apply(function() return 2 end, {}))
+    end)
+  end)
+
+  it("maxtasksperchild replaces workers between tasks", function()
+    with_pool({ processes = 2, maxtasksperchild = 1 }, function(pool)
+      local pids = pool:map(function() return require("multiprocessing.core").getpid() end,
+                            { 1, 2, 3, 4, 5, 6 }, 1)
+      local seen = {}
+      for i = 1, 6 do
+        assert.is_nil(seen[pids[i]])
+        seen[pids[i]] = true
+      end
+    end)
+    with_pool({ processes = 1, maxtasksperchild = 3 }, function(pool)
+      local pids = pool:map(function() return require("multiprocessing.core").getpid() end,
+                            { 1, 2, 3, 4, 5, 6 })
+      assert.are.equal(pids[1], pids[3])
+      assert.are_not.equal(pids[3], pids[4])
+      assert.are.equal(pids[4], pids[6])
+    end)
+  end)
+
+  it("max_memory_per_child retires a worker whose heap grew", function()
+    with_pool({ processes = 1, max_memory_per_child = 8e6 }, function(pool)
+      local getpid = function() return require("multiprocessing.core").getpid() end
+      local a = pool:apply(getpid)
+      local b = pool:apply(getpid)
+      assert.are.equal(a, b)
+      local c = pool:apply(function() BIG = string.rep("x", 16e6); return 1 end)
+      assert.are.equal(1, c)
+      local d = pool:apply(getpid)
+      assert.are_not.equal(a, d)
+      assert.are.equal(1, pool:stats().restarts)
+    end)
+  end)
+
+  it("workers ignore SIGINT: the task finishes", function()
+    with_pool(1, function(pool)
+      local file = H.tmpname("pid")
+      local r = pool:apply_async(function(path)
+        local c = require "multiprocessing.core"
+        local f = io.open(path, "w"); f:write(c.getpid()); f:close()
+        c.poll({}, 0.3)
+        return "survived"
+      end, { file })
+      local pid = H.wait_until(function() return tonumber(slurp(file) or "") end, 10)
+      os.remove(file)
+      core.kill(pid, 2)
+      assert.are.equal("survived", r:get(10))
+    end)
+  end)
+
+  it("an idle worker that dies is replaced without failing anything", function()
+    with_pool(2, function(pool)
+      local pids = pool:map(function() return require("multiprocessing.core").getpid() end, { 1, 2 }, 1)
+      core.kill(pids[1], 9)
+      assert.truthy(H.wait_until(function() pool:poll(0.05); return pool:stats().restarts == 1 end, 10))
+      local s = pool:stats()
+      assert.are.equal(0, s.failed)
+      assert.are.equal(2, s.workers)
+      assert.are.equal(3, pool:apply(function() return 3 end))
+    end)
+  end)
+
+  it("terminate with 10,000 queued tasks returns promptly and leaves no process", function()
+    local pool = mp.Pool(2)
+    local r = pool:map_async(function() require("multiprocessing.core").poll({}, 0.01) end,
+                             (function() local t = {} for i = 1, 10000 do t[i] = i end return t end)(), 1)
+    local it = pool:imap(function(x) return x end, { 1, 2, 3 })
+    pool:poll(0.05)
+    local t0 = core.monotonic()
+    pool:terminate()
+    assert.is_true(core.monotonic() - t0 < 5)
+    assert.are.equal(0, #H.children())
+    local ok, err = pcall(r.get, r, 1)
+    assert.is_false(ok)
+    assert.is_true(mp.ProcessError:is(err))
+    assert.has_error(function() it() end)
+  end)
+
+  it("a to-be-closed pool is terminated at the end of its block, even on error", function()
+    local ok = pcall(function()
+      local pool <close> = mp.Pool(2)
+      pool:apply_async(function() require("multiprocessing.core").poll({}, 30) end)
+      error("leave the block")
+    end)
+    assert.is_false(ok)
+    assert.are.equal(0, #H.children())
+  end)
+
+  it("__gc of a forgotten pool kills and reaps its workers", function()
+    do
+      local pool = mp.Pool(2)
+      pool:apply_async(function() require("multiprocessing.core").poll({}, 30) end)
+    end
+    collectgarbage(); collectgarbage()
+    assert.truthy(H.wait_until(function() return #H.children() == 0 end, 5))
+  end)
+end)
