@@ -152,8 +152,8 @@ describe("Connection", function()
     local fd
     do
       local a, b = mp.Pipe()
-      local ca <close> = a
-      local cb <close> = b
+      local ca <close> = a   -- luacheck: ignore 211
+      local cb <close> = b   -- luacheck: ignore 211
       fd = a:fileno()
     end
     for _ = 1, 50 do mp.Pipe() end

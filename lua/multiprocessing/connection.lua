@@ -44,7 +44,8 @@ local function fd_of(o, i)
   elseif cls == "multiprocessing.Process" then
     local s = o.sentinel
     if not s then
-      error("bad argument #1 to 'wait' (objects[" .. i .. "] is a process that is not started or is closed)", 3)
+      error("bad argument #1 to 'wait' (objects[" .. i ..
+            "] is a process that is not started or is closed)", 3)
     end
     return s
   elseif (t == "table" or t == "userdata") and o.fileno then

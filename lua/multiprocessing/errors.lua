@@ -14,7 +14,7 @@ local classes = {}
 local exports = {}   -- what require "multiprocessing" shows: the classes
 M.exports = exports
 
-local Error = {}
+local Error   -- the root class, made below
 
 local function tostring_error(e)
   local parts = { e.type .. ": " .. tostring(e.message) }
