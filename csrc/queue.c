@@ -763,13 +763,15 @@ static int queue_put_t(lua_State *L, double timeout) {
     feeder *f = feeder_of(q);
     int behind = 0;
     if (f != NULL) {
-      if (f->error != 0)
-        return luaL_error(L, "Queue.put: cannot grow the queue: %s",
-                          strerror(f->error));
+      int ferr;
       feeder_release(L, q, f, 1);
       pthread_mutex_lock(&f->mu);
       behind = f->next != NULL;           /* keep this producer's order */
+      ferr = f->error;
       pthread_mutex_unlock(&f->mu);
+      if (ferr != 0)
+        return luaL_error(L, "Queue.put: cannot grow the queue: %s",
+                          strerror(ferr));
     }
     if (!behind) {
       qstate st;
