@@ -14,23 +14,38 @@
  * twice; the child asks for SIGKILL when its parent dies
  * (PR_SET_PDEATHSIG) and leaves through core._exit, never returning into
  * the parent's code (process.lua's bootstrap).
+ *
+ * A spawned child (p:_spawn) is a posix_spawn of the executable with one
+ * inherited socket, its bootstrap channel (spawn.lua); it sets its own
+ * PR_SET_PDEATHSIG first thing (core._child_init). A forkserver child is
+ * not ours: the server sends its pid, a pidfd (for signals, race-free) and
+ * the read end of a status pipe on which the server writes the exit code
+ * (4 bytes) once it reaped the child; that pipe is the sentinel
+ * (p:_attach). FdBox is a one-fd handle for passing such fds around.
  */
 #include "mp.h"
 
 #include <errno.h>
+#include <fcntl.h>
+#include <limits.h>
 #include <poll.h>
 #include <sched.h>
 #include <signal.h>
+#include <spawn.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/prctl.h>
+#include <sys/socket.h>
 #include <sys/syscall.h>
 #include <sys/types.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
 MP_API void mp_setpid(int pid);
+extern char **environ;
+
+#define MP_FDBOX_T "multiprocessing.FdBox"
 
 enum { P_INITIAL, P_STARTED, P_DONE, P_CLOSED };
 static const char *const state_names[] = {"initial", "started", "stopped",
@@ -43,6 +58,8 @@ typedef struct mp_process {
   int state;
   int exitcode;  /* valid in P_DONE */
   int self;      /* 1 in the child: this object is the current process */
+  int remote;    /* started by a forkserver: pidfd is its status pipe */
+  int sigfd;     /* remote: a pidfd for signals, or -1 */
 } mp_process;
 
 static mp_process *to_process(lua_State *L, int i) {
@@ -61,11 +78,31 @@ static int decode_status(int st) {
   return 255;
 }
 
+/* A forkserver child: its exit code comes on the status pipe (EOF without
+   it: the server died, and its children with it). */
+static int reap_remote(mp_process *p, int block) {
+  int32_t code;
+  ssize_t r;
+  if (!block) {
+    struct pollfd pfd;
+    pfd.fd = p->pidfd;
+    pfd.events = POLLIN;
+    pfd.revents = 0;
+    if (poll(&pfd, 1, 0) <= 0) return 0;
+  }
+  do r = read(p->pidfd, &code, sizeof code);
+  while (r < 0 && errno == EINTR);
+  p->exitcode = r == (ssize_t)sizeof code ? (int)code : 255;
+  p->state = P_DONE;
+  return 1;
+}
+
 /* Reap without blocking (or blocking when block); 1 if the process ended. */
 static int reap(mp_process *p, int block) {
   int st, r;
   if (p->state != P_STARTED || p->self) return p->state == P_DONE;
   if (p->owner != mp_getpid()) return 0;  /* not our child: cannot wait */
+  if (p->remote) return reap_remote(p, block);
   do r = waitpid(p->pid, &st, block ? 0 : WNOHANG);
   while (r < 0 && errno == EINTR);
   if (r == p->pid) {
@@ -98,6 +135,7 @@ static int process_new(lua_State *L) {
   p = (mp_process *)lua_newuserdatauv(L, sizeof(mp_process), 1);
   memset(p, 0, sizeof *p);
   p->pidfd = -1;
+  p->sigfd = -1;
   luaL_setmetatable(L, MP_PROCESS_T);
   lua_pushvalue(L, 1);
   lua_setiuservalue(L, -2, 1);
@@ -187,6 +225,14 @@ static int send_signal(lua_State *L, int sig) {
   mp_process *p = check_process(L, 1);
   /* Only a started, not yet reaped child: its pid cannot have been reused. */
   if (p->state == P_STARTED && !p->self && !reap(p, 0)) {
+#ifdef SYS_pidfd_send_signal
+    if (p->remote && p->sigfd >= 0) {
+      if (syscall(SYS_pidfd_send_signal, p->sigfd, sig, NULL, 0) != 0 &&
+          errno != ESRCH)
+        return luaL_error(L, "pidfd_send_signal: %s", strerror(errno));
+      return 0;
+    }
+#endif
     if (kill(p->pid, sig) != 0 && errno != ESRCH)
       return luaL_error(L, "kill: %s", strerror(errno));
   }
@@ -200,7 +246,8 @@ static int process_interrupt(lua_State *L) { return send_signal(L, SIGINT); }
 
 static void release(mp_process *p) {
   if (p->pidfd >= 0) close(p->pidfd);
-  p->pidfd = -1;
+  if (p->sigfd >= 0) close(p->sigfd);
+  p->pidfd = p->sigfd = -1;
   p->state = P_CLOSED;
 }
 
@@ -331,8 +378,259 @@ static int core_kill(lua_State *L) {
   return 1;
 }
 
+/* ---- FdBox: one fd as a handle ------------------------------------ */
+
+typedef struct fdbox { int fd; } fdbox;
+
+static fdbox *to_fdbox(lua_State *L, int i) {
+  return (fdbox *)luaL_checkudata(L, i, MP_FDBOX_T);
+}
+
+static fdbox *check_fdbox(lua_State *L, int i) {
+  fdbox *b = to_fdbox(L, i);
+  if (b->fd < 0) luaL_error(L, "fd box is closed");
+  return b;
+}
+
+/* Push a closed box; the caller stores its fd once it has one. */
+static fdbox *push_fdbox(lua_State *L) {
+  fdbox *b = (fdbox *)lua_newuserdatauv(L, sizeof(fdbox), 0);
+  b->fd = -1;
+  luaL_setmetatable(L, MP_FDBOX_T);
+  return b;
+}
+
+/* core._fdbox(fd) -> FdBox owning fd */
+static int fdbox_new(lua_State *L) {
+  int fd = (int)luaL_checkinteger(L, 1);
+  luaL_argcheck(L, fd >= 0, 1, "bad file descriptor");
+  push_fdbox(L)->fd = fd;
+  return 1;
+}
+
+/* box:fileno() -> fd */
+static int fdbox_fileno(lua_State *L) {
+  lua_pushinteger(L, check_fdbox(L, 1)->fd);
+  return 1;
+}
+
+/* box:_detach() -> fd, now the caller's to close */
+static int fdbox_detach(lua_State *L) {
+  fdbox *b = check_fdbox(L, 1);
+  lua_pushinteger(L, b->fd);
+  b->fd = -1;
+  return 1;
+}
+
+static int fdbox_close(lua_State *L) {
+  fdbox *b = to_fdbox(L, 1);
+  if (b->fd >= 0) close(b->fd);
+  b->fd = -1;
+  return 0;
+}
+
+/* __mp_reduce(box) -> "FdBox", {}, fd */
+static int fdbox__reduce(lua_State *L) {
+  fdbox *b = check_fdbox(L, 1);
+  lua_pushliteral(L, "FdBox");
+  lua_newtable(L);
+  lua_pushinteger(L, b->fd);
+  return 3;
+}
+
+static int fdbox__tostring(lua_State *L) {
+  fdbox *b = to_fdbox(L, 1);
+  if (b->fd < 0) lua_pushliteral(L, "<FdBox(closed)>");
+  else lua_pushfstring(L, "<FdBox(%d)>", b->fd);
+  return 1;
+}
+
+/* core._socketpair() -> box, box (Unix stream sockets, close-on-exec) */
+static int core__socketpair(lua_State *L) {
+  int sv[2];
+  fdbox *a = push_fdbox(L), *b = push_fdbox(L);
+  if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv) != 0)
+    return luaL_error(L, "socketpair: %s", strerror(errno));
+  a->fd = sv[0];
+  b->fd = sv[1];
+  return 2;
+}
+
+/* core._pipe() -> rbox, wbox (close-on-exec) */
+static int core__pipe(lua_State *L) {
+  int fds[2];
+  fdbox *r = push_fdbox(L), *w = push_fdbox(L);
+  if (pipe2(fds, O_CLOEXEC) != 0)
+    return luaL_error(L, "pipe: %s", strerror(errno));
+  r->fd = fds[0];
+  w->fd = fds[1];
+  return 2;
+}
+
+/* core._dup(fd) -> box holding a close-on-exec copy */
+static int core__dup(lua_State *L) {
+  int fd = (int)luaL_checkinteger(L, 1);
+  fdbox *b = push_fdbox(L);
+  b->fd = fcntl(fd, F_DUPFD_CLOEXEC, 3);
+  if (b->fd < 0) return luaL_error(L, "dup: %s", strerror(errno));
+  return 1;
+}
+
+/* core._status_write(wbox, code): the forkserver tells an exit code */
+static int core__status_write(lua_State *L) {
+  fdbox *b = check_fdbox(L, 1);
+  int32_t code = (int32_t)luaL_checkinteger(L, 2);
+  ssize_t r;
+  do r = write(b->fd, &code, sizeof code);
+  while (r < 0 && errno == EINTR);
+  lua_pushboolean(L, r == (ssize_t)sizeof code);
+  return 1;
+}
+
+/* ---- spawn and forkserver ------------------------------------------ */
+
+/* p:_spawn(exe, argv, childbox) -> pid: posix_spawn exe with argv; the
+   child inherits childbox's fd (at the same number), nothing else of ours
+   (every fd of the library is close-on-exec). */
+static int process__spawn(lua_State *L) {
+  mp_process *p = check_process(L, 1);
+  const char *exe = luaL_checkstring(L, 2);
+  int cfd, flags, r, pid, parent = mp_getpid();
+  lua_Integer n, i;
+  char **argv;
+  posix_spawnattr_t attr;
+  sigset_t none;
+  luaL_checktype(L, 3, LUA_TTABLE);
+  cfd = check_fdbox(L, 4)->fd;
+  if (p->state != P_INITIAL)
+    return mp_raise(L, "ProcessError", "cannot start a process twice");
+  n = luaL_len(L, 3);
+  luaL_argcheck(L, n >= 1 && n < 4096, 3, "argv must be a non-empty list");
+  argv = (char **)lua_newuserdatauv(L, sizeof(char *) * (size_t)(n + 1), 0);
+  for (i = 1; i <= n; i++) {
+    const char *a;
+    lua_rawgeti(L, 3, i);                 /* anchored by the table */
+    a = lua_tostring(L, -1);
+    luaL_argcheck(L, a != NULL, 3, "argv must hold strings");
+    memcpy(&argv[i - 1], &a, sizeof a);   /* exec's argv is not const */
+    lua_pop(L, 1);
+  }
+  argv[n] = NULL;
+  posix_spawnattr_init(&attr);
+  sigemptyset(&none);
+  posix_spawnattr_setsigmask(&attr, &none);
+  posix_spawnattr_setflags(&attr, POSIX_SPAWN_SETSIGMASK);
+  fflush(NULL);
+  flags = fcntl(cfd, F_GETFD);
+  fcntl(cfd, F_SETFD, flags & ~FD_CLOEXEC);   /* for the child only */
+  if (strchr(exe, '/'))
+    r = posix_spawn(&pid, exe, NULL, &attr, argv, environ);
+  else
+    r = posix_spawnp(&pid, exe, NULL, &attr, argv, environ);
+  fcntl(cfd, F_SETFD, flags);
+  posix_spawnattr_destroy(&attr);
+  if (r != 0)
+    return mp_raise(L, "ProcessError", "spawn '%s': %s", exe, strerror(r));
+  p->pid = pid;
+  p->pidfd = pidfd_open_(pid);
+  p->owner = parent;
+  p->state = P_STARTED;
+  lua_pushinteger(L, pid);
+  return 1;
+}
+
+/* p:_attach(pid, statusbox, pidfdbox|nil): a child a forkserver forked;
+   takes over the boxes' fds. */
+static int process__attach(lua_State *L) {
+  mp_process *p = check_process(L, 1);
+  int pid = (int)luaL_checkinteger(L, 2);
+  fdbox *st = check_fdbox(L, 3);
+  fdbox *sg = lua_isnoneornil(L, 4) ? NULL : check_fdbox(L, 4);
+  if (p->state != P_INITIAL)
+    return mp_raise(L, "ProcessError", "cannot start a process twice");
+  luaL_argcheck(L, pid > 0, 2, "pid must be positive");
+  p->pid = pid;
+  p->remote = 1;
+  p->pidfd = st->fd;
+  st->fd = -1;
+  if (sg) {
+    p->sigfd = sg->fd;
+    sg->fd = -1;
+  }
+  p->owner = mp_getpid();
+  p->state = P_STARTED;
+  return 0;
+}
+
+/* p:_become(ppid): in a spawned child, this object is the current process */
+static int process__become(lua_State *L) {
+  mp_process *p = check_process(L, 1);
+  p->pid = mp_getpid();
+  p->owner = (int)luaL_checkinteger(L, 2);
+  p->state = P_STARTED;
+  p->self = 1;
+  return 0;
+}
+
+/* p:_fields() -> the table of its Lua-side fields */
+static int process__fields(lua_State *L) {
+  check_process(L, 1);
+  lua_getiuservalue(L, 1, 1);
+  return 1;
+}
+
+/* core._child_init(ppid, fd): first thing in a spawned child: die with the
+   parent (and leave at once if it is gone already), keep fd from the
+   children this one will start. */
+static int core__child_init(lua_State *L) {
+  int ppid = (int)luaL_checkinteger(L, 1);
+  int fd = (int)luaL_checkinteger(L, 2);
+  prctl(PR_SET_PDEATHSIG, SIGKILL);
+  if (getppid() != ppid) _exit(1);
+  fcntl(fd, F_SETFD, FD_CLOEXEC);
+  return 0;
+}
+
+/* core.getcwd() -> path */
+static int core_getcwd(lua_State *L) {
+  char buf[PATH_MAX];
+  if (getcwd(buf, sizeof buf) == NULL) return luaL_fileresult(L, 0, "getcwd");
+  lua_pushstring(L, buf);
+  return 1;
+}
+
+/* core.chdir(path) -> true | nil, msg */
+static int core_chdir(lua_State *L) {
+  const char *path = luaL_checkstring(L, 1);
+  if (chdir(path) != 0) return luaL_fileresult(L, 0, path);
+  lua_pushboolean(L, 1);
+  return 1;
+}
+
+/* core.realpath(path) -> absolute path | nil, msg */
+static int core_realpath(lua_State *L) {
+  const char *path = luaL_checkstring(L, 1);
+  char buf[PATH_MAX];
+  if (realpath(path, buf) == NULL) return luaL_fileresult(L, 0, path);
+  lua_pushstring(L, buf);
+  return 1;
+}
+
+/* core.exepath() -> the running executable's path | nil */
+static int core_exepath(lua_State *L) {
+  char buf[PATH_MAX];
+  ssize_t n = readlink("/proc/self/exe", buf, sizeof buf - 1);
+  if (n <= 0) return 0;
+  lua_pushlstring(L, buf, (size_t)n);
+  return 1;
+}
+
 static const luaL_Reg process_methods[] = {
   {"_fork", process__fork},
+  {"_spawn", process__spawn},
+  {"_attach", process__attach},
+  {"_become", process__become},
+  {"_fields", process__fields},
   {"join", process_join},
   {"is_alive", process_is_alive},
   {"terminate", process_terminate},
@@ -350,6 +648,22 @@ MP_API void mp_process_open(lua_State *L) {
     {"getppid", core_getppid},
     {"cpu_count", core_cpu_count},
     {"kill", core_kill},
+    {"_fdbox", fdbox_new},
+    {"_socketpair", core__socketpair},
+    {"_pipe", core__pipe},
+    {"_dup", core__dup},
+    {"_status_write", core__status_write},
+    {"_child_init", core__child_init},
+    {"getcwd", core_getcwd},
+    {"chdir", core_chdir},
+    {"realpath", core_realpath},
+    {"exepath", core_exepath},
+    {NULL, NULL}
+  };
+  static const luaL_Reg fdbox_methods[] = {
+    {"fileno", fdbox_fileno},
+    {"close", fdbox_close},
+    {"_detach", fdbox_detach},
     {NULL, NULL}
   };
   luaL_newmetatable(L, MP_PROCESS_T);     /* mod, mt */
@@ -365,6 +679,18 @@ MP_API void mp_process_open(lua_State *L) {
   lua_pushcfunction(L, process__gc);
   lua_setfield(L, -2, "__close");
   lua_pushcfunction(L, process__tostring);
+  lua_setfield(L, -2, "__tostring");
+  lua_pop(L, 1);
+  luaL_newmetatable(L, MP_FDBOX_T);       /* mod, mt */
+  luaL_newlib(L, fdbox_methods);
+  lua_setfield(L, -2, "__index");
+  lua_pushcfunction(L, fdbox_close);
+  lua_setfield(L, -2, "__gc");
+  lua_pushcfunction(L, fdbox_close);
+  lua_setfield(L, -2, "__close");
+  lua_pushcfunction(L, fdbox__reduce);
+  lua_setfield(L, -2, "__mp_reduce");
+  lua_pushcfunction(L, fdbox__tostring);
   lua_setfield(L, -2, "__tostring");
   lua_pop(L, 1);
   luaL_setfuncs(L, funcs, 0);

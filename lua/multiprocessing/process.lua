@@ -5,6 +5,10 @@
 -- runs the exit hooks (queues flush, its own children are handled as below),
 -- then leaves through core._exit. The main program, at its normal end,
 -- terminates daemonic children and joins the others (as Python does).
+--
+-- Start methods: start() forks here; under "spawn" and "forkserver" it
+-- hands the object to multiprocessing.spawn (loaded on first use), whose
+-- child ends in M._child_main, the same exit path as a forked child.
 
 local core = require "multiprocessing.core"
 local errors = require "multiprocessing.errors"
@@ -24,6 +28,9 @@ local children = {}        -- started, not yet reaped children: Process -> true
 local hooks = {}           -- exit hooks, run in order
 local current, parent      -- current process object, parent descriptor
 local spawned_child = false
+local default_method = "fork"  -- set by multiprocessing.context
+local METHODS = { fork = true, spawn = true, forkserver = true }
+M.METHODS = METHODS
 
 -- The main process as seen by current_process() in it.
 local MainProcess = setmetatable({
@@ -41,7 +48,7 @@ local function check_opts(opts)
   end
   for k in pairs(opts) do
     if k ~= "target" and k ~= "args" and k ~= "name" and k ~= "daemon"
-       and k ~= "run" then
+       and k ~= "run" and k ~= "start_method" then
       error("Process: unknown option '" .. tostring(k) .. "'", 3)
     end
   end
@@ -63,10 +70,17 @@ local function check_opts(opts)
   if opts.run ~= nil and type(opts.run) ~= "function" then
     error("Process: 'run' must be a function (got " .. type(opts.run) .. ")", 3)
   end
+  local m = opts.start_method
+  if m ~= nil and not METHODS[m] then
+    error("Process: 'start_method' must be \"fork\", \"spawn\" or \"forkserver\" (got "
+          .. tostring(m) .. ")", 3)
+  end
   return opts
 end
 
--- mp.Process{target=fn, args={...}, name=s, daemon=b, run=fn} -> Process
+-- mp.Process{target=fn, args={...}, name=s, daemon=b, run=fn,
+--   start_method=m} -> Process; without start_method it takes the default
+--   method when it starts (p._method tells the one it was given)
 function exports.Process(opts)
   opts = check_opts(opts)
   counter = counter + 1
@@ -76,6 +90,7 @@ function exports.Process(opts)
     name = opts.name or ("Process-" .. counter),
     daemon = opts.daemon,
     run = opts.run,
+    _method = opts.start_method,
   }
   if fields.daemon == nil then
     fields.daemon = current ~= nil and current.daemon or false
@@ -119,8 +134,8 @@ function M._traceback(err)
   return tb
 end
 
--- The child's side of start, called by _fork in the child, which then
--- leaves with the code returned.
+-- The child's side of start, called by _fork in the child (or by
+-- spawn.lua in a spawned one), which then leaves with the code returned.
 local function bootstrap(self, ppid, pname)
   current = self
   parent = setmetatable({ pid = ppid, name = pname }, {
@@ -139,6 +154,7 @@ local function bootstrap(self, ppid, pname)
   exit_function()
   return code       -- _fork's child side flushes and _exits with it
 end
+M._child_main = bootstrap
 
 -- The object whose __gc runs the exit function at the main program's end.
 -- It is made anew at each start, so that it is finalized before the
@@ -166,16 +182,21 @@ function methods.start(self)
   if self._state ~= "initial" then
     error(errors.new("ProcessError", "cannot start a process twice"), 2)
   end
+  if M._start_guard then M._start_guard() end
   if current and current.daemon then
     error(errors.new("ProcessError", "daemonic processes are not allowed to have children"), 2)
   end
-  if M._start_guard then M._start_guard() end
   local me = current or MainProcess
   local ppid, pname = core.getpid(), me.name
   for p in pairs(children) do          -- forget what has ended
     if p._state ~= "started" or not p:is_alive() then children[p] = nil end
   end
-  self:_fork(bootstrap, self, ppid, pname)
+  local method = self._method or default_method
+  if method == "fork" then
+    self:_fork(bootstrap, self, ppid, pname)
+  else
+    require("multiprocessing.spawn")._start(self, method, ppid, pname)
+  end
   children[self] = true
   arm_exit_guard()
 end
@@ -205,6 +226,24 @@ function exports.is_main() return not spawned_child end
 -- program's normal end (before children are joined).
 function M._atexit(fn) hooks[#hooks + 1] = fn end
 function M._set_spawned_child(v) spawned_child = v end
+function M._set_default_method(m) default_method = m end
+function M._default_method() return default_method end
+
+-- process._with_method(m, fn, ...): call fn with m as the default start
+-- method of the Process objects it makes (restored afterwards, even on
+-- error); ctx.Pool uses it, and a Pool keeps M._default_method() of its
+-- construction for the workers it restarts.
+function M._with_method(m, fn, ...)
+  local old = default_method
+  default_method = m
+  local res = table.pack(pcall(fn, ...))
+  default_method = old
+  if not res[1] then error(res[2], 0) end
+  return unpack(res, 2, res.n)
+end
+
+-- FdBox: one fd as a handle (the forkserver's replies)
+core.register_handle("FdBox", function(_, fd) return core._fdbox(fd) end)
 function M._children() return children end
 
 return M

@@ -1,0 +1,383 @@
+-- multiprocessing.spawn: the spawn and forkserver start methods, both
+-- sides: the parent's start, the child's bootstrap and the fork server.
+--
+-- spawn: the parent posix_spawns the executable (lua5.4, or what
+-- mp.set_executable named) as `exe -e "<bootstrap chunk>"`; the chunk sets
+-- package.path/cpath and calls M._main(fd, ppid), fd being the child's end
+-- of a socketpair, its bootstrap channel (csrc/process.c p:_spawn). Over it
+-- the parent sends two messages, as a Connection does (handles' fds ride
+-- with SCM_RIGHTS):
+--   1. the preparation: package.path, package.cpath, cwd, arg, the entry
+--      chunk's path (or false), the parent's pid and name;
+--   2. the Process object's fields (target, args, name, daemon, run, ...).
+-- The child applies 1, re-runs the entry chunk with mp.is_main() false and
+-- Process:start() refused (the guard), then decodes 2 (so functions that
+-- travel by name find their modules) and runs the target through the same
+-- exit path as a forked child (process.lua's M._child_main).
+--
+-- forkserver: a server spawned on first use (the entry chunk is not
+-- re-run in it, it only loads the library and the preload modules) that
+-- listens on a socketpair only its creator holds. For each child the
+-- creator sends the child's end of a new bootstrap socketpair; the server
+-- forks, the child runs the same bootstrap as a spawned one on that
+-- socket, and the server answers with the child's pid, a pidfd (signals)
+-- and the read end of a status pipe on which it writes the exit code once
+-- it reaped the child (csrc/process.c p:_attach). The server dies with its
+-- creator (PDEATHSIG), its children with it.
+
+local core = require "multiprocessing.core"
+local errors = require "multiprocessing.errors"
+local process = require "multiprocessing.process"
+
+local type, error, pairs, ipairs, tostring, pcall, xpcall, require, loadfile =
+      type, error, pairs, ipairs, tostring, pcall, xpcall, require, loadfile
+local unpack, concat = table.unpack, table.concat
+local package, stderr = package, io.stderr
+
+local M = {}
+
+local MARK = " --[[multiprocessing spawn]]"  -- lua.c refuses "-e -..."
+M.MARK = MARK
+local BOOT_TIMEOUT = 60     -- seconds a child waits for its parent's messages
+
+local executable            -- nil: the default (see get_executable)
+local main_chunk            -- nil: detect; false: none; string: a path
+local main_detected
+local preload = {}
+local bootstrapping = false -- true while a spawned child re-runs the entry chunk
+
+local function perr(msg, level)
+  error(errors.new("ProcessError", msg), (level or 1) + 1)
+end
+
+-- ---- settings ----------------------------------------------------------
+
+function M.set_executable(path)
+  if type(path) ~= "string" or path == "" then
+    error("bad argument #1 to 'set_executable' (non-empty string expected, got "
+          .. type(path) .. ")", 3)
+  end
+  executable = path
+end
+
+-- The program spawned children run: what set_executable named, else the
+-- running interpreter when it is a Lua interpreter, else lua5.4 on PATH (a
+-- host that embeds Lua must name itself: see docs/spawn.md).
+function M.get_executable()
+  if executable then return executable end
+  local exe = core.exepath()
+  if exe and exe:match("[^/]*$"):match("^lua") then return exe end
+  return "lua5.4"
+end
+
+function M.set_main_chunk(path)
+  if path ~= false and (type(path) ~= "string" or path == "") then
+    error("bad argument #1 to 'set_main_chunk' (path or false expected, got "
+          .. type(path) .. ")", 3)
+  end
+  if path then
+    local abs, msg = core.realpath(path)
+    if not abs then error("set_main_chunk: " .. tostring(msg), 3) end
+    path = abs
+  end
+  main_chunk = path
+end
+
+-- The entry chunk a spawned child re-runs: set_main_chunk's, else the
+-- script given on the interpreter's command line (arg[0]), unless that is
+-- busted's runner (re-running it would run the specs) or there is none
+-- (lua5.4 -e, standard input, a host that set no arg).
+function M.get_main_chunk()
+  if main_chunk ~= nil then return main_chunk end
+  if main_detected == nil then
+    main_detected = false
+    local a = _G.arg
+    local s = type(a) == "table" and a[0]
+    if type(s) == "string" and s ~= "-" and not package.loaded["busted"]
+       and not package.loaded["busted.core"] then
+      main_detected = core.realpath(s) or false
+    end
+  end
+  return main_detected
+end
+
+function M.set_forkserver_preload(list)
+  if type(list) ~= "table" then
+    error("bad argument #1 to 'set_forkserver_preload' (list of module names expected, got "
+          .. type(list) .. ")", 3)
+  end
+  local t = {}
+  for i, name in ipairs(list) do
+    if type(name) ~= "string" then
+      error("bad argument #1 to 'set_forkserver_preload' (item " .. i
+            .. " is not a module name)", 3)
+    end
+    t[i] = name
+  end
+  preload = t
+end
+
+-- ---- the guard -----------------------------------------------------------
+
+local GUARD_MSG = [[
+a process was started while a spawned child was re-running the program's
+entry chunk to bootstrap itself. The code that starts processes must run
+only in the main program: put it under the guard
+
+    if mp.is_main() then
+      ... -- start processes, pools, etc. here
+    end
+
+(the spawned child re-runs the entry chunk so that its functions, globals
+and requires exist, with mp.is_main() false)]]
+
+process._start_guard = function()
+  if bootstrapping then perr(GUARD_MSG, 3) end
+end
+
+-- ---- the parent's side ---------------------------------------------------
+
+-- A Lua long string that holds s verbatim.
+local function quote(s)
+  local eq = ""
+  while s:find("]" .. eq .. "]", 1, true) do eq = eq .. "=" end
+  local nl = s:sub(1, 1) == "\n" and "\n" or ""
+  return "[" .. eq .. "[" .. nl .. s .. "]" .. eq .. "]"
+end
+
+function M.boot_chunk(fd, ppid)
+  return MARK .. " package.path=" .. quote(package.path) .. " package.cpath="
+         .. quote(package.cpath) .. " require('multiprocessing.spawn')._main("
+         .. fd .. "," .. ppid .. ")"
+end
+
+local function prep_message(ppid, pname, main)
+  local a = _G.arg
+  local args = {}
+  if type(a) == "table" then
+    for k, v in pairs(a) do
+      if math.type(k) == "integer" and (type(v) == "string" or type(v) == "number") then
+        args[k] = v
+      end
+    end
+  end
+  return {
+    path = package.path, cpath = package.cpath, cwd = core.getcwd(),
+    arg = args, main = main, ppid = ppid, pname = pname,
+    exe = executable, preload = preload,
+  }
+end
+
+-- The fields a child needs to rebuild its Process object.
+local function payload_of(p)
+  local t = {}
+  for k, v in pairs(p:_fields()) do
+    if k ~= "_method" then t[k] = v end
+  end
+  return t
+end
+
+-- Send both messages on the bootstrap channel, then close it; a child that
+-- died early just shows in its exit code.
+local function send_boot(box, prep, payload)
+  local conn = core.conn_from_fd(box:_detach(), true, true)
+  local ok, err = pcall(function()
+    if conn:send(prep) then conn:send(payload) end
+  end)
+  conn:close()
+  if not ok then error(err, 0) end
+end
+
+local function spawn_raw(p, prep, payload)
+  local exe = M.get_executable()
+  local pbox, cbox = core._socketpair()
+  local argv = { exe, "-e", M.boot_chunk(cbox:fileno(), prep.ppid) }
+  p:_spawn(exe, argv, cbox)
+  cbox:close()
+  send_boot(pbox, prep, payload)
+end
+
+-- ---- forkserver: the creator's side --------------------------------------
+
+local server   -- { conn = Connection, proc = Process, owner = pid }
+
+local function get_server()
+  local me = core.getpid()
+  if server and server.owner == me and server.proc:is_alive() then return server end
+  if server and server.owner == me then
+    pcall(server.conn.close, server.conn)
+  end
+  server = nil
+  local mine, theirs = core.Pipe(true)
+  local proc = core.process_new({ name = "ForkServer", daemon = true, args = {} })
+  local prep = prep_message(me, process.exports.current_process().name, false)
+  spawn_raw(proc, prep, { name = "ForkServer", daemon = true,
+                          target = M._forkserver_main, args = { theirs, preload } })
+  theirs:close()
+  server = { conn = mine, proc = proc, owner = me }
+  return server
+end
+
+local function forkserver_start(p, prep, payload)
+  local s = get_server()
+  local pbox, cbox = core._socketpair()
+  local ok = s.conn:send({ cbox })
+  cbox:close()
+  local rep = ok and s.conn:recv(BOOT_TIMEOUT)
+  if type(rep) ~= "table" or not rep.pid then
+    pbox:close()
+    server = nil
+    perr("forkserver: " .. (type(rep) == "table" and tostring(rep.error)
+                            or "the server did not answer"), 3)
+  end
+  p:_attach(rep.pid, rep.status, rep.pidfd)
+  send_boot(pbox, prep, payload)
+end
+
+-- process.lua's start for "spawn" and "forkserver"
+function M._start(p, method, ppid, pname)
+  local payload = payload_of(p)
+  core.dumps(payload, "process")     -- raises here, before any child exists
+  local prep = prep_message(ppid, pname, M.get_main_chunk())
+  if method == "spawn" then spawn_raw(p, prep, payload)
+  else forkserver_start(p, prep, payload) end
+end
+
+-- ---- the child's side ----------------------------------------------------
+
+local NO_CHUNK_HINT = "\n(this program has no entry chunk a spawned child could re-run"
+  .. " -- lua5.4 -e, standard input, busted or a host that named none -- so only"
+  .. " functions that travel as bytecode or from modules can be sent; name one"
+  .. " with mp.set_main_chunk(path))"
+
+-- Runs in the new process: prepare, re-run the entry chunk, run the
+-- target. Returns the exit code.
+local function run_child(conn)
+  local prep, why = conn:recv(BOOT_TIMEOUT)
+  if not prep then
+    stderr:write("multiprocessing: spawned child ", core.getpid(),
+                 ": no bootstrap message (", tostring(why), ")\n")
+    return 1
+  end
+  package.path, package.cpath = prep.path, prep.cpath
+  if prep.cwd then core.chdir(prep.cwd) end
+  require "multiprocessing"            -- every handle kind can be rebuilt
+  process._set_spawned_child(true)
+  if prep.exe then executable = prep.exe end
+  preload = prep.preload or {}
+  _G.arg = prep.arg
+  main_chunk = prep.main
+  if prep.main then
+    local chunk, msg = loadfile(prep.main)
+    if not chunk then
+      stderr:write("multiprocessing: spawned child cannot load the entry chunk: ",
+                   tostring(msg), "\n")
+      return 1
+    end
+    bootstrapping = true
+    local ok, err = xpcall(chunk, process._traceback, unpack(prep.arg, 1, #prep.arg))
+    bootstrapping = false
+    if not ok then
+      stderr:write("multiprocessing: error while a spawned child (pid ", core.getpid(),
+                   ") re-ran the entry chunk ", prep.main, ":\n", tostring(err), "\n")
+      return 1
+    end
+  end
+  local ok, fields, why2 = pcall(conn.recv, conn, BOOT_TIMEOUT)
+  conn:close()
+  if not ok or fields == nil then
+    local msg = ok and ("no process message (" .. tostring(why2) .. ")") or tostring(fields)
+    if not prep.main then msg = msg .. NO_CHUNK_HINT end
+    stderr:write("multiprocessing: spawned child ", core.getpid(),
+                 " cannot receive its process: ", msg, "\n")
+    return 1
+  end
+  local self = core.process_new(fields)
+  self:_become(prep.ppid)
+  return process._child_main(self, prep.ppid, prep.pname)
+end
+
+-- The bootstrap chunk's entry: never returns.
+function M._main(fd, ppid)
+  local ok, code = pcall(function()
+    core._child_init(ppid, fd)
+    return run_child(core.conn_from_fd(fd, true, true))
+  end)
+  if not ok then
+    stderr:write("multiprocessing: spawned child failed: ", tostring(code), "\n")
+    code = 1
+  end
+  core._exit(type(code) == "number" and code or 1)
+end
+
+-- ---- forkserver: the server ------------------------------------------
+
+-- The server's loop (the target of its Process): fork a child for each
+-- request, report each child's exit code on its status pipe.
+function M._forkserver_main(conn, mods)
+  for _, name in ipairs(mods or {}) do
+    local ok, err = pcall(require, name)
+    if not ok then
+      stderr:write("multiprocessing: forkserver cannot preload ", name, ": ",
+                   tostring(err), "\n")
+    end
+  end
+  local kids = {}            -- sentinel fd -> { proc =, w = status write box }
+  local function child_boot(box)
+    conn:close()
+    for _, k in pairs(kids) do k.w:close() end
+    local code = run_child(core.conn_from_fd(box:_detach(), true, true))
+    return code
+  end
+  while true do
+    local fds, list = { conn:fileno() }, { false }
+    for fd, k in pairs(kids) do fds[#fds + 1] = fd; list[#list + 1] = k end
+    local hits = core.poll(fds)
+    for _, i in ipairs(hits) do
+      if i == 1 then
+        local req, why = conn:recv(0)
+        if req == nil and why == "closed" then return 0 end
+        if type(req) == "table" and req[1] then
+          local box = req[1]
+          local p = core.process_new({ name = "forkserver-child" })
+          local r, w = core._pipe()
+          local ok, err = pcall(p._fork, p, child_boot, box)
+          box:close()
+          if ok then
+            local sig = core._dup(p.sentinel)
+            kids[p.sentinel] = { proc = p, w = w }
+            conn:send({ pid = p.pid, status = r, pidfd = sig })
+            sig:close()
+          else
+            w:close()
+            conn:send({ error = tostring(err) })
+          end
+          r:close()
+        end
+      else
+        local k = list[i]
+        local code = k.proc:join(0)
+        if code then
+          local fd = k.proc.sentinel
+          core._status_write(k.w, code)
+          k.w:close()
+          k.proc:close()
+          kids[fd] = nil
+        end
+      end
+    end
+  end
+end
+
+-- Stop the fork server (tests, and programs that want it gone early).
+function M._forkserver_stop()
+  if server and server.owner == core.getpid() then
+    server.conn:close()
+    server.proc:join(5)
+    if server.proc:is_alive() then server.proc:kill(); server.proc:join() end
+    server.proc:close()
+  end
+  server = nil
+end
+
+return M
