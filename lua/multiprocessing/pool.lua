@@ -143,6 +143,7 @@ function exports.Pool(opts)
     _fnids = {}, _nfn = 0, _fncount = 0, _ewma = {},
     _cbq = {}, _cbhead = 1,
     _done = 0, _failed = 0, _restarts = 0, _nworkers = 0,
+    _method = process._default_method(),   -- workers (restarts too) use it
   }, Pool)
   for slot = 1, n do self:_spawn(slot) end
   return self
@@ -155,7 +156,8 @@ function Pool:_spawn(slot)
   -- the pool alive, or a forgotten pool would never be collected
   local ref = setmetatable({ self }, { __mode = "v" })
   local p = process.exports.Process{ target = worker_main, args = { ref, slot },
-                                     daemon = true, name = "PoolWorker-" .. slot }
+                                     daemon = true, name = "PoolWorker-" .. slot,
+                                     start_method = self._method }
   p:start()
   pc:forked(slot, p.sentinel)
   self._workers[slot] = { proc = p, pid = p.pid, fifo = {}, head = 1, tail = 1,
