@@ -51,12 +51,15 @@ enum { EV_CHAN, EV_SENTINEL, EV_TIMER };
 
 #define RBUF_INIT 65536
 #define READ_MAX (1u << 20)          /* bytes read per slot per wait */
+#define QUICK_US 100                 /* a chunk this quick may wait to be sent */
+#define BATCH_MAX 65536              /* bytes of results held back at most */
 
 /* One worker's record in shared memory (a cache line each). */
 typedef struct shslot {
   uint32_t started;                  /* seq of the chunk last started */
   uint32_t ready;                    /* initializer done */
-  uint32_t pad[14];
+  uint32_t finished;                 /* seq of the chunk last finished */
+  uint32_t pad[13];
 } shslot;
 
 typedef struct slot {
@@ -643,14 +646,16 @@ static int pool_take(lua_State *L) {
   return 2;
 }
 
-/* pc:started(i) -> seq of the chunk the worker last started, ready */
+/* pc:started(i) -> seq of the chunk the worker last started, of the one
+   it last finished, initializer done */
 static int pool_started(lua_State *L) {
   pcore *pc = check_pcore(L, 1);
   slot *s = check_slot(L, pc, 2);
   shslot *sh = &pc->shm[s - pc->s];
   lua_pushinteger(L, __atomic_load_n(&sh->started, __ATOMIC_ACQUIRE));
+  lua_pushinteger(L, __atomic_load_n(&sh->finished, __ATOMIC_ACQUIRE));
   lua_pushboolean(L, __atomic_load_n(&sh->ready, __ATOMIC_ACQUIRE) != 0);
-  return 2;
+  return 3;
 }
 
 /* pc:timer(seconds | nil): arm the timerfd that far ahead (nil: disarm) */
@@ -752,6 +757,12 @@ static int write_all(int fd, const char *p, size_t n) {
   return 0;
 }
 
+/* Does the buffer hold a whole frame at pos? */
+static int frame_ready(const mp_buf *in, size_t pos) {
+  size_t have = in->len - pos;
+  return have >= 4 && have - 4 >= rd_u32(in->data + pos);
+}
+
 /* Read until the buffer holds a whole frame; 0 at end of stream. */
 static int read_frame(lua_State *L, int fd, mp_buf *in, size_t *pos) {
   for (;;) {
@@ -823,7 +834,7 @@ static int pool_worker(lua_State *L) {
   lua_Integer maxtasks = luaL_optinteger(L, 3, 0), done = 0;
   double maxmem = luaL_optnumber(L, 4, 0);
   int me = (int)(s - pc->s), fd;
-  size_t pos = 0;
+  size_t pos = 0, fstart;
   mp_buf *in, *out;
   shslot *sh = &pc->shm[me];
   luaL_checktype(L, 5, LUA_TFUNCTION);
@@ -835,7 +846,13 @@ static int pool_worker(lua_State *L) {
   out = mp_buf_push(L, RBUF_INIT);       /* 7 */
   lua_newtable(L);                       /* 8: fnid -> function */
   __atomic_store_n(&sh->ready, 1, __ATOMIC_RELEASE);
-  while (read_frame(L, fd, in, &pos)) {
+  for (;;) {
+    if (!frame_ready(in, pos) && out->len > 0) {   /* about to wait: send */
+      if (write_all(fd, out->data, out->len) != 0) break;
+      out->len = 0;
+    }
+    if (!read_frame(L, fd, in, &pos)) break;
+    {
     const char *p = in->data + pos;
     uint32_t len = rd_u32(p);
     const char *body = p + 5, *end = p + 4 + len;
@@ -858,7 +875,9 @@ static int pool_worker(lua_State *L) {
       c.k = 0;
       c.n = rd_u32(body + 8);
       c.out = out;
-      frame_begin(L, out, F_RESULT);
+      fstart = out->len;
+      put_u32(L, out, 0);
+      put_u8(L, out, F_RESULT);
       put_u32(L, out, seq);
       put_u32(L, out, c.n);
       put_u32(L, out, 0);
@@ -878,9 +897,16 @@ static int pool_worker(lua_State *L) {
       }
       lua_settop(L, 8);
       done += c.n;
+      if (maxtasks > 0 && done >= maxtasks) us = QUICK_US;   /* send now */
       us = (mp_now() - t0) * 1e6;
-      memcpy(out->data + 13, &(uint32_t){us > 4e9 ? 4000000000u : (uint32_t)us}, 4);
-      if (frame_send(out, fd) != 0) break;
+      memcpy(out->data + fstart + 13, &(uint32_t){us > 4e9 ? 4000000000u : (uint32_t)us}, 4);
+      memcpy(out->data + fstart, &(uint32_t){(uint32_t)(out->len - fstart - 4)}, 4);
+      __atomic_store_n(&sh->finished, seq, __ATOMIC_RELEASE);
+      /* A quick chunk with the next one already here: its result rides
+         with the next ones (one write for many) */
+      if (us < QUICK_US && out->len < BATCH_MAX && frame_ready(in, pos)) continue;
+      if (write_all(fd, out->data, out->len) != 0) break;
+      out->len = 0;
       if (maxtasks > 0 && done >= maxtasks) break;
       if (maxmem > 0) {
         double bytes = lua_gc(L, LUA_GCCOUNT, 0) * 1024.0 + lua_gc(L, LUA_GCCOUNTB, 0);
@@ -888,8 +914,10 @@ static int pool_worker(lua_State *L) {
           lua_gc(L, LUA_GCCOLLECT, 0);
           bytes = lua_gc(L, LUA_GCCOUNT, 0) * 1024.0 + lua_gc(L, LUA_GCCOUNTB, 0);
           if (bytes > maxmem) {
+            if (out->len > 0 && write_all(fd, out->data, out->len) != 0) break;
             frame_begin(L, out, F_RETIRE);
             frame_send(out, fd);
+            out->len = 0;
             break;
           }
         }
@@ -897,7 +925,9 @@ static int pool_worker(lua_State *L) {
     } else {
       return luaL_error(L, "pool: corrupt message");
     }
+    }
   }
+  if (out->len > 0) write_all(fd, out->data, out->len);
   if (fd >= 0) close(fd);
   s->wfd = -1;
   lua_pushinteger(L, 0);

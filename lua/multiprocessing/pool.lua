@@ -556,7 +556,7 @@ function Pool:_death(slot)
   local p = w.proc
   local code = p:join(2)
   if not code then p:kill(); code = p:join(2) or -9 end
-  local started = pc:started(slot)
+  local started, finished = pc:started(slot)
   self._workers[slot] = nil
   self._nworkers = self._nworkers - 1
   pc:close_slot(slot)
@@ -569,8 +569,11 @@ function Pool:_death(slot)
       if self._ctimedout[seq] then
         err = errors.new("TimeoutError", ("task timed out after %g s; its worker (pid %d) was killed and replaced")
                          :format(job.timeout, w.pid), { pid = w.pid, exitcode = code })
-      elseif i == w.head and seq == started then
+      elseif seq == started and seq > finished then
         err = errors.new("WorkerLostError", ("worker (pid %d) died with exit code %d while running this task")
+                         :format(w.pid, code), { pid = w.pid, exitcode = code })
+      elseif seq <= finished then        -- done, but its result was held back
+        err = errors.new("WorkerLostError", ("worker (pid %d) died with exit code %d before sending this task's result")
                          :format(w.pid, code), { pid = w.pid, exitcode = code })
       end
       if self._timed[seq] then
