@@ -72,7 +72,8 @@ enum {
   E_SIGN,         /* package.loaded signature when E_MODOF was built */
   E_SIGX,
   E_BUF,          /* a spare output buffer for mp.dumps, or nil */
-  E_N = E_BUF
+  E_PACK,         /* function(...) return {...} end */
+  E_N = E_PACK
 };
 
 static void push_env(lua_State *L) {
@@ -82,6 +83,8 @@ static void push_env(lua_State *L) {
   lua_newtable(L); lua_rawseti(L, -2, E_BYNAME);
   lua_newtable(L); lua_rawseti(L, -2, E_BYVAL);
   lua_newtable(L); lua_rawseti(L, -2, E_KINDS);
+  if (luaL_loadstring(L, "return {...}") != LUA_OK) lua_error(L);
+  lua_rawseti(L, -2, E_PACK);
   lua_pushvalue(L, -1);
   lua_rawsetp(L, LUA_REGISTRYINDEX, &envkey);
 }
@@ -495,37 +498,29 @@ static void enter(enc *e) {
   luaL_checkstack(e->L, 8, "nesting");
 }
 
-/* Table contents in one traversal: the keys 1, 2, ... that lua_next gives
-   first (Lua's array part, in order) are the array section; every other
-   pair follows as key and value. One pass, no lua_rawgeti: a second pass
-   over the array part to find the other keys would cost as much again. */
+/* Table contents: the sequence 1..n (up to the first nil) read with
+   lua_rawgeti, then the other pairs. Every Lua API call costs about the
+   same, so the common case is kept to four per element: the sequence pass
+   (rawgeti, tonumber) and a counting traversal (next, pop) that proves
+   there is no other key; only a table with other keys is traversed a third
+   time to encode them. */
 static void enc_table_body(enc *e, int idx) {
   lua_State *L = e->L;
-  lua_Integer expect = 1;
+  lua_Integer n = (lua_Integer)lua_rawlen(L, idx), i, cnt = 0;
+  int base = lua_gettop(L);
   size_t at;
-  uint32_t n = 0, m = 0;
-  int base = lua_gettop(L), room = 0, more = 1;
+  uint32_t m = 0;
   seg s;
+  if (n > 0x7ffffffe) n = 0x7ffffffe;
   wr(e, 8);
   at = e->b->len;                        /* u32 n, u32 m, patched below */
   e->b->len += 8;
   s.up = e->path;
+  s.kind = S_INDEX;
   e->path = &s;
-  lua_pushnil(L);
-  /* The array section: instead of popping each value, its key is copied
-     over it and becomes the next lua_next key (cheaper than lua_settop);
-     the stack is reset every 64 items. */
-  for (;;) {
-    int isint, t;
-    lua_Integer k;
-    if (!lua_next(L, idx)) {
-      more = 0;
-      break;
-    }
-    if (lua_type(L, -2) != LUA_TNUMBER) break;
-    k = lua_tointegerx(L, -2, &isint);
-    if (!isint || k != expect || n == 0xffffffffu) break;
-    t = lua_type(L, -1);
+  luaL_checkstack(L, 70, NULL);
+  for (i = 1; i <= n; i++) {
+    int t = lua_rawgeti(L, idx, i);
     if (t == LUA_TNUMBER) {              /* lists of numbers */
       lua_Number x = lua_tonumber(L, -1);
       /* only an integral value may be an integer: one call less for floats */
@@ -534,30 +529,34 @@ static void enc_table_body(enc *e, int idx) {
         enc_int(e, lua_tointeger(L, -1));
       else
         enc_float(e, x);
+    } else if (t == LUA_TNIL) {          /* a hole: the sequence ends */
+      n = i - 1;
+      break;
     } else {
-      s.kind = S_INDEX;
-      s.i = k;
-      enc_value(e, lua_absindex(L, -1));
+      s.i = i;
+      enc_value(e, lua_gettop(L));
     }
-    expect++;
-    n++;
-    if (room == 0) {                     /* keep just the key */
-      lua_settop(L, base + 1);
-      lua_pushinteger(L, k);
-      lua_replace(L, base + 1);
-      luaL_checkstack(L, 70, NULL);
-      room = 64;
-    } else {
-      lua_copy(L, -2, -1);
-      room--;
-    }
+    if ((i & 63) == 0) lua_settop(L, base);
   }
-  if (more) {                            /* a pair outside the section */
-    int top;
-    lua_rotate(L, base + 1, 2);          /* k, v at base+1, base+2 */
-    lua_settop(L, base + 2);
-    do {
-      top = lua_gettop(L);
+  lua_settop(L, base);
+  lua_pushnil(L);                        /* any key besides 1..n? */
+  while (lua_next(L, idx)) {
+    lua_pop(L, 1);
+    if (++cnt > n) break;
+  }
+  lua_settop(L, base);
+  if (cnt > n) {
+    lua_pushnil(L);
+    while (lua_next(L, idx)) {
+      int top = lua_gettop(L);
+      if (lua_type(L, -2) == LUA_TNUMBER) {
+        int isint;
+        lua_Integer k = lua_tointegerx(L, -2, &isint);
+        if (isint && k >= 1 && k <= n) {
+          lua_pop(L, 1);
+          continue;
+        }
+      }
       s.kind = S_KEYOF;
       s.sidx = top - 1;
       enc_value(e, top - 1);
@@ -565,11 +564,10 @@ static void enc_table_body(enc *e, int idx) {
       enc_value(e, top);
       lua_pop(L, 1);
       if (++m == 0xffffffffu) enc_fail(e, "table (too many keys)");
-    } while (lua_next(L, idx));
+    }
   }
-  lua_settop(L, base);
   e->path = s.up;
-  put_u32((unsigned char *)e->b->data + at, n);
+  put_u32((unsigned char *)e->b->data + at, (uint32_t)n);
   put_u32((unsigned char *)e->b->data + at + 4, m);
 }
 
@@ -942,6 +940,51 @@ static void dec_enter(dec *d) {
   luaL_checkstack(d->L, 8, "nesting");
 }
 
+/* Are the next narr values all scalars (no table, function, handle or
+   reference inside, so no id is taken among them)? */
+static int scalars_only(const dec *d, uint64_t narr) {
+  const unsigned char *p = d->p, *end = d->end;
+  uint64_t i;
+  for (i = 0; i < narr; i++) {
+    unsigned c;
+    if (p >= end) return 0;
+    c = *p;
+    if (c >= T_FIXINT || c <= T_TRUE) p++;
+    else if (c == T_FLOAT) p += 9;
+    else if (c >= T_SHORTSTR && c <= T_SHORTSTR + SHORTSTR_MAX)
+      p += 1 + (c - T_SHORTSTR);
+    else if (c == T_INT) {
+      p++;
+      while (p < end && (*p & 0x80)) p++;
+      p++;
+    } else return 0;
+  }
+  return p <= end;
+}
+
+/* Push the next array value, with fast paths for numbers. */
+static void dec_item(dec *d) {
+  const unsigned char *p = d->p;
+  if (p < d->end && *p >= T_FIXINT) {
+    lua_pushinteger(d->L, *p - T_FIXINT);
+    d->p++;
+  } else if (p + 9 <= d->end && *p == T_FLOAT) {
+    uint64_t u;
+    double x;
+#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
+    memcpy(&u, p + 1, 8);
+#else
+    int j;
+    for (u = 0, j = 0; j < 8; j++) u |= (uint64_t)p[1 + j] << (8 * j);
+#endif
+    memcpy(&x, &u, 8);
+    lua_pushnumber(d->L, (lua_Number)x);
+    d->p += 9;
+  } else {
+    dec_value(d);
+  }
+}
+
 static void dec_table(dec *d, int withmt) {
   lua_State *L = d->L;
   uint64_t narr, nh, i, left;
@@ -968,6 +1011,25 @@ static void dec_table(dec *d, int withmt) {
       narr > INT_MAX || nh > INT_MAX)
     dec_fail(d, "table larger than the message");
   d->budget -= (size_t)(narr + 2 * nh);
+  if (nh == 0 && narr >= 16 && narr <= 100000 && scalars_only(d, narr) &&
+      lua_checkstack(L, (int)narr + 8)) {
+    /* a list of scalars: pushed, then made a table by Lua's own {...}
+       (one API call per item instead of two); no id is taken inside it,
+       so registering the table after its items keeps the ids in order */
+    lua_rawgeti(L, d->env, E_PACK);
+    for (i = 1; i <= narr; i++) dec_item(d);
+    lua_call(L, (int)narr, 1);
+    t = lua_gettop(L);
+    if (withmt) {
+      lua_pushvalue(L, t - 1);
+      lua_setmetatable(L, t);
+      lua_remove(L, t - 1);
+      t--;
+    }
+    add_ref(d, t);
+    d->depth--;
+    return;
+  }
   lua_createtable(L, (int)narr, (int)nh);
   t = lua_gettop(L);
   if (withmt) {
@@ -978,25 +1040,7 @@ static void dec_table(dec *d, int withmt) {
   }
   add_ref(d, t);
   for (i = 1; i <= narr; i++) {
-    const unsigned char *p = d->p;
-    if (p < d->end && *p >= T_FIXINT) {             /* fast paths */
-      lua_pushinteger(L, *p - T_FIXINT);
-      d->p++;
-    } else if (p + 9 <= d->end && *p == T_FLOAT) {
-      uint64_t u;
-      double x;
-#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
-      memcpy(&u, p + 1, 8);
-#else
-      int j;
-      for (u = 0, j = 0; j < 8; j++) u |= (uint64_t)p[1 + j] << (8 * j);
-#endif
-      memcpy(&x, &u, 8);
-      lua_pushnumber(L, (lua_Number)x);
-      d->p += 9;
-    } else {
-      dec_value(d);
-    }
+    dec_item(d);
     lua_rawseti(L, t, (lua_Integer)i);
   }
   for (i = 0; i < nh; i++) {
