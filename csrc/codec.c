@@ -175,6 +175,7 @@ typedef struct enc {
 } enc;
 
 static void enc_value(enc *e, int idx);
+static void enc_typed(enc *e, int idx, int type);
 
 static unsigned char *wr(enc *e, size_t n) {
   mp_buf *b = e->b;
@@ -547,21 +548,21 @@ static void enc_table_body(enc *e, int idx) {
   lua_settop(L, base);
   if (cnt > n) {
     lua_pushnil(L);
-    while (lua_next(L, idx)) {
-      int top = lua_gettop(L);
-      if (lua_type(L, -2) == LUA_TNUMBER) {
+    while (lua_next(L, idx)) {           /* key at base+1, value at base+2 */
+      int kt = lua_type(L, base + 1);
+      if (kt == LUA_TNUMBER) {
         int isint;
-        lua_Integer k = lua_tointegerx(L, -2, &isint);
+        lua_Integer k = lua_tointegerx(L, base + 1, &isint);
         if (isint && k >= 1 && k <= n) {
           lua_pop(L, 1);
           continue;
         }
       }
       s.kind = S_KEYOF;
-      s.sidx = top - 1;
-      enc_value(e, top - 1);
+      s.sidx = base + 1;
+      enc_typed(e, base + 1, kt);
       s.kind = S_KEY;
-      enc_value(e, top);
+      enc_value(e, base + 2);
       lua_pop(L, 1);
       if (++m == 0xffffffffu) enc_fail(e, "table (too many keys)");
     }
@@ -775,9 +776,9 @@ static void enc_userdata(enc *e, int idx) {
   enc_fail(e, what);
 }
 
-static void enc_value(enc *e, int idx) {
+static void enc_typed(enc *e, int idx, int type) {
   lua_State *L = e->L;
-  switch (lua_type(L, idx)) {
+  switch (type) {
   case LUA_TNIL: enc_byte(e, T_NIL); break;
   case LUA_TBOOLEAN: enc_byte(e, lua_toboolean(L, idx) ? T_TRUE : T_FALSE);
     break;
@@ -795,8 +796,12 @@ static void enc_value(enc *e, int idx) {
   case LUA_TFUNCTION: enc_function(e, idx); break;
   case LUA_TUSERDATA: enc_userdata(e, idx); break;
   case LUA_TLIGHTUSERDATA: enc_fail(e, "light userdata"); break;
-  default: enc_fail(e, lua_typename(L, lua_type(L, idx))); break;
+  default: enc_fail(e, lua_typename(L, type)); break;
   }
+}
+
+static void enc_value(enc *e, int idx) {
+  enc_typed(e, idx, lua_type(e->L, idx));
 }
 
 MP_API void mp_encode_named(lua_State *L, int idx, mp_buf *b, mp_fdlist *fds,
@@ -1044,9 +1049,14 @@ static void dec_table(dec *d, int withmt) {
     lua_rawseti(L, t, (lua_Integer)i);
   }
   for (i = 0; i < nh; i++) {
+    /* only these tags can give a nil or NaN key: every other value is
+       neither (a rebuilt handle is checked not nil, a module too) */
+    unsigned ktag;
+    need(d, 1);
+    ktag = *d->p;
+    if (ktag == T_NIL) dec_fail(d, "nil table key");
     dec_value(d);
-    if (lua_isnil(L, -1)) dec_fail(d, "nil table key");
-    if (lua_type(L, -1) == LUA_TNUMBER && !lua_isinteger(L, -1)) {
+    if (ktag == T_FLOAT) {
       lua_Number k = lua_tonumber(L, -1);
       if (k != k) dec_fail(d, "NaN table key");
     }
@@ -1075,7 +1085,7 @@ static void dec_module(dec *d, const char *name, size_t n) {
       dec_fail(d, what);
     }
   }
-  if (lua_isnil(L, -1)) {
+  if (!lua_istable(L, -1)) {              /* only tables travel as modules */
     char what[120];
     lua_pushlstring(L, name, n);
     snprintf(what, sizeof what, "module '%.60s' is not loaded",
