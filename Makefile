@@ -29,7 +29,7 @@ ENV  = LUA_PATH="$(CURDIR)/lua/?.lua;$(CURDIR)/lua/?/init.lua;;" \
        LUA_CPATH="$(CURDIR)/lua/?.so;;"
 DEPS = lua5.4 liblua5.4-dev lua-busted gcc make
 
-.PHONY: all run test test-asan examples bench fuzz fuzz-ci lint install clean deps spec env
+.PHONY: embed all run test test-asan examples bench fuzz fuzz-ci lint install clean deps spec env
 
 all: $(SO)
 
@@ -55,7 +55,7 @@ run: deps
 # UndefinedBehaviorSanitizer (children too), then against the real build;
 # the last line is the real build's "N passed, N failed".
 test: deps
-	$(MAKE) all test-asan
+	$(MAKE) all embed test-asan
 	$(ENV) timeout 1800 $(BUSTED) -o spec/summary.lua spec
 
 ASAN_SO = build/asan/multiprocessing/core.so
@@ -78,6 +78,14 @@ test-asan: $(ASAN_SO)
 env:
 	@echo 'export LUA_PATH="$(CURDIR)/lua/?.lua;$(CURDIR)/lua/?/init.lua;;"'
 	@echo 'export LUA_CPATH="$(CURDIR)/lua/?.so;;"'
+
+# A C host that embeds Lua and this library (examples/embed): spawned
+# children are the host too (mp_child_main, multiprocessing.h).
+EMBED = examples/embed/host
+embed: $(EMBED)
+$(EMBED): examples/embed/host.c $(SRC) $(HDR)
+	$(CC) $(CFLAGS) $(WARN) -I$(LUA_INCDIR) -Icsrc -o $@ examples/embed/host.c $(SRC) \
+	  -llua5.4 $(LIBS)
 
 examples: all
 	@for f in examples/*.lua; do echo "== $$f"; \

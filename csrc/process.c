@@ -24,6 +24,7 @@
  * (p:_attach). FdBox is a one-fd handle for passing such fds around.
  */
 #include "mp.h"
+#include "multiprocessing.h"
 
 #include <errno.h>
 #include <fcntl.h>
@@ -694,4 +695,37 @@ MP_API void mp_process_open(lua_State *L) {
   lua_setfield(L, -2, "__tostring");
   lua_pop(L, 1);
   luaL_setfuncs(L, funcs, 0);
+}
+
+/* ---- embedding ------------------------------------------------------ */
+
+MP_EXPORT int mp_child_main(int argc, char **argv,
+                            lua_State *(*new_state)(void)) {
+  lua_State *L;
+  int code = 1;
+  if (argc < 3 || argv == NULL || argv[1] == NULL || argv[2] == NULL ||
+      strcmp(argv[1], "-e") != 0 ||
+      strncmp(argv[2], MP_SPAWN_MARK, sizeof MP_SPAWN_MARK - 1) != 0)
+    return -1;
+  L = new_state ? new_state() : NULL;
+  if (L == NULL) {
+    fprintf(stderr, "multiprocessing: spawned child %d: no Lua state\n",
+            (int)getpid());
+    return 1;
+  }
+  luaL_getsubtable(L, LUA_REGISTRYINDEX, LUA_PRELOAD_TABLE);
+  if (lua_getfield(L, -1, "multiprocessing.core") == LUA_TNIL) {
+    lua_pushcfunction(L, luaopen_multiprocessing_core);
+    lua_setfield(L, -3, "multiprocessing.core");
+  }
+  lua_pop(L, 2);
+  if (luaL_dostring(L, argv[2]) != LUA_OK) {
+    const char *msg = lua_tostring(L, -1);
+    fprintf(stderr, "multiprocessing: spawned child %d: %s\n", (int)getpid(),
+            msg ? msg : "(error object)");
+  } else {
+    code = 0;
+  }
+  lua_close(L);
+  return code;
 }

@@ -31,12 +31,12 @@ local process = require "multiprocessing.process"
 
 local type, error, pairs, ipairs, tostring, pcall, xpcall, require, loadfile =
       type, error, pairs, ipairs, tostring, pcall, xpcall, require, loadfile
-local unpack, concat = table.unpack, table.concat
+local unpack = table.unpack
 local package, stderr = package, io.stderr
 
 local M = {}
 
-local MARK = " --[[multiprocessing spawn]]"  -- lua.c refuses "-e -..."
+local MARK = " --[[multiprocessing spawn]]"  -- MP_SPAWN_MARK; lua.c refuses "-e -..."
 M.MARK = MARK
 local BOOT_TIMEOUT = 60     -- seconds a child waits for its parent's messages
 
