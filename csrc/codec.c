@@ -177,6 +177,16 @@ typedef struct enc {
 static void enc_value(enc *e, int idx);
 static void enc_typed(enc *e, int idx, int type);
 
+/* Step into a child: s (on the caller's C stack) becomes the innermost
+   segment until seg_pop. A raise unwinds e with it, so nothing dangles. */
+static void seg_push(enc *e, seg *s, int kind) {
+  s->up = e->path;
+  s->kind = kind;
+  e->path = s;
+}
+
+static void seg_pop(enc *e, const seg *s) { e->path = s->up; }
+
 static unsigned char *wr(enc *e, size_t n) {
   mp_buf *b = e->b;
   if (b->cap - b->len < n) mp_buf_reserve(e->L, b, n);
@@ -516,9 +526,7 @@ static void enc_table_body(enc *e, int idx) {
   wr(e, 8);
   at = e->b->len;                        /* u32 n, u32 m, patched below */
   e->b->len += 8;
-  s.up = e->path;
-  s.kind = S_INDEX;
-  e->path = &s;
+  seg_push(e, &s, S_INDEX);
   luaL_checkstack(L, 70, NULL);
   for (i = 1; i <= n; i++) {
     int t = lua_rawgeti(L, idx, i);
@@ -567,7 +575,7 @@ static void enc_table_body(enc *e, int idx) {
       if (++m == 0xffffffffu) enc_fail(e, "table (too many keys)");
     }
   }
-  e->path = s.up;
+  seg_pop(e, &s);
   put_u32((unsigned char *)e->b->data + at, (uint32_t)n);
   put_u32((unsigned char *)e->b->data + at + 4, m);
 }
@@ -621,12 +629,10 @@ static void enc_handle(enc *e, int idx) {
     for (j = 0; j < nfds; j++) k += put_varint(w + k, pos[j]);
     e->b->len += k;
   }
-  s.up = e->path;
-  s.kind = S_STATE;
   s.name = kind;
-  e->path = &s;
+  seg_push(e, &s, S_STATE);
   enc_value(e, base + 2);
-  e->path = s.up;
+  seg_pop(e, &s);
   e->depth--;
   phash_put(L, &e->seen, p, ++e->nref);
   lua_settop(L, base);
@@ -729,9 +735,7 @@ static void enc_function(enc *e, int idx) {
     unsigned char *w = wr(e, 10);
     e->b->len += put_varint(w, nups);
   }
-  s.up = e->path;
-  s.kind = S_UPVAL;
-  e->path = &s;
+  seg_push(e, &s, S_UPVAL);
   for (i = 1; i <= nups; i++) {
     const void *uid = lua_upvalueid(L, idx, (int)i);
     uint32_t k = phash_get(&e->uvs, uid);
@@ -752,7 +756,7 @@ static void enc_function(enc *e, int idx) {
     enc_value(e, lua_gettop(L));
     lua_pop(L, 1);
   }
-  e->path = s.up;
+  seg_pop(e, &s);
   e->depth--;
 }
 

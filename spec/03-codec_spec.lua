@@ -320,6 +320,22 @@ describe("codec functions", function()
               "value.cb: cannot serialize C function")
   end)
 
+  it("requires a module by name only when functions are allowed", function()
+    package.preload["spec.codec.lazy"] = function() return { lazy = true } end
+    -- MODULE "spec.codec.lazy", made by hand: the module is not loaded here
+    local name = "spec.codec.lazy"
+    local msg = "\1\10" .. string.char(0x40 + #name) .. name
+    ser_error(function() loads(msg, { functions = false }) end,
+              "module 'spec.codec.lazy' is not loaded")
+    assert.is_nil(package.loaded["spec.codec.lazy"])
+    assert.is_true(loads(msg).lazy)
+    assert.are.equal(package.loaded["spec.codec.lazy"], loads(msg))
+    package.loaded["spec.codec.lazy"] = nil
+    package.preload["spec.codec.lazy"] = nil
+    ser_error(function() loads("\1\10" .. string.char(0x40 + 12) .. "spec.nothing") end,
+              "module 'spec.nothing' cannot be loaded")
+  end)
+
   it("refuses functions with functions=false", function()
     local function lf() return 1 end
     for _, f in ipairs{ lf, string.format } do
@@ -353,6 +369,18 @@ describe("codec handles", function()
     assert.are.equal(7, r[1].id); assert.is_true(r[1].copy)
     assert.are.equal(8, r.other.id)
     assert.are.equal(Thing, getmetatable(r[1]))
+  end)
+
+  it("lets a __mp_reduce call mp.dumps itself", function()
+    local Outer = { __mp_reduce = function(self)
+      return "spec.Thing", { id = #dumps({ self.inner, "nested" }), tag = "outer" }
+    end }
+    local v = { setmetatable({ inner = { 1, 2, 3 } }, Outer), "after" }
+    local r = loads(dumps(v))
+    assert.are.equal("outer", r[1].tag)
+    assert.is_true(r[1].id > 0)
+    assert.are.equal("after", r[2])
+    assert.are.same({ "x", { 1 } }, loads(dumps({ "x", { 1 } })))
   end)
 
   it("names the handle's state in error paths", function()
