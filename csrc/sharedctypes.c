@@ -183,7 +183,7 @@ static void write_elem(lua_State *L, int code, char *p, int i) {
 
 /* ---- userdata ------------------------------------------------------- */
 
-static mp_shared *to_shared(lua_State *L, int i) {
+static inline mp_shared *to_shared(lua_State *L, int i) {
   mp_shared *s = (mp_shared *)lua_touserdata(L, i);
   if (s == NULL || lua_rawlen(L, i) != sizeof(mp_shared) ||
       s->magic != SHARED_MAGIC)
@@ -192,8 +192,9 @@ static mp_shared *to_shared(lua_State *L, int i) {
 }
 
 /* Cheap check of argument i, rejecting a closed object. */
-static mp_shared *check_shared(lua_State *L, int i) {
+static inline mp_shared *check_shared(lua_State *L, int i) {
   mp_shared *s = to_shared(L, i);
+  if (__builtin_expect(s != NULL && s->mem != NULL, 1)) return s;
   if (s == NULL) {
     luaL_typeerror(L, i, "Value or Array");
     return NULL;
@@ -347,9 +348,19 @@ static int shared_from_fd(lua_State *L) {
 }
 
 /* Value __index(v, k): v.value, else a method */
+/* The interned "value" of the state that loaded the module (kept alive as
+   an upvalue of __index): a key is "value" when it is that very string.
+   Another Lua state has its own, found by strcmp. */
+static const char *value_key;
+
+static int is_value_key(lua_State *L, int i) {
+  const char *k = lua_type(L, i) == LUA_TSTRING ? lua_tostring(L, i) : NULL;
+  return k != NULL && (k == value_key || strcmp(k, "value") == 0);
+}
+
 static int value__index(lua_State *L) {
   mp_shared *s = to_shared(L, 1);
-  if (s != NULL && lua_rawequal(L, 2, lua_upvalueindex(2))) {
+  if (s != NULL && is_value_key(L, 2)) {
     if (s->mem == NULL) return luaL_error(L, "Value is closed");
     push_elem(L, s->code, s->data);
     return 1;
@@ -362,7 +373,7 @@ static int value__index(lua_State *L) {
 /* Value __newindex(v, k, x): v.value = x */
 static int value__newindex(lua_State *L) {
   mp_shared *s = check_shared(L, 1);
-  if (!lua_rawequal(L, 2, lua_upvalueindex(1)))
+  if (!is_value_key(L, 2))
     return luaL_error(L, "cannot set field '%s' of a Value (only 'value')",
                       luaL_tolstring(L, 2, NULL));
   write_elem(L, s->code, s->data, 3);
@@ -525,6 +536,7 @@ static void open_class(lua_State *L, const char *tname, int isarray) {
     lua_setfield(L, -2, "__len");
   } else {
     lua_pushliteral(L, "value");            /* mod, mt, methods, "value" */
+    value_key = lua_tostring(L, -1);
     lua_pushcclosure(L, value__index, 2);
     lua_setfield(L, -2, "__index");
     lua_pushliteral(L, "value");

@@ -165,9 +165,9 @@ static int ident_pid;
 static uint64_t ident_word;
 
 /* This process's lock word: pid | start-time tag << 32. */
-static uint64_t my_ident(void) {
+static inline uint64_t my_ident(void) {
   int pid = mp_getpid();
-  if (pid != ident_pid) {
+  if (__builtin_expect(pid != ident_pid, 0)) {
     char st;
     uint64_t start = 0;
     if (proc_stat(pid, &st, &start) != 0) start = 0;
@@ -251,14 +251,14 @@ static int word_acquire_slow(mp_syncmem *m, uint64_t me, double timeout) {
   }
 }
 
-static int word_acquire(mp_syncmem *m, uint64_t me, double timeout) {
+static inline int word_acquire(mp_syncmem *m, uint64_t me, double timeout) {
   uint64_t z = 0;
   if (CAS(&m->lock, &z, me)) return L_OK;
   return word_acquire_slow(m, me, timeout);
 }
 
 /* Release; returns the previous word (0: it was not held). */
-static uint64_t word_release(mp_syncmem *m) {
+static inline uint64_t word_release(mp_syncmem *m) {
   uint64_t old = __atomic_exchange_n(&m->lock, 0, __ATOMIC_SEQ_CST);
   if (LOAD(&m->sleepers) > 0) mp_futex_wake(lock_futex(&m->lock), 1);
   return old;
@@ -297,25 +297,33 @@ static double opt_deadline(lua_State *L, int i) {
 
 /* ---- userdata ------------------------------------------------------- */
 
-static int isclosed(const mp_sync *s) { return s->m == NULL; }
 
-/* Fast check: a full userdata of our size with our magic, of a kind in
-   mask, not closed. Falls back to a descriptive error. */
-static mp_sync *check_sync(lua_State *L, int i, unsigned mask) {
+#define LIKELY(x) __builtin_expect(!!(x), 1)
+
+/* The messages of check_sync, out of the hot path. */
+static mp_sync *check_sync_fail(lua_State *L, int i, unsigned mask) {
   mp_sync *s = (mp_sync *)lua_touserdata(L, i);
-  if (s == NULL || lua_rawlen(L, i) != sizeof(mp_sync) ||
-      s->magic != SYNC_MAGIC || !(mask & (1u << s->kind))) {
-    int k;
-    for (k = 0; k < K_N; k++)
-      if (mask & (1u << k)) break;
-    luaL_typeerror(L, i, kind_names[k < K_N ? k : 0]);
-    return NULL;
-  }
-  if (isclosed(s)) {
+  int k;
+  if (s != NULL && lua_rawlen(L, i) == sizeof(mp_sync) &&
+      s->magic == SYNC_MAGIC && (mask & (1u << s->kind))) {
     luaL_error(L, "%s is closed", kind_names[s->kind]);
     return NULL;
   }
-  return s;
+  for (k = 0; k < K_N; k++)
+    if (mask & (1u << k)) break;
+  luaL_typeerror(L, i, kind_names[k < K_N ? k : 0]);
+  return NULL;
+}
+
+/* Cheap check (no registry look-up): a full userdata of our size with our
+   magic, of a kind in mask, not closed; else raise. */
+static inline mp_sync *check_sync(lua_State *L, int i, unsigned mask) {
+  mp_sync *s = (mp_sync *)lua_touserdata(L, i);
+  if (LIKELY(s != NULL && lua_rawlen(L, i) == sizeof(mp_sync) &&
+             s->magic == SYNC_MAGIC && (mask & (1u << s->kind)) &&
+             s->m != NULL))
+    return s;
+  return check_sync_fail(L, i, mask);
 }
 
 #define M_LOCKS ((1u << K_LOCK) | (1u << K_RLOCK))
@@ -368,7 +376,7 @@ static int push_acquired(lua_State *L, int r) {
 }
 
 /* Acquire s (a Lock or RLock) as the calling process. */
-static int lock_acquire_impl(mp_sync *s, double timeout) {
+static inline int lock_acquire_impl(mp_sync *s, double timeout) {
   mp_syncmem *m = s->m;
   uint64_t me = my_ident();
   int r;
@@ -389,7 +397,7 @@ static int lock_acquire(lua_State *L) {
 }
 
 /* Release s fully or one level; raises as Python does on misuse. */
-static void lock_release_impl(lua_State *L, mp_sync *s) {
+static inline void lock_release_impl(lua_State *L, mp_sync *s) {
   mp_syncmem *m = s->m;
   if (s->kind == K_RLOCK) {
     if (__atomic_load_n(&m->lock, __ATOMIC_RELAXED) != my_ident() ||
@@ -436,7 +444,7 @@ static int lock_count(lua_State *L) {
 /* sem:acquire([timeout]) -> true | false */
 static int sem_acquire(lua_State *L) {
   mp_sync *s = check_sync(L, 1, M_SEMS);
-  double timeout = mp_opttimeout(L, 2), deadline;
+  double timeout = lua_gettop(L) < 2 ? -1 : mp_opttimeout(L, 2), deadline;
   mp_syncmem *m = s->m;
   uint32_t v;
   int i;
