@@ -48,14 +48,14 @@
 
 #define HDR_BYTES   4096                /* header page; the ring follows */
 #define BASE_CAP    (256u * 1024)       /* ring bytes of a new queue */
-#define SHRINK_CAP  (16u * 1024 * 1024) /* a drained ring above this shrinks */
+#define SHRINK_CAP  (16u * 1024 * 1024)  /* a drained ring above this shrinks */
 #define SOFT_BYTES  (4u * 1024 * 1024)  /* unbounded put: queued bytes above
                                            which items wait in the feeder */
 #define INLINE_MAX  256                 /* feeder copies items this small */
 #define REC_HDR     16
 #define STACK_ITEM  8192                /* items copied out through the C stack */
 #define KEEP_RBUF   (1u << 20)          /* largest read buffer kept between gets */
-#define POPULATE_MIN (128u * 1024)       /* prefault copies this large */
+#define POPULATE_MIN (4u << 20)        /* prefault copies this large */
 #define MAX_ITEM    ((uint64_t)1 << 40)
 #define SPIN_SECS   50e-6             /* longest spin before a futex sleep */
 #define SPIN_MIN    2e-6
@@ -105,6 +105,8 @@ typedef struct qshm {
   uint32_t get_waiters; /* processes announced asleep on them */
   uint32_t put_waiters;
   uint32_t watchers;    /* queue objects that called fileno() */
+  uint32_t pad2;
+  uint64_t ngets;       /* items taken so far (progress, for exit flushes) */
 } qshm;
 
 typedef struct rec {
@@ -124,7 +126,16 @@ typedef struct mp_queue {
   struct feeder *feeder;/* this process's put-behind buffer, or NULL */
 } mp_queue;
 
-static void feeder_finish(mp_queue *q, int flush);
+/* how a feeder's items get into the ring */
+enum {
+  FEED_NONE = -1,   /* drop them */
+  FEED_GROW,        /* at once, growing the ring (__gc) */
+  FEED_WAIT,        /* as room appears (the thread) */
+  FEED_DRAIN        /* as room appears while consumers take items; at once
+                       after DRAIN_IDLE seconds without a get (close, exit) */
+};
+#define DRAIN_IDLE 0.01
+static void feeder_finish(mp_queue *q, int mode);
 
 /* ---- lock and journal --------------------------------------------- */
 
@@ -369,9 +380,10 @@ static mp_queue *check_queue(lua_State *L, int i) {
   return q;
 }
 
-/* Release this process's view: never locks, never blocks (used by __gc). */
-static void queue_release(mp_queue *q) {
-  if (q->shm != NULL) feeder_finish(q, 1);   /* write what waits in the feeder */
+/* Release this process's view, after writing what waits in its feeder
+   (mode: FEED_DRAIN for close, FEED_GROW for __gc, which never waits). */
+static void queue_release(mp_queue *q, int mode) {
+  if (q->shm != NULL) feeder_finish(q, mode);
   if (q->shm != NULL) {
     if (q->watching == mp_getpid())
       __atomic_fetch_sub(&q->shm->watchers, 1, __ATOMIC_SEQ_CST);
@@ -505,11 +517,12 @@ typedef struct feeder {
 
 static feeder *all_feeders;
 
-/* Write node n into the ring. wait: for room below SOFT_BYTES (the
-   thread), else grow at once (flush). Returns 0, -1 when asked to stop,
-   or an errno. */
-static int feed_one(mp_queue *q, feeder *f, pnode *n, int wait) {
+/* Write node n into the ring (mode: see FEED_*). Returns 0, -1 when the
+   thread is asked to stop, or an errno. */
+static int feed_one(mp_queue *q, feeder *f, pnode *n, int mode) {
   qshm *s = q->shm;
+  uint64_t seen = LOAD(&s->ngets);
+  double idle_since = mp_now();
   for (;;) {
     qstate st;
     int err, wake = 0;
@@ -517,15 +530,25 @@ static int feed_one(mp_queue *q, feeder *f, pnode *n, int wait) {
     q_lock(s);
     st = s->st;
     if (st.nitems == 0) st.head = st.tail = st.wrap = 0;
-    if (wait && st.nitems > 0 && q_used(&st) + rec_size(n->len) > SOFT_BYTES) {
+    if (mode != FEED_GROW && st.nitems > 0 &&
+        q_used(&st) + rec_size(n->len) > SOFT_BYTES) {
+      if (mode == FEED_DRAIN) {
+        uint64_t g = s->ngets;
+        double now = mp_now();
+        if (g != seen) { seen = g; idle_since = now; }
+        if (now - idle_since >= DRAIN_IDLE) goto write;  /* nobody takes */
+      }
       ADD(&s->put_waiters, 1);
       v = LOAD(&s->not_full);
       q_unlock(s);
-      mp_futex_wait(&s->not_full, v, mp_now() + 0.02);
+      mp_futex_wait(&s->not_full, v,
+                    mp_now() + (mode == FEED_DRAIN ? DRAIN_IDLE / 4 : 0.02));
       __atomic_fetch_sub(&s->put_waiters, 1, __ATOMIC_SEQ_CST);
-      if (__atomic_load_n(&f->stop, __ATOMIC_ACQUIRE)) return -1;
+      if (mode == FEED_WAIT && __atomic_load_n(&f->stop, __ATOMIC_ACQUIRE))
+        return -1;
       continue;
     }
+  write:
     err = q_write(q, &st, n->type, n->p, n->len, 0, &wake);
     q_unlock(s);
     if (wake) mp_futex_wake(&s->not_empty, 1);
@@ -543,7 +566,7 @@ static void *feeder_main(void *arg) {
     if (f->stop) break;
     n = f->next;
     pthread_mutex_unlock(&f->mu);
-    r = feed_one(f->q, f, n, 1);
+    r = feed_one(f->q, f, n, FEED_WAIT);
     pthread_mutex_lock(&f->mu);
     if (r == 0) {
       n->done = 1;
@@ -570,7 +593,7 @@ static feeder *feeder_of(mp_queue *q) {
 
 /* Stop the thread and write what is left (unless cancelled or !flush),
    then free everything. Never raises; used by close, __gc and exits. */
-static void feeder_finish(mp_queue *q, int flush) {
+static void feeder_finish(mp_queue *q, int mode) {
   feeder *f = feeder_of(q), **pp;
   pnode *n, *nx;
   if (f == NULL) { q->feeder = NULL; return; }
@@ -581,9 +604,9 @@ static void feeder_finish(mp_queue *q, int flush) {
     pthread_mutex_unlock(&f->mu);
     pthread_join(f->th, NULL);
   }
-  if (flush && !f->cancel && f->error == 0)
+  if (mode != FEED_NONE && !f->cancel && f->error == 0)
     for (n = f->next; n != NULL; n = n->next)
-      if (feed_one(q, f, n, 0) != 0) break;
+      if (feed_one(q, f, n, mode) != 0) break;
   for (n = f->head; n != NULL; n = nx) {
     nx = n->next;
     free(n);
@@ -601,7 +624,7 @@ static void feeders_atexit(void) {
   feeder *f = all_feeders, *nx;
   for (; f != NULL; f = nx) {
     nx = f->link;
-    if (f->pid == mp_getpid()) feeder_finish(f->q, 1);
+    if (f->pid == mp_getpid()) feeder_finish(f->q, FEED_DRAIN);
   }
 }
 
@@ -668,7 +691,7 @@ static feeder *feeder_new(lua_State *L, mp_queue *q) {
   f->started = pthread_create(&f->th, NULL, feeder_main, f) == 0;
   pthread_sigmask(SIG_SETMASK, &old, NULL);
   if (!f->started) {
-    feeder_finish(q, 0);
+    feeder_finish(q, FEED_NONE);
     luaL_error(L, "Queue.put: cannot start the feeder thread");
   }
   if (hook_pid != mp_getpid()) {          /* flush at this process's exit */
@@ -918,6 +941,7 @@ static int queue_get_t(lua_State *L, double timeout) {
     }
     st.head += rec_size(len);
     st.nitems--;
+    s->ngets++;
     if (st.wrap != 0 && st.head == st.wrap) st.head = st.wrap = 0;
     if (st.nitems == 0) {
       st.head = st.tail = st.wrap = 0;
@@ -1059,10 +1083,11 @@ static int queue__ready(lua_State *L) {
   return 1;
 }
 
-/* q:close(): this process puts and gets no more; items already put stay
-   in the queue for the others (they are in shared memory already) */
+/* q:close(): this process puts and gets no more. Items it put stay in
+   the queue for the others; those still in its feeder are written first
+   (waiting for room while consumers take items, see FEED_DRAIN). */
 static int queue_close(lua_State *L) {
-  queue_release(to_queue(L, 1));
+  queue_release(to_queue(L, 1), FEED_DRAIN);
   return 0;
 }
 
@@ -1126,7 +1151,7 @@ static int queue_join(lua_State *L) {
 /* ---- metamethods -------------------------------------------------- */
 
 static int queue__gc(lua_State *L) {
-  queue_release(to_queue(L, 1));
+  queue_release(to_queue(L, 1), FEED_GROW);
   return 0;
 }
 
@@ -1218,7 +1243,7 @@ static const luaL_Reg joinable_methods[] = {
 
 static const luaL_Reg queue_meta[] = {
   {"__gc", queue__gc},
-  {"__close", queue__gc},
+  {"__close", queue_close},
   {"__tostring", queue__tostring},
   {"__mp_reduce", queue__reduce},
   {NULL, NULL}
