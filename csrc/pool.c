@@ -318,6 +318,8 @@ static int pool_close_slot(lua_State *L) {
   return 0;
 }
 
+static void flush_slot(pcore *pc, slot *s);
+
 /* ---- parent: building frames --------------------------------------- */
 
 /* A frame left half built by a raise is dropped before the next one. */
@@ -384,10 +386,25 @@ static int pool_task(lua_State *L) {
   put_u32(L, &s->out, fnid);
   put_u32(L, &s->out, (uint32_t)(b - a + 1));
   for (k = a; k <= b; k++) {
-    lua_rawgeti(L, 6, k);                         /* item */
+    int t = lua_rawgeti(L, 6, k);                 /* item */
     if (!star) {
-      put_u32(L, &s->out, 1);
-      put_value(L, &s->out, 9);
+      if (t == LUA_TNUMBER) {                     /* the common case, inline */
+        char *w = mp_buf_reserve(L, &s->out, 13);
+        memcpy(w, &(uint32_t){1}, 4);
+        if (lua_isinteger(L, 9)) {
+          lua_Integer i = lua_tointeger(L, 9);
+          w[4] = V_INT;
+          memcpy(w + 5, &i, 8);
+        } else {
+          lua_Number d = lua_tonumber(L, 9);
+          w[4] = V_FLOAT;
+          memcpy(w + 5, &d, 8);
+        }
+        s->out.len += 13;
+      } else {
+        put_u32(L, &s->out, 1);
+        put_value(L, &s->out, 9);
+      }
     } else {
       lua_Integer argc, j;
       if (lua_type(L, 9) != LUA_TTABLE)
@@ -408,6 +425,7 @@ static int pool_task(lua_State *L) {
     lua_pop(L, 1);
   }
   fr_end(s);
+  if (s->out.len - s->outpos >= 32768) flush_slot(pc, s);   /* start it now */
   return 0;
 }
 
@@ -945,6 +963,13 @@ static int pool_dumpfn(lua_State *L) {
   return 1;
 }
 
+/* core.pool_table(n) -> a table with room for n list items */
+static int pool_table(lua_State *L) {
+  lua_Integer n = luaL_checkinteger(L, 1);
+  lua_createtable(L, n > 0 && n < (1 << 26) ? (int)n : 0, 1);
+  return 1;
+}
+
 /* core.isatty(fd) -> boolean */
 static int core_isatty(lua_State *L) {
   lua_pushboolean(L, isatty((int)luaL_checkinteger(L, 1)));
@@ -985,6 +1010,7 @@ MP_API void mp_pool_open(lua_State *L) {
     {"pool_dumpfn", pool_dumpfn},
     {"_pool_runner", pool_runner},
     {"isatty", core_isatty},
+    {"pool_table", pool_table},
     {NULL, NULL}
   };
   luaL_newmetatable(L, MP_POOL_T);        /* mod, mt */

@@ -139,9 +139,9 @@ function exports.Pool(opts)
     _workers = {}, _seq = 0, _rr = 0,
     _cjob = {}, _cfirst = {}, _cn = {}, _cdeadline = {}, _ctimedout = {},
     _timed = {}, _ntimed = 0,
-    _jobs = {}, _jobhead = 1, _active = 0, _unfinished = {},
+    _jobs = {}, _jobhead = 1, _jobtail = 1, _active = 0, _unfinished = {},
     _fnids = {}, _nfn = 0, _fncount = 0, _ewma = {},
-    _cbq = {}, _cbhead = 1,
+    _cbq = {}, _cbhead = 1, _cbtail = 1,
     _done = 0, _failed = 0, _restarts = 0, _nworkers = 0,
     _method = process._default_method(),   -- workers (restarts too) use it
   }, Pool)
@@ -220,7 +220,7 @@ end
 -- Chunks a worker may hold for job (1 until the function's speed is known).
 function Pool:_depth(job)
   local per = self._ewma[job.fnid]
-  if not per then return 1 end
+  if not per then return job.mode == "map" and 2 or 1 end
   local est = per * job.chunksize
   if est < FAST_US then return 64 end
   if est < MEDIUM_US then return 2 end
@@ -230,8 +230,9 @@ end
 function Pool:_queue_job(job)
   if not job.queued then
     job.queued = true
-    local jobs = self._jobs
-    jobs[#jobs + 1] = job
+    local t = self._jobtail                -- not #: the head of the list has holes
+    self._jobs[t] = job
+    self._jobtail = t + 1
   end
 end
 
@@ -241,7 +242,7 @@ function Pool:_head_job()
   while true do
     local job = jobs[h]
     if not job then
-      if h > 1 then self._jobs, self._jobhead = {}, 1 end
+      if h > 1 then self._jobs, self._jobhead, self._jobtail = {}, 1, 1 end
       return nil
     end
     if has_work(job) then self._jobhead = h return job end
@@ -350,6 +351,7 @@ function Pool:_submit(mode, fn, xs, star, opts, level)
     job.list, job.total, job.chunksize = { xs }, 1, 1
   elseif type(xs) == "table" then
     job.list, job.total = xs, xs.n or #xs
+    if mode == "map" then job.results = core.pool_table(job.total) end
   elseif type(xs) == "function" then
     if mode == "map" then                 -- map needs them all anyway
       local list, k = {}, 0
@@ -434,6 +436,13 @@ function Pool:_fail_item(job, pos, err)
   end
 end
 
+-- Queue a callback (f false: job arg's progress) for the end of the step.
+function Pool:_later(f, arg)
+  local t = self._cbtail                  -- not #: the head of the queue has holes
+  self._cbq[t] = { f, arg }
+  self._cbtail = t + 1
+end
+
 function Pool:_check_done(job)
   if job.done then return end
   if job.total and job.ndone >= job.total and not has_work(job) then
@@ -445,13 +454,12 @@ function Pool:_check_done(job)
       job.first_err_pos = math_huge
     end
     if job.mode == "map" then job.results.n = job.total end
-    local cbq = self._cbq
     if job.first_err then
-      if job.error_callback then cbq[#cbq + 1] = { job.error_callback, job.first_err } end
+      if job.error_callback then self:_later(job.error_callback, job.first_err) end
     elseif job.callback then
-      cbq[#cbq + 1] = { job.callback, job }
+      self:_later(job.callback, job)
     end
-    if job.progress then job.progress_dirty = true; cbq[#cbq + 1] = { false, job } end
+    if job.progress then job.progress_dirty = true; self:_later(false, job) end
     if self._state == "closed" and self._active == 0 then self:_exit_workers() end
   end
 end
@@ -496,8 +504,7 @@ function Pool:_result(slot, w, seq, n, us)
   self._done = self._done + n
   if job.progress and not job.progress_dirty then
     job.progress_dirty = true
-    local cbq = self._cbq
-    cbq[#cbq + 1] = { false, job }
+    self:_later(false, job)
   end
   self:_check_done(job)
 end
@@ -543,7 +550,7 @@ function Pool:_abort(err)
   self._active = 0
   self._cjob, self._cfirst, self._cn = {}, {}, {}
   self._timed, self._ntimed = {}, 0
-  self._jobs, self._jobhead = {}, 1
+  self._jobs, self._jobhead, self._jobtail = {}, 1, 1
 end
 
 -- A worker ended (its sentinel fired or its channel closed).
@@ -645,7 +652,7 @@ end
 
 function Pool:_run_callbacks()
   local q = self._cbq
-  while self._cbhead <= #q do
+  while self._cbhead < self._cbtail do
     local h = self._cbhead
     local item = q[h]
     q[h] = nil
@@ -666,7 +673,9 @@ function Pool:_run_callbacks()
       f(arg)
     end
   end
-  if self._cbhead > 1 then self._cbq, self._cbhead = {}, 1 end
+  if self._cbhead > 1 and self._cbhead == self._cbtail then
+    self._cbq, self._cbhead, self._cbtail = {}, 1, 1
+  end
 end
 
 -- One round: hand out work, wait up to timeout for news, take it in.
@@ -686,7 +695,7 @@ function Pool:_step(timeout)
   end
   if (timer or self._ntimed > 0) and self._state ~= "terminated" then self:_check_deadlines() end
   self:_dispatch()
-  if self._cbhead <= #self._cbq then self:_run_callbacks() end
+  if self._cbhead < self._cbtail then self:_run_callbacks() end
 end
 
 -- Run steps until pred() or the deadline; true when pred() held.
