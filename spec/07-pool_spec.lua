@@ -324,11 +324,15 @@ describe("Pool behaviour", function()
       s = pool:stats()
       assert.are.equal(3, s.done)
       assert.are.equal(1, s.failed)
-      local r = pool:map_async(function() require("multiprocessing.core").poll({}, 0.2) end, { 1, 2, 3, 4, 5, 6 }, 1)
+      -- a task of unknown speed waits for a free worker
+      local rs = {}
+      for i = 1, 6 do
+        rs[i] = pool:apply_async(function() require("multiprocessing.core").poll({}, 0.2) end)
+      end
       s = pool:stats()
       assert.are.equal(2, s.busy)
       assert.are.equal(4, s.queued)
-      r:get(10)
+      for i = 1, 6 do rs[i]:get(10) end
       assert.are.equal(9, pool:stats().done)
     end)
   end)
