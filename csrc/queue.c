@@ -105,7 +105,7 @@ typedef struct qshm {
   uint32_t get_waiters; /* processes announced asleep on them */
   uint32_t put_waiters;
   uint32_t watchers;    /* queue objects that called fileno() */
-  uint32_t pad2;
+  uint32_t feed_waiters;/* feeder threads asleep on not_full */
   uint64_t ngets;       /* items taken so far (progress, for exit flushes) */
 } qshm;
 
@@ -135,6 +135,7 @@ enum {
                        after DRAIN_IDLE seconds without a get (close, exit) */
 };
 #define DRAIN_IDLE 0.01
+#define FEED_BATCH 64     /* items the thread writes under one lock */
 static void feeder_finish(mp_queue *q, int mode);
 
 /* ---- lock and journal --------------------------------------------- */
@@ -519,14 +520,16 @@ static feeder *all_feeders;
 
 /* Write node n into the ring (mode: see FEED_*). Returns 0, -1 when the
    thread is asked to stop, or an errno. */
-static int feed_one(mp_queue *q, feeder *f, pnode *n, int mode) {
+static int feed_some(mp_queue *q, feeder *f, pnode **v, int cnt, int mode,
+                     int *written) {
   qshm *s = q->shm;
+  pnode *n = v[0];
   uint64_t seen = LOAD(&s->ngets);
   double idle_since = mp_now();
   for (;;) {
     qstate st;
-    int err, wake = 0;
-    uint32_t v;
+    int err, wake = 0, i;
+    uint32_t seq;
     q_lock(s);
     st = s->st;
     if (st.nitems == 0) st.head = st.tail = st.wrap = 0;
@@ -538,18 +541,28 @@ static int feed_one(mp_queue *q, feeder *f, pnode *n, int mode) {
         if (g != seen) { seen = g; idle_since = now; }
         if (now - idle_since >= DRAIN_IDLE) goto write;  /* nobody takes */
       }
-      ADD(&s->put_waiters, 1);
-      v = LOAD(&s->not_full);
+      ADD(&s->feed_waiters, 1);
+      seq = LOAD(&s->not_full);
       q_unlock(s);
-      mp_futex_wait(&s->not_full, v,
+      mp_futex_wait(&s->not_full, seq,
                     mp_now() + (mode == FEED_DRAIN ? DRAIN_IDLE / 4 : 0.02));
-      __atomic_fetch_sub(&s->put_waiters, 1, __ATOMIC_SEQ_CST);
+      __atomic_fetch_sub(&s->feed_waiters, 1, __ATOMIC_SEQ_CST);
       if (mode == FEED_WAIT && __atomic_load_n(&f->stop, __ATOMIC_ACQUIRE))
         return -1;
       continue;
     }
   write:
-    err = q_write(q, &st, n->type, n->p, n->len, 0, &wake);
+    err = 0;
+    for (i = 0; i < cnt; i++) {           /* as many as fit, in one go */
+      int w = 0;
+      n = v[i];
+      if (i > 0 && mode != FEED_GROW &&
+          q_used(&st) + rec_size(n->len) > SOFT_BYTES)
+        break;
+      if ((err = q_write(q, &st, n->type, n->p, n->len, 0, &w)) != 0) break;
+      wake |= w;
+    }
+    *written = i;
     q_unlock(s);
     if (wake) mp_futex_wake(&s->not_empty, 1);
     return err;
@@ -560,18 +573,17 @@ static void *feeder_main(void *arg) {
   feeder *f = (feeder *)arg;
   pthread_mutex_lock(&f->mu);
   for (;;) {
-    pnode *n;
-    int r;
+    pnode *v[FEED_BATCH], *n;
+    int r, k = 0, written = 0, i;
     while (!f->stop && f->next == NULL) pthread_cond_wait(&f->cv, &f->mu);
     if (f->stop) break;
-    n = f->next;
+    for (n = f->next; n != NULL && k < FEED_BATCH; n = n->next) v[k++] = n;
     pthread_mutex_unlock(&f->mu);
-    r = feed_one(f->q, f, n, FEED_WAIT);
+    r = feed_some(f->q, f, v, k, FEED_WAIT, &written);
     pthread_mutex_lock(&f->mu);
-    if (r == 0) {
-      n->done = 1;
-      f->next = n->next;
-    } else if (r > 0) {
+    for (i = 0; i < written; i++) v[i]->done = 1;
+    if (written > 0) f->next = v[written - 1]->next;
+    if (r > 0) {
       f->error = r;                       /* put reports it; stop feeding */
       break;
     }
@@ -605,8 +617,10 @@ static void feeder_finish(mp_queue *q, int mode) {
     pthread_join(f->th, NULL);
   }
   if (mode != FEED_NONE && !f->cancel && f->error == 0)
-    for (n = f->next; n != NULL; n = n->next)
-      if (feed_one(q, f, n, mode) != 0) break;
+    for (n = f->next; n != NULL; n = n->next) {
+      int written;
+      if (feed_some(q, f, &n, 1, mode, &written) != 0) break;
+    }
   for (n = f->head; n != NULL; n = nx) {
     nx = n->next;
     free(n);
@@ -953,10 +967,15 @@ static int queue_get_t(lua_State *L, double timeout) {
     }
     if (st.nitems == 0 && LOAD(&s->watchers) > 0) efd_clear(q->efd);
     wake_put = q_signal(&s->not_full, &s->put_waiters);
+    /* feeders wait for room; wake them when half of it is free, so that
+       they write in batches rather than one item per get */
+    if (q_used(&st) <= SOFT_BYTES / 2 &&
+        q_signal(&s->not_full, &s->feed_waiters))
+      wake_put = 2;
     /* pass the word on if more items wait and more consumers sleep */
     wake_get = st.nitems > 0 && q_signal(&s->not_empty, &s->get_waiters);
     q_unlock(s);
-    if (wake_put) mp_futex_wake(&s->not_full, 1);
+    if (wake_put) mp_futex_wake(&s->not_full, wake_put == 2 ? 0x7fffffff : 1);
     if (wake_get) mp_futex_wake(&s->not_empty, 1);
     if (pushed) return 1;
     switch (type) {
