@@ -11,6 +11,7 @@
 package.path = (arg[0]:match("^(.*/)") or "./") .. "?.lua;" .. package.path
 local mp = require "multiprocessing"
 local mp_module = require "mp_module"
+-- luacheck: globals SETTING
 
 SETTING = "top level"
 

@@ -4,6 +4,7 @@
 --         "sum from 3 spawned children: 66"
 local mp = require "multiprocessing"
 
+
 local function work(q, a, b)
   q:put({ pid = mp.current_process().pid, a = a, b = b, sum = host.add(a, b) })
 end

@@ -3,12 +3,12 @@
 --
 -- spawn: the parent posix_spawns the executable (lua5.4, or what
 -- mp.set_executable named) as `exe -e "<bootstrap chunk>"`; the chunk sets
--- package.path/cpath and calls M._main(fd, ppid), fd being the child's end
--- of a socketpair, its bootstrap channel (csrc/process.c p:_spawn). Over it
--- the parent sends two messages, as a Connection does (handles' fds ride
--- with SCM_RIGHTS):
+-- package.path/cpath and reads from fd, the child's end of a socketpair,
+-- its bootstrap channel (csrc/process.c p:_spawn). Over it the parent sends
+-- two messages, as a Connection does (handles' fds ride with SCM_RIGHTS):
 --   1. the preparation: package.path, package.cpath, cwd, arg, the entry
---      chunk's path (or false), the parent's pid and name;
+--      chunk's path (or false), the parent's pid and name, and the bytecode
+--      of the library's Lua modules (the -e chunk preloads them);
 --   2. the Process object's fields (target, args, name, daemon, run, ...).
 -- The child applies 1, re-runs the entry chunk with mp.is_main() false and
 -- Process:start() refused (the guard), then decodes 2 (so functions that
@@ -145,13 +145,47 @@ local function quote(s)
   return "[" .. eq .. "[" .. nl .. s .. "]" .. eq .. "]"
 end
 
+-- The -e chunk: paths, die with the parent, read the preparation, let the
+-- library's modules load from the bytecode it carries (compiling them
+-- would cost more than the rest of the start), then spawn.lua goes on.
+local BOOT = [[
+local core = require 'multiprocessing.core'
+core._child_init(%d, %d)
+local c = core.conn_from_fd(%d, true, true)
+local prep, why = c:recv(%d)
+for n, t in pairs(type(prep) == 'table' and prep.lib or {}) do
+  package.preload[n] = function(...)
+    local f = load(t[2], '@' .. t[1], 'b')
+    if f then return f(...) end
+    package.preload[n] = nil
+    return require(n)
+  end
+end
+require('multiprocessing.spawn')._main(c, prep, why)]]
+
 function M.boot_chunk(fd, ppid)
   return MARK .. " package.path=" .. quote(package.path) .. " package.cpath="
-         .. quote(package.cpath) .. " require('multiprocessing.spawn')._main("
-         .. fd .. "," .. ppid .. ")"
+         .. quote(package.cpath) .. "\n" .. BOOT:format(ppid, fd, fd, BOOT_TIMEOUT)
 end
 
-local function prep_message(ppid, pname, main)
+-- name -> { path, bytecode } of the library's Lua modules loaded here, made
+-- on the first spawn (debug info kept: tracebacks name the files)
+local libcode
+local function library_bytecode()
+  if libcode then return libcode end
+  libcode = {}
+  local searchpath, dump = package.searchpath, string.dump
+  for name in pairs(package.loaded) do
+    if name == "multiprocessing" or name:sub(1, 16) == "multiprocessing." then
+      local path = searchpath(name, package.path)
+      local f = path and loadfile(path)
+      if f then libcode[name] = { path, dump(f) } end
+    end
+  end
+  return libcode
+end
+
+local function prep_message(ppid, pname, main, with_lib)
   local a = _G.arg
   local args = {}
   if type(a) == "table" then
@@ -165,6 +199,7 @@ local function prep_message(ppid, pname, main)
     path = package.path, cpath = package.cpath, cwd = core.getcwd(),
     arg = args, main = main, ppid = ppid, pname = pname,
     exe = executable, preload = preload,
+    lib = with_lib and library_bytecode() or nil,
   }
 end
 
@@ -210,7 +245,7 @@ local function get_server()
   server = nil
   local mine, theirs = core.Pipe(true)
   local proc = core.process_new({ name = "ForkServer", daemon = true, args = {} })
-  local prep = prep_message(me, process.exports.current_process().name, false)
+  local prep = prep_message(me, process.exports.current_process().name, false, true)
   spawn_raw(proc, prep, { name = "ForkServer", daemon = true,
                           target = M._forkserver_main, args = { theirs, preload } })
   theirs:close()
@@ -238,7 +273,7 @@ end
 function M._start(p, method, ppid, pname)
   local payload = payload_of(p)
   core.dumps(payload, "process")     -- raises here, before any child exists
-  local prep = prep_message(ppid, pname, M.get_main_chunk())
+  local prep = prep_message(ppid, pname, M.get_main_chunk(), method == "spawn")
   if method == "spawn" then spawn_raw(p, prep, payload)
   else forkserver_start(p, prep, payload) end
 end
@@ -251,9 +286,10 @@ local NO_CHUNK_HINT = "\n(this program has no entry chunk a spawned child could 
   .. " with mp.set_main_chunk(path))"
 
 -- Runs in the new process: prepare, re-run the entry chunk, run the
--- target. Returns the exit code.
-local function run_child(conn)
-  local prep, why = conn:recv(BOOT_TIMEOUT)
+-- target. Returns the exit code. prep: the preparation if it was read
+-- already (spawn's -e chunk), else it is read here.
+local function run_child(conn, prep, why)
+  if prep == nil and why == nil then prep, why = conn:recv(BOOT_TIMEOUT) end
   if not prep then
     stderr:write("multiprocessing: spawned child ", core.getpid(),
                  ": no bootstrap message (", tostring(why), ")\n")
@@ -298,11 +334,8 @@ local function run_child(conn)
 end
 
 -- The bootstrap chunk's entry: never returns.
-function M._main(fd, ppid)
-  local ok, code = pcall(function()
-    core._child_init(ppid, fd)
-    return run_child(core.conn_from_fd(fd, true, true))
-  end)
+function M._main(conn, prep, why)
+  local ok, code = pcall(run_child, conn, prep, why or (prep == nil and "closed") or nil)
   if not ok then
     stderr:write("multiprocessing: spawned child failed: ", tostring(code), "\n")
     code = 1

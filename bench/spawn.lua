@@ -1,0 +1,49 @@
+-- Start+join under the spawn and forkserver start methods, beside a raw
+-- posix_spawn of `lua5.4 -e ''` (no library, no bootstrap) measured in the
+-- same run, for bench/run.lua. Spawned children re-run this chunk, so the
+-- work is under the guard.
+local mp = require "multiprocessing"
+local core = require "multiprocessing.core"
+local spawn = require "multiprocessing.spawn"
+local clock = core.monotonic
+
+local function rate(n, f)
+  f(math.max(1, n // 10))             -- warm up (and start the fork server)
+  local t0 = clock()
+  f(n)
+  return n / (clock() - t0)
+end
+
+local function emit(case, impl, r, unit)
+  io.write(case, "\t", impl, "\t", string.format("%.1f", r), "\t", unit, "\n")
+end
+
+local function nothing() end
+
+local function start_join(method)
+  return function(n)
+    for _ = 1, n do
+      local p = mp.Process{ target = nothing, start_method = method }
+      p:start(); p:join(); p:close()
+    end
+  end
+end
+
+-- The floor: posix_spawn of the interpreter running an empty chunk, and
+-- the wait for it, through the same C calls spawn uses.
+local function raw_spawn(n)
+  local exe = spawn.get_executable()
+  for _ = 1, n do
+    local p = core.process_new({ name = "raw" })
+    local a, b = core._socketpair()
+    p:_spawn(exe, { exe, "-e", "" }, b)
+    b:close(); a:close()
+    p:join(); p:close()
+  end
+end
+
+if mp.is_main() then
+  emit("spawn_start_join", "posix_spawn", rate(300, raw_spawn), "ops/s")
+  emit("spawn_start_join", "lua-mp", rate(300, start_join("spawn")), "ops/s")
+  emit("forkserver_start_join", "lua-mp", rate(300, start_join("forkserver")), "ops/s")
+end
