@@ -3,7 +3,9 @@
 -- Prints: 3 lines "child <pid>: host.add(i, 10*i) = 11*i", then
 --         "sum from 3 spawned children: 66"
 local mp = require "multiprocessing"
-
+-- host is a global that every state of the host program has (a global, not
+-- an upvalue, so that each spawned child uses its own)
+-- luacheck: read globals host
 
 local function work(q, a, b)
   q:put({ pid = mp.current_process().pid, a = a, b = b, sum = host.add(a, b) })
