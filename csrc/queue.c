@@ -9,10 +9,13 @@
  * the first run of records ends (wrap). When no room is left the ring
  * grows: the memfd is made larger (ftruncate), the wrapped run is copied
  * behind the first one, and every process remaps (mremap) when it next
- * takes the lock and sees a new capacity. So an unbounded put never blocks,
- * an item of any size goes through in one copy in and one copy out, memory
- * grows only with what is queued, and a ring that grew large goes back to
- * its base size once drained. maxsize bounds the number of items.
+ * takes the lock and sees a new capacity. So an item of any size goes
+ * through in one copy in and one copy out, memory grows only with what is
+ * queued, and a ring that grew large goes back to its base size once
+ * drained. maxsize bounds the number of items. An unbounded put never
+ * blocks: beyond a few MiB queued, items wait in the producer's feeder (a
+ * helper thread, raw bytes only; see below), so that the ring stays small
+ * and its pages stay mapped and cached.
  *
  * The lock is a futex word holding the owner's pid. A waiter that sleeps
  * too long checks whether the owner is still alive (kill(pid, 0), zombie
