@@ -73,7 +73,8 @@ enum {
   E_SIGX,
   E_BUF,          /* a spare output buffer for mp.dumps, or nil */
   E_PACK,         /* function(...) return {...} end */
-  E_N = E_PACK
+  E_DUMPS,        /* Lua function -> its bytecode (weak keys) */
+  E_N = E_DUMPS
 };
 
 static void push_env(lua_State *L) {
@@ -85,6 +86,12 @@ static void push_env(lua_State *L) {
   lua_newtable(L); lua_rawseti(L, -2, E_KINDS);
   if (luaL_loadstring(L, "return {...}") != LUA_OK) lua_error(L);
   lua_rawseti(L, -2, E_PACK);
+  lua_newtable(L);
+  lua_createtable(L, 0, 1);
+  lua_pushliteral(L, "k");
+  lua_setfield(L, -2, "__mode");
+  lua_setmetatable(L, -2);
+  lua_rawseti(L, -2, E_DUMPS);
   lua_pushvalue(L, -1);
   lua_rawsetp(L, LUA_REGISTRYINDEX, &envkey);
 }
@@ -723,9 +730,25 @@ static void enc_function(enc *e, int idx) {
   wr(e, 4);
   at = e->b->len;
   e->b->len += 4;
+  /* the bytecode of a closure never changes: cached per closure (weak),
+     since a pool sends the same function with every task */
+  lua_rawgeti(L, e->env, E_DUMPS);
   lua_pushvalue(L, idx);
-  lua_dump(L, dump_writer, e->b, 0);     /* keep line info for tracebacks */
-  lua_pop(L, 1);
+  if (lua_rawget(L, -2) == LUA_TSTRING) {
+    size_t n;
+    const char *code = lua_tolstring(L, -1, &n);
+    mp_buf_add(L, e->b, code, n);
+  } else {
+    lua_pop(L, 1);
+    lua_pushvalue(L, idx);
+    lua_dump(L, dump_writer, e->b, 0);   /* keep line info for tracebacks */
+    lua_pop(L, 1);
+    lua_pushvalue(L, idx);
+    lua_pushlstring(L, e->b->data + at + 4, e->b->len - at - 4);
+    lua_rawset(L, -3);
+    lua_pushnil(L);
+  }
+  lua_pop(L, 2);
   if (e->b->len - at - 4 > 0xffffffffu) enc_fail(e, "function (too large)");
   put_u32((unsigned char *)e->b->data + at, (uint32_t)(e->b->len - at - 4));
   phash_put(L, &e->seen, p, ++e->nref);
