@@ -626,6 +626,15 @@ static int pool_take(lua_State *L) {
   s->cur = s->curend = NULL;
   for (k = 0; k < s->curn; k++) {
     if (p >= end) return corrupt(L), 0;
+    if (!packed && end - p >= 14 && p[0] == 0 && p[5] == V_INT &&
+        rd_u32(p + 1) == 1) {                    /* one integer: inline */
+      lua_Integer v;
+      memcpy(&v, p + 6, 8);
+      lua_pushinteger(L, v);
+      lua_rawseti(L, 3, pos + (lua_Integer)k);
+      p += 14;
+      continue;
+    }
     if (*p++ == 0) {
       uint32_t c, j;
       if (end - p < 4) return corrupt(L), 0;
@@ -750,10 +759,27 @@ static int pool_runner(lua_State *L) {
     c->k++;
     lua_settop(L, 2);
     lua_pushvalue(L, 1);
-    for (j = 0; j < argc; j++) c->p = get_value(L, c->p, c->end);
+    if (argc == 1 && c->end - c->p >= 9 && c->p[0] == V_INT) {   /* inline */
+      lua_Integer v;
+      memcpy(&v, c->p + 1, 8);
+      lua_pushinteger(L, v);
+      c->p += 9;
+    } else {
+      for (j = 0; j < argc; j++) c->p = get_value(L, c->p, c->end);
+    }
     lua_call(L, (int)argc, LUA_MULTRET);
     top = lua_gettop(L);
     nres = top - 2;
+    if (nres == 1 && lua_isinteger(L, 3)) {      /* the common case, inline */
+      lua_Integer v = lua_tointeger(L, 3);
+      char *w = mp_buf_reserve(L, c->out, 14);
+      w[0] = 0;
+      memcpy(w + 1, &(uint32_t){1}, 4);
+      w[5] = V_INT;
+      memcpy(w + 6, &v, 8);
+      c->out->len += 14;
+      continue;
+    }
     if (nres > 255) luaL_error(L, "a task may return at most 255 values");
     put_u8(L, c->out, 0);
     put_u32(L, c->out, (uint32_t)nres);

@@ -39,6 +39,9 @@ local pools = setmetatable({}, { __mode = "k" })   -- live PoolCores
 local MAXFN = 256          -- cached functions before the caches are cleared
 local FAST_US = 1000       -- a chunk this quick may be deeply pipelined
 local MEDIUM_US = 100000
+-- The automatic chunksize's cap: the cost of a chunk is already small next
+-- to 256 items, and smaller chunks keep every process busy (pipelining).
+local MAX_AUTO_CHUNK = 256
 
 local Pool = {}
 Pool.__index = Pool
@@ -399,8 +402,8 @@ function Pool:_submit(mode, fn, xs, star, opts, level)
     end
   end
   if not job.chunksize then
-    if mode == "map" then
-      local c = ceil(job.total / (4 * self._n))
+    if mode == "map" then                 -- Python's len / (4 * workers), capped
+      local c = math_min(ceil(job.total / (4 * self._n)), MAX_AUTO_CHUNK)
       job.chunksize = c > 0 and c or 1
     else
       job.chunksize = 1
