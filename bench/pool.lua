@@ -37,7 +37,7 @@ if mp.is_main() then
   emit("map_100k_chunk1", "lua-mp", N / (clock() - t0), "ops/s")
   assert(r[N] == N * N and r[777] == 777 * 777, "map_100k_chunk1: wrong result")
 
-  r, xs = nil, nil                        -- a clean heap for the next case
+  r, xs = nil, nil                        -- luacheck: ignore (a clean heap for the next case)
   collectgarbage()
   local M = 5000
   t0 = clock()

@@ -4,8 +4,8 @@ local H = require "helpers"
 local mp = require "multiprocessing"
 local core = require "multiprocessing.core"
 
--- A task's sleep that needs no child process: poll on no fds.
-local function nap(t) require("multiprocessing.core").poll({}, t) end
+-- (A task sleeps with require("multiprocessing.core").poll({}, t): no
+-- child process, so nothing is left behind when its worker is killed.)
 
 local function slurp(path)
   local f = io.open(path)
@@ -137,7 +137,7 @@ describe("Pool behaviour", function()
     with_pool(2, function(pool)
       local r = pool:starmap(function(a, b) return a * b end, { { 2, 3 }, { 4, 5 }, { 6, 7 } })
       assert.are.same({ 6, 20, 42 }, { r[1], r[2], r[3] })
-      local ar = pool:starmap_async(function(a, b, c) return c end, { { 1, 2, 3 }, table.pack(1, nil, 9) })
+      local ar = pool:starmap_async(function(_, _, c) return c end, { { 1, 2, 3 }, table.pack(1, nil, 9) })
       local rr = ar:get(10)
       assert.are.same({ 3, 9 }, { rr[1], rr[2] })
     end)
@@ -222,7 +222,7 @@ describe("Pool behaviour", function()
     -- which is what a task's _ENV is in a worker
     local init = load("local a, b = ...; WORKER_TAG = a .. b")
     with_pool({ processes = 2, initializer = init, initargs = { "x", 7 } }, function(pool)
-      local r = pool:map(function() return WORKER_TAG end, { 1, 2, 3, 4 }, 1)
+      local r = pool:map(function() return _G.WORKER_TAG end, { 1, 2, 3, 4 }, 1)
       for i = 1, 4 do assert.are.equal("x7", r[i]) end
       assert.is_nil(rawget(_G, "WORKER_TAG"))
     end)
@@ -248,7 +248,7 @@ describe("Pool behaviour", function()
       assert.are.same({ 42, "two" }, got)
       assert.are.equal(me, gotpid)
       local r2 = pool:apply_async(function() error("bad task") end, {}, {
-        callback = function() got = "wrong" end,
+        callback = function() error("not called") end,
         error_callback = function(e) goterr = e end })
       assert.is_true(r2:wait(10))
       assert.is_false(r2:successful())
@@ -256,9 +256,22 @@ describe("Pool behaviour", function()
       assert.is_true(mp.RemoteError:is(goterr))
       assert.truthy(goterr.message:find("bad task", 1, true))
       local list
-      pool:map_async(function(x) return x * 2 end, { 1, 2, 3 }, { callback = function(l) list = l end }):wait(10)
+      pool:map_async(function(x) return x * 2 end, { 1, 2, 3 },
+                     { callback = function(l) list = l end }):wait(10)
       pool:poll()
       assert.are.same({ 2, 4, 6 }, { list[1], list[2], list[3] })
+    end)
+  end)
+
+  it("lets a callback's error out of the call that ran it; the pool goes on", function()
+    with_pool(1, function(pool)
+      local r = pool:apply_async(function() return 1 end, {}, {
+        callback = function() error("callback broke") end })
+      local ok, err = pcall(r.get, r, 10)
+      assert.is_false(ok)
+      assert.truthy(tostring(err):find("callback broke", 1, true))
+      assert.are.equal(1, r:get(0))
+      assert.are.equal(2, pool:apply(function() return 2 end))
     end)
   end)
 
@@ -280,6 +293,7 @@ describe("Pool behaviour", function()
       ok, err = pcall(pool.apply, pool, function()
         error(require("multiprocessing").TimeoutError("inner timeout"))
       end, {})
+      assert.is_false(ok)
       assert.are.equal("TimeoutError", err.remote_type)
       assert.are.equal("inner timeout", err.message)
       -- map raises the first failure; the other tasks ran
@@ -381,7 +395,10 @@ describe("Pool failures", function()
   it("a worker killed with SIGKILL mid-task fails exactly its task; the pool goes on", function()
     with_pool(2, function(pool)
       local file = H.tmpname("pid")
-      local other = pool:apply_async(function() require("multiprocessing.core").poll({}, 0.3); return "fine" end)
+      local other = pool:apply_async(function()
+        require("multiprocessing.core").poll({}, 0.3)
+        return "fine"
+      end)
       local r = pool:apply_async(function(path)
         local c = require "multiprocessing.core"
         local f = io.open(path, "w"); f:write(c.getpid()); f:close()
@@ -483,7 +500,7 @@ describe("Pool failures", function()
       local a = pool:apply(getpid)
       local b = pool:apply(getpid)
       assert.are.equal(a, b)
-      local c = pool:apply(function() BIG = string.rep("x", 16e6); return 1 end)
+      local c = pool:apply(function() _G.BIG = string.rep("x", 16e6); return 1 end)
       assert.are.equal(1, c)
       local d = pool:apply(getpid)
       assert.are_not.equal(a, d)

@@ -23,10 +23,10 @@ local core = require "multiprocessing.core"
 local errors = require "multiprocessing.errors"
 local process = require "multiprocessing.process"
 
-local type, error, pairs, tostring, setmetatable, xpcall, pcall, select, next =
-      type, error, pairs, tostring, setmetatable, xpcall, pcall, select, next
+local type, error, pairs, tostring, setmetatable, xpcall, pcall =
+      type, error, pairs, tostring, setmetatable, xpcall, pcall
 local math_huge, math_min, math_max, ceil = math.huge, math.min, math.max, math.ceil
-local unpack, traceback, concat = table.unpack, debug.traceback, table.concat
+local unpack, traceback = table.unpack, debug.traceback
 local monotonic, dumpfn = core.monotonic, core.pool_dumpfn
 local stderr = io.stderr
 
@@ -558,10 +558,10 @@ end
 
 -- A worker ended (its sentinel fired or its channel closed).
 function Pool:_death(slot)
-  local pc, w = self._pc, self._workers[slot]
+  local pc = self._pc
   pc:fill(slot)
   self:_drain(slot)
-  w = self._workers[slot]
+  local w = self._workers[slot]
   if not w then return end
   local p = w.proc
   local code = p:join(2)
@@ -576,15 +576,16 @@ function Pool:_death(slot)
     local job, first, n = self._cjob[seq], self._cfirst[seq], self._cn[seq]
     if job then
       local err
+      local who = { pid = w.pid, exitcode = code }
       if self._ctimedout[seq] then
-        err = errors.new("TimeoutError", ("task timed out after %g s; its worker (pid %d) was killed and replaced")
-                         :format(job.timeout, w.pid), { pid = w.pid, exitcode = code })
+        err = errors.new("TimeoutError", ("task timed out after %g s; its worker (pid %d) "
+                         .. "was killed and replaced"):format(job.timeout, w.pid), who)
       elseif seq == started and seq > finished then
-        err = errors.new("WorkerLostError", ("worker (pid %d) died with exit code %d while running this task")
-                         :format(w.pid, code), { pid = w.pid, exitcode = code })
+        err = errors.new("WorkerLostError", ("worker (pid %d) died with exit code %d "
+                         .. "while running this task"):format(w.pid, code), who)
       elseif seq <= finished then        -- done, but its result was held back
-        err = errors.new("WorkerLostError", ("worker (pid %d) died with exit code %d before sending this task's result")
-                         :format(w.pid, code), { pid = w.pid, exitcode = code })
+        err = errors.new("WorkerLostError", ("worker (pid %d) died with exit code %d "
+                         .. "before sending this task's result"):format(w.pid, code), who)
       end
       if self._timed[seq] then
         self._timed[seq] = nil
