@@ -127,6 +127,10 @@ typedef struct mp_queue {
   char *rbuf;           /* read buffer for large encoded items */
   size_t rcap;
   struct feeder *feeder;/* this process's put-behind buffer, or NULL */
+  double spin;          /* seconds a wait spins before it sleeps: 0 after a
+                           spin failed (the other side is slow or not on a
+                           CPU), until a probe succeeds again */
+  unsigned probe;
 } mp_queue;
 
 /* how a feeder's items get into the ring */
@@ -312,34 +316,30 @@ static int can_go(qshm *s, int for_get) {
   return for_get ? n > 0 : (s->maxsize == 0 || n < s->maxsize);
 }
 
-/* How long this process spins before sleeping: adapts to whether the
-   other side answers within it (it does when it runs on another CPU). */
-static double spin_secs = SPIN_SECS;
-
 /* Wait until a get (for_get) or a put may succeed, or the deadline: spin
    a little, then announce ourselves and sleep on the sequence word. */
-static void q_wait(qshm *s, int for_get, double deadline) {
+static void q_wait(mp_queue *q, int for_get, double deadline) {
+  qshm *s = q->shm;
   uint32_t *seq = for_get ? &s->not_empty : &s->not_full;
   uint32_t *waiters = for_get ? &s->get_waiters : &s->put_waiters;
-  double spin_end = 0;
   uint32_t v;
-  int i;
-  for (i = 1;; i++) {
-    if (can_go(s, for_get)) {
-      /* spinning paid off: allow a little more next time */
-      spin_secs = spin_secs * 2 > SPIN_SECS ? SPIN_SECS : spin_secs * 2;
-      return;
+  /* Spin only while spinning pays off; after it failed, try it again only
+     every 16th wait (a busy machine: sleep at once, as a pipe would). */
+  if (q->spin > 0 || (++q->probe & 15) == 0) {
+    double spin_end = 0, budget = q->spin > 0 ? q->spin : SPIN_SECS;
+    int i;
+    for (i = 1;; i++) {
+      if (can_go(s, for_get)) { q->spin = SPIN_SECS; return; }
+      if ((i & 63) == 0) {
+        double now = mp_now();
+        if (spin_end == 0) spin_end = now + budget;
+        else if (now >= spin_end) break;
+        if (deadline >= 0 && now >= deadline) return;
+      }
+      cpu_relax();
     }
-    if ((i & 63) == 0) {
-      double now = mp_now();
-      if (spin_end == 0) spin_end = now + spin_secs;
-      else if (now >= spin_end) break;
-      if (deadline >= 0 && now >= deadline) return;
-      sched_yield();              /* let a peer waiting for this CPU run */
-    }
-    cpu_relax();
+    q->spin = 0;
   }
-  spin_secs = spin_secs / 2 < SPIN_MIN ? SPIN_MIN : spin_secs / 2;
   ADD(waiters, 1);
   v = LOAD(seq);
   if (!can_go(s, for_get)) mp_futex_wait(seq, v, deadline);
@@ -411,6 +411,7 @@ static mp_queue *queue_push(lua_State *L, int kind) {
   memset(q, 0, sizeof *q);
   q->fd = q->efd = -1;
   q->kind = kind;
+  q->spin = SPIN_SECS;
   luaL_setmetatable(L, kind_classes[kind]);
   return q;
 }
@@ -850,7 +851,7 @@ static int queue_put_t(lua_State *L, double timeout) {
     if (!can_go(s, 0)) {
       if (timeout == 0) goto full;
       if (deadline >= 0 && mp_now() >= deadline) goto timedout;
-      q_wait(s, 0, deadline);
+      q_wait(q, 0, deadline);
       continue;
     }
     q_lock(s);
@@ -914,7 +915,7 @@ static int queue_get_t(lua_State *L, double timeout) {
     if (LOAD(&s->st.nitems) == 0) {
       if (timeout == 0) goto empty;
       if (deadline >= 0 && mp_now() >= deadline) goto timedout;
-      q_wait(s, 1, deadline);
+      q_wait(q, 1, deadline);
       continue;
     }
     q_lock(s);
