@@ -40,7 +40,6 @@
 #include <errno.h>
 #include <pthread.h>
 #include <fcntl.h>
-#include <sched.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -61,7 +60,6 @@
 #define POPULATE_MIN (4u << 20)        /* prefault copies this large */
 #define MAX_ITEM    ((uint64_t)1 << 40)
 #define SPIN_SECS   50e-6             /* longest spin before a futex sleep */
-#define SPIN_MIN    2e-6
 #define LOCK_WAITERS 0x80000000u
 #define MAGIC       0x4d505131u         /* "MPQ1" */
 
