@@ -566,6 +566,48 @@ describe("Barrier", function()
   end)
 end)
 
+describe("sync objects' lifecycle", function()
+  H.leakcheck()
+
+  local makers = {
+    Lock = function() return mp.Lock(), "acquire" end,
+    RLock = function() return mp.RLock(), "acquire" end,
+    Semaphore = function() return mp.Semaphore(2), "get_value" end,
+    BoundedSemaphore = function() return mp.BoundedSemaphore(2), "release" end,
+    Condition = function() return mp.Condition(), "notify" end,
+    Event = function() return mp.Event(), "is_set" end,
+    Barrier = function() return mp.Barrier(2), "reset" end,
+  }
+  for kind, make in pairs(makers) do
+    it(kind .. " closes twice, names itself closed and raises when used", function()
+      local o, method = make()
+      assert.truthy(tostring(o):match("^<" .. kind .. "%("))
+      assert.is_number(o:fileno())
+      o:close()
+      o:close()
+      assert.are.equal("<" .. kind .. "(closed)>", tostring(o))
+      assert.has_error(function() o[method](o) end, kind .. " is closed")
+    end)
+
+    it(kind .. " is closed by <close> and by the collector", function()
+      do local o <close> = make() end
+      local o = make()
+      o = nil
+      collectgarbage(); collectgarbage()
+      -- H.leakcheck checks that no fd is left
+    end)
+  end
+
+  it("refuses an object of another class", function()
+    local e <close> = mp.Event()
+    local l <close> = mp.Lock()
+    assert.has_error(function() l.acquire(e) end, "bad argument #1 to 'acquire' (Lock expected, got multiprocessing.Event)")
+    assert.has_error(function() e.set(l) end)
+    assert.has_error(function() e.set(io.stdout) end)
+    assert.has_error(function() e.set(nil) end)
+  end)
+end)
+
 describe("sync objects as handles", function()
   H.leakcheck()
 
