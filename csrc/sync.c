@@ -22,13 +22,18 @@
  * lost). As in Python, a Lock may be released by any process; an RLock
  * only by its owner.
  *
- * Condition, Semaphore and Barrier keep their counters in the segment,
- * under an internal lock of the same kind, so a process killed inside
- * one of their short critical sections does not wedge the others.
+ * A Semaphore is one counter changed by compare-and-swap. Condition and
+ * Barrier keep their counters in the segment under an internal lock of the
+ * same recoverable kind, so a process killed inside one of their short
+ * critical sections does not wedge the others.
  *
- * The hot paths (Lock/RLock acquire and release) check their argument
- * with lua_touserdata, the block size and a magic number: no registry
- * look-up.
+ * A Value that makes its own lock keeps its element in the lock's segment,
+ * beside the lock word (mp_sync_claim_slot), so a locked update moves one
+ * cache line between processes, not two.
+ *
+ * The hot paths (Lock/RLock/Semaphore acquire and release) check their
+ * argument inline with lua_touserdata, the block size and a magic number:
+ * no registry look-up.
  */
 #include "mp.h"
 
@@ -264,7 +269,7 @@ static inline uint64_t word_release(mp_syncmem *m) {
   return old;
 }
 
-/* Internal lock of Condition/Semaphore/Barrier counters (never times
+/* Internal lock of Condition/Barrier counters (never times
    out: its critical sections are a few instructions of C). */
 static void ilock(mp_syncmem *m) {
   word_acquire(m, my_ident(), -1);
