@@ -133,6 +133,13 @@ function exports.Pool(opts)
   if mm ~= nil and (type(mm) ~= "number" or mm <= 0) then
     error("Pool: 'max_memory_per_child' must be a number of bytes > 0 (got " .. tostring(mm) .. ")", 2)
   end
+  -- Workers run the pool's own engine, inherited by fork; a fresh
+  -- interpreter (spawn, forkserver) has no way to rebuild it yet.
+  local method = process._default_method()
+  if method ~= "fork" then
+    error(errors.new("ProcessError", "Pool: the '" .. tostring(method) .. "' start method "
+                     .. "is not supported yet: pool workers are forked (use mp.get_context(\"fork\"))"), 2)
+  end
   local pc = core.pool_new(n)
   pools[pc] = true
   local self = setmetatable({
@@ -146,7 +153,7 @@ function exports.Pool(opts)
     _fnids = {}, _nfn = 0, _fncount = 0, _ewma = {},
     _cbq = {}, _cbhead = 1, _cbtail = 1,
     _done = 0, _failed = 0, _restarts = 0, _nworkers = 0,
-    _method = process._default_method(),   -- workers (restarts too) use it
+    _method = method,                     -- workers (restarts too) use it
   }, Pool)
   for slot = 1, n do self:_spawn(slot) end
   return self
