@@ -572,3 +572,42 @@ describe("Queue across processes", function()
     assert.are.equal(0, p:join(10))
   end)
 end)
+
+describe("Queue under every start method", function()
+  H.leakcheck()
+
+  for _, method in ipairs{ "fork", "spawn", "forkserver" } do
+    it("carries items and a feeder's items at exit (" .. method .. ")", function()
+      local src = ("package.path = %q\npackage.cpath = %q\n"):format(package.path, package.cpath)
+        .. ("local mp = require 'multiprocessing'\nmp.set_start_method(%q)\n"):format(method)
+        .. [[
+        local function child(q, jq)
+          for i = 1, 100 do q:put(i) end
+          local mib = string.rep("z", 1 << 20)
+          for i = 1, 12 do q:put(mib .. i) end       -- beyond the ring: the feeder
+          jq:put("task")
+        end
+        if mp.is_main() then
+          local q, jq = mp.Queue(), mp.JoinableQueue()
+          local p = mp.Process{ target = child, args = { q, jq } }
+          p:start()
+          print("join=" .. tostring(p:join(20)))
+          local sum, big = 0, 0
+          for _ = 1, 100 do sum = sum + q:get(5) end
+          local mib = string.rep("z", 1 << 20)
+          for i = 1, 12 do if q:get(5) == mib .. i then big = big + 1 end end
+          print("sum=" .. sum, "big=" .. big, "task=" .. jq:get(5))
+          jq:task_done()
+          print("joined=" .. tostring(jq:join(1)))
+        end
+      ]]
+      local out, code = H.run_lua(src, 60)
+      assert.are.equal(0, code, out)
+      assert.truthy(out:find("join=0", 1, true), out)
+      assert.truthy(out:find("sum=5050", 1, true), out)
+      assert.truthy(out:find("big=12", 1, true), out)
+      assert.truthy(out:find("task=task", 1, true), out)
+      assert.truthy(out:find("joined=true", 1, true), out)
+    end)
+  end
+end)
