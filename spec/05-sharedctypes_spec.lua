@@ -301,3 +301,47 @@ describe("Value and Array as handles", function()
     a:close(); b:close()
   end)
 end)
+
+describe("shared objects under the spawn start method", function()
+  H.leakcheck()
+
+  it("reach a spawned child as handles to the same memory", function()
+    local script = H.tmpname("spawn.lua")
+    local f = assert(io.open(script, "w"))
+    f:write([[
+local mp = require "multiprocessing"
+local function worker(lock, v, arr, ev, b, sem)
+  local ok = lock:acquire(10)
+  v.value = v.value + 10
+  lock:release()
+  arr[2] = 42
+  sem:release()
+  if not b:wait(10) then os.exit(3) end
+  ev:set()
+  os.exit(ok and 0 or 2)
+end
+if mp.is_main() then
+  local ctx = mp.get_context("spawn")
+  local lock, v, arr, ev = mp.Lock(), mp.Value("int32", 1), mp.Array("double", 3), mp.Event()
+  local count = mp.RawValue("int32", 0)
+  local b, sem = mp.Barrier(2, function() count.value = count.value + 1 end, 10), mp.Semaphore(0)
+  local p = ctx.Process{ target = worker, args = { lock, v, arr, ev, b, sem } }
+  p:start()
+  local idx = b:wait(10)
+  print("barrier", idx ~= nil, count.value)
+  print("event", ev:wait(10), sem:acquire(10))
+  print("joined", p:join(20), v.value, arr[2], v:get_lock():locked())
+end
+]])
+    f:close()
+    local cmd = ("LUA_PATH=%q LUA_CPATH=%q timeout 60 lua5.4 %s 2>&1"):format(
+      package.path, package.cpath, script)
+    local p = io.popen(cmd)
+    local out = p:read("a")
+    p:close()
+    os.remove(script)
+    assert.truthy(out:find("barrier\ttrue\t1", 1, false), out)
+    assert.truthy(out:find("event\ttrue\ttrue", 1, true), out)
+    assert.truthy(out:find("joined\t0\t11\t42.0\tfalse", 1, true), out)
+  end)
+end)
