@@ -52,6 +52,25 @@ describe("Pool arguments", function()
     pool:terminate()
   end)
 
+  it("refuses to be used from a forked child, which cannot touch its workers", function()
+    with_pool(1, function(pool)
+      local file = H.tmpname("own")
+      local p = mp.Process{ target = function()
+        local ok, err = pcall(pool.apply, pool, print, {})
+        local ok2 = pcall(pool.terminate, pool)
+        local f = io.open(file, "w")
+        f:write(tostring(ok), " ", tostring(ok2), " ", tostring(err and err.message))
+        f:close()
+      end }
+      p:start()
+      assert.are.equal(0, p:join(10))
+      local out = slurp(file)
+      os.remove(file)
+      assert.truthy(out:find("^false false this Pool belongs to process"), out)
+      assert.are.equal(2, pool:apply(function() return 2 end))
+    end)
+  end)
+
   it("rejects bad arguments to the calls, naming them", function()
     with_pool(1, function(pool)
       assert.has_error(function() pool:apply(5, {}) end)
@@ -192,6 +211,20 @@ describe("Pool behaviour", function()
         got[i] = v
       end
       for i = 1, 50 do assert.are.equal(i * i, got[i]) end
+    end)
+  end)
+
+  it("reads an iterator no further than a window ahead of an imap's consumer", function()
+    with_pool(2, function(pool)
+      local pulled = 0
+      local it = pool:imap(function(x) return x end, function() pulled = pulled + 1; return pulled end)
+      assert.are.equal(1, (it()))
+      for _ = 1, 20 do pool:poll(0.01) end
+      assert.is_true(pulled <= 256 + 1, "pulled " .. pulled)
+      local i = 1
+      while i < 600 do i = it() end       -- reading on moves the window
+      assert.are.equal(600, i)
+      assert.is_true(pulled >= 600)
     end)
   end)
 

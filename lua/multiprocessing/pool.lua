@@ -143,7 +143,7 @@ function exports.Pool(opts)
   local pc = core.pool_new(n)
   pools[pc] = true
   local self = setmetatable({
-    _pc = pc, _n = n, _state = "running",
+    _pc = pc, _n = n, _state = "running", _owner = core.getpid(),
     _initializer = opts.initializer, _initargs = opts.initargs or {},
     _maxtasks = opts.maxtasksperchild, _maxmem = mm,
     _workers = {}, _seq = 0, _rr = 0,
@@ -177,10 +177,14 @@ end
 
 -- ---- jobs and dispatch -------------------------------------------------
 
+-- An iterator input is read no further ahead of the consumer than this
+-- many items (an abandoned imap over an endless iterator stops there).
+local WINDOW_MIN = 256
+
 local function has_work(job)
   if job.retry[1] then return true end
   if job.list then return job.cursor <= job.total end
-  return not job.exhausted
+  return not job.exhausted and job.cursor - 1 - job.consumed < job.window
 end
 
 -- Next range of up to maxn items of job: first, n (nil when none now).
@@ -205,6 +209,8 @@ local function take_chunk(job, maxn)
     return first, n
   end
   if job.exhausted then return nil end
+  want = math_min(want, job.window - (first - 1 - job.consumed))
+  if want <= 0 then return nil end
   local items, iter, n = job.items, job.iter, 0
   while n < want do
     local ok, v = pcall(iter)
@@ -330,8 +336,17 @@ end
 
 -- mode: "apply" (one call, all its results), "map" (first results in a
 -- list), "imap", "imapu"
+-- A forked child has a copy of the pool, which must not touch the
+-- parent's workers.
+function Pool:_own(level)
+  if core.getpid() ~= self._owner then
+    perr("this Pool belongs to process " .. self._owner .. ", not to this one", level + 1)
+  end
+end
+
 function Pool:_submit(mode, fn, xs, star, opts, level)
   level = level + 1
+  self:_own(level)
   if self._state ~= "running" then
     perr("Pool not running (it was " .. self._state .. ")", level)
   end
@@ -368,7 +383,7 @@ function Pool:_submit(mode, fn, xs, star, opts, level)
       for v in xs do k = k + 1; list[k] = v end
       job.list, job.total = list, k
     else
-      job.iter, job.items = xs, {}
+      job.iter, job.items, job.consumed = xs, {}, 0
     end
   else
     error("bad argument #2 (table or iterator function expected, got " .. type(xs) .. ")", level)
@@ -407,6 +422,9 @@ function Pool:_submit(mode, fn, xs, star, opts, level)
     else
       error("unknown option '" .. tostring(k) .. "'", level)
     end
+  end
+  if job.iter then
+    job.window = math_max(WINDOW_MIN, 4 * self._n * (job.chunksize or 1))
   end
   if not job.chunksize then
     if mode == "map" then                 -- Python's len / (4 * workers), capped
@@ -770,6 +788,14 @@ function Pool:starmap(fn, xs, opts)
   return new_result(self:_submit("map", fn, xs, true, opts, 2)):get()
 end
 
+-- The consumer of an imap took one more result: read further ahead.
+local function consumed(pool, job)
+  if job.consumed then
+    job.consumed = job.consumed + 1
+    if has_work(job) and not job.queued and not job.done then pool:_queue_job(job) end
+  end
+end
+
 local function raise_item(job, pos)
   local e = job.errs[pos] or job.aborted
   error(e, 0)
@@ -791,9 +817,14 @@ function Pool:imap(fn, xs, opts)
     if r ~= nil then
       pos = want
       results[want] = nil
+      consumed(self, job)
       return want, unpack(r, 1, r.n)
     end
-    if errs[want] ~= nil or job.aborted then pos = want; raise_item(job, want) end
+    if errs[want] ~= nil or job.aborted then
+      pos = want
+      consumed(self, job)
+      raise_item(job, want)
+    end
     if job.iter_error then
       local e = job.iter_error
       job.iter_error = nil
@@ -816,6 +847,7 @@ function Pool:imap_unordered(fn, xs, opts)
       job.order[job.ohead] = nil
       job.ohead = job.ohead + 1
       local r = results[pos]
+      consumed(self, job)
       if r == nil then raise_item(job, pos) end
       results[pos] = nil
       return pos, unpack(r, 1, r.n)
@@ -870,6 +902,7 @@ end
 
 -- pool:close(): no more tasks; workers leave once the queued ones are done
 function Pool:close()
+  self:_own(2)
   if self._state == "running" then
     self._state = "closed"
     if self._active == 0 then self:_exit_workers() end
@@ -893,6 +926,7 @@ end
 
 -- pool:terminate(): stop the workers now; unfinished tasks fail
 function Pool:terminate()
+  self:_own(2)
   if self._state == "terminated" then return end
   local was = self._state
   self._state = "terminated"
@@ -906,6 +940,7 @@ end
 
 -- pool:join(): wait for the workers to leave (after close or terminate)
 function Pool:join()
+  self:_own(2)
   if self._state == "running" then perr("Pool is still running: close or terminate it first", 2) end
   if self._state == "terminated" or self._state == "joined" then return end
   self:_until(function() return self._active == 0 end)
@@ -926,6 +961,7 @@ Pool.__close = Pool.terminate
 -- __gc: never blocks long: SIGKILL and reap
 function Pool.__gc(self)
   if self._state == "terminated" or self._state == "joined" then return end
+  if core.getpid() ~= self._owner then return end
   self._state = "terminated"
   for _, w in pairs(self._workers) do
     pcall(w.proc.kill, w.proc)
