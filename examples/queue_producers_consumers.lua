@@ -13,15 +13,14 @@ end
 
 local function consumer(q, lock)
   local info = q:get(10)
-  local function show()
+  lock:with(function()
     print(mp.current_process().pid .. " (get): " .. tostring(info))
     io.flush()
-  end
-  if lock then lock:with(show) else show() end
+  end)
 end
 
 if mp.is_main() then
-  local lock = mp.Lock and mp.Lock() or nil
+  local lock = mp.Lock()
   local q = mp.Queue(3)
   local producers, consumers = {}, {}
   for i = 1, 10 do
