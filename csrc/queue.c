@@ -926,6 +926,10 @@ static int queue_get_t(lua_State *L, double timeout) {
     r = (rec *)(q->ring + st.head);
     len = r->len;
     type = r->type;
+    if (len > MAX_ITEM || st.head + rec_size(len) > st.cap) {
+      q_unlock(s);
+      return luaL_error(L, "Queue.get: corrupt record (length %I)", (lua_Integer)len);
+    }
     payload = q->ring + st.head + REC_HDR;
     q_populate(q, st.head, rec_size(len), 0);
     if (len <= STACK_ITEM) {
