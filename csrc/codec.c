@@ -2,8 +2,10 @@
  * codec.c: the one codec (DESIGN.md point 3): any Lua value to a message
  * and back, for mp.dumps/mp.loads and every transport.
  *
- * A message is a version byte (CODEC_VERSION) followed by one value. A value
- * starts with a tag byte:
+ * A message is a version byte (CODEC_VERSION), a flags byte (F_REFS: the
+ * message holds references, so the decoder must remember every table,
+ * function and handle by id; without it, it remembers none), then one
+ * value. A value starts with a tag byte:
  *   0x00 nil  0x01 false  0x02 true
  *   0x03 INT      zigzag varint (LEB128)
  *   0x04 FLOAT    8 bytes, IEEE 754 double, little-endian
@@ -50,6 +52,7 @@
 #include <unistd.h>
 
 #define CODEC_VERSION 1
+#define F_REFS 1           /* header flag: the message has references */
 #define MAXDEPTH MP_CODEC_MAXDEPTH
 #define MP_CODEC_FDS_T "multiprocessing.codec.fds"
 
@@ -176,7 +179,9 @@ typedef struct enc {
   const seg *path;
   int depth;
   int globals, byval, modof, keyof, env;   /* stack slots */
-  int modchecked;
+  int modchecked;          /* module map: 0 not yet, 1 as cached, 2 checked */
+  int infunc;              /* > 0 while encoding a function's upvalues */
+  int flags;               /* header flags (F_REFS) */
   uint32_t nref, nuv;
   phash seen, uvs;
 } enc;
@@ -344,14 +349,29 @@ static const char *push_mtname(lua_State *L, int mt) {
   return lua_tostring(L, -1);
 }
 
-/* Rebuild the module maps when package.loaded changed (once per call). */
-static void modmap_check(enc *e) {
+/* The module maps (module table or function -> name). fresh: make sure
+   they match package.loaded (rebuilt when the set of loaded modules
+   changed; checked at most once per call), as for functions and for what
+   their upvalues hold; otherwise the map as last built will do (plain data
+   is not worth a scan of package.loaded per message), built if none. */
+static void modmap_check(enc *e, int fresh) {
   lua_State *L = e->L;
   lua_Integer count = 0, sigx = 0;
   int loaded, modof, keyof;
-  if (e->modchecked) return;
-  e->modchecked = 1;
+  if (e->modchecked == 2 || (e->modchecked == 1 && !fresh)) return;
   luaL_checkstack(L, 12, NULL);
+  if (!fresh) {
+    int t1 = lua_rawgeti(L, e->env, E_MODOF);
+    int t2 = lua_rawgeti(L, e->env, E_KEYOF);
+    if (t1 == LUA_TTABLE && t2 == LUA_TTABLE) {
+      lua_replace(L, e->keyof);          /* the map as last built */
+      lua_replace(L, e->modof);
+      e->modchecked = 1;
+      return;
+    }
+    lua_pop(L, 2);
+  }
+  e->modchecked = 2;
   lua_getfield(L, LUA_REGISTRYINDEX, LUA_LOADED_TABLE);
   loaded = lua_gettop(L);
   if (!lua_istable(L, loaded)) {          /* no package library */
@@ -467,13 +487,23 @@ static void modmap_check(enc *e) {
    module name (and, for a function, its field name) and return 1. */
 static int module_name(enc *e, int idx, int isfunc) {
   lua_State *L = e->L;
-  modmap_check(e);
+  modmap_check(e, isfunc || e->infunc > 0);
   lua_pushvalue(L, idx);
   if (lua_rawget(L, e->modof) != LUA_TSTRING) {
     lua_pop(L, 1);
     return 0;
   }
-  if (!isfunc) return 1;
+  if (!isfunc) {                         /* still that module? */
+    lua_getfield(L, LUA_REGISTRYINDEX, LUA_LOADED_TABLE);
+    lua_pushvalue(L, -2);
+    lua_rawget(L, -2);
+    if (lua_rawequal(L, -1, idx)) {
+      lua_pop(L, 2);
+      return 1;
+    }
+    lua_pop(L, 3);
+    return 0;
+  }
   lua_pushvalue(L, idx);
   lua_rawget(L, e->keyof);               /* mod, key */
   /* still there? (a module may have replaced the field since) */
@@ -493,7 +523,7 @@ static int module_name(enc *e, int idx, int isfunc) {
   lua_pushnil(L);
   lua_rawseti(L, e->env, E_SIGN);
   e->modchecked = 0;
-  modmap_check(e);
+  modmap_check(e, 1);
   lua_pushvalue(L, idx);
   if (lua_rawget(L, e->modof) != LUA_TSTRING) {
     lua_pop(L, 1);
@@ -504,7 +534,10 @@ static int module_name(enc *e, int idx, int isfunc) {
   return 1;
 }
 
-static void enc_ref(enc *e, uint32_t id) { enc_tagvarint(e, T_REF, id); }
+static void enc_ref(enc *e, uint32_t id) {
+  e->flags |= F_REFS;
+  enc_tagvarint(e, T_REF, id);
+}
 
 static void enter(enc *e) {
   if (++e->depth > MAXDEPTH) {
@@ -759,6 +792,7 @@ static void enc_function(enc *e, int idx) {
     e->b->len += put_varint(w, nups);
   }
   seg_push(e, &s, S_UPVAL);
+  e->infunc++;
   for (i = 1; i <= nups; i++) {
     const void *uid = lua_upvalueid(L, idx, (int)i);
     uint32_t k = phash_get(&e->uvs, uid);
@@ -779,6 +813,7 @@ static void enc_function(enc *e, int idx) {
     enc_value(e, lua_gettop(L));
     lua_pop(L, 1);
   }
+  e->infunc--;
   seg_pop(e, &s);
   e->depth--;
 }
@@ -835,6 +870,7 @@ MP_API void mp_encode_named(lua_State *L, int idx, mp_buf *b, mp_fdlist *fds,
                             const char *root) {
   enc e;
   int top;
+  size_t hdr;
   idx = lua_absindex(L, idx);
   luaL_checkstack(L, 16, NULL);
   top = lua_gettop(L);
@@ -845,6 +881,7 @@ MP_API void mp_encode_named(lua_State *L, int idx, mp_buf *b, mp_fdlist *fds,
   e.path = NULL;
   e.depth = 0;
   e.modchecked = 0;
+  e.infunc = 0;
   e.nref = e.nuv = 0;
   lua_pushnil(L);
   phash_init(&e.seen, top + 1);
@@ -860,8 +897,12 @@ MP_API void mp_encode_named(lua_State *L, int idx, mp_buf *b, mp_fdlist *fds,
   e.modof = top + 6;
   lua_pushnil(L);
   e.keyof = top + 7;
+  e.flags = 0;
+  hdr = b->len;
   enc_byte(&e, CODEC_VERSION);
+  enc_byte(&e, 0);                       /* flags, patched below */
   enc_value(&e, idx);
+  b->data[hdr + 1] = (char)e.flags;
   lua_settop(L, top);
 }
 
@@ -893,6 +934,7 @@ typedef struct dec {
   int flags, depth;
   size_t budget;
   int refs, uvs, env;                    /* stack slots */
+  int hasrefs;                           /* F_REFS: keep the ids */
   uint32_t nref, nuv;
   fdbox *fb;
 } dec;
@@ -958,7 +1000,7 @@ static const char *rd_name(dec *d, size_t *n) {
 
 static void add_ref(dec *d, int idx) {
   lua_State *L = d->L;
-  if (d->refs == 0) dec_fail(d, "internal: no refs");
+  if (!d->hasrefs) return;               /* nothing will refer to it */
   if (lua_isnil(L, d->refs)) {
     lua_newtable(L);
     lua_replace(L, d->refs);
@@ -1312,7 +1354,7 @@ static void dec_value(dec *d) {
   case T_TABLE_MT: dec_table(d, 1); return;
   case T_REF: {
     uint64_t id = rd_varint(d);
-    if (id < 1 || id > d->nref) dec_fail(d, "bad reference");
+    if (id < 1 || id > d->nref || !d->hasrefs) dec_fail(d, "bad reference");
     lua_rawgeti(L, d->refs, (lua_Integer)id);
     return;
   }
@@ -1410,6 +1452,10 @@ MP_API void mp_decode(lua_State *L, const char *p, size_t len,
              "version %d", *d.p, CODEC_VERSION);
     dec_fail(&d, what);
   }
+  d.p++;
+  need(&d, 1);
+  if (*d.p & ~F_REFS) dec_fail(&d, "unknown header flags");
+  d.hasrefs = *d.p & F_REFS;
   d.p++;
   dec_value(&d);
   if (d.p != d.end) dec_fail(&d, "trailing bytes after the value");

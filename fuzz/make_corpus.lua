@@ -7,6 +7,9 @@ local mp = require "multiprocessing"
 local Point = mp.register("fuzz.Point", { __name = "fuzz.Point" })
 local Fuzz = { __mp_reduce = function(self) return "fuzz", self.state, 0, 1 end }
 local NoFd = { __mp_reduce = function(self) return "fuzz", self.state end }
+-- one fd twice in a handle, and handles sharing fds (regression: a copy
+-- made for a second user leaked when a later copy failed)
+local Dup = { __mp_reduce = function(self) return "fuzz", self.state, 0, 0, 1 end }
 
 local cyc = { name = "cycle" }
 cyc.self = cyc
@@ -28,6 +31,8 @@ local values = {
   setmetatable({ x = 1, y = 2 }, Point),
   setmetatable({ state = { "s", 1 } }, Fuzz),
   { setmetatable({ state = 7 }, Fuzz), setmetatable({ state = 8 }, NoFd) },
+  { setmetatable({ state = 1 }, Dup), setmetatable({ state = { 2 } }, Fuzz),
+    setmetatable({ state = setmetatable({ state = 3 }, Dup) }, Fuzz) },
   string, { string.format, print, mp.dumps }, _G,
   function(x) return x + 1 end,
   { record = { id = 1, name = "rec", score = 9.5, tags = { "a", "b" } } },

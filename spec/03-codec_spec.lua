@@ -159,7 +159,7 @@ describe("codec values", function()
     assert.is_true(r.leaf)
     ser_error(function() dumps(nest(201)) end, "nested more than 200")
     -- and a hand-made message nested 201 deep is refused by the decoder
-    local msg = "\1" .. string.rep("\6\1\0\0\0\0\0\0\0", 201)
+    local msg = "\1\0" .. string.rep("\6\1\0\0\0\0\0\0\0", 201)
     ser_error(function() loads(msg) end, "nested too deep")
   end)
 
@@ -205,7 +205,7 @@ describe("codec classes", function()
 
   it("refuses a class name that the receiver has not registered", function()
     -- TABLE_MT "spec.Nope" {}
-    local msg = "\1\7" .. string.char(0x40 + 9) .. "spec.Nope" .. "\0\0\0\0\0\0\0\0"
+    local msg = "\1\0\7" .. string.char(0x40 + 9) .. "spec.Nope" .. "\0\0\0\0\0\0\0\0"
     ser_error(function() loads(msg) end, "class 'spec.Nope' is not registered")
   end)
 
@@ -307,7 +307,7 @@ describe("codec functions", function()
     mp.register("spec.hook", hook)
     local f = rt(hook)
     assert.are.equal(hook, f)
-    local msg = "\1\11" .. string.char(0x40 + 9) .. "spec.none"
+    local msg = "\1\0\11" .. string.char(0x40 + 9) .. "spec.none"
     ser_error(function() loads(msg) end, "function 'spec.none' is not registered")
   end)
 
@@ -324,7 +324,7 @@ describe("codec functions", function()
     package.preload["spec.codec.lazy"] = function() return { lazy = true } end
     -- MODULE "spec.codec.lazy", made by hand: the module is not loaded here
     local name = "spec.codec.lazy"
-    local msg = "\1\10" .. string.char(0x40 + #name) .. name
+    local msg = "\1\0\10" .. string.char(0x40 + #name) .. name
     ser_error(function() loads(msg, { functions = false }) end,
               "module 'spec.codec.lazy' is not loaded")
     assert.is_nil(package.loaded["spec.codec.lazy"])
@@ -332,7 +332,7 @@ describe("codec functions", function()
     assert.are.equal(package.loaded["spec.codec.lazy"], loads(msg))
     package.loaded["spec.codec.lazy"] = nil
     package.preload["spec.codec.lazy"] = nil
-    ser_error(function() loads("\1\10" .. string.char(0x40 + 12) .. "spec.nothing") end,
+    ser_error(function() loads("\1\0\10" .. string.char(0x40 + 12) .. "spec.nothing") end,
               "module 'spec.nothing' cannot be loaded")
   end)
 
@@ -489,20 +489,26 @@ describe("codec hostile input", function()
     assert.are.equal("short", loads(ok_msg)[7])
   end)
 
+  it("raises on unknown header flags and on references without the flag", function()
+    ser_error(function() loads("\1\2\0") end, "unknown header flags")
+    ser_error(function() loads("\1\0\6\1\0\0\0\0\0\0\0\8\1") end, "bad reference")
+    assert.are.equal(1, #loads("\1\1\6\1\0\0\0\0\0\0\0\8\1"))
+  end)
+
   it("raises on trailing bytes", function()
     ser_error(function() loads(ok_msg .. "\0") end, "trailing bytes")
   end)
 
   it("raises on tables larger than the message, bad refs, bad keys", function()
     -- a table declaring 2^32-1 pairs / 10^9 array items in a few bytes
-    ser_error(function() loads("\1\6\0\0\0\0\255\255\255\255") end, "larger than the message")
-    ser_error(function() loads("\1\6\0\202\154\59\0\0\0\0") end, "larger than the message")
-    ser_error(function() loads("\1\8\5") end, "bad reference")
-    ser_error(function() loads("\1\6\0\0\0\0\1\0\0\0\0\1") end, "nil table key")
-    ser_error(function() loads("\1\6\0\0\0\0\1\0\0\0\4\0\0\0\0\0\0\248\127\1") end, "NaN table key")
-    ser_error(function() loads("\1\3\255\255\255\255\255\255\255\255\255\255\1") end,
+    ser_error(function() loads("\1\0\6\0\0\0\0\255\255\255\255") end, "larger than the message")
+    ser_error(function() loads("\1\0\6\0\202\154\59\0\0\0\0") end, "larger than the message")
+    ser_error(function() loads("\1\1\8\5") end, "bad reference")
+    ser_error(function() loads("\1\0\6\0\0\0\0\1\0\0\0\0\1") end, "nil table key")
+    ser_error(function() loads("\1\0\6\0\0\0\0\1\0\0\0\4\0\0\0\0\0\0\248\127\1") end, "NaN table key")
+    ser_error(function() loads("\1\0\3\255\255\255\255\255\255\255\255\255\255\1") end,
               "out of range")
-    ser_error(function() loads("\1\63") end, "unknown tag")
+    ser_error(function() loads("\1\0\63") end, "unknown tag")
   end)
 
   it("never crashes on random mutations (functions=false)", function()
