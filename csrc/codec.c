@@ -111,10 +111,10 @@ typedef struct phash {
   hslot inl[HINLINE];
 } phash;
 
+/* Empty until the first put (most messages need no hash at all). */
 static void phash_init(phash *h, int slot) {
-  memset(h->inl, 0, sizeof h->inl);
-  h->s = h->inl;
-  h->mask = HINLINE - 1;
+  h->s = NULL;
+  h->mask = 0;
   h->n = 0;
   h->slot = slot;
 }
@@ -125,7 +125,9 @@ static uint32_t hashp(const void *k) {
 }
 
 static uint32_t phash_get(const phash *h, const void *k) {
-  uint32_t i = hashp(k) & h->mask;
+  uint32_t i;
+  if (h->s == NULL) return 0;
+  i = hashp(k) & h->mask;
   for (;;) {
     if (h->s[i].k == k) return h->s[i].v;
     if (h->s[i].k == NULL) return 0;
@@ -135,6 +137,11 @@ static uint32_t phash_get(const phash *h, const void *k) {
 
 static void phash_put(lua_State *L, phash *h, const void *k, uint32_t v) {
   uint32_t i;
+  if (h->s == NULL) {
+    memset(h->inl, 0, sizeof h->inl);
+    h->s = h->inl;
+    h->mask = HINLINE - 1;
+  }
   if ((h->n + 1) * 4 > (h->mask + 1) * 3) {   /* grow into a userdata */
     uint32_t cap = (h->mask + 1) * 2, j;
     hslot *s;
