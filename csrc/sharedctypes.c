@@ -354,7 +354,8 @@ static int shared_from_fd(lua_State *L) {
 static const char *value_key;
 
 static int is_value_key(lua_State *L, int i) {
-  const char *k = lua_type(L, i) == LUA_TSTRING ? lua_tostring(L, i) : NULL;
+  const char *k = lua_tolstring(L, i, NULL);   /* a number key becomes a
+                                                  string in its slot: harmless */
   return k != NULL && (k == value_key || strcmp(k, "value") == 0);
 }
 
