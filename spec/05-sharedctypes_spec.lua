@@ -151,6 +151,14 @@ describe("Value", function()
     b:get_lock():release()
   end)
 
+  it("keeps working after its lock is closed (its element lives beside the lock word)", function()
+    local v <close> = mp.Value("double", 1.25)
+    v:get_lock():close()
+    v.value = 2.5
+    assert.are.equal(2.5, v.value)
+    assert.has_error(function() v:get_lock():acquire() end, "RLock is closed")
+  end)
+
   it("refuses other fields", function()
     local v <close> = mp.RawValue("int32")
     assert.has_error(function() v.valeu = 1 end)
