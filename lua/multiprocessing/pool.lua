@@ -284,6 +284,9 @@ function Pool:_send(slot, w, job, first, n)
   if not ok then                       -- an item could not be serialized
     if type(err) ~= "table" then err = errors.new("SerializationError", tostring(err)) end
     for i = first, first + n - 1 do self:_fail_item(job, i, err) end
+    if job.items then
+      for i = first, first + n - 1 do job.items[i] = nil end
+    end
     job.ndone = job.ndone + n
     self._done = self._done + n
     self:_check_done(job)
