@@ -899,8 +899,13 @@ function Pool:stats()
 end
 
 function Pool:_exit_workers()
-  for slot in pairs(self._workers) do self._pc:ctl(slot, "exit") end
-  self._pc:wait(0)                        -- flush
+  for slot, w in pairs(self._workers) do
+    if not w.exit_sent then
+      self._pc:ctl(slot, "exit")
+      w.exit_sent = true
+    end
+  end
+  self._pc:flush()
 end
 
 -- pool:close(): no more tasks; workers leave once the queued ones are done
