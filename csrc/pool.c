@@ -102,6 +102,10 @@ static void put_u32(lua_State *L, mp_buf *b, uint32_t v) {
   mp_buf_add(L, b, &v, 4);
 }
 
+static void wr_u32(char *p, uint32_t v) {
+  memcpy(p, &v, 4);
+}
+
 static uint32_t rd_u32(const char *p) {
   uint32_t v;
   memcpy(&v, p, 4);
@@ -134,7 +138,7 @@ static void put_value(lua_State *L, mp_buf *b, int idx) {
     if (n > UINT32_MAX) luaL_error(L, "string too large for a pool message");
     w = mp_buf_reserve(L, b, 5 + n);
     w[0] = V_STR;
-    memcpy(w + 1, &(uint32_t){(uint32_t)n}, 4);
+    wr_u32(w + 1, (uint32_t)n);
     memcpy(w + 5, s, n);
     b->len += 5 + n;
     break;
@@ -146,7 +150,7 @@ static void put_value(lua_State *L, mp_buf *b, int idx) {
     at = b->len;
     put_u32(L, b, 0);
     mp_encode(L, idx, b, NULL);
-    memcpy(b->data + at, &(uint32_t){(uint32_t)(b->len - at - 4)}, 4);
+    wr_u32(b->data + at, (uint32_t)(b->len - at - 4));
     break;
   }
   }
@@ -390,7 +394,7 @@ static int pool_task(lua_State *L) {
     if (!star) {
       if (t == LUA_TNUMBER) {                     /* the common case, inline */
         char *w = mp_buf_reserve(L, &s->out, 13);
-        memcpy(w, &(uint32_t){1}, 4);
+        wr_u32(w, 1);
         if (lua_isinteger(L, 9)) {
           lua_Integer i = lua_tointeger(L, 9);
           w[4] = V_INT;
@@ -774,7 +778,7 @@ static int pool_runner(lua_State *L) {
       lua_Integer v = lua_tointeger(L, 3);
       char *w = mp_buf_reserve(L, c->out, 14);
       w[0] = 0;
-      memcpy(w + 1, &(uint32_t){1}, 4);
+      wr_u32(w + 1, 1);
       w[5] = V_INT;
       memcpy(w + 6, &v, 8);
       c->out->len += 14;
@@ -835,7 +839,7 @@ static void frame_begin(lua_State *L, mp_buf *b, int kind) {
 }
 
 static int frame_send(mp_buf *b, int fd) {
-  memcpy(b->data, &(uint32_t){(uint32_t)(b->len - 4)}, 4);
+  wr_u32(b->data, (uint32_t)(b->len - 4));
   return write_all(fd, b->data, b->len);
 }
 
@@ -943,8 +947,8 @@ static int pool_worker(lua_State *L) {
       done += c.n;
       if (maxtasks > 0 && done >= maxtasks) us = QUICK_US;   /* send now */
       us = (mp_now() - t0) * 1e6;
-      memcpy(out->data + fstart + 13, &(uint32_t){us > 4e9 ? 4000000000u : (uint32_t)us}, 4);
-      memcpy(out->data + fstart, &(uint32_t){(uint32_t)(out->len - fstart - 4)}, 4);
+      wr_u32(out->data + fstart + 13, us > 4e9 ? 4000000000u : (uint32_t)us);
+      wr_u32(out->data + fstart, (uint32_t)(out->len - fstart - 4));
       __atomic_store_n(&sh->finished, seq, __ATOMIC_RELEASE);
       /* A quick chunk with the next one already here: its result rides
          with the next ones (one write for many) */
