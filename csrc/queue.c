@@ -60,6 +60,7 @@
 #define POPULATE_MIN (4u << 20)        /* prefault copies this large */
 #define MAX_ITEM    ((uint64_t)1 << 40)
 #define SPIN_SECS   50e-6             /* longest spin before a futex sleep */
+#define SPIN_PROBE  10e-6             /* spin of a probe after a failure */
 #define LOCK_WAITERS 0x80000000u
 #define MAGIC       0x4d505131u         /* "MPQ1" */
 
@@ -321,17 +322,17 @@ static void q_wait(mp_queue *q, int for_get, double deadline) {
   uint32_t *seq = for_get ? &s->not_empty : &s->not_full;
   uint32_t *waiters = for_get ? &s->get_waiters : &s->put_waiters;
   uint32_t v;
-  /* Spin only while spinning pays off; after it failed, try it again only
-     every 16th wait (a busy machine: sleep at once, as a pipe would). */
-  if (q->spin > 0 || (++q->probe & 15) == 0) {
-    double spin_end = 0, budget = q->spin > 0 ? q->spin : SPIN_SECS;
+  /* Spin only while spinning pays off; after a spin failed, probe with a
+     short spin every 32nd wait (a busy machine: sleep at once, as on a
+     pipe). */
+  if (q->spin > 0 || (++q->probe & 31) == 0) {
+    double start = mp_now(), budget = q->spin > 0 ? q->spin : SPIN_PROBE;
     int i;
     for (i = 1;; i++) {
       if (can_go(s, for_get)) { q->spin = SPIN_SECS; return; }
-      if ((i & 63) == 0) {
+      if ((i & 31) == 0) {
         double now = mp_now();
-        if (spin_end == 0) spin_end = now + budget;
-        else if (now >= spin_end) break;
+        if (now - start >= budget) break;
         if (deadline >= 0 && now >= deadline) return;
       }
       cpu_relax();
