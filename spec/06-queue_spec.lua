@@ -181,6 +181,28 @@ describe("Queue in one process", function()
     assert.are.same({ nil, "empty" }, { q:get(0) })
   end)
 
+  it("writes a feeder's items when closed, by <close> and by __gc", function()
+    local mib = string.rep("g", 1 << 20)
+    local q <close> = mp.Queue()
+    local s, fds = mp.dumps(q)
+    local function through(how)
+      local other = mp.loads(s, { fds = fds })      -- a second view of q
+      for i = 1, 12 do other:put(mib .. i) end       -- most wait in its feeder
+      assert.is_true(q:qsize() < 12)
+      if how == "close" then
+        other:close()
+      elseif how == "<close>" then
+        local o <close> = other
+      end
+    end
+    for _, how in ipairs{ "close", "<close>", "__gc" } do
+      through(how)
+      collectgarbage(); collectgarbage()
+      assert.are.equal(12, q:qsize())
+      for i = 1, 12 do assert.is_true(q:get(0) == mib .. i) end
+    end
+  end)
+
   it("names itself and its state", function()
     local q <close> = mp.Queue(5)
     q:put(1)
