@@ -592,6 +592,25 @@ static int core__child_init(lua_State *L) {
   return 0;
 }
 
+/* core._sigint(ignore): true: ignore SIGINT, keeping what it was; false:
+   put back what was kept (the fork server ignores Ctrl-C, as Python's
+   does; the children it forks get the interpreter's handling back). */
+static struct sigaction saved_sigint;
+static int sigint_saved;
+static int core__sigint(lua_State *L) {
+  if (lua_toboolean(L, 1)) {
+    struct sigaction ign;
+    memset(&ign, 0, sizeof ign);
+    ign.sa_handler = SIG_IGN;
+    sigemptyset(&ign.sa_mask);
+    if (sigaction(SIGINT, &ign, &saved_sigint) == 0) sigint_saved = 1;
+  } else if (sigint_saved) {
+    sigaction(SIGINT, &saved_sigint, NULL);
+    sigint_saved = 0;
+  }
+  return 0;
+}
+
 /* core.getcwd() -> path */
 static int core_getcwd(lua_State *L) {
   char buf[PATH_MAX];
@@ -655,6 +674,7 @@ MP_API void mp_process_open(lua_State *L) {
     {"_dup", core__dup},
     {"_status_write", core__status_write},
     {"_child_init", core__child_init},
+    {"_sigint", core__sigint},
     {"getcwd", core_getcwd},
     {"chdir", core_chdir},
     {"realpath", core_realpath},

@@ -284,6 +284,7 @@ describe("program exit", function()
     local out = H.tmpname("exit")
     local script = H.tmpname("exit.lua")
     local f = io.open(script, "w")
+    f:write(("package.path = %q package.cpath = %q\n"):format(package.path, package.cpath))
     f:write(([[
       local mp = require "multiprocessing"
       local d = mp.Process{ daemon = true, target = function() while true do end end }

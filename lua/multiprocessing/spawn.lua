@@ -348,6 +348,7 @@ end
 -- The server's loop (the target of its Process): fork a child for each
 -- request, report each child's exit code on its status pipe.
 function M._forkserver_main(conn, mods)
+  core._sigint(true)         -- Ctrl-C is for the program, not its server
   for _, name in ipairs(mods or {}) do
     local ok, err = pcall(require, name)
     if not ok then
@@ -357,6 +358,7 @@ function M._forkserver_main(conn, mods)
   end
   local kids = {}            -- sentinel fd -> { proc =, w = status write box }
   local function child_boot(box)
+    core._sigint(false)
     conn:close()
     for _, k in pairs(kids) do k.w:close() end
     local code = run_child(core.conn_from_fd(box:_detach(), true, true))
