@@ -491,6 +491,7 @@ static void fill_slot(lua_State *L, slot *s) {
     if (r == 0) { s->eof = 1; break; }
     s->in.len += (size_t)r;
     got += (size_t)r;
+    if (s->in.len < s->in.cap) break;    /* a short read: drained for now */
   }
   s->cur = s->curend = NULL;             /* the buffer may have moved */
 }
