@@ -356,50 +356,58 @@ function M._forkserver_main(conn, mods)
                    tostring(err), "\n")
     end
   end
-  local kids = {}            -- sentinel fd -> { proc =, w = status write box }
+  local kids = {}            -- Process -> status write box
   local function child_boot(box)
     core._sigint(false)
     conn:close()
-    for _, k in pairs(kids) do k.w:close() end
-    local code = run_child(core.conn_from_fd(box:_detach(), true, true))
-    return code
+    for _, w in pairs(kids) do w:close() end
+    return run_child(core.conn_from_fd(box:_detach(), true, true))
+  end
+  local function fork_one(box)
+    local p = core.process_new({ name = "forkserver-child" })
+    local r, w = core._pipe()
+    local ok, err = pcall(p._fork, p, child_boot, box)
+    box:close()
+    if ok then
+      local sig = p.sentinel and core._dup(p.sentinel)   -- no pidfd: kill(pid)
+      kids[p] = w
+      conn:send({ pid = p.pid, status = r, pidfd = sig })
+      if sig then sig:close() end
+    else
+      w:close()
+      conn:send({ error = tostring(err) })
+    end
+    r:close()
+  end
+  local function reap(p)
+    local code = p:join(0)
+    if code then
+      core._status_write(kids[p], code)
+      kids[p]:close()
+      kids[p] = nil
+      p:close()
+    end
   end
   while true do
-    local fds, list = { conn:fileno() }, { false }
-    for fd, k in pairs(kids) do fds[#fds + 1] = fd; list[#list + 1] = k end
-    local hits = core.poll(fds)
+    -- wait on the creator's socket and the children's pidfds; without
+    -- pidfds (old kernels, valgrind) look at the children now and then
+    local fds, list, blind = { conn:fileno() }, { false }, false
+    for p in pairs(kids) do
+      local fd = p.sentinel
+      if fd then fds[#fds + 1] = fd; list[#list + 1] = p else blind = true end
+    end
+    local hits = core.poll(fds, blind and 0.02 or nil)
     for _, i in ipairs(hits) do
       if i == 1 then
         local req, why = conn:recv(0)
         if req == nil and why == "closed" then return 0 end
-        if type(req) == "table" and req[1] then
-          local box = req[1]
-          local p = core.process_new({ name = "forkserver-child" })
-          local r, w = core._pipe()
-          local ok, err = pcall(p._fork, p, child_boot, box)
-          box:close()
-          if ok then
-            local sig = core._dup(p.sentinel)
-            kids[p.sentinel] = { proc = p, w = w }
-            conn:send({ pid = p.pid, status = r, pidfd = sig })
-            sig:close()
-          else
-            w:close()
-            conn:send({ error = tostring(err) })
-          end
-          r:close()
-        end
+        if type(req) == "table" and req[1] then fork_one(req[1]) end
       else
-        local k = list[i]
-        local code = k.proc:join(0)
-        if code then
-          local fd = k.proc.sentinel
-          core._status_write(k.w, code)
-          k.w:close()
-          k.proc:close()
-          kids[fd] = nil
-        end
+        reap(list[i])
       end
+    end
+    if blind then
+      for p in pairs(kids) do if not p.sentinel then reap(p) end end
     end
   end
 end
