@@ -490,7 +490,10 @@ function Pool:_check_done(job)
     elseif job.callback then
       self:_later(job.callback, job)
     end
-    if job.progress then job.progress_dirty = true; self:_later(false, job) end
+    if job.progress and not job.progress_dirty then
+      job.progress_dirty = true
+      self:_later(false, job)
+    end
     if self._state == "closed" and self._active == 0 then self:_exit_workers() end
   end
 end
