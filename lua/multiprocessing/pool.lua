@@ -695,8 +695,15 @@ function Pool:_run_callbacks()
     local f, arg = item[1], item[2]
     if f == false then                     -- progress of job arg
       arg.progress_dirty = false
-      if arg.progress == true then draw_bar(arg.ndone, arg.total)
-      else arg.progress(arg.ndone, arg.total) end
+      if arg.progress == true then         -- at most 20 frames a second
+        local now, done = monotonic(), arg.total and arg.ndone >= arg.total
+        if done or not arg.bar_t or now - arg.bar_t >= 0.05 then
+          arg.bar_t = now
+          draw_bar(arg.ndone, arg.total)
+        end
+      else
+        arg.progress(arg.ndone, arg.total)
+      end
     elseif type(arg) == "table" and arg.pool == self then   -- callback(job results)
       if arg.mode == "apply" then
         local r = arg.results[1]
