@@ -726,7 +726,8 @@ static int pool_child_close(lua_State *L) {
     slot *s = &pc->s[i];
     if (s->fd >= 0) close(s->fd);
     if (s->wfd >= 0) close(s->wfd);
-    s->fd = s->wfd = -1;
+    if (s->pidfd >= 0) close(s->pidfd);  /* the parent's Process objects' */
+    s->fd = s->wfd = s->pidfd = -1;
     buf_free(&s->out);
     buf_free(&s->in);
   }

@@ -420,6 +420,27 @@ describe("Pool behaviour", function()
     end)
   end)
 
+  it("gives a worker no fd of another pool or of its siblings", function()
+    local function worker_fds(pool)
+      return pool:apply(function()
+        local pid = require("multiprocessing.core").getpid()
+        local p = io.popen("ls /proc/" .. pid .. "/fd | wc -l")
+        local n = tonumber(p:read("a"))
+        p:close()
+        return n
+      end)
+    end
+    local alone = mp.Pool(1)
+    local n1 = worker_fds(alone)
+    alone:terminate()
+    local other = mp.Pool(6)
+    local second = mp.Pool(4)
+    local n2 = worker_fds(second)
+    second:terminate()
+    other:terminate()
+    assert.are.equal(n1, n2)
+  end)
+
   it("close and join finish the queued tasks first", function()
     local pool = mp.Pool(2)
     local r = pool:map_async(function(x) require("multiprocessing.core").poll({}, 0.01); return x end,
