@@ -361,7 +361,7 @@ function Pool:_submit(mode, fn, xs, star, opts, level)
   local fnid = self._fnids[fnbytes]
   if not fnid then
     if self._fncount >= MAXFN then
-      self._fnids, self._fncount = {}, 0
+      self._fnids, self._fncount, self._ewma = {}, 0, {}
       for slot, w in pairs(self._workers) do
         self._pc:ctl(slot, "clear")
         w.sent = {}
