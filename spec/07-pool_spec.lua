@@ -162,6 +162,17 @@ describe("Pool behaviour", function()
     end)
   end)
 
+  it("runs more distinct closures than its function cache holds", function()
+    with_pool(2, function(pool)
+      local rs = {}
+      for i = 1, 600 do
+        local k = i
+        rs[i] = pool:apply_async(function(x) return x + k end, { 1 })
+      end
+      for i = 1, 600 do assert.are.equal(i + 1, rs[i]:get(10)) end
+    end)
+  end)
+
   it("starmap and starmap_async unpack argument lists", function()
     with_pool(2, function(pool)
       local r = pool:starmap(function(a, b) return a * b end, { { 2, 3 }, { 4, 5 }, { 6, 7 } })
