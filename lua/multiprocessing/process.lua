@@ -13,8 +13,8 @@
 local core = require "multiprocessing.core"
 local errors = require "multiprocessing.errors"
 
-local type, error, pairs, ipairs, tostring, setmetatable, select, xpcall, pcall =
-      type, error, pairs, ipairs, tostring, setmetatable, select, xpcall, pcall
+local type, error, pairs, tostring, setmetatable, xpcall, pcall =
+      type, error, pairs, tostring, setmetatable, xpcall, pcall
 local unpack, traceback = table.unpack, debug.traceback
 local stderr = io.stderr
 
