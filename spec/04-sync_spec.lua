@@ -597,6 +597,22 @@ describe("sync objects' lifecycle", function()
     end)
   end
 
+  it("leaves nothing in /dev/shm", function()
+    local function shm()
+      local p = io.popen("ls -1 /dev/shm 2>/dev/null")
+      local t = p:read("a")
+      p:close()
+      return t
+    end
+    local before = shm()
+    local objs = {}
+    for _, make in pairs(makers) do objs[#objs + 1] = make() end
+    objs[#objs + 1] = mp.Value("int32", 1)
+    objs[#objs + 1] = mp.Array("double", 100)
+    assert.are.equal(before, shm())
+    for _, o in ipairs(objs) do o:close() end
+  end)
+
   it("refuses an object of another class", function()
     local e <close> = mp.Event()
     local l <close> = mp.Lock()
