@@ -251,6 +251,48 @@ describe("the entry chunk under spawn", function()
     end)
   end
 
+  for _, method in ipairs({ "spawn", "forkserver" }) do
+    it("lets a child's target start children of its own (" .. method .. ")", function()
+      local kv, out, code = run(method, [[
+        local function grandchild(c) c:send("grandchild of " .. mp.parent_process().pid) end
+        local function child(c)
+          local g = mp.Process{ target = grandchild, args = { c } }
+          g:start()
+          c:send(mp.current_process().pid)
+          os.exit(g:join(10) + 5)
+        end
+        if mp.is_main() then
+          local r, w = mp.Pipe()
+          local p = mp.Process{ target = child, args = { w } }
+          p:start()
+          local a, b = r:recv(10), r:recv(10)
+          local pid, msg = a, b
+          if type(a) == "string" then pid, msg = b, a end
+          print("msg=" .. (msg == "grandchild of " .. pid and "ok" or tostring(msg)),
+                "code=" .. p:join(10))
+        end
+      ]])
+      check(kv, out, code, { msg = "ok", code = "5" })
+    end)
+  end
+
+  it("gives a spawned child its parent's default start method", function()
+    local out, code = H.run_lua(([[
+      package.path = %q package.cpath = %q
+      local mp = require "multiprocessing"
+      local function child(c) c:send(mp.get_start_method()) end
+      if mp.is_main() then
+        mp.set_start_method("forkserver")
+        local r, w = mp.Pipe()
+        local p = mp.Process{ target = child, args = { w }, start_method = "spawn" }
+        p:start()
+        print("method=" .. r:recv(10), "code=" .. p:join(10))
+      end
+    ]]):format(package.path, package.cpath))
+    assert.are.equal(0, code, out)
+    assert.truthy(out:find("method=forkserver\tcode=0", 1, true), out)
+  end)
+
   it("gives the child the functions the entry chunk's top level defines", function()
     local kv, out, code = run("spawn", [[
       function GLOBAL_WORKER(c) c:send("global worker ran") end

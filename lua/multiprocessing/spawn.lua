@@ -198,7 +198,7 @@ local function prep_message(ppid, pname, main, with_lib)
   return {
     path = package.path, cpath = package.cpath, cwd = core.getcwd(),
     arg = args, main = main, ppid = ppid, pname = pname,
-    exe = executable, preload = preload,
+    exe = executable, preload = preload, method = process._default_method(),
     lib = with_lib and library_bytecode() or nil,
   }
 end
@@ -300,6 +300,7 @@ local function run_child(conn, prep, why)
   require "multiprocessing"            -- every handle kind can be rebuilt
   process._set_spawned_child(true)
   if prep.exe then executable = prep.exe end
+  if process.METHODS[prep.method] then process._set_default_method(prep.method) end
   preload = prep.preload or {}
   _G.arg = prep.arg
   main_chunk = prep.main
