@@ -53,6 +53,7 @@ enum { EV_CHAN, EV_SENTINEL, EV_TIMER };
 #define READ_MAX (1u << 20)          /* bytes read per slot per wait */
 #define QUICK_US 100                 /* a chunk this quick may wait to be sent */
 #define BATCH_MAX 65536              /* bytes of results held back at most */
+#define BATCH_AGE 0.001              /* seconds a result is held back at most */
 
 /* One worker's record in shared memory (a cache line each). */
 typedef struct shslot {
@@ -885,6 +886,7 @@ static int pool_worker(lua_State *L) {
   double maxmem = luaL_optnumber(L, 4, 0);
   int me = (int)(s - pc->s), fd;
   size_t pos = 0, fstart;
+  double held_since = 0;
   mp_buf *in, *out;
   shslot *sh = &pc->shm[me];
   luaL_checktype(L, 5, LUA_TFUNCTION);
@@ -947,14 +949,16 @@ static int pool_worker(lua_State *L) {
       }
       lua_settop(L, 8);
       done += c.n;
-      if (maxtasks > 0 && done >= maxtasks) us = QUICK_US;   /* send now */
       us = (mp_now() - t0) * 1e6;
       wr_u32(out->data + fstart + 13, us > 4e9 ? 4000000000u : (uint32_t)us);
       wr_u32(out->data + fstart, (uint32_t)(out->len - fstart - 4));
       __atomic_store_n(&sh->finished, seq, __ATOMIC_RELEASE);
       /* A quick chunk with the next one already here: its result rides
          with the next ones (one write for many) */
-      if (us < QUICK_US && out->len < BATCH_MAX && frame_ready(in, pos)) continue;
+      if (fstart == 0) held_since = t0;
+      if (us < QUICK_US && out->len < BATCH_MAX && frame_ready(in, pos) &&
+          mp_now() - held_since < BATCH_AGE && !(maxtasks > 0 && done >= maxtasks))
+        continue;
       if (write_all(fd, out->data, out->len) != 0) break;
       out->len = 0;
       if (maxtasks > 0 && done >= maxtasks) break;

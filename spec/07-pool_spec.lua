@@ -569,6 +569,20 @@ describe("Pool failures", function()
     end)
   end)
 
+  it("a worker at maxtasksperchild leaves even with a cache message queued", function()
+    -- regression: a quick last task whose result was held back while a
+    -- function-cache CLEAR waited made the worker wait for more work
+    with_pool({ processes = 1, maxtasksperchild = 1 }, function(pool)
+      local rs = {}
+      for i = 1, 300 do
+        local k = i
+        rs[i] = pool:apply_async(function() return k end)
+      end
+      for i = 1, 300 do assert.are.equal(i, rs[i]:get(10)) end
+      assert.are.equal(299, pool:stats().restarts)
+    end)
+  end)
+
   it("max_memory_per_child retires a worker whose heap grew", function()
     with_pool({ processes = 1, max_memory_per_child = 8e6 }, function(pool)
       local getpid = function() return require("multiprocessing.core").getpid() end
