@@ -62,6 +62,7 @@
 #define SPIN_SECS   50e-6             /* longest spin before a futex sleep */
 #define SPIN_PROBE  10e-6             /* spin of a probe after a failure */
 #define LOCK_WAITERS 0x80000000u
+#define NSLEEPERS   64                  /* processes announced asleep at once */
 #define MAGIC       0x4d505131u         /* "MPQ1" */
 
 #if defined(__x86_64__) || defined(__i386__)
@@ -74,6 +75,9 @@
 
 #define LOAD(p)      __atomic_load_n((p), __ATOMIC_SEQ_CST)
 #define ADD(p, n)    __atomic_fetch_add((p), (n), __ATOMIC_SEQ_CST)
+
+/* what a sleeper waits for: an item, room (bounded put), room (feeder) */
+enum { W_GET, W_PUT, W_FEED };
 
 /* record types */
 enum { T_STR = 1, T_INT, T_NUM, T_TRUE, T_FALSE, T_VALUE };
@@ -104,12 +108,15 @@ typedef struct qshm {
   char pad1[64];
   uint32_t not_empty;   /* futex sequence words, bumped when waiters */
   uint32_t not_full;
-  uint32_t get_waiters; /* processes announced asleep on them */
-  uint32_t put_waiters;
   uint32_t watchers;    /* queue objects that called fileno() */
-  uint32_t feed_waiters;/* feeder threads asleep on not_full */
+  uint32_t misses;      /* wakes that found nobody asleep */
   uint64_t ngets;       /* items taken so far (progress, for exit flushes) */
+  uint64_t sleeping[3]; /* per W_* kind: bit i set while sleeper[i] sleeps */
+  uint32_t sleeper[NSLEEPERS]; /* pid | kind << 30 of a sleeper, or 0 */
 } qshm;
+
+/* the header page holds it all */
+typedef char qshm_fits_header[sizeof(qshm) <= HDR_BYTES ? 1 : -1];
 
 typedef struct rec {
   uint64_t len;
@@ -315,12 +322,65 @@ static int can_go(qshm *s, int for_get) {
   return for_get ? n > 0 : (s->maxsize == 0 || n < s->maxsize);
 }
 
+/* Announce this process asleep as a waiter of kind k, in a slot that
+   names its pid (so that a waiter killed in its sleep can be found).
+   Returns the slot, or -1 when all are taken (the caller then sleeps in
+   short slices, unannounced). */
+static int sleeper_add(qshm *s, int k) {
+  uint32_t me = (uint32_t)mp_getpid() | ((uint32_t)k << 30);
+  int i;
+  for (i = 0; i < NSLEEPERS; i++) {
+    uint32_t z = 0;
+    if (LOAD(&s->sleeper[i]) == 0 &&
+        __atomic_compare_exchange_n(&s->sleeper[i], &z, me, 0,
+                                    __ATOMIC_SEQ_CST, __ATOMIC_RELAXED)) {
+      __atomic_fetch_or(&s->sleeping[k], (uint64_t)1 << i, __ATOMIC_SEQ_CST);
+      return i;
+    }
+  }
+  return -1;
+}
+
+static void sleeper_del(qshm *s, int k, int i) {
+  if (i < 0) return;
+  __atomic_fetch_and(&s->sleeping[k], ~((uint64_t)1 << i), __ATOMIC_SEQ_CST);
+  __atomic_store_n(&s->sleeper[i], 0, __ATOMIC_SEQ_CST);
+}
+
+/* Wake up to n sleepers on seq. A wake that finds nobody although someone
+   was announced may mean a sleeper was killed: every 64th such miss, clear
+   the slots of dead processes, so that nobody keeps waking for them. */
+static void q_wake(qshm *s, uint32_t *seq, int n) {
+  int i;
+  if (mp_futex_wake(seq, n) > 0) return;
+  if ((ADD(&s->misses, 1) & 63) != 63) return;
+  for (i = 0; i < NSLEEPERS; i++) {
+    uint32_t v = LOAD(&s->sleeper[i]);
+    if (v != 0 && (v >> 30) <= W_FEED && pid_dead(v & 0x3fffffffu)) {
+      __atomic_fetch_and(&s->sleeping[v >> 30], ~((uint64_t)1 << i),
+                         __ATOMIC_SEQ_CST);
+      __atomic_compare_exchange_n(&s->sleeper[i], &v, 0, 0,
+                                  __ATOMIC_SEQ_CST, __ATOMIC_RELAXED);
+    }
+  }
+}
+
+/* Sleep on seq (whose value was v) until woken or until; unannounced
+   sleepers (slot -1) look again every millisecond. */
+static void q_sleep(uint32_t *seq, uint32_t v, int slot, double until) {
+  if (slot < 0) {
+    double soon = mp_now() + 1e-3;
+    if (until < 0 || until > soon) until = soon;
+  }
+  mp_futex_wait(seq, v, until);
+}
+
 /* Wait until a get (for_get) or a put may succeed, or the deadline: spin
    a little, then announce ourselves and sleep on the sequence word. */
 static void q_wait(mp_queue *q, int for_get, double deadline) {
   qshm *s = q->shm;
   uint32_t *seq = for_get ? &s->not_empty : &s->not_full;
-  uint32_t *waiters = for_get ? &s->get_waiters : &s->put_waiters;
+  int kind = for_get ? W_GET : W_PUT, slot;
   uint32_t v;
   /* Spin only while spinning pays off; after a spin failed, probe with a
      short spin every 32nd wait (a busy machine: sleep at once, as on a
@@ -339,16 +399,16 @@ static void q_wait(mp_queue *q, int for_get, double deadline) {
     }
     q->spin = 0;
   }
-  ADD(waiters, 1);
+  slot = sleeper_add(s, kind);
   v = LOAD(seq);
-  if (!can_go(s, for_get)) mp_futex_wait(seq, v, deadline);
-  __atomic_fetch_sub(waiters, 1, __ATOMIC_SEQ_CST);
+  if (!can_go(s, for_get)) q_sleep(seq, v, slot, deadline);
+  sleeper_del(s, kind, slot);
 }
 
 /* Bump the sequence word if someone sleeps on it; returns whether to wake. */
-static int q_signal(uint32_t *seq, uint32_t *waiters) {
+static int q_signal(uint32_t *seq, uint64_t *sleeping) {
   __atomic_thread_fence(__ATOMIC_SEQ_CST);
-  if (LOAD(waiters) == 0) return 0;
+  if (LOAD(sleeping) == 0) return 0;
   ADD(seq, 1);
   return 1;
 }
@@ -481,7 +541,7 @@ static int q_write(mp_queue *q, qstate *st, uint32_t type, const char *p,
   if (count_task) st->unfinished++;
   q_commit(s, st);
   if (st->nitems == 1 && LOAD(&s->watchers) > 0) efd_set(q->efd);
-  *wake = q_signal(&s->not_empty, &s->get_waiters);
+  *wake = q_signal(&s->not_empty, &s->sleeping[W_GET]);
   return 0;
 }
 
@@ -531,7 +591,7 @@ static int feed_some(mp_queue *q, feeder *f, pnode **v, int cnt, int mode,
   double idle_since = mp_now();
   for (;;) {
     qstate st;
-    int err, wake = 0, i;
+    int err, wake = 0, i, slot;
     uint32_t seq;
     q_lock(s);
     st = s->st;
@@ -544,12 +604,12 @@ static int feed_some(mp_queue *q, feeder *f, pnode **v, int cnt, int mode,
         if (g != seen) { seen = g; idle_since = now; }
         if (now - idle_since >= DRAIN_IDLE) goto write;  /* nobody takes */
       }
-      ADD(&s->feed_waiters, 1);
+      slot = sleeper_add(s, W_FEED);
       seq = LOAD(&s->not_full);
       q_unlock(s);
-      mp_futex_wait(&s->not_full, seq,
-                    mp_now() + (mode == FEED_DRAIN ? DRAIN_IDLE / 4 : 0.02));
-      __atomic_fetch_sub(&s->feed_waiters, 1, __ATOMIC_SEQ_CST);
+      q_sleep(&s->not_full, seq, slot,
+              mp_now() + (mode == FEED_DRAIN ? DRAIN_IDLE / 4 : 0.02));
+      sleeper_del(s, W_FEED, slot);
       if (mode == FEED_WAIT && __atomic_load_n(&f->stop, __ATOMIC_ACQUIRE))
         return -1;
       continue;
@@ -567,7 +627,7 @@ static int feed_some(mp_queue *q, feeder *f, pnode **v, int cnt, int mode,
     }
     *written = i;
     q_unlock(s);
-    if (wake) mp_futex_wake(&s->not_empty, 1);
+    if (wake) q_wake(s, &s->not_empty, 1);
     return err;
   }
 }
@@ -822,7 +882,7 @@ static int queue_put_t(lua_State *L, double timeout) {
       if (st.nitems == 0 || q_used(&st) + need <= SOFT_BYTES) {
         err = q_write(q, &st, type, p, len, q->kind == K_JOINABLE, &wake);
         q_unlock(s);
-        if (wake) mp_futex_wake(&s->not_empty, 1);
+        if (wake) q_wake(s, &s->not_empty, 1);
         if (err != 0)
           return luaL_error(L, "Queue.put: cannot grow the queue: %s", strerror(err));
         lua_pushboolean(L, 1);
@@ -861,7 +921,7 @@ static int queue_put_t(lua_State *L, double timeout) {
     q_unlock(s);
     if (err != 0)
       return luaL_error(L, "Queue.put: cannot grow the queue: %s", strerror(err));
-    if (wake_get) mp_futex_wake(&s->not_empty, 1);
+    if (wake_get) q_wake(s, &s->not_empty, 1);
     lua_pushboolean(L, 1);
     return 1;
   }
@@ -973,17 +1033,17 @@ static int queue_get_t(lua_State *L, double timeout) {
       if (ftruncate(q->fd, (off_t)(HDR_BYTES + BASE_CAP)) == 0) q_remap(q);
     }
     if (st.nitems == 0 && LOAD(&s->watchers) > 0) efd_clear(q->efd);
-    wake_put = q_signal(&s->not_full, &s->put_waiters);
+    wake_put = q_signal(&s->not_full, &s->sleeping[W_PUT]);
     /* feeders wait for room; wake them when half of it is free, so that
        they write in batches rather than one item per get */
     if (q_used(&st) <= SOFT_BYTES / 2 &&
-        q_signal(&s->not_full, &s->feed_waiters))
+        q_signal(&s->not_full, &s->sleeping[W_FEED]))
       wake_put = 2;
     /* pass the word on if more items wait and more consumers sleep */
-    wake_get = st.nitems > 0 && q_signal(&s->not_empty, &s->get_waiters);
+    wake_get = st.nitems > 0 && q_signal(&s->not_empty, &s->sleeping[W_GET]);
     q_unlock(s);
-    if (wake_put) mp_futex_wake(&s->not_full, wake_put == 2 ? 0x7fffffff : 1);
-    if (wake_get) mp_futex_wake(&s->not_empty, 1);
+    if (wake_put) q_wake(s, &s->not_full, wake_put == 2 ? 0x7fffffff : 1);
+    if (wake_get) q_wake(s, &s->not_empty, 1);
     if (pushed) return 1;
     switch (type) {
       case T_STR: lua_pushlstring(L, stackbuf, (size_t)len); break;
@@ -1231,9 +1291,9 @@ static int queue__stats(lua_State *L) {
   lua_setfield(L, -2, "nitems");
   lua_pushinteger(L, (lua_Integer)LOAD(&q->shm->lock));
   lua_setfield(L, -2, "lock");
-  lua_pushinteger(L, (lua_Integer)LOAD(&q->shm->get_waiters));
+  lua_pushinteger(L, __builtin_popcountll(LOAD(&q->shm->sleeping[W_GET])));
   lua_setfield(L, -2, "get_waiters");
-  lua_pushinteger(L, (lua_Integer)LOAD(&q->shm->put_waiters));
+  lua_pushinteger(L, __builtin_popcountll(LOAD(&q->shm->sleeping[W_PUT])));
   lua_setfield(L, -2, "put_waiters");
   lua_pushinteger(L, (lua_Integer)st.unfinished);
   lua_setfield(L, -2, "unfinished");

@@ -428,6 +428,9 @@ describe("Queue across processes", function()
     assert.are.equal(2, q:qsize())
     assert.are.equal(1, q:get(1))
     assert.are.equal(2, q:get(1))
+    -- its announcement as a sleeper is found stale and cleared
+    for i = 1, 200 do q:put(i) end
+    assert.are.equal(0, q:_stats().get_waiters)
   end)
 
   it("recovers the lock from a process killed while holding it", function()
