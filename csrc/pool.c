@@ -454,7 +454,8 @@ static void flush_slot(pcore *pc, slot *s) {
     if (r < 0) {
       if (errno == EINTR) continue;
       if (errno == EAGAIN || errno == EWOULDBLOCK) break;
-      s->eof = 1;                        /* EPIPE, ECONNRESET: it died */
+      /* EPIPE, ECONNRESET: it is gone. Drop what it will never read, but
+         keep reading: its last results may still be in the socket. */
       s->outpos = end;
       break;
     }
