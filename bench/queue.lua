@@ -11,6 +11,7 @@ end
 
 -- items/s (or MiB/s) from one producer process to this process
 local function stream(item, n)
+  collectgarbage()                          -- each case starts with a clean heap
   local q = mp.Queue()
   local t0 = now()
   local p = mp.Process{target = producer, args = {q, item, n}}
@@ -27,6 +28,7 @@ local function echo(a, b, n)
 end
 
 local function pingpong(n)
+  collectgarbage()
   local a, b = mp.Queue(), mp.Queue()
   local p = mp.Process{target = echo, args = {a, b, n}}
   p:start()
