@@ -253,20 +253,23 @@ local function get_server()
   return server
 end
 
+-- The boot messages are written while the server forks (the socket keeps
+-- them for the child); then the server's answer makes p a started process.
 local function forkserver_start(p, prep, payload)
   local s = get_server()
   local pbox, cbox = core._socketpair()
   local ok = s.conn:send({ cbox })
   cbox:close()
-  local rep = ok and s.conn:recv(BOOT_TIMEOUT)
+  local sent, err = true, nil
+  if ok then sent, err = pcall(send_boot, pbox, prep, payload) else pbox:close() end
+  local rep = ok and s.conn:recv(BOOT_TIMEOUT)     -- always read: keep in step
   if type(rep) ~= "table" or not rep.pid then
-    pbox:close()
     server = nil
     perr("forkserver: " .. (type(rep) == "table" and tostring(rep.error)
                             or "the server did not answer"), 3)
   end
   p:_attach(rep.pid, rep.status, rep.pidfd)
-  send_boot(pbox, prep, payload)
+  if not sent then error(err, 0) end   -- the child, without its messages, exits 1
 end
 
 -- process.lua's start for "spawn" and "forkserver"
