@@ -40,8 +40,8 @@ local MAXFN = 256          -- cached functions before the caches are cleared
 local FAST_US = 1000       -- a chunk this quick may be deeply pipelined
 local MEDIUM_US = 100000
 -- The automatic chunksize's cap: the cost of a chunk is already small next
--- to 256 items, and smaller chunks keep every process busy (pipelining).
-local MAX_AUTO_CHUNK = 256
+-- to 1024 items, and smaller chunks keep every process busy (pipelining).
+local MAX_AUTO_CHUNK = 1024
 
 local Pool = {}
 Pool.__index = Pool
