@@ -553,8 +553,10 @@ static int q_write(mp_queue *q, qstate *st, uint32_t type, const char *p,
    the queue's user value), and a helper thread moves it into the ring as
    consumers make room, as Python's feeder thread does. The thread copies
    raw bytes only and never touches the lua_State. Whatever is still in
-   the feeder is written at once (growing the ring) by close, __gc, the
-   process exit hooks and atexit, unless cancel_join_thread was called. */
+   the feeder when the queue is closed or the process exits (exit hooks,
+   atexit) is written as consumers make room, and at once (growing the
+   ring) when none took an item for DRAIN_IDLE; __gc writes it at once.
+   cancel_join_thread drops it instead. */
 
 typedef struct pnode {
   struct pnode *next;
@@ -581,8 +583,9 @@ typedef struct feeder {
 
 static feeder *all_feeders;
 
-/* Write node n into the ring (mode: see FEED_*). Returns 0, -1 when the
-   thread is asked to stop, or an errno. */
+/* Write v[0], then as many of v[1..cnt) as fit, into the ring (mode: see
+   FEED_*); *written says how many. Returns 0, -1 when the thread is asked
+   to stop, or an errno. */
 static int feed_some(mp_queue *q, feeder *f, pnode **v, int cnt, int mode,
                      int *written) {
   qshm *s = q->shm;
