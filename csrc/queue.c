@@ -748,6 +748,13 @@ static void feeder_release(lua_State *L, mp_queue *q, feeder *f, int qi) {
   (void)q;
 }
 
+/* Drop the kept values of items the feeder has written (any call on the
+   queue does this, so that delivered items are not kept alive). */
+static void feeder_tidy(lua_State *L, mp_queue *q) {
+  feeder *f = q->feeder;
+  if (f != NULL && f->pid == mp_getpid()) feeder_release(L, q, f, 1);
+}
+
 static int registered_atexit;
 static int hook_pid;
 
@@ -967,6 +974,7 @@ static int queue_get_t(lua_State *L, double timeout) {
   double deadline = mp_deadline(timeout);
   lua_settop(L, 1);
   luaL_checkstack(L, 8, NULL);
+  feeder_tidy(L, q);
   for (;;) {
     qstate st;
     rec *r;
@@ -1121,6 +1129,7 @@ static int queue_get_nowait(lua_State *L) {
 /* q:qsize() -> number of items (approximate) */
 static int queue_qsize(lua_State *L) {
   mp_queue *q = check_queue(L, 1);
+  feeder_tidy(L, q);
   lua_pushinteger(L, (lua_Integer)LOAD(&q->shm->st.nitems));
   return 1;
 }
@@ -1128,6 +1137,7 @@ static int queue_qsize(lua_State *L) {
 /* q:empty() -> boolean (approximate) */
 static int queue_empty(lua_State *L) {
   mp_queue *q = check_queue(L, 1);
+  feeder_tidy(L, q);
   lua_pushboolean(L, LOAD(&q->shm->st.nitems) == 0);
   return 1;
 }
