@@ -328,6 +328,27 @@ describe("a program without an entry chunk", function()
     p:close()
   end)
 
+  it("starts forkserver children from inside busted and leaks no fd", function()
+    local spawn = require "multiprocessing.spawn"
+    local r, w = mp.Pipe(false)
+    for i = 1, 3 do
+      local p = mp.Process{ target = function(c, n) c:send(n * 2) end, args = { w, i },
+                            start_method = "forkserver" }
+      p:start()
+      assert.are.equal(i * 2, r:recv(10))
+      assert.are.equal(0, p:join(10))
+      assert.is_false(p:is_alive())
+      p:close()
+    end
+    local k = mp.Process{ target = function() while true do end end, start_method = "forkserver" }
+    k:start()
+    k:kill()
+    assert.are.equal(-9, k:join(10))
+    k:close()
+    r:close(); w:close()
+    spawn._forkserver_stop()
+  end)
+
   it("says what is missing when a target needs the entry chunk", function()
     local out, code = H.run_lua(([[
       package.path = %q package.cpath = %q
