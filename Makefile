@@ -121,6 +121,7 @@ $(FUZZ_BIN): fuzz/fuzz_decode.c $(SRC) $(HDR)
 	  -o $@ fuzz/fuzz_decode.c $(SRC) $(FUZZ_LIBS)
 
 fuzz: $(FUZZ_BIN)
+	mkdir -p fuzz/out/corpus
 	$(FUZZ_BIN) -max_total_time=$(FUZZ_SECONDS) -max_len=4096 -timeout=10 \
 	  -rss_limit_mb=2048 -artifact_prefix=fuzz/out/ -print_final_stats=1 \
 	  fuzz/out/corpus fuzz/corpus
