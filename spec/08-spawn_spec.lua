@@ -45,7 +45,8 @@ for _, method in ipairs(METHODS) do
       local kv, out, code = run(method, [[
         local function child(c, x, y)
           local me, parent = mp.current_process(), mp.parent_process()
-          c:send({ x + y, me.name, me.pid, parent and parent.pid, mp.is_main() })
+          c:send({ x + y, me.name, me.pid, parent and parent.pid, mp.is_main(),
+                   parent and parent:is_alive() })
         end
         if mp.is_main() then
           local a, b = mp.Pipe()
@@ -54,13 +55,14 @@ for _, method in ipairs(METHODS) do
           local r = a:recv(10)
           print("sum=" .. r[1], "name=" .. r[2], "pidok=" .. tostring(r[3] == p.pid),
                 "ppidok=" .. tostring(r[4] == mp.current_process().pid),
-                "childmain=" .. tostring(r[5]), "join=" .. tostring(p:join(10)),
+                "childmain=" .. tostring(r[5]), "parentalive=" .. tostring(r[6]),
+                "join=" .. tostring(p:join(10)),
                 "exitcode=" .. tostring(p.exitcode), "alive=" .. tostring(p:is_alive()),
                 "method=" .. tostring(p._method or mp.get_start_method()))
         end
       ]])
       check(kv, out, code, { sum = "42", name = "kid", pidok = "true", ppidok = "true",
-        childmain = tostring(method == "fork"), join = "0", exitcode = "0",
+        childmain = tostring(method == "fork"), parentalive = "true", join = "0", exitcode = "0",
         alive = "false", method = method })
     end)
 

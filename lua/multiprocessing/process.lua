@@ -136,10 +136,17 @@ end
 
 -- The child's side of start, called by _fork in the child (or by
 -- spawn.lua in a spawned one), which then leaves with the code returned.
-local function bootstrap(self, ppid, pname)
+-- Under forkserver the parent is not the OS parent (the server is): its
+-- liveness is asked with signal 0 (it outlives us: we die with the server,
+-- the server with it, so its pid cannot have been reused while we run).
+local function bootstrap(self, ppid, pname, not_os_parent)
   current = self
+  local function alive(p)
+    if not_os_parent then return core.kill(p.pid, 0) == true end
+    return core.getppid() == p.pid
+  end
   parent = setmetatable({ pid = ppid, name = pname }, {
-    __index = { is_alive = function(p) return core.getppid() == p.pid end },
+    __index = { is_alive = alive },
     __tostring = function(p) return "<_ParentProcess(" .. p.name .. ", " .. p.pid .. ")>" end,
   })
   children = {}

@@ -334,7 +334,7 @@ local function run_child(conn, prep, why)
   end
   local self = core.process_new(fields)
   self:_become(prep.ppid)
-  return process._child_main(self, prep.ppid, prep.pname)
+  return process._child_main(self, prep.ppid, prep.pname, core.getppid() ~= prep.ppid)
 end
 
 -- The bootstrap chunk's entry: never returns.
