@@ -43,6 +43,8 @@ local MEDIUM_US = 100000
 -- to 1024 items, and smaller chunks keep every process busy (pipelining).
 local MAX_AUTO_CHUNK = 1024
 
+local NO_OPTS = setmetatable({}, { __newindex = function() error("read-only") end })
+
 local Pool = {}
 Pool.__index = Pool
 local AsyncResult = {}
@@ -393,7 +395,7 @@ function Pool:_submit(mode, fn, xs, star, opts, level)
   end
   if mode == "imapu" then job.order, job.ohead, job.otail = {}, 1, 1 end
   if type(opts) == "number" then opts = { chunksize = opts } end
-  opts = opts or {}
+  opts = opts or NO_OPTS
   if type(opts) ~= "table" then
     error("bad argument #3 (chunksize or options table expected, got " .. type(opts) .. ")", level)
   end
@@ -1024,8 +1026,20 @@ function AsyncResult:get(timeout)
     error("bad argument #1 to 'get' (timeout must be a number >= 0)", 2)
   end
   local job = self._job
-  if not job.pool:_until(function() return job.done == true end, timeout) then
-    return nil, "timeout"
+  if not job.done then                    -- (the hot path of a round trip)
+    local pool = job.pool
+    local deadline = timeout and monotonic() + timeout
+    repeat
+      local st = pool._state
+      if st == "terminated" or st == "joined" then break end
+      local left
+      if deadline then
+        left = deadline - monotonic()
+        if left <= 0 then break end
+      end
+      pool:_step(left)
+    until job.done
+    if not job.done then return nil, "timeout" end
   end
   if job.first_err then error(job.first_err, 0) end
   if job.mode == "apply" then
