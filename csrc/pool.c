@@ -8,8 +8,10 @@
  * pieces), an epoll set holding every channel, every worker's sentinel and
  * a timerfd armed at the nearest task deadline (so pool:fileno() is one fd
  * an event loop can wait on), and a small shared-memory page in which each
- * worker records the chunk it is running, so that the parent knows, when a
- * worker dies, whether it died in a chunk or between chunks.
+ * worker records the chunk it started last and the one it finished last,
+ * so that the parent knows, when a worker dies, which chunk it died in,
+ * which it never started (they are handed out again) and which it finished
+ * without sending the result (they fail: no task runs twice).
  *
  * pool.lua keeps the books (jobs, chunks, which worker holds what); this
  * file moves bytes: it frames many tasks into one write, reads many results
@@ -29,8 +31,13 @@
  *
  * The worker runs a whole chunk under one lua_pcall (the runner below);
  * when an item raises, the runner is called again from the next item.
- * Each chunk's result is written as soon as the chunk is done, so a worker
- * that dies loses no finished work.
+ * A chunk's result is written as soon as the chunk is done, except that
+ * the results of quick chunks (under QUICK_US each) ride together while
+ * more work is already waiting, for at most BATCH_AGE or BATCH_MAX bytes:
+ * one write for many, which is what makes chunksize 1 cheap.
+ *
+ * Workers ignore SIGINT (Ctrl-C is the parent's business; the parent's
+ * terminate or __gc stops them).
  */
 #include "mp.h"
 
