@@ -234,6 +234,9 @@ function exports.is_main() return not spawned_child end
 function M._atexit(fn) hooks[#hooks + 1] = fn end
 function M._set_spawned_child(v) spawned_child = v end
 function M._set_default_method(m) default_method = m end
+-- the working directory when the library was loaded: spawn.lua finds a
+-- relative arg[0] from it even if the program changed directory since
+M._initial_cwd = core.getcwd()
 function M._default_method() return default_method end
 
 -- process._with_method(m, fn, ...): call fn with m as the default start

@@ -95,6 +95,8 @@ function M.get_main_chunk()
     local s = type(a) == "table" and a[0]
     if type(s) == "string" and s ~= "-" and not package.loaded["busted"]
        and not package.loaded["busted.core"] then
+      local cwd = process._initial_cwd
+      if s:sub(1, 1) ~= "/" and cwd then s = cwd .. "/" .. s end
       main_detected = core.realpath(s) or false
     end
   end
