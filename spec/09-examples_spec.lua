@@ -38,6 +38,18 @@ describe("examples", function()
       assert.are_not.equal(child, parent)
     end,
   }
+  checks["examples/lock_print.lua"] = function(out)
+    for i = 1, 5 do
+      local n = select(2, out:gsub("hello world " .. i .. "\n", ""))
+      assert.are.equal(1, n, out)     -- whole lines: never interleaved
+    end
+  end
+  checks["examples/value_counter.lua"] = function(out)
+    assert.truthy(out:find("counter = 40000", 1, true), out)
+  end
+  checks["examples/barrier_sim.lua"] = function(out)
+    assert.truthy(out:find("total heat 1000.0 (conserved)", 1, true), out)
+  end
   local args = { ["examples/primes.lua"] = "200000", ["examples/primes_pool.lua"] = "200000" }
   checks["examples/primes.lua"] = function(out)
     -- 17984 primes below 200000
