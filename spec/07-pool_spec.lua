@@ -416,6 +416,20 @@ describe("Pool behaviour", function()
     end)
   end)
 
+  it("draws no progress bar when stderr is not a terminal", function()
+    local out, code = H.run_lua(([[
+      package.path = %q
+      package.cpath = %q
+      local mp = require "multiprocessing"
+      local pool = mp.Pool(2)
+      local r = pool:map(function(x) return x end, { 1, 2, 3, 4 }, { chunksize = 1, progress = true })
+      pool:close(); pool:join()
+      print("sum=" .. (r[1] + r[2] + r[3] + r[4]))
+    ]]):format(package.path, package.cpath), 30)
+    assert.are.equal(0, code, out)
+    assert.are.equal("sum=10\n", out)
+  end)
+
   it("lets an event loop wait on pool:fileno() and drive it with poll", function()
     with_pool(2, function(pool)
       local got
