@@ -2,7 +2,8 @@
 local H = require "helpers"
 
 local function run(file, args)
-  local p = io.popen(("timeout 60 lua5.4 %s %s 2>&1; echo \"exit:$?\""):format(file, args or ""))
+  local p = io.popen(("LUA_PATH=%q LUA_CPATH=%q timeout 60 lua5.4 %s %s 2>&1; echo \"exit:$?\"")
+                     :format(package.path, package.cpath, file, args or ""))
   local out = p:read("a")
   p:close()
   local code = tonumber(out:match("exit:(%d+)\n?$"))
