@@ -366,7 +366,10 @@ function M._forkserver_main(conn, mods)
   local function child_boot(box)
     core._sigint(false)
     conn:close()
-    for _, w in pairs(kids) do w:close() end
+    for p, w in pairs(kids) do        -- the siblings' fds are the server's
+      w:close()
+      getmetatable(p).__close(p)      -- not our child: frees our copy only
+    end
     return run_child(core.conn_from_fd(box:_detach(), true, true))
   end
   local function fork_one(box)
