@@ -49,7 +49,7 @@ deps:
 
 run: deps
 	$(MAKE) all
-	$(ENV) $(LUA) examples/primes.lua $(N)
+	$(ENV) $(LUA) examples/primes_pool.lua $(N)
 
 # The specs run twice: first against a build with AddressSanitizer and
 # UndefinedBehaviorSanitizer (children too), then against the real build;

@@ -3,8 +3,8 @@
 -- once with mp.cpu_count() workers. Prints both counts (equal), both times
 -- and the speed-up, e.g.:
 --   counting primes below 3000000 in 64 ranges
---   1 worker:    348513 primes in 3.10 s
---   2 workers:   348513 primes in 1.58 s
+--   1 worker:    216816 primes in 3.10 s
+--   2 workers:   216816 primes in 1.58 s
 --   speed-up: 1.96x on 2 CPUs
 local mp = require "multiprocessing"
 local clock = require("multiprocessing.core").monotonic
