@@ -480,6 +480,27 @@ describe("the fork server", function()
     check(kv, out, code, { preloaded = "true", join = "0" })
   end)
 
+  it("re-runs the entry chunk as the file is now, even after it changed", function()
+    local kv, out, code = run("forkserver", [[
+      VERSION = "first"
+      local function report(c) c:send(VERSION) end
+      if mp.is_main() then
+        local r, w = mp.Pipe()
+        local function child()
+          local p = mp.Process{ target = report, args = { w } }
+          p:start(); local v = r:recv(10); p:join(10)
+          return v
+        end
+        local a = child()
+        local path = debug.getinfo(1, "S").source:sub(2)
+        local f = io.open(path) local src = f:read("a") f:close()
+        f = io.open(path, "w") f:write((src:gsub('"first"', '"second"', 1))) f:close()
+        print("before=" .. a, "after=" .. child(), "again=" .. child())
+      end
+    ]])
+    check(kv, out, code, { before = "first", after = "second", again = "second" })
+  end)
+
   it("is per creator: a forked child that uses it gets its own", function()
     local kv, out, code = run("forkserver", [[
       local core = require "multiprocessing.core"

@@ -45,6 +45,7 @@ local main_chunk            -- nil: detect; false: none; string: a path
 local main_detected
 local preload = {}
 local bootstrapping = false -- true while a spawned child re-runs the entry chunk
+local compiled_main         -- (defined with the fork server's cache)
 
 local function perr(msg, level)
   error(errors.new("ProcessError", msg), (level or 1) + 1)
@@ -260,7 +261,7 @@ end
 local function forkserver_start(p, prep, payload)
   local s = get_server()
   local pbox, cbox = core._socketpair()
-  local ok = s.conn:send({ cbox })
+  local ok = s.conn:send({ cbox, main = prep.main })
   cbox:close()
   local sent, err = true, nil
   if ok then sent, err = pcall(send_boot, pbox, prep, payload) else pbox:close() end
@@ -290,6 +291,35 @@ local NO_CHUNK_HINT = "\n(this program has no entry chunk a spawned child could 
   .. " functions that travel as bytecode or from modules can be sent; name one"
   .. " with mp.set_main_chunk(path))"
 
+-- The fork server compiles each entry chunk once, and its children re-run
+-- that compiled chunk when the file still holds the same source (a changed
+-- file is compiled again, as loadfile would).
+local compiled = {}         -- path -> { src =, fn = } (in the fork server)
+
+local function read_source(path)
+  local f = io.open(path, "rb")
+  if not f then return nil end
+  local src = f:read("a")
+  f:close()
+  return src
+end
+
+local function compile_main(path)
+  if compiled[path] ~= nil then return end
+  local src = read_source(path)
+  -- as loadfile: a UTF-8 BOM and a first line starting with '#' are
+  -- skipped (its newline kept, so line numbers stay right)
+  local fn = src and load((src:gsub("^\239\187\191", "", 1):gsub("^#[^\n]*", "", 1)),
+                          "@" .. path)
+  compiled[path] = fn and { src = src, fn = fn } or false
+end
+
+compiled_main = function(path)
+  local c = compiled[path]
+  if c and read_source(path) == c.src then return c.fn end
+  return nil
+end
+
 -- Runs in the new process: prepare, re-run the entry chunk, run the
 -- target. Returns the exit code. prep: the preparation if it was read
 -- already (spawn's -e chunk), else it is read here.
@@ -310,7 +340,8 @@ local function run_child(conn, prep, why)
   _G.arg = prep.arg
   main_chunk = prep.main
   if prep.main then
-    local chunk, msg = loadfile(prep.main)
+    local chunk, msg = compiled_main(prep.main)
+    if not chunk then chunk, msg = loadfile(prep.main) end
     if not chunk then
       stderr:write("multiprocessing: spawned child cannot load the entry chunk: ",
                    tostring(msg), "\n")
@@ -410,7 +441,10 @@ function M._forkserver_main(conn, mods)
       if i == 1 then
         local req, why = conn:recv(0)
         if req == nil and why == "closed" then return 0 end
-        if type(req) == "table" and req[1] then fork_one(req[1]) end
+        if type(req) == "table" and req[1] then
+          if type(req.main) == "string" then compile_main(req.main) end
+          fork_one(req[1])
+        end
       else
         reap(list[i])
       end
