@@ -16,6 +16,25 @@ describe("the module", function()
     end
   end)
 
+  it("reaches every module's exports, the lazily loaded ones included", function()
+    local mp = require "multiprocessing"
+    local names = {}
+    for _, m in ipairs(mp._modules) do names[#names + 1] = m end
+    local lazy_modules = {}
+    for name, m in pairs(mp._lazy) do lazy_modules[m] = true; names[#names + 1] = m; assert(name) end
+    for _, m in ipairs(names) do
+      local mod = require("multiprocessing." .. m)
+      for k, v in pairs(mod.exports or mod) do
+        if k:sub(1, 1) ~= "_" and k ~= "exports" then
+          assert.are.equal(v, mp[k], m .. "." .. k)
+          if lazy_modules[m] then
+            assert.are.equal(m, mp._lazy[k], k .. " must be listed in init.lua's lazy table")
+          end
+        end
+      end
+    end
+  end)
+
   it("exports the foundation API", function()
     local mp = require "multiprocessing"
     for _, name in ipairs{ "Process", "Pipe", "wait", "current_process",
