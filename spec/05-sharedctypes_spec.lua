@@ -3,21 +3,7 @@
 local H = require "helpers"
 local mp = require "multiprocessing"
 
-local function spawn(fn, ...)
-  local p = mp.Process{ target = function(...)
-    local code = fn(...)
-    os.exit(math.type(code) == "integer" and code or 0, false)
-  end, args = table.pack(...) }
-  p:start()
-  return p
-end
-
-local function join(p)
-  local code = p:join(30)
-  if code == nil then p:kill(); p:join(5) end
-  p:close()
-  return code
-end
+local spawn, join = H.start, H.finish   -- a child running fn(...); join, kill, close
 
 describe("Value", function()
   H.leakcheck()

@@ -101,6 +101,28 @@ function H.tmpname(tag)
   return string.format("/tmp/mp-spec-%d-%d-%s", mypid(), tmpn, tag or "x")
 end
 
+-- Start a child running fn(...); its exit code is what fn returns (an
+-- integer) or 0; an error exits 1. It never returns into busted (the
+-- library's exit path).
+function H.start(fn, ...)
+  local mp = require "multiprocessing"
+  local p = mp.Process{ target = function(...)
+    local code = fn(...)
+    os.exit(math.type(code) == "integer" and code or 0, false)
+  end, args = table.pack(...) }
+  p:start()
+  return p
+end
+
+-- Join p (killing it if it has not ended within timeout seconds, default
+-- 30), close it and return its exit code (nil if it had to be killed).
+function H.finish(p, timeout)
+  local code = p:join(timeout or 30)
+  if code == nil then p:kill(); p:join(5) end
+  p:close()
+  return code
+end
+
 -- Run Lua source in a fresh lua5.4 (with this tree on the paths) and
 -- return its output (stdout and stderr together) and its exit code.
 function H.run_lua(src, timeout)
