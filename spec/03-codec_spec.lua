@@ -228,6 +228,17 @@ describe("codec functions", function()
     assert.are.equal(21, f(1))
   end)
 
+  it("sends a closure's current upvalues each time (its bytecode is cached)", function()
+    local n = 1
+    local function get() return n end
+    assert.are.equal(1, rt(get)())
+    n = 2
+    assert.are.equal(2, rt(get)())
+    local other = load(string.dump(get))   -- same code, another closure
+    debug.setupvalue(other, 1, 40)
+    assert.are.equal(40, rt(other)())
+  end)
+
   it("copies a recursive local function", function()
     local function fact(n) if n <= 1 then return 1 end return n * fact(n - 1) end
     local f = rt(fact)
