@@ -587,6 +587,26 @@ describe("codec across processes", function()
     a:close(); b:close()
   end)
 
+  it("loads a closure in a fresh interpreter, as spawn does", function()
+    local k = 6
+    local f = function(x) return string.rep("ab", x) .. k .. type(utf8.char) end
+    local msg, script = H.tmpname("codec-msg"), H.tmpname("codec-child.lua")
+    local fh = assert(io.open(msg, "wb")); fh:write(dumps(f)); fh:close()
+    fh = assert(io.open(script, "w"))
+    fh:write(string.format([[
+package.path = %q; package.cpath = %q
+local mp = require "multiprocessing"
+local fh = assert(io.open(%q, "rb")); local s = fh:read("a"); fh:close()
+io.write(mp.loads(s)(2))
+]], package.path, package.cpath, msg))
+    fh:close()
+    local p = io.popen("timeout 20 lua5.4 " .. script)
+    local out = p:read("a")
+    p:close()
+    os.remove(msg); os.remove(script)
+    assert.are.equal("abab6function", out)
+  end)
+
   it("sends a Connection through a Pipe to a child", function()
     local a, b = mp.Pipe()
     local c, d = mp.Pipe()
