@@ -47,6 +47,7 @@ end
 
 if mp.is_main() then
   local N = 1000000
+  stream(0, 20000)                          -- warm up (not measured)
   out("queue_small_int", "lua-mp", N / stream(12345, N), "ops/s")
   out("queue_small_str", "lua-mp", N / stream("hello, world", N), "ops/s")
   local M = 1000

@@ -56,6 +56,7 @@ def out(case, value, unit):
 if __name__ == "__main__":
     mp.set_start_method("fork")
     n = 200000
+    stream(0, 5000)  # warm up (not measured)
     out("queue_small_int", n / stream(12345, n), "ops/s")
     out("queue_small_str", n / stream("hello, world", n), "ops/s")
     m = 300
