@@ -52,17 +52,6 @@ if mp.is_main() then
   out("queue_small_str", "lua-mp", N / stream("hello, world", N), "ops/s")
   local M = 1000
   out("queue_1mib", "lua-mp", M / stream(string.rep("x", 1 << 20), M), "MiB/s")
-  do -- what the transport itself does, without a second process
-    local q, s = mp.Queue(), string.rep("y", 1 << 20)
-    for _ = 1, 500 do q:put(s); q:get() end
-    local t0 = now()
-    for _ = 1, 500 do q:put(s); q:get() end
-    io.write(string.format("# queue_1mib: put+get of 1 MiB in one process runs at %.0f MiB/s; "
-      .. "between processes, page faults on the consumer's new 1 MiB Lua strings (its heap is "
-      .. "shared copy-on-write with the forked producer) bound it\n",
-      500 / (now() - t0)))
-    q:close()
-  end
   out("queue_pingpong", "lua-mp", pingpong(200000), "ops/s")
   -- the C baseline, built next to this file's source
   local src = (arg and arg[0] or "bench/queue.lua"):gsub("queue%.lua$", "pingpong.c")
