@@ -137,6 +137,7 @@ typedef struct mp_queue {
                            spin failed (the other side is slow or not on a
                            CPU), until a probe succeeds again */
   unsigned probe;
+  uint64_t nspins, nsleeps;  /* waits that ended spinning / asleep (stats) */
 } mp_queue;
 
 /* how a feeder's items get into the ring */
@@ -389,8 +390,14 @@ static void q_wait(mp_queue *q, int for_get, double deadline) {
     double start = mp_now(), budget = q->spin > 0 ? q->spin : SPIN_PROBE;
     int i;
     for (i = 1;; i++) {
-      if (can_go(s, for_get)) { q->spin = SPIN_SECS; return; }
-      if ((i & 31) == 0) {
+      /* look at the shared line now and then only: every look takes it
+         away from the writer */
+      if ((i & 7) == 0 && can_go(s, for_get)) {
+        q->spin = SPIN_SECS;
+        q->nspins++;
+        return;
+      }
+      if ((i & 255) == 0) {
         double now = mp_now();
         if (now - start >= budget) break;
         if (deadline >= 0 && now >= deadline) return;
@@ -399,6 +406,7 @@ static void q_wait(mp_queue *q, int for_get, double deadline) {
     }
     q->spin = 0;
   }
+  q->nsleeps++;
   slot = sleeper_add(s, kind);
   v = LOAD(seq);
   if (!can_go(s, for_get)) q_sleep(seq, v, slot, deadline);
@@ -1308,6 +1316,10 @@ static int queue__stats(lua_State *L) {
   lua_setfield(L, -2, "get_waiters");
   lua_pushinteger(L, __builtin_popcountll(LOAD(&q->shm->sleeping[W_PUT])));
   lua_setfield(L, -2, "put_waiters");
+  lua_pushinteger(L, (lua_Integer)q->nspins);
+  lua_setfield(L, -2, "spins");
+  lua_pushinteger(L, (lua_Integer)q->nsleeps);
+  lua_setfield(L, -2, "sleeps");
   lua_pushinteger(L, (lua_Integer)st.unfinished);
   lua_setfield(L, -2, "unfinished");
   return 1;
