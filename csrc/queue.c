@@ -445,8 +445,14 @@ static mp_queue *to_queue(lua_State *L, int i) {
   return NULL;
 }
 
+/* Set while get copies a large string out under a queue's lock: Lua code
+   that runs then (a finalizer) must not wait for that lock. */
+static int in_critical;
+
 static mp_queue *check_queue(lua_State *L, int i) {
   mp_queue *q = to_queue(L, i);
+  if (in_critical)
+    luaL_error(L, "a queue cannot be used from a finalizer that runs during a get");
   if (q->shm == NULL) luaL_error(L, "%s is closed", kind_names[q->kind]);
   return q;
 }
@@ -1016,14 +1022,17 @@ static int queue_get_t(lua_State *L, double timeout) {
       memcpy(stackbuf, payload, (size_t)len);
     } else if (type == T_STR) {
       /* straight into a Lua string, under the lock: protect the allocation
-         and keep finalizers (which may use queues) from running meanwhile */
-      int gcwas = lua_gc(L, LUA_GCISRUNNING), status;
-      if (gcwas) lua_gc(L, LUA_GCSTOP);
+         (a memory error must not leave the lock held); a finalizer that
+         the allocation runs may not use a queue meanwhile (see
+         check_queue). Stopping the collector instead would reset its debt
+         (LUA_GCRESTART) and let the heap grow without bound. */
+      int status;
       lua_pushcfunction(L, push_lstring);
       lua_pushlightuserdata(L, (void *)(uintptr_t)payload);
       lua_pushinteger(L, (lua_Integer)len);
+      in_critical = 1;
       status = lua_pcall(L, 2, 1, 0);
-      if (gcwas) lua_gc(L, LUA_GCRESTART);
+      in_critical = 0;
       if (status != LUA_OK) { q_unlock(s); return lua_error(L); }
       pushed = 1;
     } else {
