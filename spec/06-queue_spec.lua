@@ -192,7 +192,7 @@ describe("Queue in one process", function()
       if how == "close" then
         other:close()
       elseif how == "<close>" then
-        local o <close> = other
+        local _ <close> = other
       end
     end
     for _, how in ipairs{ "close", "<close>", "__gc" } do
@@ -201,6 +201,20 @@ describe("Queue in one process", function()
       assert.are.equal(12, q:qsize())
       for i = 1, 12 do assert.is_true(q:get(0) == mib .. i) end
     end
+  end)
+
+  it("lets the collector run while large strings are taken (regression: unbounded heap)", function()
+    local q <close> = mp.Queue()
+    local s = string.rep("r", 1 << 20)
+    collectgarbage()
+    local base, peak = collectgarbage("count"), 0
+    for _ = 1, 600 do
+      q:put(s)
+      assert(q:get(1))
+      peak = math.max(peak, collectgarbage("count"))
+    end
+    -- 600 MiB went through; without collections the heap would hold it all
+    assert.is_true(peak < base + 300 * 1024, ("peak %.0f KiB, base %.0f KiB"):format(peak, base))
   end)
 
   it("names itself and its state", function()
