@@ -1267,7 +1267,9 @@ static int queue_join(lua_State *L) {
 /* ---- metamethods -------------------------------------------------- */
 
 static int queue__gc(lua_State *L) {
-  queue_release(to_queue(L, 1), FEED_GROW);
+  /* a collection during a get's large copy holds that queue's lock: a
+     feeder cannot be written then (it might be the same queue) */
+  queue_release(to_queue(L, 1), in_critical ? FEED_NONE : FEED_GROW);
   return 0;
 }
 
