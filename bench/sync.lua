@@ -38,12 +38,12 @@ if mp.is_main() then
 
   local N = 100000
   local function work(v)
-    local lock = v:get_lock()
-    local acq, rel = lock.acquire, lock.release
+    local vlock = v:get_lock()
+    local acq, rel = vlock.acquire, vlock.release
     for _ = 1, N do
-      acq(lock)
+      acq(vlock)
       v.value = v.value + 1
-      rel(lock)
+      rel(vlock)
     end
   end
   local v <close> = mp.Value("int32", 0)

@@ -573,7 +573,7 @@ describe("sync objects' lifecycle", function()
     end)
 
     it(kind .. " is closed by <close> and by the collector", function()
-      do local o <close> = make() end
+      do local o <close> = make() end   -- luacheck: ignore 211
       make()               -- garbage at once: its __gc closes it
       collectgarbage(); collectgarbage()
       -- H.leakcheck checks that no fd is left

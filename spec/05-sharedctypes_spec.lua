@@ -28,6 +28,7 @@ describe("Value", function()
     assert.truthy(tostring(err):find("bad argument #2 to 'Value'", 1, true))
     assert.truthy(tostring(err):find("int8", 1, true))
     ok, err = pcall(mp.Value, "nope")
+    assert.is_false(ok)
     assert.truthy(tostring(err):find("bad argument #1 to 'Value'", 1, true))
   end)
 
