@@ -137,6 +137,8 @@ MP_API char *mp_sync_slot(void *seg, size_t size, int *code);
 /* -- pool.c --------------------------------------------------------- */
 /* The parent's side of a Pool: worker channels, epoll set, timer, shm. */
 #define MP_POOL_T       "multiprocessing.PoolCore"
+/* A worker's end of a pool (spawn, forkserver workers): a handle. */
+#define MP_POOLWORKER_T "multiprocessing.PoolWorker"
 
 /* -- *_open: each file registers its classes and adds its functions to the
    module table at the top of the stack. */

@@ -88,6 +88,7 @@ typedef struct slot {
 typedef struct pcore {
   int n, closed;
   int epfd, tfd;
+  int shmfd;                         /* the page's memfd (spawn, forkserver) */
   shslot *shm;
   size_t shmsize;
   slot s[];
@@ -248,8 +249,9 @@ static void pcore_release(pcore *pc) {
   for (i = 0; i < pc->n; i++) slot_release(pc, &pc->s[i]);
   if (pc->epfd >= 0) close(pc->epfd);
   if (pc->tfd >= 0) close(pc->tfd);
+  if (pc->shmfd >= 0) close(pc->shmfd);
   if (pc->shm) mp_shm_unmap(pc->shm, pc->shmsize);
-  pc->epfd = pc->tfd = -1;
+  pc->epfd = pc->tfd = pc->shmfd = -1;
   pc->shm = NULL;
   pc->closed = 1;
 }
@@ -262,16 +264,18 @@ static int ep_add(pcore *pc, int fd, uint32_t events, int slotno, int kind) {
   return epoll_ctl(pc->epfd, EPOLL_CTL_ADD, fd, &ev);
 }
 
-/* core.pool_new(n) -> PoolCore with n worker slots */
+/* core.pool_new(n [, keepfd]) -> PoolCore with n worker slots; keepfd:
+   keep the shared page's memfd, for workers that are not forked */
 static int pool_new(lua_State *L) {
   lua_Integer n = luaL_checkinteger(L, 1);
+  int keepfd = lua_toboolean(L, 2);
   pcore *pc;
   int i, shmfd;
   luaL_argcheck(L, n >= 1 && n <= 4096, 1, "processes must be in 1..4096");
   pc = (pcore *)lua_newuserdatauv(L, sizeof(pcore) + sizeof(slot) * (size_t)n, 0);
   memset(pc, 0, sizeof(pcore) + sizeof(slot) * (size_t)n);
   pc->n = (int)n;
-  pc->epfd = pc->tfd = -1;
+  pc->epfd = pc->tfd = pc->shmfd = -1;
   pc->closed = 1;                        /* nothing to release yet */
   for (i = 0; i < pc->n; i++) pc->s[i].fd = pc->s[i].wfd = pc->s[i].pidfd = -1;
   luaL_setmetatable(L, MP_POOL_T);
@@ -284,7 +288,8 @@ static int pool_new(lua_State *L) {
     return luaL_error(L, "epoll_ctl: %s", strerror(errno));
   pc->shmsize = sizeof(shslot) * (size_t)n;
   pc->shm = (shslot *)mp_shm_create(L, "mp-pool", pc->shmsize, &shmfd);
-  close(shmfd);                          /* the mapping stays */
+  if (keepfd) pc->shmfd = shmfd;         /* for the workers' handles */
+  else close(shmfd);                     /* the mapping stays */
   return 1;
 }
 
@@ -742,7 +747,8 @@ static int pool_child_close(lua_State *L) {
   }
   if (pc->epfd >= 0) close(pc->epfd);
   if (pc->tfd >= 0) close(pc->tfd);
-  pc->epfd = pc->tfd = -1;
+  if (pc->shmfd >= 0) close(pc->shmfd);
+  pc->epfd = pc->tfd = pc->shmfd = -1;
   if (pc->shm) mp_shm_unmap(pc->shm, pc->shmsize);
   pc->shm = NULL;
   pc->closed = 1;
@@ -868,40 +874,42 @@ static void close_others(pcore *pc, int me) {
   }
   if (pc->epfd >= 0) close(pc->epfd);
   if (pc->tfd >= 0) close(pc->tfd);
-  pc->epfd = pc->tfd = -1;
+  if (pc->shmfd >= 0) close(pc->shmfd);
+  pc->epfd = pc->tfd = pc->shmfd = -1;
+}
+
+/* Send an INITFAIL frame with the error at idx on fd. */
+static void send_initfail(lua_State *L, int fd, int idx) {
+  mp_buf *b;
+  idx = lua_absindex(L, idx);
+  b = mp_buf_push(L, 256);
+  frame_begin(L, b, F_INITFAIL);
+  put_value(L, b, idx);
+  if (fd >= 0) frame_send(b, fd);
+  lua_pop(L, 1);
 }
 
 /* pc:initfail(i, err): in the worker, report that the initializer raised */
 static int pool_initfail(lua_State *L) {
   pcore *pc = to_pcore(L, 1);
   slot *s = check_slot(L, pc, 2);
-  mp_buf *b = mp_buf_push(L, 256);
-  lua_settop(L, 4);                      /* pc, i, err, buf */
+  lua_settop(L, 3);                      /* pc, i, err */
   close_others(pc, (int)(s - pc->s));
-  frame_begin(L, b, F_INITFAIL);
-  put_value(L, b, 3);
-  if (s->wfd >= 0) frame_send(b, s->wfd);
+  send_initfail(L, s->wfd, 3);
   return 0;
 }
 
-/* pc:worker(i, maxtasks, maxmem, msgh) -> exit code: in the forked worker,
-   serve slot i's channel until EXIT, the end of the channel, maxtasks
-   tasks or a heap above maxmem bytes after a chunk */
-static int pool_worker(lua_State *L) {
-  pcore *pc = to_pcore(L, 1);
-  slot *s = check_slot(L, pc, 2);
-  lua_Integer maxtasks = luaL_optinteger(L, 3, 0), done = 0;
-  double maxmem = luaL_optnumber(L, 4, 0);
-  int me = (int)(s - pc->s), fd;
+/* The worker's loop: serve the channel fd until EXIT, its end, maxtasks
+   tasks or a heap above maxmem bytes after a chunk, recording progress in
+   sh. The message handler is at stack index 5 (nothing above it). Returns
+   when the worker should leave; closes nothing. */
+static void serve(lua_State *L, int fd, shslot *sh, lua_Integer maxtasks,
+                  double maxmem) {
+  lua_Integer done = 0;
   size_t pos = 0, fstart;
   double held_since = 0;
   mp_buf *in, *out;
-  shslot *sh = &pc->shm[me];
-  luaL_checktype(L, 5, LUA_TFUNCTION);
-  lua_settop(L, 5);                      /* 5: msgh */
   signal(SIGINT, SIG_IGN);               /* Ctrl-C is the parent's business */
-  close_others(pc, me);
-  fd = s->wfd;
   in = mp_buf_push(L, RBUF_INIT);        /* 6 */
   out = mp_buf_push(L, RBUF_INIT);       /* 7 */
   lua_newtable(L);                       /* 8: fnid -> function */
@@ -942,7 +950,7 @@ static int pool_worker(lua_State *L) {
       put_u32(L, out, c.n);
       put_u32(L, out, 0);
       lua_rawgeti(L, 8, rd_u32(body + 4));           /* 9: fn */
-      if (lua_type(L, 9) != LUA_TFUNCTION) return luaL_error(L, "pool: unknown function");
+      if (lua_type(L, 9) != LUA_TFUNCTION) luaL_error(L, "pool: unknown function");
       while (c.k < c.n) {
         lua_pushcfunction(L, pool_runner);
         lua_pushvalue(L, 9);
@@ -985,14 +993,177 @@ static int pool_worker(lua_State *L) {
         }
       }
     } else {
-      return luaL_error(L, "pool: corrupt message");
+      luaL_error(L, "pool: corrupt message");
     }
     }
   }
   if (out->len > 0) write_all(fd, out->data, out->len);
-  if (fd >= 0) close(fd);
+  lua_settop(L, 5);
+}
+
+/* pc:worker(i, maxtasks, maxmem, msgh) -> exit code: in the forked worker,
+   serve slot i's channel (see serve) */
+static int pool_worker(lua_State *L) {
+  pcore *pc = to_pcore(L, 1);
+  slot *s = check_slot(L, pc, 2);
+  lua_Integer maxtasks = luaL_optinteger(L, 3, 0);
+  double maxmem = luaL_optnumber(L, 4, 0);
+  int me = (int)(s - pc->s);
+  luaL_checktype(L, 5, LUA_TFUNCTION);
+  lua_settop(L, 5);                      /* 5: msgh */
+  close_others(pc, me);
+  serve(L, s->wfd, &pc->shm[me], maxtasks, maxmem);
+  if (s->wfd >= 0) close(s->wfd);
   s->wfd = -1;
   lua_pushinteger(L, 0);
+  return 1;
+}
+
+/* ---- the worker's handle (spawn, forkserver) ------------------------
+
+   A worker that is not forked cannot inherit the PoolCore: the parent
+   gives it a PoolWorker handle instead, which the codec sends with the
+   Process's arguments (kind "PoolWorker", state {slot, n}, the worker's
+   end of the channel and the shared page's memfd, passed with SCM_RIGHTS).
+   In the parent the handle is a view of the PoolCore's slot (kept in its
+   user value) and owns nothing; the rebuilt one in the worker owns its
+   channel fd and its mapping of the page. */
+
+typedef struct pworker {
+  int fd;                                /* rebuilt: the channel; -1 closed */
+  int slot;                              /* 0-based */
+  int view;                              /* the parent's view: owns nothing */
+  shslot *shm;
+  size_t shmsize;
+} pworker;
+
+static pworker *to_pworker(lua_State *L, int i) {
+  return (pworker *)luaL_checkudata(L, i, MP_POOLWORKER_T);
+}
+
+static pworker *check_worker(lua_State *L, int i) {
+  pworker *w = to_pworker(L, i);
+  if (w->view) luaL_error(L, "this PoolWorker handle is the parent's view");
+  if (w->fd < 0) luaL_error(L, "PoolWorker handle is closed");
+  return w;
+}
+
+static pworker *pworker_push(lua_State *L) {
+  pworker *w = (pworker *)lua_newuserdatauv(L, sizeof(pworker), 1);
+  memset(w, 0, sizeof *w);
+  w->fd = -1;
+  luaL_setmetatable(L, MP_POOLWORKER_T);
+  return w;
+}
+
+/* pc:_worker_handle(i) -> PoolWorker: the handle a worker of slot i that is
+   not forked receives (between pc:open(i) and pc:forked(i)) */
+static int pool_worker_handle(lua_State *L) {
+  pcore *pc = check_pcore(L, 1);
+  slot *s = check_slot(L, pc, 2);
+  pworker *w;
+  if (pc->shmfd < 0)
+    return luaL_error(L, "pool: this PoolCore was made for forked workers");
+  if (s->wfd < 0) return luaL_argerror(L, 2, "slot has no worker channel open");
+  w = pworker_push(L);
+  w->view = 1;
+  w->slot = (int)(s - pc->s);
+  lua_pushvalue(L, 1);
+  lua_setiuservalue(L, -2, 1);           /* the view keeps the PoolCore */
+  return 1;
+}
+
+/* __mp_reduce(w) -> "PoolWorker", {slot, n}, channel fd, page memfd */
+static int pworker__reduce(lua_State *L) {
+  pworker *w = to_pworker(L, 1);
+  pcore *pc;
+  slot *s;
+  if (!w->view) return luaL_error(L, "a PoolWorker handle travels only from its pool");
+  lua_getiuservalue(L, 1, 1);
+  pc = (pcore *)luaL_checkudata(L, -1, MP_POOL_T);
+  s = &pc->s[w->slot];
+  if (pc->closed || s->wfd < 0 || pc->shmfd < 0)
+    return mp_raise(L, "SerializationError",
+                    "PoolWorker handle: its worker has been started already");
+  lua_pushliteral(L, "PoolWorker");
+  lua_createtable(L, 2, 0);
+  lua_pushinteger(L, w->slot + 1);
+  lua_rawseti(L, -2, 1);
+  lua_pushinteger(L, pc->n);
+  lua_rawseti(L, -2, 2);
+  lua_pushinteger(L, s->wfd);
+  lua_pushinteger(L, pc->shmfd);
+  return 4;
+}
+
+/* The codec's rebuild: (state, fd, shmfd) -> PoolWorker owning fd and a
+   mapping of the page (shmfd is closed once mapped). */
+static int pworker_rebuild(lua_State *L) {
+  int fd = (int)luaL_checkinteger(L, 2), shmfd = (int)luaL_checkinteger(L, 3);
+  lua_Integer k = 0, n = 0;
+  pworker *w;
+  size_t size = 0;
+  void *p;
+  if (lua_type(L, 1) == LUA_TTABLE) {
+    lua_rawgeti(L, 1, 1);
+    lua_rawgeti(L, 1, 2);
+    k = lua_tointeger(L, -2);
+    n = lua_tointeger(L, -1);
+    lua_pop(L, 2);
+  }
+  w = pworker_push(L);                   /* closed until the fds are in */
+  w->fd = fd;                            /* owned from here (even on error) */
+  p = mp_shm_map(shmfd, &size);
+  close(shmfd);
+  if (p == NULL) return luaL_error(L, "PoolWorker: cannot map the pool's page: %s",
+                                   strerror(errno));
+  w->shm = (shslot *)p;
+  w->shmsize = size;
+  if (k < 1 || k > n || (size_t)n * sizeof(shslot) > size)
+    return luaL_error(L, "PoolWorker: bad slot %d of %d", (int)k, (int)n);
+  w->slot = (int)(k - 1);
+  return 1;
+}
+
+/* w:serve(maxtasks, maxmem, msgh) -> 0: in the worker, serve the channel
+   (as pc:worker does in a forked one), then close it */
+static int pworker_serve(lua_State *L) {
+  pworker *w = check_worker(L, 1);
+  lua_Integer maxtasks = luaL_optinteger(L, 2, 0);
+  double maxmem = luaL_optnumber(L, 3, 0);
+  luaL_checktype(L, 4, LUA_TFUNCTION);
+  lua_settop(L, 4);
+  lua_pushvalue(L, 4);                   /* 5: msgh, as serve wants it */
+  serve(L, w->fd, &w->shm[w->slot], maxtasks, maxmem);
+  close(w->fd);
+  w->fd = -1;
+  lua_pushinteger(L, 0);
+  return 1;
+}
+
+/* w:initfail(err): in the worker, report that the initializer raised */
+static int pworker_initfail(lua_State *L) {
+  pworker *w = check_worker(L, 1);
+  luaL_checkany(L, 2);
+  send_initfail(L, w->fd, 2);
+  return 0;
+}
+
+static int pworker__gc(lua_State *L) {
+  pworker *w = to_pworker(L, 1);
+  if (!w->view) {
+    if (w->fd >= 0) close(w->fd);
+    if (w->shm) mp_shm_unmap(w->shm, w->shmsize);
+  }
+  w->fd = -1;
+  w->shm = NULL;
+  return 0;
+}
+
+static int pworker__tostring(lua_State *L) {
+  pworker *w = to_pworker(L, 1);
+  lua_pushfstring(L, "<PoolWorker(slot %d%s)>", w->slot + 1,
+                  w->view ? ", parent's view" : w->fd < 0 ? ", closed" : "");
   return 1;
 }
 
@@ -1045,6 +1216,14 @@ static const luaL_Reg pool_methods[] = {
   {"_child_close", pool_child_close},
   {"initfail", pool_initfail},
   {"worker", pool_worker},
+  {"_worker_handle", pool_worker_handle},
+  {NULL, NULL}
+};
+
+static const luaL_Reg pworker_methods[] = {
+  {"serve", pworker_serve},
+  {"initfail", pworker_initfail},
+  {"close", pworker__gc},
   {NULL, NULL}
 };
 
@@ -1065,5 +1244,22 @@ MP_API void mp_pool_open(lua_State *L) {
   lua_pushcfunction(L, pool__gc);
   lua_setfield(L, -2, "__close");
   lua_pop(L, 1);
+  luaL_newmetatable(L, MP_POOLWORKER_T);  /* mod, mt */
+  luaL_newlib(L, pworker_methods);
+  lua_setfield(L, -2, "__index");
+  lua_pushcfunction(L, pworker__gc);
+  lua_setfield(L, -2, "__gc");
+  lua_pushcfunction(L, pworker__gc);
+  lua_setfield(L, -2, "__close");
+  lua_pushcfunction(L, pworker__tostring);
+  lua_setfield(L, -2, "__tostring");
+  lua_pushcfunction(L, pworker__reduce);
+  lua_setfield(L, -2, "__mp_reduce");
+  lua_pop(L, 1);
   luaL_setfuncs(L, funcs, 0);
+  /* the kind is known before any module is loaded (the codec opens first) */
+  lua_getfield(L, -1, "register_handle");
+  lua_pushliteral(L, "PoolWorker");
+  lua_pushcfunction(L, pworker_rebuild);
+  lua_call(L, 2, 0);
 }

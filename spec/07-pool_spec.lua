@@ -42,14 +42,35 @@ describe("Pool arguments", function()
     assert.truthy(tostring(err):find("processes", 1, true))
   end)
 
-  it("says clearly that its workers need the fork start method", function()
-    local ok, err = pcall(mp.get_context("spawn").Pool, 1)
+  it("starts its workers with its start method, even from inside busted", function()
+    -- (no entry chunk here: what travels must be bytecode or module functions)
+    for _, m in ipairs({ "spawn", "forkserver" }) do
+      local k = 5
+      local pool = mp.get_context(m).Pool{ processes = 2, initializer = function(v) INIT_V = v end,
+                                            initargs = { 100 } }
+      assert.are.equal(m, pool._method)
+      local ok, err = pcall(function()
+        assert.are.same({ 106, 107, 108, n = 3 },
+                        pool:map(function(x) return x + k + INIT_V end, { 1, 2, 3 }))
+        local pid, main = pool:apply(function()
+          return require("multiprocessing.core").getpid(), require("multiprocessing").is_main()
+        end)
+        assert.are_not.equal(core.getpid(), pid)
+        assert.is_false(main)            -- a fresh interpreter, not a fork
+        assert.is_nil(rawget(_G, "INIT_V"))
+      end)
+      pool:terminate()
+      if m == "forkserver" then require("multiprocessing.spawn")._forkserver_stop() end
+      assert(ok, err)
+    end
+  end)
+
+  it("raises at creation when its initializer or initargs cannot travel to a spawned worker", function()
+    local ok, err = pcall(mp.get_context("spawn").Pool, { processes = 2, initializer = print,
+                                                          initargs = { io.stdout } })
     assert.is_false(ok)
-    assert.is_true(mp.ProcessError:is(err))
-    assert.truthy(err.message:find("spawn", 1, true))
-    local pool = mp.get_context("fork").Pool(1)
-    assert.are.equal(3, pool:apply(function() return 3 end))
-    pool:terminate()
+    assert.truthy(tostring(err):find("SerializationError", 1, true), tostring(err))
+    assert.truthy(tostring(err):find("FILE*", 1, true), tostring(err))
   end)
 
   it("refuses to be used from a forked child, which cannot touch its workers", function()

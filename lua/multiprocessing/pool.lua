@@ -87,6 +87,25 @@ local function worker_main(ref, slot)
   return pc:worker(slot, pool._maxtasks, pool._maxmem, worker_msgh)
 end
 
+-- The entry of a worker that is not forked (spawn, forkserver): it gets a
+-- plain table { PoolWorker handle, initializer, initargs, maxtasks, maxmem }
+-- through the Process's arguments (the codec). It is no field of this
+-- module, so it travels as bytecode whose upvalues are modules and C
+-- functions: a worker never loads this module.
+local function spawned_worker_main(t)
+  local wh, init = t[1], t[2]
+  if init then
+    local args = t[3] or {}
+    local ok, data = xpcall(init, worker_msgh, unpack(args, 1, args.n or #args))
+    if not ok then
+      wh:initfail(data)
+      error("Pool initializer failed: " .. tostring(data.message) .. "\n"
+            .. tostring(data.traceback), 0)
+    end
+  end
+  return wh:serve(t[4], t[5], worker_msgh)
+end
+
 -- ---- errors ------------------------------------------------------------
 
 local function remote_error(data)
@@ -135,14 +154,11 @@ function exports.Pool(opts)
   if mm ~= nil and (type(mm) ~= "number" or mm <= 0) then
     error("Pool: 'max_memory_per_child' must be a number of bytes > 0 (got " .. tostring(mm) .. ")", 2)
   end
-  -- Workers run the pool's own engine, inherited by fork; a fresh
-  -- interpreter (spawn, forkserver) has no way to rebuild it yet.
+  -- Forked workers inherit the pool's engine; the others (spawn,
+  -- forkserver) receive a handle to their slot (see spawned_worker_main).
   local method = process._default_method()
-  if method ~= "fork" then
-    error(errors.new("ProcessError", "Pool: the '" .. tostring(method) .. "' start method "
-                     .. "is not supported yet: pool workers are forked (use mp.get_context(\"fork\"))"), 2)
-  end
-  local pc = core.pool_new(n)
+  if process._start_guard then process._start_guard() end   -- spawn's guard
+  local pc = core.pool_new(n, method ~= "fork")
   pools[pc] = true
   local self = setmetatable({
     _pc = pc, _n = n, _state = "running", _owner = core.getpid(),
@@ -157,19 +173,34 @@ function exports.Pool(opts)
     _done = 0, _failed = 0, _restarts = 0, _nworkers = 0,
     _method = method,                     -- workers (restarts too) use it
   }, Pool)
-  for slot = 1, n do self:_spawn(slot) end
+  for slot = 1, n do
+    local ok, err = pcall(self._spawn, self, slot)
+    if not ok then                        -- e.g. an initializer that cannot travel
+      self:terminate()
+      error(err, 2)
+    end
+  end
   return self
 end
 
 function Pool:_spawn(slot)
   local pc = self._pc
   pc:open(slot)
-  -- the worker's Process (kept by process.lua until joined) must not keep
-  -- the pool alive, or a forgotten pool would never be collected
-  local ref = setmetatable({ self }, { __mode = "v" })
-  local p = process.exports.Process{ target = worker_main, args = { ref, slot },
-                                     daemon = true, name = "PoolWorker-" .. slot,
-                                     start_method = self._method }
+  local p
+  if self._method == "fork" then
+    -- the worker's Process (kept by process.lua until joined) must not keep
+    -- the pool alive, or a forgotten pool would never be collected
+    local ref = setmetatable({ self }, { __mode = "v" })
+    p = process.exports.Process{ target = worker_main, args = { ref, slot },
+                                 daemon = true, name = "PoolWorker-" .. slot,
+                                 start_method = "fork" }
+  else
+    p = process.exports.Process{ target = spawned_worker_main,
+                                 args = { { pc:_worker_handle(slot), self._initializer,
+                                            self._initargs, self._maxtasks, self._maxmem } },
+                                 daemon = true, name = "PoolWorker-" .. slot,
+                                 start_method = self._method }
+  end
   p:start()
   pc:forked(slot, p.sentinel)
   self._workers[slot] = { proc = p, pid = p.pid, fifo = {}, head = 1, tail = 1,
