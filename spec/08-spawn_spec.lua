@@ -202,21 +202,110 @@ for _, method in ipairs(METHODS) do
         local k = 3
         if mp.is_main() then
           local ctx = mp.get_context(mp.get_start_method())
-          local ok, pool = pcall(ctx.Pool, 2)
-          if not ok then print("pool_error=" .. tostring(pool):gsub("\n", " ")) os.exit(0) end
+          local pool = ctx.Pool(2)
           print("method=" .. pool._method)
           local r = pool:map(function(x) return x * k end, { 1, 2, 3, 4 })
           print("map=" .. table.concat(r, ","))
+          local pids = {}
+          for _, pid in ipairs(pool:map(function() return require("multiprocessing.core").getpid() end,
+                                        { 1, 2, 3, 4, 5, 6, 7, 8 }, 1)) do
+            pids[pid] = true
+          end
+          local main = mp.current_process().pid
+          print("notparent=" .. tostring(not pids[main]))
+          print("workermain=" .. tostring(pool:apply(function() return mp.is_main() end)))
           pool:close(); pool:join()
+          print("stats=" .. pool:stats().workers .. "," .. pool:stats().restarts)
         end
       ]])
-      if kv.pool_error and method ~= "fork" then
-        -- pool.c has no worker-side handle yet: its workers cannot be
-        -- rebuilt in a fresh interpreter (see docs/spawn.md)
-        pending("Pool under " .. method .. ": " .. kv.pool_error)
-        return
-      end
-      check(kv, out, code, { method = method, map = "3,6,9,12" })
+      check(kv, out, code, { method = method, map = "3,6,9,12", notparent = "true",
+        workermain = tostring(method == "fork"), stats = "0,0" })
+    end)
+
+    it("Pool: a task's error is a RemoteError with the worker's traceback", function()
+      local kv, out, code = run(method, [[
+        local function inner(x) error("bad item " .. x) end
+        local function task(x) if x == 3 then inner(x) end return x end
+        if mp.is_main() then
+          local pool <close> = mp.Pool(2)
+          local ok, err = pcall(pool.map, pool, task, { 1, 2, 3, 4 })
+          print("ok=" .. tostring(ok), "remote=" .. tostring(mp.RemoteError:is(err)))
+          print("message=" .. tostring(err.message):gsub("^.-:%d+: ", ""))
+          print("inner=" .. tostring(err.traceback:find("in %a* ?function 'inner'") ~= nil
+                                   or err.traceback:find("in upvalue 'inner'") ~= nil))
+          print("worker=" .. tostring(err.pid ~= mp.current_process().pid))
+          local r = pool:apply_async(task, { 3 })
+          print("wait=" .. tostring(r:wait(10)), "successful=" .. tostring(r:successful()))
+          print("after=" .. pool:apply(task, { 5 }))
+        end
+      ]])
+      check(kv, out, code, { ok = "false", remote = "true", message = "bad item 3",
+        inner = "true", worker = "true", wait = "true", successful = "false", after = "5" })
+    end)
+
+    it("Pool: a worker killed mid-task fails its task; the pool goes on", function()
+      local kv, out, code = run(method, [[
+        local core = require "multiprocessing.core"
+        local function die() core.kill(core.getpid(), 9) core.poll({}, 10) end
+        local function leave() os.exit(3) end
+        local function spin() while true do end end
+        if mp.is_main() then
+          local pool <close> = mp.Pool(2)
+          local r = pool:apply_async(die)
+          local ok, err = pcall(r.get, r, 20)
+          print("lost=" .. tostring(mp.WorkerLostError:is(err)), "code=" .. tostring(err.exitcode))
+          local r2 = pool:apply_async(leave)
+          local _, err2 = pcall(r2.get, r2, 20)
+          print("lost2=" .. tostring(mp.WorkerLostError:is(err2)), "code2=" .. tostring(err2.exitcode))
+          local xs = {}
+          for i = 1, 100 do xs[i] = i end
+          local sum = 0
+          for _, v in ipairs(pool:map(function(x) return x * 2 end, xs, 1)) do sum = sum + v end
+          print("sum=" .. sum)
+          local t = pool:apply_async(spin, {}, { timeout = 0.3 })
+          local _, err3 = pcall(t.get, t, 20)
+          print("timeout=" .. tostring(mp.TimeoutError:is(err3)))
+          print("after=" .. pool:apply(function(a, b) return a + b end, { 2, 3 }))
+          print("restarts=" .. pool:stats().restarts, "workers=" .. pool:stats().workers)
+        end
+      ]], 60)
+      check(kv, out, code, { lost = "true", code = "-9", lost2 = "true", code2 = "3",
+        sum = "10100", timeout = "true", after = "5", restarts = "3", workers = "2" })
+    end)
+
+    it("Pool: initializer with handles in initargs, maxtasksperchild, terminate", function()
+      local kv, out, code = run(method, [[
+        local core = require "multiprocessing.core"
+        local function init(q, tag) TAG = tag q:put(core.getpid()) end
+        if mp.is_main() then
+          local q = mp.Queue()
+          local pool = mp.Pool{ processes = 2, initializer = init, initargs = { q, "tagged" },
+                                maxtasksperchild = 2 }
+          local a, b = q:get(20), q:get(20)
+          print("inits=" .. tostring(a ~= nil and b ~= nil and a ~= b))
+          local r = pool:map(function(x) return TAG .. x .. ":" .. core.getpid() end,
+                             { 1, 2, 3, 4, 5, 6, 7, 8 }, 1)
+          local pids, n = {}, 0
+          for i, s in ipairs(r) do
+            local tag, pid = s:match("^(%a+)" .. i .. ":(%d+)$")
+            if tag == "tagged" and not pids[pid] then pids[pid] = true; n = n + 1 end
+          end
+          print("pids=" .. n)
+          local xs = {}
+          for i = 1, 10000 do xs[i] = i end
+          local big = pool:map_async(function() core.poll({}, 0.01) end, xs, 1)
+          local workers = {}
+          for _, w in pairs(pool._workers) do workers[#workers + 1] = w.pid end
+          pool:terminate()
+          local ok, err = pcall(big.get, big, 5)
+          print("terminated=" .. tostring(not ok and mp.ProcessError:is(err)))
+          local alive = 0
+          for _, pid in ipairs(workers) do if core.kill(pid, 0) == true then alive = alive + 1 end end
+          print("alive=" .. alive, "children=" .. #mp.active_children())
+        end
+      ]], 60)
+      check(kv, out, code, { inits = "true", pids = "4", terminated = "true", alive = "0",
+        children = "0" })
     end)
   end)
 end
@@ -250,6 +339,32 @@ describe("the entry chunk under spawn", function()
       assert.are.equal("1", kv.code, out)
       assert.truthy(out:find("ProcessError", 1, true), out)
       assert.truthy(out:find("if mp.is_main() then", 1, true), out)
+    end)
+  end
+
+  for _, method in ipairs({ "spawn", "forkserver" }) do
+    it("breaks a Pool made outside the guard instead of restarting its workers forever (" .. method .. ")", function()
+      local count = H.tmpname("count")
+      local kv, out = run(method, ([[
+        local f = io.open(%q, "a") f:write("x") f:close()
+        local pool = mp.Pool(2)
+        local ok, err = pcall(pool.map, pool, function(x) return x end, { 1, 2, 3 })
+        print("ok=" .. tostring(ok), "type=" .. tostring(err.type))
+        print("message=" .. tostring(err.message):gsub("\n", " "))
+        print("later=" .. tostring(pcall(pool.apply, pool, print)))
+        pool:terminate()
+      ]]):format(count))
+      local f = io.open(count)
+      local runs = f and f:read("a") or ""
+      if f then f:close() end
+      os.remove(count)
+      assert.are.equal("ProcessError", kv.type, out)
+      assert.are.equal("false", kv.ok, out)
+      assert.are.equal("false", kv.later, out)
+      assert.truthy(kv.message:find("before it was ready", 1, true), out)
+      assert.truthy(out:find("if mp.is_main() then", 1, true), out)   -- the worker's stderr
+      -- the main run, and at most one re-run per worker slot
+      assert.truthy(#runs >= 2 and #runs <= 3, "the entry chunk ran " .. #runs .. " times\n" .. out)
     end)
   end
 

@@ -630,7 +630,7 @@ function Pool:_death(slot)
   local p = w.proc
   local code = p:join(2)
   if not code then p:kill(); code = p:join(2) or -9 end
-  local started, finished = pc:started(slot)
+  local started, finished, ready = pc:started(slot)
   self._workers[slot] = nil
   self._nworkers = self._nworkers - 1
   pc:close_slot(slot)
@@ -671,6 +671,19 @@ function Pool:_death(slot)
     end
   end
   if self._state == "terminated" or self._broken then return end
+  -- A worker that left on its own before it was ready would be followed by
+  -- replacements that fail the same way (an initializer that calls
+  -- os.exit; under spawn and forkserver an entry chunk that raises, e.g.
+  -- the guard's error): the pool is broken instead. One that was killed
+  -- (code < 0) is replaced.
+  if not ready and code >= 0 and not w.exit_sent then
+    self:_break(errors.new("ProcessError", ("Pool: worker (pid %d) exited with code %d before "
+      .. "it was ready to run tasks: its initializer%s failed (see its stderr); the pool is "
+      .. "broken"):format(w.pid, code, self._method == "fork" and ""
+        or " or the re-run of the program's entry chunk (under " .. self._method .. ")"),
+      { pid = w.pid, exitcode = code }))
+    return
+  end
   if self._state == "running" or self._active > 0 then
     self._restarts = self._restarts + 1
     self:_spawn(slot)
