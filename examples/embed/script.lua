@@ -1,34 +1,28 @@
--- Run by examples/embed/host (a C program embedding Lua): spawned children
--- are the host program too, so they can call its C function host.add.
--- Prints: 3 lines "child <pid>: host.add(i, 10*i) = 11*i", then
---         "sum from 3 spawned children: 66"
+-- Run by examples/embed/host (a C program embedding Lua): the Pool's
+-- workers are spawned, and spawned children are the host program too, so
+-- the tasks can call its C function host.add.
+-- Prints: 3 lines "worker <pid>: host.add(i, 10*i) = 11*i" (pids of the
+--         workers, not of the host), then
+--         "sum from 3 tasks in spawned Pool workers: 66"
 local mp = require "multiprocessing"
 -- host is a global that every state of the host program has (a global, not
--- an upvalue, so that each spawned child uses its own)
+-- an upvalue, so that each worker uses its own)
 -- luacheck: read globals host
 
-local function work(q, a, b)
-  q:put({ pid = mp.current_process().pid, a = a, b = b, sum = host.add(a, b) })
+local function add_in_worker(i)
+  return mp.current_process().pid, host.add(i, 10 * i)
 end
 
 if mp.is_main() then
   mp.set_start_method("spawn")
-  local q = mp.Queue()
-  local procs = {}
-  for i = 1, 3 do
-    procs[i] = mp.Process{ target = work, args = { q, i, 10 * i } }
-    procs[i]:start()
+  local pool <close> = mp.Pool(2)
+  local total = 0
+  for i, pid, sum in pool:imap(add_in_worker, { 1, 2, 3 }) do
+    assert(pid ~= mp.current_process().pid, "the task ran in the host process")
+    print(("worker %d: host.add(%d, %d) = %d"):format(pid, i, 10 * i, sum))
+    total = total + sum
   end
-  local results, total = {}, 0
-  for i = 1, 3 do
-    local r = assert(q:get(10), "no answer from a child")
-    results[i] = r
-    total = total + r.sum
-  end
-  table.sort(results, function(x, y) return x.a < y.a end)
-  for _, r in ipairs(results) do
-    print(("child %d: host.add(%d, %d) = %d"):format(r.pid, r.a, r.b, r.sum))
-  end
-  for i = 1, 3 do procs[i]:join(10) end
-  print("sum from 3 spawned children: " .. math.tointeger(total))
+  pool:close()
+  pool:join()
+  print("sum from 3 tasks in spawned Pool workers: " .. math.tointeger(total))
 end
