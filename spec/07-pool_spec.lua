@@ -44,6 +44,7 @@ describe("Pool arguments", function()
 
   it("starts its workers with its start method, even from inside busted", function()
     -- (no entry chunk here: what travels must be bytecode or module functions)
+    -- luacheck: globals INIT_V
     for _, m in ipairs({ "spawn", "forkserver" }) do
       local k = 5
       local pool = mp.get_context(m).Pool{ processes = 2, initializer = function(v) INIT_V = v end,
