@@ -652,6 +652,24 @@ describe("Pool failures", function()
     end)
   end)
 
+  it("max_memory_per_child retires spawned workers too, and they are replaced by spawn", function()
+    local pool = mp.get_context("spawn").Pool{ processes = 1, max_memory_per_child = 8e6 }
+    local ok, err = pcall(function()
+      local getpid = function() return require("multiprocessing.core").getpid() end
+      local a = pool:apply(getpid)
+      assert.are.equal(a, pool:apply(getpid))
+      assert.are.equal(1, pool:apply(function() _G.BIG = string.rep("x", 16e6); return 1 end))
+      local d, main = pool:apply(function()
+        return require("multiprocessing.core").getpid(), require("multiprocessing").is_main()
+      end)
+      assert.are_not.equal(a, d)
+      assert.is_false(main)              -- the replacement was spawned, not forked
+      assert.are.equal(1, pool:stats().restarts)
+    end)
+    pool:terminate()
+    assert(ok, err)
+  end)
+
   it("workers ignore SIGINT: the task finishes", function()
     with_pool(1, function(pool)
       local file = H.tmpname("pid")
