@@ -38,6 +38,11 @@
  *
  * Workers ignore SIGINT (Ctrl-C is the parent's business; the parent's
  * terminate or __gc stops them).
+ *
+ * A forked worker serves its slot of the inherited PoolCore (pc:worker).
+ * A spawned or forkserver worker has no PoolCore: it receives a PoolWorker
+ * handle (MP_POOLWORKER_T; its channel end and the shared page's memfd, by
+ * SCM_RIGHTS) and serves that (w:serve); both run the same loop (serve).
  */
 #include "mp.h"
 

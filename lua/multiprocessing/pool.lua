@@ -14,6 +14,12 @@
 -- from those calls. pool:fileno() is one fd (epoll) an event loop can
 -- watch, a timerfd inside it included, so task timeouts wake it too.
 --
+-- Start methods: a forked worker inherits the Pool and serves its slot of
+-- the PoolCore; a spawned or forkserver worker (restarts use the pool's
+-- method too) gets a plain table with a PoolWorker handle to its slot and
+-- the initializer through the codec (spawned_worker_main). The parent's
+-- side is the same under every method.
+--
 -- Pipelining: a worker holds one chunk until the function's time per item
 -- is known; fast functions then get up to 64 chunks in flight per worker
 -- (so chunksize 1 is cheap), slow ones 1 or 2 (so a long task never
