@@ -1066,24 +1066,31 @@ static void dec_item(dec *d) {
   }
 }
 
+/* Read a registered name and push what mp.register gave it, which must be
+   of type t; what (class, function) names it in the error. */
+static void push_registered(dec *d, int t, const char *what) {
+  lua_State *L = d->L;
+  size_t n;
+  const char *name = rd_name(d, &n);
+  lua_rawgeti(L, d->env, E_BYNAME);
+  lua_pushlstring(L, name, n);
+  if (lua_rawget(L, -2) != t) {
+    char msg[120];
+    lua_pushlstring(L, name, n);
+    snprintf(msg, sizeof msg, "%s '%.60s' is not registered in this process",
+             what, lua_tostring(L, -1));
+    dec_fail(d, msg);
+  }
+  lua_remove(L, -2);
+}
+
 static void dec_table(dec *d, int withmt) {
   lua_State *L = d->L;
   uint64_t narr, nh, i, left;
   int t;
   dec_enter(d);
   if (withmt) {
-    size_t n;
-    const char *name = rd_name(d, &n);
-    lua_rawgeti(L, d->env, E_BYNAME);
-    lua_pushlstring(L, name, n);
-    if (lua_rawget(L, -2) != LUA_TTABLE) {
-      char what[120];
-      lua_pushlstring(L, name, n);
-      snprintf(what, sizeof what, "class '%.60s' is not registered in this "
-               "process", lua_tostring(L, -1));
-      dec_fail(d, what);
-    }
-    lua_remove(L, -2);                   /* mt */
+    push_registered(d, LUA_TTABLE, "class");   /* mt */
   }
   narr = rd_u32(d);
   nh = rd_u32(d);
@@ -1375,20 +1382,8 @@ static void dec_value(dec *d) {
     return;
   }
   case T_FN_REG: {
-    size_t n;
-    const char *name;
     nofuncs(d);
-    name = rd_name(d, &n);
-    lua_rawgeti(L, d->env, E_BYNAME);
-    lua_pushlstring(L, name, n);
-    if (lua_rawget(L, -2) != LUA_TFUNCTION) {
-      char what[120];
-      lua_pushlstring(L, name, n);
-      snprintf(what, sizeof what, "function '%.60s' is not registered in "
-               "this process", lua_tostring(L, -1));
-      dec_fail(d, what);
-    }
-    lua_remove(L, -2);
+    push_registered(d, LUA_TFUNCTION, "function");
     return;
   }
   case T_FN_MOD: {
