@@ -2,15 +2,8 @@
 # 100,000 trivial tasks at the default chunksize and at chunksize 1,
 # apply_async(...).get() round trips, and Pool(2) start + close + join,
 # under the fork start method.
-import os
-import sys
-
-# bench/ holds queue.py, which would shadow the standard module of that name
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path = [p for p in sys.path if os.path.abspath(p or ".") != HERE]
-
-import multiprocessing as mp  # noqa: E402
-import time  # noqa: E402
+import multiprocessing as mp
+import time
 
 
 def sq(x):

@@ -1,15 +1,8 @@
-# bench/queue.py: Python's multiprocessing.Queue on the cases of
-# bench/queue.lua (fork start method). Prints <case>\t<impl>\t<value>\t<unit>.
-import os
-import sys
-
-# This file is named queue.py: keep its directory off the path so that the
-# standard library's queue module (used by multiprocessing) is found.
-_here = os.path.dirname(os.path.abspath(__file__))
-sys.path = [p for p in sys.path if os.path.abspath(p or os.curdir) != _here]
-
-import multiprocessing as mp  # noqa: E402
-import time  # noqa: E402
+# bench/queues.py: Python's multiprocessing.Queue on the cases of
+# bench/queues.lua (fork start method). Prints <case>\t<impl>\t<value>\t<unit>.
+# (Not named queue.py: that would shadow the standard module multiprocessing uses.)
+import multiprocessing as mp
+import time
 
 
 def producer(q, item, n):

@@ -1,4 +1,4 @@
--- bench/queue.lua: Queue throughput between two processes, and a round
+-- bench/queues.lua: Queue throughput between two processes, and a round
 -- trip through two queues against a raw C pipe ping-pong (bench/pingpong.c,
 -- built into /tmp by this file). Prints <case>\t<impl>\t<value>\t<unit>.
 local mp = require "multiprocessing"
@@ -54,7 +54,7 @@ if mp.is_main() then
   out("queue_1mib", "lua-mp", M / stream(string.rep("x", 1 << 20), M), "MiB/s")
   out("queue_pingpong", "lua-mp", pingpong(200000), "ops/s")
   -- the C baseline, built next to this file's source
-  local src = (arg and arg[0] or "bench/queue.lua"):gsub("queue%.lua$", "pingpong.c")
+  local src = (arg and arg[0] or "bench/queues.lua"):gsub("queues%.lua$", "pingpong.c")
   local exe = os.tmpname()
   if os.execute("cc -O2 -o " .. exe .. " " .. src .. " 2>/dev/null") then
     local f = io.popen(exe .. " 200000")
