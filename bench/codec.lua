@@ -13,9 +13,7 @@ local clock = os.clock
 local dumps, loads = mp.dumps, mp.loads
 local ok_cjson, cjson = pcall(require, "cjson")
 
-local function emit(case, impl, r, unit)
-  io.write(case, "\t", impl, "\t", string.format("%.1f", r), "\t", unit, "\n")
-end
+local emit = require("bench.lib").emit
 
 -- Rate of f() calls per second over about `secs` seconds.
 local function rate(f, secs)

@@ -4,10 +4,7 @@
 local mp = require "multiprocessing"
 local clock = require("multiprocessing.core").monotonic
 
-local function emit(case, impl, r, unit)
-  io.write(case, "\t", impl, "\t", string.format("%.1f", r), "\t", unit, "\n")
-  io.flush()
-end
+local emit = require("bench.lib").emit
 
 local function sq(x) return x * x end
 

@@ -10,8 +10,11 @@ def sq(x):
     return x * x
 
 
-def emit(case, rate, unit="ops/s"):
-    print(f"{case}\tpython\t{rate:.1f}\t{unit}", flush=True)
+from lib import emit as _emit
+
+
+def emit(case, r, unit="ops/s"):
+    _emit(case, "python", r, unit)
 
 
 if __name__ == "__main__":

@@ -1,16 +1,8 @@
 -- Process start+join and Pipe round trips (the foundation), for bench/run.lua.
 local mp = require "multiprocessing"
-local clock = require("multiprocessing.core").monotonic
 
-local function rate(n, f)
-  local t0 = clock()
-  f(n)
-  return n / (clock() - t0)
-end
-
-local function emit(case, impl, r, unit)
-  io.write(case, "\t", impl, "\t", string.format("%.1f", r), "\t", unit, "\n")
-end
+local bench = require "bench.lib"
+local rate, emit = bench.rate, bench.emit
 
 emit("fork_start_join", "lua-mp", rate(300, function(n)
   for _ = 1, n do

@@ -1,14 +1,7 @@
 # Python's side of bench/process.lua: the same cases with multiprocessing (fork).
 import multiprocessing as mp
-import time
 
-def rate(n, f):
-    t0 = time.perf_counter()
-    f(n)
-    return n / (time.perf_counter() - t0)
-
-def emit(case, impl, r, unit):
-    print(f"{case}\t{impl}\t{r:.1f}\t{unit}", flush=True)
+from lib import emit, rate
 
 def nothing():
     pass

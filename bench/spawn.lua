@@ -5,18 +5,11 @@
 local mp = require "multiprocessing"
 local core = require "multiprocessing.core"
 local spawn = require "multiprocessing.spawn"
-local clock = core.monotonic
 
-local function rate(n, f)
-  f(math.max(1, n // 10))             -- warm up (and start the fork server)
-  local t0 = clock()
-  f(n)
-  return n / (clock() - t0)
-end
-
-local function emit(case, impl, r, unit)
-  io.write(case, "\t", impl, "\t", string.format("%.1f", r), "\t", unit, "\n")
-end
+local bench = require "bench.lib"
+local emit = bench.emit
+-- warmed up first (which also starts the fork server)
+local function rate(n, f) return bench.rate(n, f, true) end
 
 local function nothing() end
 

@@ -1,16 +1,12 @@
 # Python's side of bench/spawn.lua: start+join of a process that does
 # nothing, under the spawn and forkserver start methods.
 import multiprocessing as mp
-import time
+
+from lib import emit, rate as _rate
+
 
 def rate(n, f):
-    f(max(1, n // 10))      # warm up (and start the fork server)
-    t0 = time.perf_counter()
-    f(n)
-    return n / (time.perf_counter() - t0)
-
-def emit(case, impl, r, unit):
-    print(f"{case}\t{impl}\t{r:.1f}\t{unit}", flush=True)
+    return _rate(n, f, warm=True)   # warmed up: also starts the fork server
 
 def nothing():
     pass

@@ -8,10 +8,8 @@
 local mp = require "multiprocessing"
 local clock = require("multiprocessing.core").monotonic
 
-local function emit(case, r, unit)
-  io.write(case, "\tlua-mp\t", string.format("%.1f", r), "\t", unit, "\n")
-  io.flush()
-end
+local bench_emit = require("bench.lib").emit
+local function emit(case, r, unit) bench_emit(case, "lua-mp", r, unit) end
 
 local function median3(f)
   local t = { f(), f(), f() }

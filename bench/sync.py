@@ -3,8 +3,11 @@ import multiprocessing as mp
 import time
 
 
+from lib import emit as _emit
+
+
 def emit(case, r, unit):
-    print(f"{case}\tpython\t{r:.1f}\t{unit}", flush=True)
+    _emit(case, "python", r, unit)
 
 
 def median3(f):

@@ -1,0 +1,22 @@
+-- The bench files' side of bench/run.lua's protocol (require "bench.lib",
+-- run from the top of the tree, as make bench does).
+local clock = require("multiprocessing.core").monotonic
+
+local M = {}
+
+-- One result line: case<TAB>impl<TAB>rate<TAB>unit (rate: higher is better).
+function M.emit(case, impl, r, unit)
+  io.write(case, "\t", impl, "\t", string.format("%.1f", r), "\t", unit, "\n")
+  io.flush()
+end
+
+-- Rate of f(n) doing n operations, after an unmeasured run of n/10 when
+-- warm is true (to start servers, fill caches).
+function M.rate(n, f, warm)
+  if warm then f(math.max(1, n // 10)) end
+  local t0 = clock()
+  f(n)
+  return n / (clock() - t0)
+end
+
+return M
