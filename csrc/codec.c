@@ -1084,6 +1084,15 @@ static void push_registered(dec *d, int t, const char *what) {
   lua_remove(L, -2);
 }
 
+/* The table at t gets the metatable just below it, which leaves the
+   stack; returns the table's new index. */
+static int take_mt(lua_State *L, int t) {
+  lua_pushvalue(L, t - 1);
+  lua_setmetatable(L, t);
+  lua_remove(L, t - 1);
+  return t - 1;
+}
+
 static void dec_table(dec *d, int withmt) {
   lua_State *L = d->L;
   uint64_t narr, nh, i, left;
@@ -1108,24 +1117,14 @@ static void dec_table(dec *d, int withmt) {
     for (i = 1; i <= narr; i++) dec_item(d);
     lua_call(L, (int)narr, 1);
     t = lua_gettop(L);
-    if (withmt) {
-      lua_pushvalue(L, t - 1);
-      lua_setmetatable(L, t);
-      lua_remove(L, t - 1);
-      t--;
-    }
+    if (withmt) t = take_mt(L, t);
     add_ref(d, t);
     d->depth--;
     return;
   }
   lua_createtable(L, (int)narr, (int)nh);
   t = lua_gettop(L);
-  if (withmt) {
-    lua_pushvalue(L, t - 1);
-    lua_setmetatable(L, t);
-    lua_remove(L, t - 1);
-    t--;
-  }
+  if (withmt) t = take_mt(L, t);
   add_ref(d, t);
   for (i = 1; i <= narr; i++) {
     dec_item(d);

@@ -736,17 +736,17 @@ static int pool_close(lua_State *L) {
   return 0;
 }
 
-/* pc:_child_close(): in a forked child, drop this pool's fds (its copy) */
-static int pool_child_close(lua_State *L) {
-  pcore *pc = to_pcore(L, 1);
+/* Close the fds of every slot but me's write end (me = -1: all), the
+   epoll set, the timer and the memfd: what a worker inherited. */
+static void close_others(pcore *pc, int me) {
   int i;
-  if (pc->closed) return 0;
   for (i = 0; i < pc->n; i++) {
     slot *s = &pc->s[i];
     if (s->fd >= 0) close(s->fd);
-    if (s->wfd >= 0) close(s->wfd);
-    if (s->pidfd >= 0) close(s->pidfd);  /* the parent's Process objects' */
-    s->fd = s->wfd = s->pidfd = -1;
+    if (i != me && s->wfd >= 0) close(s->wfd);
+    if (s->pidfd >= 0) close(s->pidfd);
+    s->fd = s->pidfd = -1;
+    if (i != me) s->wfd = -1;
     buf_free(&s->out);
     buf_free(&s->in);
   }
@@ -754,6 +754,13 @@ static int pool_child_close(lua_State *L) {
   if (pc->tfd >= 0) close(pc->tfd);
   if (pc->shmfd >= 0) close(pc->shmfd);
   pc->epfd = pc->tfd = pc->shmfd = -1;
+}
+
+/* pc:_child_close(): in a forked child, drop this pool's fds (its copy) */
+static int pool_child_close(lua_State *L) {
+  pcore *pc = to_pcore(L, 1);
+  if (pc->closed) return 0;
+  close_others(pc, -1);
   if (pc->shm) mp_shm_unmap(pc->shm, pc->shmsize);
   pc->shm = NULL;
   pc->closed = 1;
@@ -865,23 +872,6 @@ static int frame_send(mp_buf *b, int fd) {
   return write_all(fd, b->data, b->len);
 }
 
-static void close_others(pcore *pc, int me) {
-  int i;
-  for (i = 0; i < pc->n; i++) {
-    slot *s = &pc->s[i];
-    if (s->fd >= 0) close(s->fd);
-    if (i != me && s->wfd >= 0) close(s->wfd);
-    if (s->pidfd >= 0) close(s->pidfd);
-    s->fd = s->pidfd = -1;
-    if (i != me) s->wfd = -1;
-    buf_free(&s->out);
-    buf_free(&s->in);
-  }
-  if (pc->epfd >= 0) close(pc->epfd);
-  if (pc->tfd >= 0) close(pc->tfd);
-  if (pc->shmfd >= 0) close(pc->shmfd);
-  pc->epfd = pc->tfd = pc->shmfd = -1;
-}
 
 /* Send an INITFAIL frame with the error at idx on fd. */
 static void send_initfail(lua_State *L, int fd, int idx) {
