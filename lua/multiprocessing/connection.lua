@@ -34,7 +34,8 @@ local function classname(o)
   return type(mt) == "table" and mt.__name or nil
 end
 
--- What to poll for object o: its fd, and whether it is ready already.
+-- What to poll for object o: its fd, whether it is ready already, and for
+-- objects whose fd can wake spuriously, the method that confirms it.
 local function fd_of(o, i)
   local t = type(o)
   if t == "number" then return o end
@@ -49,7 +50,8 @@ local function fd_of(o, i)
     end
     return s
   elseif (t == "table" or t == "userdata") and o.fileno then
-    return o:fileno(), o._ready and o:_ready()
+    local confirm = o._ready
+    return o:fileno(), confirm and confirm(o), confirm
   end
   error("bad argument #1 to 'wait' (objects[" .. i .. "] is not waitable: " .. tostring(o) .. ")", 3)
 end
@@ -63,10 +65,10 @@ function exports.wait(objects, timeout)
   if timeout ~= nil and (type(timeout) ~= "number" or timeout < 0) then
     error("bad argument #2 to 'wait' (timeout must be a number >= 0)", 2)
   end
-  local fds, ready = {}, {}
+  local fds, confirms, ready = {}, {}, {}
   for i, o in ipairs(objects) do
-    local fd, now = fd_of(o, i)
-    fds[i] = fd
+    local fd, now, confirm = fd_of(o, i)
+    fds[i], confirms[i] = fd, confirm or false
     if now then ready[#ready + 1] = o end
   end
   if #ready > 0 then return ready end
@@ -76,11 +78,8 @@ function exports.wait(objects, timeout)
     if left and left < 0 then left = 0 end
     local hits = poll(fds, left)
     for _, i in ipairs(hits) do
-      local o = objects[i]
-      if type(o) == "number" or not (o._ready and classname(o) ~= "multiprocessing.Connection")
-         or o:_ready() then
-        ready[#ready + 1] = o
-      end
+      local o, confirm = objects[i], confirms[i]
+      if not confirm or confirm(o) then ready[#ready + 1] = o end
     end
     if #ready > 0 or #hits == 0 then return ready end
     if deadline and monotonic() >= deadline then return ready end
