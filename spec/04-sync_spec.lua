@@ -89,6 +89,42 @@ describe("Lock", function()
     held:close(); go:close()
   end)
 
+  it("wakes a waiter that slept past its naps when the holder releases", function()
+    local l <close> = mp.Lock()
+    local held <close> = mp.Event()
+    local p = spawn(function()
+      l:acquire()
+      held:set()
+      mp.Event():wait(0.2)   -- longer than a waiter's naps: it sleeps until woken
+      l:release()
+    end)
+    assert.is_true(held:wait(10))
+    assert.is_true(l:acquire(10))
+    l:release()
+    assert.are.equal(0, join(p))
+  end)
+
+  it("is not starved by a process taking it again in a tight loop", function()
+    local l <close> = mp.Lock()
+    local running <close> = mp.Event()
+    local stop <close> = mp.Event()
+    local p = spawn(function()
+      local acq, rel, is_set = l.acquire, l.release, stop.is_set
+      running:set()
+      while not is_set(stop) do
+        for _ = 1, 100 do acq(l); rel(l) end
+      end
+    end)
+    assert.is_true(running:wait(10))
+    local got = 0
+    for _ = 1, 20 do
+      if l:acquire(10) then got = got + 1; l:release() end
+    end
+    stop:set()
+    assert.are.equal(0, join(p))
+    assert.are.equal(20, got)
+  end)
+
   it("may be released by another process, as in Python", function()
     local l <close> = mp.Lock()
     l:acquire()
