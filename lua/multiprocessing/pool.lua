@@ -21,9 +21,10 @@
 -- side is the same under every method.
 --
 -- Pipelining: a worker holds one chunk until the function's time per item
--- is known; fast functions then get up to 64 chunks in flight per worker
--- (so chunksize 1 is cheap), slow ones 1 or 2 (so a long task never
--- queues behind another while a worker is free).
+-- is known; fast functions then get chunks worth about QUEUED_US of work
+-- in flight per worker, 4 to 64 of them (so chunksize 1 is cheap), slow
+-- ones 1 or 2 (so a long task never queues behind another while a worker
+-- is free).
 
 local core = require "multiprocessing.core"
 local errors = require "multiprocessing.errors"
@@ -45,6 +46,11 @@ local pools = setmetatable({}, { __mode = "k" })   -- live PoolCores
 local MAXFN = 256          -- cached functions before the caches are cleared
 local FAST_US = 1000       -- a chunk this quick may be deeply pipelined
 local MEDIUM_US = 100000
+-- A fast function's worker holds chunks worth about this much work (4 to
+-- 64 chunks): enough to stay busy while the parent reads results, and no
+-- more, since every queued chunk is buffer memory that must be touched
+-- (page faults measured as the larger part of a first big map's cost).
+local QUEUED_US = 200
 -- The automatic chunksize's cap: the cost of a chunk is already small next
 -- to 1024 items, and smaller chunks keep every process busy (pipelining).
 local MAX_AUTO_CHUNK = 1024
@@ -277,7 +283,10 @@ function Pool:_depth(job)
   local per = self._ewma[job.fnid]
   if not per then return job.mode == "map" and 2 or 1 end
   local est = per * job.chunksize
-  if est < FAST_US then return 64 end
+  if est < FAST_US then
+    local d = est > 0 and QUEUED_US // est or 64
+    return d > 64 and 64 or (d < 4 and 4 or d)
+  end
   if est < MEDIUM_US then return 2 end
   return 1
 end
