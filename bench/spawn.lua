@@ -8,6 +8,9 @@ local spawn = require "multiprocessing.spawn"
 
 local bench = require "bench.lib"
 local emit = bench.emit
+-- the fork server requires what this chunk requires (as bench/spawn.py has
+-- Python's preload its helper module)
+spawn.set_forkserver_preload({ "bench.lib" })
 -- warmed up first (which also starts the fork server)
 local function rate(n, f) return bench.rate(n, f, true) end
 

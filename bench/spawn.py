@@ -19,6 +19,9 @@ def start_join(ctx):
     return run
 
 if __name__ == "__main__":
+    # the fork server imports what the main module imports (as bench/spawn.lua
+    # preloads bench.lib); '__main__' is Python's default preload
+    mp.set_forkserver_preload(["__main__", "lib"])
     emit("spawn_start_join", "python", rate(40, start_join(mp.get_context("spawn"))), "ops/s")
     emit("forkserver_start_join", "python",
          rate(60, start_join(mp.get_context("forkserver"))), "ops/s")
