@@ -1,4 +1,4 @@
-/* pingpong.c: the baseline for bench/queue.lua's "pingpong" case: two
+/* pingpong.c: the baseline for bench/queues.lua's "pingpong" case: two
    processes bounce one byte through two pipes; prints round trips/s.
    usage: pingpong N */
 #include <stdio.h>

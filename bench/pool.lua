@@ -17,6 +17,9 @@ if mp.is_main() then
     p:close(); p:join()
   end
   emit("start_close_join", "lua-mp", K / (clock() - t0), "ops/s")
+  -- the floor: two children forked, told to exit and reaped, in C
+  local floor = require("bench.lib").c_rate("forkjoin", "200 2")
+  if floor then emit("start_close_join", "c-fork2", floor, "ops/s") end
 
   local N = 100000
   local xs = {}

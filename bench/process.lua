@@ -10,6 +10,9 @@ emit("fork_start_join", "lua-mp", rate(300, function(n)
     p:start(); p:join(); p:close()
   end
 end), "ops/s")
+-- the floor: fork, _exit and waitpid in C (bench/forkjoin.c)
+local floor = bench.c_rate("forkjoin", "300 1")
+if floor then emit("fork_start_join", "c-fork", floor, "ops/s") end
 
 -- An echo child: values (recv/send) or raw bytes, until "stop".
 local function with_echo(bytes, f)

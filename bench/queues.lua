@@ -1,6 +1,6 @@
 -- bench/queues.lua: Queue throughput between two processes, and a round
 -- trip through two queues against a raw C pipe ping-pong (bench/pingpong.c,
--- built into /tmp by this file). Prints <case>\t<impl>\t<value>\t<unit>.
+-- built into a temporary file by bench.lib). Prints <case>\t<impl>\t<value>\t<unit>.
 local mp = require "multiprocessing"
 local core = require "multiprocessing.core"
 local now = core.monotonic
@@ -53,14 +53,6 @@ if mp.is_main() then
   local M = 1000
   out("queue_1mib", "lua-mp", M / stream(string.rep("x", 1 << 20), M), "MiB/s")
   out("queue_pingpong", "lua-mp", pingpong(200000), "ops/s")
-  -- the C baseline, built next to this file's source
-  local src = (arg and arg[0] or "bench/queues.lua"):gsub("queues%.lua$", "pingpong.c")
-  local exe = os.tmpname()
-  if os.execute("cc -O2 -o " .. exe .. " " .. src .. " 2>/dev/null") then
-    local f = io.popen(exe .. " 200000")
-    local rate = tonumber(f:read("l"))
-    f:close()
-    if rate then out("queue_pingpong", "c-pipe", rate, "ops/s") end
-  end
-  os.remove(exe)
+  local rate = require("bench.lib").c_rate("pingpong", "200000")   -- the C baseline
+  if rate then out("queue_pingpong", "c-pipe", rate, "ops/s") end
 end

@@ -19,4 +19,18 @@ function M.rate(n, f, warm)
   return n / (clock() - t0)
 end
 
+-- Build the C program bench/<name>.c and run it with args; returns the
+-- number it prints (nil when no C compiler is there).
+function M.c_rate(name, args)
+  local exe = os.tmpname()
+  local rate
+  if os.execute("cc -O2 -o " .. exe .. " bench/" .. name .. ".c 2>/dev/null") then
+    local f = io.popen(exe .. " " .. args)
+    rate = tonumber(f:read("l"))
+    f:close()
+  end
+  os.remove(exe)
+  return rate
+end
+
 return M
