@@ -6,6 +6,15 @@ local mp = require "multiprocessing"
 
 local spawn, join = H.start, H.finish   -- a child running fn(...); join, kill, close
 
+-- A child that takes lock l, says so, then runs rest(); returned once it
+-- holds the lock.
+local function holder(l, rest)
+  local held <close> = mp.Event()
+  local p = spawn(function() l:acquire() held:set() rest() end)
+  assert.is_true(held:wait(10))
+  return p
+end
+
 describe("Lock", function()
   H.leakcheck()
 
@@ -72,33 +81,20 @@ describe("Lock", function()
 
   it("excludes another process, which waits for the release", function()
     local l <close> = mp.Lock()
-    local held, go = mp.Event(), mp.Event()
-    local p = spawn(function()
-      l:acquire()
-      held:set()
-      go:wait(10)
-      l:release()
-    end)
-    assert.is_true(held:wait(10))
+    local go <close> = mp.Event()
+    local p = holder(l, function() go:wait(10) l:release() end)
     assert.is_false(l:acquire(0))
     assert.is_false(l:acquire(0.05))
     go:set()
     assert.is_true(l:acquire(10))
     l:release()
     assert.are.equal(0, join(p))
-    held:close(); go:close()
   end)
 
   it("wakes a waiter that slept past its naps when the holder releases", function()
     local l <close> = mp.Lock()
-    local held <close> = mp.Event()
-    local p = spawn(function()
-      l:acquire()
-      held:set()
-      mp.Event():wait(0.2)   -- longer than a waiter's naps: it sleeps until woken
-      l:release()
-    end)
-    assert.is_true(held:wait(10))
+    -- held longer than a waiter's naps: the waiter sleeps until woken
+    local p = holder(l, function() mp.Event():wait(0.2) l:release() end)
     assert.is_true(l:acquire(10))
     l:release()
     assert.are.equal(0, join(p))
@@ -135,21 +131,15 @@ describe("Lock", function()
 
   it("is recovered with 'abandoned' when its holder is killed", function()
     local l <close> = mp.Lock()
-    local held <close> = mp.Event()
-    local holder = spawn(function()
-      l:acquire()
-      held:set()
-      mp.Event():wait(30)
-    end)
-    assert.is_true(held:wait(10))
+    local h = holder(l, function() mp.Event():wait(30) end)
     -- a second process already waiting when the holder dies
     local waiter = spawn(function()
       local ok, why = l:acquire(15)
       if ok and why == "abandoned" then l:release() return 7 end
       return 3
     end)
-    holder:kill()
-    assert.are.equal(-9, join(holder))
+    h:kill()
+    assert.are.equal(-9, join(h))
     assert.are.equal(7, join(waiter))
     assert.is_false(l:locked())
   end)
@@ -172,9 +162,7 @@ describe("Lock", function()
 
   it("is recovered even while its dead holder is an unreaped zombie", function()
     local l <close> = mp.Lock()
-    local held <close> = mp.Event()
-    local p = spawn(function() l:acquire() held:set() mp.Event():wait(30) end)
-    assert.is_true(held:wait(10))
+    local p = holder(l, function() mp.Event():wait(30) end)
     p:kill()
     -- not joined yet: the child is a zombie
     local ok, why = l:acquire(10)
