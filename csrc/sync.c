@@ -108,6 +108,9 @@ typedef struct mp_syncmem {
   uint32_t maxvalue;   /* BoundedSemaphore bound, Barrier parties */
   uint32_t waiters;    /* Condition: waiters not yet notified */
   uint32_t tokens;     /* Condition: notifications not yet taken */
+  uint32_t tgen;       /* Condition: the generation (value) of the latest
+                          notify that gave tokens; only a waiter that came
+                          before it may take one */
   uint32_t bstate;     /* Barrier: B_* */
   uint32_t bcount;     /* Barrier: arrived in this generation */
   uint8_t outcome[8];  /* Barrier: 1 if generation g%8 ended broken */
@@ -620,8 +623,15 @@ static int cond_release(lua_State *L) {
   return 0;
 }
 
-static int try_token(mp_syncmem *m) {
-  uint32_t t = LOAD(&m->tokens);
+/* Take a notification, if one is there for a waiter that came at
+   generation g0. A waiter that came after the latest notify may not take
+   its tokens: they are for the waiters it counted, and a process that
+   notifies, releases and waits again would otherwise take back its own
+   notification while the waiter it was meant for sleeps on. */
+static int try_token(mp_syncmem *m, uint32_t g0) {
+  uint32_t t;
+  if ((int32_t)(LOAD(&m->tgen) - g0) <= 0) return 0;
+  t = LOAD(&m->tokens);
   while (t > 0)
     if (CAS(&m->tokens, &t, t - 1)) return 1;
   return 0;
@@ -635,23 +645,24 @@ static int cond_wait(lua_State *L) {
   double deadline = opt_deadline(L, 2);
   mp_sync *lk = cond_lock(L, 1);
   mp_syncmem *m = c->m, *lm = lk->m;
-  uint32_t level, seq;
+  uint32_t level, seq, g0;
   int notified = 0, r;
   if (LOAD(&lm->lock) != my_ident())
     return luaL_error(L, "cannot wait on un-acquired lock");
   level = lk->kind == K_RLOCK ? lm->count : 1;
   ilock(m);
   m->waiters++;
+  g0 = LOAD(&m->value);
   iunlock(m);
   /* release fully */
   if (lk->kind == K_RLOCK) lm->count = 0;
   word_release(lm);
   for (;;) {
     seq = LOAD(&m->value);
-    if (try_token(m)) { notified = 1; break; }
+    if (try_token(m, g0)) { notified = 1; break; }
     if (deadline >= 0 && mp_now() >= deadline) break;
     if (value_wait(m, &m->value, seq, deadline) == ETIMEDOUT) {
-      if (try_token(m)) notified = 1;
+      if (try_token(m, g0)) notified = 1;
       break;
     }
   }
@@ -660,7 +671,7 @@ static int cond_wait(lua_State *L) {
   if (lk->kind == K_RLOCK) lm->count = level;
   if (!notified) {
     ilock(m);
-    if (try_token(m)) notified = 1;
+    if (try_token(m, g0)) notified = 1;
     else if (m->waiters > 0) m->waiters--;
     iunlock(m);
   }
@@ -686,7 +697,7 @@ static void cond_notify_n(lua_State *L, lua_Integer n) {
   if (n >= 0 && (lua_Integer)k > n) k = (uint32_t)n;
   m->waiters -= k;
   m->tokens += k;
-  if (k > 0) ADD(&m->value, 1);
+  if (k > 0) STORE(&m->tgen, ADD(&m->value, 1));
   iunlock(m);
   if (k > 0) value_wake(m, &m->value, k >= INT32_MAX ? INT32_MAX : (int)k);
 }

@@ -428,6 +428,30 @@ describe("Condition", function()
     assert.is_false(c:wait(0.05))
     c:release()
   end)
+
+  it("keeps a notification for its waiter when the notifier waits again at once", function()
+    -- two processes take turns: each sets the turn to the other, notifies,
+    -- releases, and waits for its turn again; a wait that times out means
+    -- a notification went to the wrong process
+    local c <close> = mp.Condition()
+    local turn <close> = mp.RawValue("int32", 1)
+    local function play(me, other)
+      for _ = 1, 200 do
+        c:acquire()
+        while turn.value ~= me do
+          if not c:wait(5) then c:release() return false end
+        end
+        turn.value = other
+        c:notify()
+        c:release()
+      end
+      return true
+    end
+    local p = spawn(function() return play(2, 1) and 0 or 3 end)
+    local ok = play(1, 2)
+    assert.are.equal(0, join(p))
+    assert.is_true(ok)
+  end)
 end)
 
 describe("Event", function()
