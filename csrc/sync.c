@@ -19,7 +19,7 @@
  * one CAS and returns true, "abandoned". A try (timeout 0) checks at once.
  *
  * The naps are for throughput. Two processes trading a lock in a tight
- * loop (4 locked increments of a Value by each) otherwise hand it over on
+ * loop (locked increments of one Value, say) otherwise hand it over on
  * nearly every turn: each hand-over moves the cache line and, once the
  * loser sleeps, costs the winner a wake-up system call per release, and the
  * loser's futex wait mostly fails at once because the lock changed while it
@@ -34,8 +34,8 @@
  * Release wakes one futex sleeper only when the sleeper count says there
  * is one (a Dekker pair of sequentially consistent operations, so no
  * wake-up is lost), and only when no wake is already in flight (woken).
- * lost). As in Python, a Lock may be released by any process; an RLock
- * only by its owner.
+ * As in Python, a Lock may be released by any process; an RLock only by
+ * its owner.
  *
  * A Semaphore is one counter changed by compare-and-swap. Condition and
  * Barrier keep their counters in the segment under an internal lock of the
