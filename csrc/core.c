@@ -8,7 +8,9 @@
 #include "mp.h"
 
 #include <errno.h>
+#include <signal.h>
 #include <stdarg.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
@@ -127,6 +129,75 @@ MP_API int mp_getpid(void) {
 }
 MP_API void mp_setpid(int pid);
 MP_API void mp_setpid(int pid) { cached_pid = pid; }
+
+/* ---- process identity: pid plus start time -------------------------- */
+
+/* Read state and start time (clock ticks since boot) from a /proc stat
+   file. Returns 0 on success, else an errno. */
+static int read_stat(const char *path, char *state, uint64_t *start) {
+  char buf[1024], *p;
+  FILE *f;
+  size_t n;
+  int field;
+  f = fopen(path, "re");
+  if (f == NULL) return errno ? errno : ENOENT;
+  n = fread(buf, 1, sizeof buf - 1, f);
+  fclose(f);
+  buf[n] = '\0';
+  p = strrchr(buf, ')');                 /* the name may hold spaces */
+  if (p == NULL) return EINVAL;
+  p++;
+  /* field 3 is the state, field 22 the start time */
+  for (field = 3; field <= 22; field++) {
+    while (*p == ' ') p++;
+    if (*p == '\0') return EINVAL;
+    if (field == 3) *state = *p;
+    if (field == 22) {
+      *start = strtoull(p, NULL, 10);
+      return 0;
+    }
+    while (*p && *p != ' ') p++;
+  }
+  return EINVAL;
+}
+
+static int proc_stat(int pid, char *state, uint64_t *start) {
+  char path[64];
+  snprintf(path, sizeof path, "/proc/%d/stat", pid);
+  return read_stat(path, state, start);
+}
+
+static int tag_pid;
+static uint32_t tag_value;
+static int proc_ok;     /* /proc shows our pid namespace: its data is usable */
+
+MP_API uint32_t mp_start_tag(void) {
+  int pid = mp_getpid();
+  if (pid != tag_pid) {
+    char st;
+    uint64_t self = 0, mine = 1;
+    proc_ok = read_stat("/proc/self/stat", &st, &self) == 0 &&
+              proc_stat(pid, &st, &mine) == 0 && self == mine;
+    tag_value = proc_ok ? (uint32_t)self : 0;
+    tag_pid = pid;
+  }
+  return tag_value;
+}
+
+MP_API int mp_process_gone(int pid, uint32_t tag, uint32_t mask) {
+  char st = '?';
+  uint64_t start = 0;
+  int e;
+  if (pid <= 0) return 0;
+  if (kill(pid, 0) != 0 && errno == ESRCH) return 1;
+  mp_start_tag();                        /* sets proc_ok */
+  if (!proc_ok) return 0;                /* trust kill() alone */
+  e = proc_stat(pid, &st, &start);
+  if (e == ENOENT) return 1;
+  if (e != 0) return 0;
+  if (st == 'Z' || st == 'X') return 1;
+  return (tag & mask) != 0 && (tag & mask) != ((uint32_t)start & mask);
+}
 
 /* core.monotonic() -> seconds on CLOCK_MONOTONIC */
 static int core_monotonic(lua_State *L) {

@@ -80,6 +80,14 @@ MP_API double mp_deadline(double timeout);
 MP_API void mp_fdlist_close(mp_fdlist *l);
 /* Pid of this process, refreshed after fork (cheap). */
 MP_API int mp_getpid(void);
+/* This process's start time (clock ticks since boot, low 32 bits), read
+   once per process from /proc; 0 when /proc cannot be trusted (missing, or
+   mounted from another pid namespace). With the pid it names a process
+   even after the pid is reused. */
+MP_API uint32_t mp_start_tag(void);
+/* Is process pid gone: no such process, a zombie, or (tag & mask nonzero)
+   a process whose start time & mask differs, i.e. the pid was reused? */
+MP_API int mp_process_gone(int pid, uint32_t tag, uint32_t mask);
 
 /* -- shm.c ---------------------------------------------------------- */
 /* Create a memfd segment of size bytes (zero-filled), mapped shared; its fd

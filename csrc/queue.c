@@ -17,9 +17,10 @@
  * helper thread, raw bytes only; see below), so that the ring stays small
  * and its pages stay mapped and cached.
  *
- * The lock is a futex word holding the owner's pid. A waiter that sleeps
- * too long checks whether the owner is still alive (kill(pid, 0), zombie
- * check in /proc) and takes the lock over if it died. Each change of the
+ * The lock is a futex word holding the owner's pid and a tag of its start
+ * time. A waiter that sleeps too long checks whether the owner is still
+ * alive (kill(pid, 0), zombie check and start time in /proc) and takes the
+ * lock over if it died. Each change of the
  * ring's state is committed through a journal (copy the new state, mark
  * it valid, apply it, clear the mark) and every locker replays a valid
  * journal first, so a process killed at any point leaves either the old
@@ -99,7 +100,7 @@ typedef struct qstate {
 } qstate;
 
 typedef struct qshm {
-  uint32_t lock;        /* 0, or owner pid | LOCK_WAITERS */
+  uint32_t lock;        /* 0, or owner_id() | LOCK_WAITERS */
   uint32_t jvalid;      /* the journal holds a state to apply */
   uint32_t magic, kind;
   uint64_t maxsize;     /* 0: unbounded */
@@ -154,22 +155,21 @@ static void feeder_finish(mp_queue *q, int mode);
 
 /* ---- lock and journal --------------------------------------------- */
 
-/* Is pid gone (or a zombie that will never release anything)? */
-static int pid_dead(uint32_t pid) {
-  char path[64], buf[512], *p;
-  ssize_t n;
-  int fd;
-  if (pid == 0) return 0;
-  if (kill((pid_t)pid, 0) != 0 && errno == ESRCH) return 1;
-  snprintf(path, sizeof path, "/proc/%u/stat", (unsigned)pid);
-  fd = open(path, O_RDONLY | O_CLOEXEC);
-  if (fd < 0) return errno == ENOENT;
-  n = read(fd, buf, sizeof buf - 1);
-  close(fd);
-  if (n <= 0) return 0;
-  buf[n] = '\0';
-  p = strrchr(buf, ')');
-  return p != NULL && p[1] == ' ' && (p[2] == 'Z' || p[2] == 'X');
+/* The lock's owner word: pid (22 bits, Linux's largest pid_max) and the
+   low 9 bits of the owner's start time, so that a reused pid is seldom
+   taken for a live owner. */
+#define OWNER_PID   0x003fffffu
+#define OWNER_SHIFT 22
+#define OWNER_TAG   0x1ffu
+
+static uint32_t owner_id(void) {
+  return ((uint32_t)mp_getpid() & OWNER_PID) |
+         ((mp_start_tag() & OWNER_TAG) << OWNER_SHIFT);
+}
+
+static int owner_dead(uint32_t w) {
+  return mp_process_gone((int)(w & OWNER_PID), (w >> OWNER_SHIFT) & OWNER_TAG,
+                         OWNER_TAG);
 }
 
 static void q_replay(qshm *s) {
@@ -180,7 +180,7 @@ static void q_replay(qshm *s) {
 }
 
 static void q_lock(qshm *s) {
-  uint32_t me = (uint32_t)mp_getpid(), v = 0;
+  uint32_t me = owner_id(), v = 0;
   int i;
   if (__atomic_compare_exchange_n(&s->lock, &v, me, 0, __ATOMIC_ACQUIRE,
                                   __ATOMIC_RELAXED))
@@ -210,7 +210,7 @@ static void q_lock(qshm *s) {
       v = w;
     }
     if (mp_futex_wait(&s->lock, v, mp_now() + 0.02) == ETIMEDOUT &&
-        (v & ~LOCK_WAITERS) != me && pid_dead(v & ~LOCK_WAITERS) &&
+        (v & ~LOCK_WAITERS) != me && owner_dead(v & ~LOCK_WAITERS) &&
         __atomic_compare_exchange_n(&s->lock, &v, me | LOCK_WAITERS, 0,
                                     __ATOMIC_ACQUIRE, __ATOMIC_RELAXED))
       goto locked;                        /* the owner died holding it */
@@ -357,7 +357,7 @@ static void q_wake(qshm *s, uint32_t *seq, int n) {
   if ((ADD(&s->misses, 1) & 63) != 63) return;
   for (i = 0; i < NSLEEPERS; i++) {
     uint32_t v = LOAD(&s->sleeper[i]);
-    if (v != 0 && (v >> 30) <= W_FEED && pid_dead(v & 0x3fffffffu)) {
+    if (v != 0 && (v >> 30) <= W_FEED && mp_process_gone((int)(v & 0x3fffffffu), 0, 0)) {
       __atomic_fetch_and(&s->sleeping[v >> 30], ~((uint64_t)1 << i),
                          __ATOMIC_SEQ_CST);
       __atomic_compare_exchange_n(&s->sleeper[i], &v, 0, 0,
@@ -1305,10 +1305,19 @@ static int queue_test_crash(lua_State *L) {
   return 0;
 }
 
-/* core.queue_test_lock(q): take the queue's lock and keep it (specs only:
-   the caller is a child about to be killed) */
+/* core.queue_test_lock(q [, "reused"]): take the queue's lock and keep it
+   (specs only: the caller is a child about to be killed). With "reused",
+   the lock then names the caller's pid with another start time: an owner
+   that died and whose pid this live process got. */
 static int queue_test_lock(lua_State *L) {
-  q_lock(check_queue(L, 1)->shm);
+  qshm *s = check_queue(L, 1)->shm;
+  q_lock(s);
+  if (lua_isstring(L, 2)) {
+    uint32_t me = owner_id(), tag = (me >> OWNER_SHIFT) & OWNER_TAG;
+    tag = tag == 5 ? 6 : 5;                       /* not ours, not 0 */
+    __atomic_store_n(&s->lock, (me & OWNER_PID) | (tag << OWNER_SHIFT),
+                     __ATOMIC_SEQ_CST);
+  }
   return 0;
 }
 

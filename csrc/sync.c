@@ -153,56 +153,16 @@ static int may_spin(void) {
 
 /* ---- process identity ----------------------------------------------- */
 
-/* Read state and start time (clock ticks since boot) from a /proc stat
-   file. Returns 0 on success, else an errno. */
-static int read_stat(const char *path, char *state, uint64_t *start) {
-  char buf[1024], *p;
-  FILE *f;
-  size_t n;
-  int field;
-  f = fopen(path, "re");
-  if (f == NULL) return errno ? errno : ENOENT;
-  n = fread(buf, 1, sizeof buf - 1, f);
-  fclose(f);
-  buf[n] = '\0';
-  p = strrchr(buf, ')');                 /* the name may hold spaces */
-  if (p == NULL) return EINVAL;
-  p++;
-  /* field 3 is the state, field 22 the start time */
-  for (field = 3; field <= 22; field++) {
-    while (*p == ' ') p++;
-    if (*p == '\0') return EINVAL;
-    if (field == 3) *state = *p;
-    if (field == 22) {
-      *start = strtoull(p, NULL, 10);
-      return 0;
-    }
-    while (*p && *p != ' ') p++;
-  }
-  return EINVAL;
-}
-
-static int proc_stat(int pid, char *state, uint64_t *start) {
-  char path[64];
-  snprintf(path, sizeof path, "/proc/%d/stat", pid);
-  return read_stat(path, state, start);
-}
-
 static int ident_pid;
 static uint64_t ident_word;
-static int proc_ok;     /* /proc shows our pid namespace: its data is usable */
 
 /* This process's lock word: pid | start-time tag << 32 (tag 0 when /proc
-   cannot be trusted: missing, or mounted from another pid namespace). */
+   cannot be trusted). */
 static inline uint64_t my_ident(void) {
   int pid = mp_getpid();
   if (__builtin_expect(pid != ident_pid, 0)) {
-    char st;
-    uint64_t self = 0, mine = 1;
-    proc_ok = read_stat("/proc/self/stat", &st, &self) == 0 &&
-              proc_stat(pid, &st, &mine) == 0 && self == mine;
     ident_word = (uint64_t)((uint32_t)pid & PIDMASK) |
-                 ((uint64_t)(uint32_t)(proc_ok ? self : 0) << 32);
+                 ((uint64_t)mp_start_tag() << 32);
     ident_pid = pid;
   }
   return ident_word;
@@ -211,20 +171,9 @@ static inline uint64_t my_ident(void) {
 /* Is the process named by lock word w gone? */
 static int holder_dead(uint64_t w) {
   int pid = (int)(w & PIDMASK);
-  uint32_t tag = (uint32_t)(w >> 32);
-  uint64_t me = my_ident();
-  char st = '?';
-  uint64_t start = 0;
-  int e;
   if (w == 0) return 0;
-  if (pid == mp_getpid()) return w != me;
-  if (kill(pid, 0) != 0 && errno == ESRCH) return 1;
-  if (!proc_ok) return 0;               /* trust kill() alone */
-  e = proc_stat(pid, &st, &start);
-  if (e == ENOENT) return 1;
-  if (e != 0) return 0;
-  if (st == 'Z' || st == 'X') return 1;
-  return tag != 0 && tag != (uint32_t)start;
+  if (pid == mp_getpid()) return w != my_ident();
+  return mp_process_gone(pid, (uint32_t)(w >> 32), 0xffffffffu);
 }
 
 /* ---- the lock word -------------------------------------------------- */

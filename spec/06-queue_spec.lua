@@ -466,6 +466,23 @@ describe("Queue across processes", function()
     assert.are.equal("after", q:get(10))
   end)
 
+  it("takes the lock over when its owner's pid now names another process", function()
+    local q <close> = mp.Queue()
+    core.queue_test_lock(q, "reused")        -- our pid, another start time
+    local p = spawn(function(qq) return qq:put("x", 10) and 0 or 3 end, q)
+    assert.are.equal(0, p:join(10))
+    assert.are.equal("x", q:get(10))
+  end)
+
+  it("never takes the lock from a live owner", function()
+    local q <close> = mp.Queue()
+    core.queue_test_lock(q)                  -- held by this live process
+    local p = spawn(function(qq) qq:put("x", 10) end, q)
+    assert.is_nil(p:join(0.5))               -- still waiting for the lock
+    p:kill()
+    assert.are.equal(-9, p:join(10))
+  end)
+
   it("never shows a half-written item of a producer killed mid-put", function()
     local q <close> = mp.Queue()
     q:put(1)
