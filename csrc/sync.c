@@ -1034,10 +1034,22 @@ MP_API int mp_sync_claim_slot(lua_State *L, int idx, int code) {
   return fd;
 }
 
+/* core.sync_test_reused(lock): make the lock held by this process's pid
+   with another start time: an owner that died and whose pid this live
+   process got (specs only). */
+static int sync_test_reused(lua_State *L) {
+  mp_sync *s = check_sync(L, 1, M_LOCKS);
+  uint64_t me = my_ident();
+  uint32_t tag = (uint32_t)(me >> 32);
+  STORE(&s->m->lock, (me & PIDMASK) | ((uint64_t)(tag == 5 ? 6 : 5) << 32));
+  return 0;
+}
+
 MP_API void mp_sync_open(lua_State *L) {
   static const luaL_Reg funcs[] = {
     {"sync_new", sync_new_l},
     {"sync_from_fd", sync_from_fd},
+    {"sync_test_reused", sync_test_reused},
     {NULL, NULL}
   };
   open_class(L, K_LOCK, lock_methods);

@@ -160,6 +160,24 @@ describe("Lock", function()
     l:release()
   end)
 
+  it("is recovered when its dead holder's pid now names another process", function()
+    local l <close> = mp.Lock()
+    require("multiprocessing.core").sync_test_reused(l)   -- our pid, another start time
+    local p = spawn(function()
+      local ok, why = l:acquire(10)
+      return ok and why == "abandoned" and 0 or 3
+    end)
+    assert.are.equal(0, join(p))
+  end)
+
+  it("is never taken from a live holder", function()
+    local l <close> = mp.Lock()
+    l:acquire()
+    local p = spawn(function() return l:acquire(0.3) and 3 or 0 end)
+    assert.are.equal(0, join(p))
+    l:release()
+  end)
+
   it("is recovered even while its dead holder is an unreaped zombie", function()
     local l <close> = mp.Lock()
     local p = holder(l, function() mp.Event():wait(30) end)
