@@ -44,6 +44,12 @@ typedef struct mp_conn {
   mp_fdlist rfds;      /* fds received, not yet claimed by a message */
   int decode_flags;    /* MP_DECODE_NOFUNCS until the peer is trusted */
   int unixsock;        /* can carry fds */
+  /* a message whose header was read but whose payload did not all come
+     before a recv's timeout: kept here, the next recv goes on with it */
+  char *pbuf;          /* its payload so far (malloc'd, plen bytes) */
+  size_t plen, pgot;
+  uint32_t pkind;
+  mp_fdlist pfds;      /* the fds that came with it */
 } mp_conn;
 
 static mp_conn *to_conn(lua_State *L, int i) {
@@ -56,6 +62,14 @@ static mp_conn *check_conn(lua_State *L, int i) {
   return c;
 }
 
+/* Forget a half-received message. */
+static void drop_partial(mp_conn *c) {
+  free(c->pbuf);
+  c->pbuf = NULL;
+  c->plen = c->pgot = 0;
+  mp_fdlist_close(&c->pfds);
+}
+
 static void conn_release(mp_conn *c) {
   if (c->fd >= 0) close(c->fd);
   c->fd = -1;
@@ -63,6 +77,7 @@ static void conn_release(mp_conn *c) {
   c->rbuf = NULL;
   c->rpos = c->rlen = 0;
   mp_fdlist_close(&c->rfds);
+  drop_partial(c);
 }
 
 /* Push a closed connection with its send buffer as user value. */
@@ -330,6 +345,61 @@ static int wait_readable(mp_conn *c, int ms) {
   return r;
 }
 
+/* Wait up to the deadline for the socket to be readable: 1 yes, -2 the
+   deadline passed, -1 error. */
+static int wait_more(mp_conn *c, double deadline) {
+  struct pollfd pfd;
+  int r;
+  pfd.fd = c->fd;
+  pfd.events = POLLIN;
+  do r = poll(&pfd, 1, mp_remaining_ms(deadline));
+  while (r < 0 && errno == EINTR);
+  return r < 0 ? -1 : r == 0 ? -2 : 1;
+}
+
+/* fill() within a deadline (-1: blocking): 1 ok, 0 end of stream first,
+   -1 error, -2 the deadline passed (what came stays buffered). */
+static int fill_timed(mp_conn *c, size_t n, double deadline) {
+  if (deadline < 0 || c->rlen - c->rpos >= n) return fill(c, n);
+  if (c->rpos > 0) {
+    memmove(c->rbuf, c->rbuf + c->rpos, c->rlen - c->rpos);
+    c->rlen -= c->rpos;
+    c->rpos = 0;
+  }
+  while (c->rlen < n) {
+    ssize_t r = rawread(c, c->rbuf + c->rlen, RBUF_SIZE - c->rlen, MSG_DONTWAIT);
+    if (r > 0) {
+      c->rlen += (size_t)r;
+      continue;
+    }
+    if (r == 0) return 0;
+    if (errno != EAGAIN && errno != EWOULDBLOCK) return -1;
+    if ((r = wait_more(c, deadline)) != 1) return (int)r;
+  }
+  return 1;
+}
+
+/* Go on reading the half-received message until it is whole or the
+   deadline passes: 1 whole, 0 end of stream, -1 error, -2 deadline. */
+static int read_partial(mp_conn *c, double deadline) {
+  size_t have = c->rlen - c->rpos;
+  if (have > c->plen - c->pgot) have = c->plen - c->pgot;
+  memcpy(c->pbuf + c->pgot, c->rbuf + c->rpos, have);
+  c->rpos += have;
+  c->pgot += have;
+  while (c->pgot < c->plen) {
+    ssize_t r = rawread(c, c->pbuf + c->pgot, c->plen - c->pgot, MSG_DONTWAIT);
+    if (r > 0) {
+      c->pgot += (size_t)r;
+      continue;
+    }
+    if (r == 0) return 0;
+    if (errno != EAGAIN && errno != EWOULDBLOCK) return -1;
+    if ((r = wait_more(c, deadline)) != 1) return (int)r;
+  }
+  return 1;
+}
+
 static mp_conn *check_readable(lua_State *L) {
   mp_conn *c = check_conn(L, 1);
   if (!c->readable) luaL_error(L, "connection is write-only");
@@ -354,18 +424,61 @@ static void claim_fds(lua_State *L, mp_conn *c, uint32_t n, mp_fdlist *out) {
   c->rfds.n -= (int)n;
 }
 
+/* Push the half-received message, now whole, as recv_message would. */
+static int push_partial(lua_State *L, mp_conn *c, int as_value) {
+  mp_buf *b;
+  mp_fdlist fds = c->pfds;
+  c->pfds.n = 0;
+  if (!as_value || c->pkind == KIND_BYTES) {
+    mp_fdlist_close(&fds);
+    lua_pushlstring(L, c->pbuf, c->plen);
+    drop_partial(c);
+    return 1;
+  }
+  b = mp_buf_push(L, 0);                  /* owns the payload from here */
+  b->data = c->pbuf;
+  b->len = b->cap = c->plen;
+  c->pbuf = NULL;
+  c->plen = c->pgot = 0;
+  mp_decode(L, b->data, b->len, &fds, c->decode_flags);
+  lua_remove(L, -2);                      /* the buffer */
+  return 1;
+}
+
+/* Read the rest of the half-received message within the deadline and
+   push it, or push nil, "timeout" and keep it. */
+static int finish_partial(lua_State *L, mp_conn *c, int as_value, double deadline) {
+  int r = read_partial(c, deadline);
+  if (r == -2) return ret_reason(L, "timeout");
+  if (r <= 0) {
+    int e = errno;
+    drop_partial(c);
+    if (r == 0) return luaL_error(L, "connection closed in the middle of a message");
+    errno = e;
+    return luaL_fileresult(L, 0, "recv");
+  }
+  return push_partial(L, c, as_value);
+}
+
 /* Receive one message: pushes the payload as a string (as_value 0) or its
-   decoded value (as_value 1); returns the number of results. */
+   decoded value (as_value 1); returns the number of results. With a
+   timeout, the whole message must come in time: a message cut by the
+   timeout is kept (header and fds included) and the next recv goes on
+   with it, so nothing is lost and a stalled peer cannot hold a recv past
+   its timeout. */
 static int recv_message(lua_State *L, int as_value, uint64_t maxlen) {
   mp_conn *c = check_readable(L);
   double deadline = mp_deadline(mp_opttimeout(L, 2));
   uint64_t len;
   uint32_t nfds, kind;
   mp_fdlist fds;
-  int r = wait_readable(c, mp_remaining_ms(deadline));
+  int r;
+  if (c->pbuf != NULL) return finish_partial(L, c, as_value, deadline);
+  r = wait_readable(c, mp_remaining_ms(deadline));
   if (r < 0) return luaL_fileresult(L, 0, "poll");
   if (r == 0) return ret_reason(L, "timeout");
-  r = fill(c, HDR_SIZE);
+  r = fill_timed(c, HDR_SIZE, deadline);
+  if (r == -2) return ret_reason(L, "timeout");
   if (r == 0) {
     if (c->rlen > c->rpos) return luaL_error(L, "connection closed in the middle of a message");
     return ret_reason(L, "closed");
@@ -383,6 +496,21 @@ static int recv_message(lua_State *L, int as_value, uint64_t maxlen) {
   }
   c->rpos += HDR_SIZE;
   claim_fds(L, c, nfds, &fds);
+  if (deadline >= 0 && c->rlen - c->rpos < len) {
+    /* not all here yet, and a timeout to keep: assemble it aside */
+    c->pbuf = (char *)malloc(len > 0 ? (size_t)len : 1);
+    if (c->pbuf == NULL) {
+      mp_fdlist_close(&fds);
+      conn_release(c);     /* its payload cannot be skipped either */
+      return luaL_error(L, "not enough memory for a message of %I bytes",
+                        (lua_Integer)len);
+    }
+    c->plen = (size_t)len;
+    c->pgot = 0;
+    c->pkind = kind;
+    c->pfds = fds;
+    return finish_partial(L, c, as_value, deadline);
+  }
   if (!as_value || kind == KIND_BYTES) {
     /* bytes: straight into a Lua string buffer */
     luaL_Buffer B;
@@ -491,7 +619,7 @@ static int conn__index(lua_State *L) {
    (for the codec: the receiver rebuilds a connection on its copy of fd) */
 static int conn__reduce(lua_State *L) {
   mp_conn *c = check_conn(L, 1);
-  if (c->rlen > c->rpos)
+  if (c->rlen > c->rpos || c->pbuf != NULL)
     return mp_raise(L, "SerializationError",
                     "cannot send a connection with unread buffered data");
   lua_pushliteral(L, "Connection");

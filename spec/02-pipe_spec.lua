@@ -179,6 +179,33 @@ describe("Connection", function()
     a:close(); b:close()
   end)
 
+  it("keeps a message cut by a recv's timeout, and the next recv gets it whole", function()
+    local core = require "multiprocessing.core"
+    local SIGSTOP, SIGCONT = 19, 18
+    local a, b = mp.Pipe()
+    local n = 8 << 20                        -- far more than a socket holds
+    local p = mp.Process{ target = function(c)
+      c:send_bytes(string.rep("x", n))
+      c:send({ "after", 1 })
+    end, args = { b } }
+    p:start()
+    b:close()
+    assert.is_true(a:poll(10))               -- the message has begun
+    core.kill(p.pid, SIGSTOP)                -- the sender stalls in its middle
+    assert.are.same({ nil, "timeout" }, { a:recv_bytes(0.2) })
+    assert.are.same({ nil, "timeout" }, { a:recv(0) })   -- still cut
+    local x, y = mp.Pipe()
+    assert.has_error(function() x:send(a) end)   -- it holds unread data
+    x:close(); y:close()
+    core.kill(p.pid, SIGCONT)
+    local s = a:recv_bytes(20)
+    assert.are.equal(n, #s)
+    assert.is_nil(s:find("[^x]"))
+    assert.are.same({ "after", 1 }, a:recv(10))
+    assert.are.equal(0, p:join(10))
+    a:close()
+  end)
+
   it("passes a value message to recv_bytes as its encoding and bytes to recv as a string", function()
     local a, b = mp.Pipe()
     a:send_bytes("raw")
