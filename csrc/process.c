@@ -119,7 +119,13 @@ static int reap(mp_process *p, int block) {
   return 0;
 }
 
+static int no_pidfd;     /* specs: act as a kernel without pidfd_open */
+
 static int pidfd_open_(int pid) {
+  if (no_pidfd) {
+    errno = ENOSYS;
+    return -1;
+  }
 #ifdef SYS_pidfd_open
   return (int)syscall(SYS_pidfd_open, pid, 0);
 #else
@@ -377,6 +383,13 @@ static int core_kill(lua_State *L) {
   if (kill(pid, sig) != 0) return luaL_fileresult(L, 0, "kill");
   lua_pushboolean(L, 1);
   return 1;
+}
+
+/* core._test_no_pidfd(on): processes started from now on get no pidfd, as
+   under a kernel older than 5.3 or valgrind (specs only) */
+static int core__test_no_pidfd(lua_State *L) {
+  no_pidfd = lua_toboolean(L, 1);
+  return 0;
 }
 
 /* ---- FdBox: one fd as a handle ------------------------------------ */
@@ -673,6 +686,7 @@ MP_API void mp_process_open(lua_State *L) {
     {"_pipe", core__pipe},
     {"_dup", core__dup},
     {"_status_write", core__status_write},
+    {"_test_no_pidfd", core__test_no_pidfd},
     {"_child_init", core__child_init},
     {"_sigint", core__sigint},
     {"getcwd", core_getcwd},

@@ -302,6 +302,24 @@ describe("mp.wait", function()
     a:close(); b:close(); c:close(); d:close()
   end)
 
+  it("waits for a process that has no pidfd (old kernels, valgrind)", function()
+    local core = require "multiprocessing.core"
+    core._test_no_pidfd(true)
+    local go <close> = mp.Event()
+    local ok, p = pcall(function()
+      local q = mp.Process{ target = function() go:wait(10) end }
+      q:start()
+      return q
+    end)
+    core._test_no_pidfd(false)
+    assert.is_true(ok, p)
+    assert.is_nil(p.sentinel)
+    assert.are.same({}, mp.wait({ p }, 0.1))     -- still running
+    go:set()
+    assert.are.same({ p }, mp.wait({ p }, 10))
+    assert.are.equal(0, p:join(5))
+  end)
+
   it("sees messages already buffered in a connection", function()
     local a, b = mp.Pipe()
     a:send_bytes("one"); a:send_bytes("two")

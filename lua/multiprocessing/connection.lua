@@ -34,8 +34,13 @@ local function classname(o)
   return type(mt) == "table" and mt.__name or nil
 end
 
--- What to poll for object o: its fd, whether it is ready already, and for
--- objects whose fd can wake spuriously, the method that confirms it.
+local BLIND_SLICE = 0.02
+local function ended(p) return not p:is_alive() end
+
+-- What to poll for object o: its fd, whether it is ready already, for
+-- objects whose fd can wake spuriously the method that confirms it, and
+-- true for a process that has no fd to poll (no pidfd: an old kernel, or
+-- valgrind), which is looked at every BLIND_SLICE seconds instead.
 local function fd_of(o, i)
   local t = type(o)
   if t == "number" then return o end
@@ -44,11 +49,10 @@ local function fd_of(o, i)
     return o:fileno(), o:_buffered()
   elseif cls == "multiprocessing.Process" then
     local s = o.sentinel
-    if not s then
-      error("bad argument #1 to 'wait' (objects[" .. i ..
-            "] is a process that is not started or is closed)", 3)
-    end
-    return s
+    if s then return s end
+    if o._state == "started" then return -1, ended(o), ended, true end
+    error("bad argument #1 to 'wait' (objects[" .. i ..
+          "] is a process that is not started or is closed)", 3)
   elseif (t == "table" or t == "userdata") and o.fileno then
     local confirm = o._ready
     return o:fileno(), confirm and confirm(o), confirm
@@ -65,23 +69,28 @@ function exports.wait(objects, timeout)
   if timeout ~= nil and (type(timeout) ~= "number" or timeout < 0) then
     error("bad argument #2 to 'wait' (timeout must be a number >= 0)", 2)
   end
-  local fds, confirms, ready = {}, {}, {}
+  local fds, confirms, ready, blind = {}, {}, {}, {}
   for i, o in ipairs(objects) do
-    local fd, now, confirm = fd_of(o, i)
+    local fd, now, confirm, noticed = fd_of(o, i)
     fds[i], confirms[i] = fd, confirm or false
     if now then ready[#ready + 1] = o end
+    if noticed then blind[#blind + 1] = i end
   end
   if #ready > 0 then return ready end
   local deadline = timeout and monotonic() + timeout
   while true do
     local left = deadline and deadline - monotonic()
     if left and left < 0 then left = 0 end
+    if #blind > 0 and (not left or left > BLIND_SLICE) then left = BLIND_SLICE end
     local hits = poll(fds, left)
     for _, i in ipairs(hits) do
       local o, confirm = objects[i], confirms[i]
       if not confirm or confirm(o) then ready[#ready + 1] = o end
     end
-    if #ready > 0 or #hits == 0 then return ready end
+    for _, i in ipairs(blind) do
+      if ended(objects[i]) then ready[#ready + 1] = objects[i] end
+    end
+    if #ready > 0 or (#hits == 0 and #blind == 0) then return ready end
     if deadline and monotonic() >= deadline then return ready end
   end
 end
