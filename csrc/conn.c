@@ -357,6 +357,24 @@ static int wait_more(mp_conn *c, double deadline) {
   return r < 0 ? -1 : r == 0 ? -2 : 1;
 }
 
+/* Read without blocking into dst (holding *got of cap bytes) until it
+   holds want, waiting for more up to the deadline: 1 done, 0 end of
+   stream, -1 error, -2 the deadline passed. */
+static int read_timed(mp_conn *c, char *dst, size_t *got, size_t want,
+                      size_t cap, double deadline) {
+  while (*got < want) {
+    ssize_t r = rawread(c, dst + *got, cap - *got, MSG_DONTWAIT);
+    if (r > 0) {
+      *got += (size_t)r;
+      continue;
+    }
+    if (r == 0) return 0;
+    if (errno != EAGAIN && errno != EWOULDBLOCK) return -1;
+    if ((r = wait_more(c, deadline)) != 1) return (int)r;
+  }
+  return 1;
+}
+
 /* fill() within a deadline (-1: blocking): 1 ok, 0 end of stream first,
    -1 error, -2 the deadline passed (what came stays buffered). */
 static int fill_timed(mp_conn *c, size_t n, double deadline) {
@@ -366,17 +384,7 @@ static int fill_timed(mp_conn *c, size_t n, double deadline) {
     c->rlen -= c->rpos;
     c->rpos = 0;
   }
-  while (c->rlen < n) {
-    ssize_t r = rawread(c, c->rbuf + c->rlen, RBUF_SIZE - c->rlen, MSG_DONTWAIT);
-    if (r > 0) {
-      c->rlen += (size_t)r;
-      continue;
-    }
-    if (r == 0) return 0;
-    if (errno != EAGAIN && errno != EWOULDBLOCK) return -1;
-    if ((r = wait_more(c, deadline)) != 1) return (int)r;
-  }
-  return 1;
+  return read_timed(c, c->rbuf, &c->rlen, n, RBUF_SIZE, deadline);
 }
 
 /* Go on reading the half-received message until it is whole or the
@@ -387,17 +395,7 @@ static int read_partial(mp_conn *c, double deadline) {
   memcpy(c->pbuf + c->pgot, c->rbuf + c->rpos, have);
   c->rpos += have;
   c->pgot += have;
-  while (c->pgot < c->plen) {
-    ssize_t r = rawread(c, c->pbuf + c->pgot, c->plen - c->pgot, MSG_DONTWAIT);
-    if (r > 0) {
-      c->pgot += (size_t)r;
-      continue;
-    }
-    if (r == 0) return 0;
-    if (errno != EAGAIN && errno != EWOULDBLOCK) return -1;
-    if ((r = wait_more(c, deadline)) != 1) return (int)r;
-  }
-  return 1;
+  return read_timed(c, c->pbuf, &c->pgot, c->plen, c->plen, deadline);
 }
 
 static mp_conn *check_readable(lua_State *L) {
