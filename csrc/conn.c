@@ -288,15 +288,48 @@ static ssize_t rawread(mp_conn *c, char *p, size_t len, int flags) {
   return n;
 }
 
-/* Make sure at least n (<= RBUF_SIZE) bytes are buffered. 1 ok, 0 end of
-   stream first, -1 error. */
-static int fill(mp_conn *c, size_t n) {
+/* poll() for input on c for up to ms (-1 forever), resuming after EINTR
+   (with the same ms: bounded). */
+static int poll_in(mp_conn *c, int ms) {
+  struct pollfd pfd;
+  int r;
+  pfd.fd = c->fd;
+  pfd.events = POLLIN;
+  do r = poll(&pfd, 1, ms);
+  while (r < 0 && errno == EINTR);
+  return r;
+}
+
+/* Read without blocking into dst (holding *got of cap bytes) until it
+   holds want, waiting for more up to the deadline: 1 done, 0 end of
+   stream, -1 error, -2 the deadline passed. */
+static int read_timed(mp_conn *c, char *dst, size_t *got, size_t want,
+                      size_t cap, double deadline) {
+  while (*got < want) {
+    ssize_t r = rawread(c, dst + *got, cap - *got, MSG_DONTWAIT);
+    if (r > 0) {
+      *got += (size_t)r;
+      continue;
+    }
+    if (r == 0) return 0;
+    if (errno != EAGAIN && errno != EWOULDBLOCK) return -1;
+    r = poll_in(c, mp_remaining_ms(deadline));
+    if (r <= 0) return r < 0 ? -1 : -2;
+  }
+  return 1;
+}
+
+/* Make sure at least n (<= RBUF_SIZE) bytes are buffered, within the
+   deadline (-1: blocking reads). 1 ok, 0 end of stream first, -1 error,
+   -2 the deadline passed (what came stays buffered). */
+static int fill(mp_conn *c, size_t n, double deadline) {
   if (c->rlen - c->rpos >= n) return 1;
   if (c->rpos > 0) {
     memmove(c->rbuf, c->rbuf + c->rpos, c->rlen - c->rpos);
     c->rlen -= c->rpos;
     c->rpos = 0;
   }
+  if (deadline >= 0) return read_timed(c, c->rbuf, &c->rlen, n, RBUF_SIZE, deadline);
   while (c->rlen < n) {
     ssize_t r = rawread(c, c->rbuf + c->rlen, RBUF_SIZE - c->rlen, 0);
     if (r <= 0) return (int)r;
@@ -325,9 +358,7 @@ static int readinto(mp_conn *c, char *dst, size_t len) {
    read that follows blocks. Otherwise a non-blocking read comes first, so
    a message already there costs no poll. */
 static int wait_readable(mp_conn *c, int ms) {
-  struct pollfd pfd;
   ssize_t n;
-  int r;
   if (c->rlen > c->rpos || c->eof || ms < 0) return 1;
   if (c->rpos == c->rlen) c->rpos = c->rlen = 0;
   n = rawread(c, c->rbuf + c->rlen, RBUF_SIZE - c->rlen, MSG_DONTWAIT);
@@ -338,53 +369,7 @@ static int wait_readable(mp_conn *c, int ms) {
   if (n == 0) return 1;                   /* end of stream */
   if (errno != EAGAIN && errno != EWOULDBLOCK) return -1;
   if (ms == 0) return 0;
-  pfd.fd = c->fd;
-  pfd.events = POLLIN;
-  do r = poll(&pfd, 1, ms);
-  while (r < 0 && errno == EINTR);   /* resumes with the same ms: bounded */
-  return r;
-}
-
-/* Wait up to the deadline for the socket to be readable: 1 yes, -2 the
-   deadline passed, -1 error. */
-static int wait_more(mp_conn *c, double deadline) {
-  struct pollfd pfd;
-  int r;
-  pfd.fd = c->fd;
-  pfd.events = POLLIN;
-  do r = poll(&pfd, 1, mp_remaining_ms(deadline));
-  while (r < 0 && errno == EINTR);
-  return r < 0 ? -1 : r == 0 ? -2 : 1;
-}
-
-/* Read without blocking into dst (holding *got of cap bytes) until it
-   holds want, waiting for more up to the deadline: 1 done, 0 end of
-   stream, -1 error, -2 the deadline passed. */
-static int read_timed(mp_conn *c, char *dst, size_t *got, size_t want,
-                      size_t cap, double deadline) {
-  while (*got < want) {
-    ssize_t r = rawread(c, dst + *got, cap - *got, MSG_DONTWAIT);
-    if (r > 0) {
-      *got += (size_t)r;
-      continue;
-    }
-    if (r == 0) return 0;
-    if (errno != EAGAIN && errno != EWOULDBLOCK) return -1;
-    if ((r = wait_more(c, deadline)) != 1) return (int)r;
-  }
-  return 1;
-}
-
-/* fill() within a deadline (-1: blocking): 1 ok, 0 end of stream first,
-   -1 error, -2 the deadline passed (what came stays buffered). */
-static int fill_timed(mp_conn *c, size_t n, double deadline) {
-  if (deadline < 0 || c->rlen - c->rpos >= n) return fill(c, n);
-  if (c->rpos > 0) {
-    memmove(c->rbuf, c->rbuf + c->rpos, c->rlen - c->rpos);
-    c->rlen -= c->rpos;
-    c->rpos = 0;
-  }
-  return read_timed(c, c->rbuf, &c->rlen, n, RBUF_SIZE, deadline);
+  return poll_in(c, ms);
 }
 
 /* Go on reading the half-received message until it is whole or the
@@ -475,7 +460,7 @@ static int recv_message(lua_State *L, int as_value, uint64_t maxlen) {
   r = wait_readable(c, mp_remaining_ms(deadline));
   if (r < 0) return luaL_fileresult(L, 0, "poll");
   if (r == 0) return ret_reason(L, "timeout");
-  r = fill_timed(c, HDR_SIZE, deadline);
+  r = fill(c, HDR_SIZE, deadline);
   if (r == -2) return ret_reason(L, "timeout");
   if (r == 0) {
     if (c->rlen > c->rpos) return luaL_error(L, "connection closed in the middle of a message");

@@ -102,6 +102,8 @@ MP_API void mp_shm_unmap(void *p, size_t size);
 MP_API int mp_futex_wait(uint32_t *addr, uint32_t val, double deadline);
 /* Wake up to n waiters on addr; returns how many were woken. */
 MP_API int mp_futex_wake(uint32_t *addr, int n);
+/* Sleep until the absolute CLOCK_MONOTONIC time t (seconds, as mp_now). */
+MP_API void mp_sleep_until(double t);
 
 /* -- codec.c -------------------------------------------------------- */
 #define MP_DECODE_NOFUNCS 1   /* refuse functions (untrusted source) */

@@ -357,7 +357,8 @@ static void q_wake(qshm *s, uint32_t *seq, int n) {
   if ((ADD(&s->misses, 1) & 63) != 63) return;
   for (i = 0; i < NSLEEPERS; i++) {
     uint32_t v = LOAD(&s->sleeper[i]);
-    if (v != 0 && (v >> 30) <= W_FEED && mp_process_gone((int)(v & 0x3fffffffu), 0, 0)) {
+    if (v != 0 && (v >> 30) <= W_FEED &&
+        mp_process_gone((int)(v & 0x3fffffffu), 0, 0)) {
       __atomic_fetch_and(&s->sleeping[v >> 30], ~((uint64_t)1 << i),
                          __ATOMIC_SEQ_CST);
       __atomic_compare_exchange_n(&s->sleeper[i], &v, 0, 0,

@@ -60,14 +60,25 @@ MP_API void mp_shm_unmap(void *p, size_t size) {
   if (p != NULL) munmap(p, size);
 }
 
+/* An absolute CLOCK_MONOTONIC time in seconds as a timespec. */
+static void abstime(double t, struct timespec *ts) {
+  double s = floor(t);
+  ts->tv_sec = (time_t)s;
+  ts->tv_nsec = (long)((t - s) * 1e9);
+  if (ts->tv_nsec >= 1000000000L) ts->tv_nsec = 999999999L;
+}
+
+MP_API void mp_sleep_until(double t) {
+  struct timespec ts;
+  abstime(t, &ts);
+  while (clock_nanosleep(CLOCK_MONOTONIC, TIMER_ABSTIME, &ts, NULL) == EINTR) {}
+}
+
 MP_API int mp_futex_wait(uint32_t *addr, uint32_t val, double deadline) {
   struct timespec ts, *tsp = NULL;
   long r;
   if (deadline >= 0) {
-    double s = floor(deadline);
-    ts.tv_sec = (time_t)s;
-    ts.tv_nsec = (long)((deadline - s) * 1e9);
-    if (ts.tv_nsec >= 1000000000L) ts.tv_nsec = 999999999L;
+    abstime(deadline, &ts);
     tsp = &ts;
   }
   /* FUTEX_WAIT_BITSET takes an absolute CLOCK_MONOTONIC time. Shared (not

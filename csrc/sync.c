@@ -59,7 +59,6 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/types.h>
-#include <time.h>
 #include <unistd.h>
 
 /* ---- shared layout -------------------------------------------------- */
@@ -103,14 +102,12 @@ typedef struct mp_syncmem {
                           update moves one line between processes */
   uint32_t slotcode;   /* its type code; 0: the slot is unused */
   uint32_t value;      /* futex: semaphore value, event flag, condition
-                          sequence, barrier generation */
+                          generation (bumped only by a notify that gives
+                          tokens), barrier generation */
   uint32_t vsleepers;  /* processes asleep on value */
   uint32_t maxvalue;   /* BoundedSemaphore bound, Barrier parties */
   uint32_t waiters;    /* Condition: waiters not yet notified */
   uint32_t tokens;     /* Condition: notifications not yet taken */
-  uint32_t tgen;       /* Condition: the generation (value) of the latest
-                          notify that gave tokens; only a waiter that came
-                          before it may take one */
   uint32_t bstate;     /* Barrier: B_* */
   uint32_t bcount;     /* Barrier: arrived in this generation */
   uint8_t outcome[8];  /* Barrier: 1 if generation g%8 ended broken */
@@ -184,15 +181,6 @@ static int take_over(mp_syncmem *m, uint64_t cur, uint64_t me) {
   return holder_dead(cur) && CAS(&m->lock, &cur, me);
 }
 
-/* Sleep until monotonic time t, asking no one for a wake-up. */
-static void nap_until(double t) {
-  struct timespec ts;
-  double sec = (double)(long)t;
-  ts.tv_sec = (time_t)sec;
-  ts.tv_nsec = (long)((t - sec) * 1e9);
-  while (clock_nanosleep(CLOCK_MONOTONIC, TIMER_ABSTIME, &ts, NULL) == EINTR) {}
-}
-
 /* Acquire the lock word for me within timeout (-1 forever, 0 try).
    Returns L_OK, L_ABANDONED, or L_BUSY (timed out / busy). */
 static int word_acquire_slow(mp_syncmem *m, uint64_t me, double timeout) {
@@ -229,7 +217,7 @@ static int word_acquire_slow(mp_syncmem *m, uint64_t me, double timeout) {
       until = now + NAP;
       if (deadline >= 0 && deadline < until) until = deadline;
       naps++;
-      nap_until(until);
+      mp_sleep_until(until);
       continue;
     }
     until = now + CHECK_SLICE;
@@ -573,13 +561,13 @@ static int cond_release(lua_State *L) {
 }
 
 /* Take a notification, if one is there for a waiter that came at
-   generation g0. A waiter that came after the latest notify may not take
-   its tokens: they are for the waiters it counted, and a process that
-   notifies, releases and waits again would otherwise take back its own
-   notification while the waiter it was meant for sleeps on. */
+   generation g0 (the value then). Only a notify after g0 gave tokens this
+   waiter may take: a process that notifies, releases and waits again
+   would otherwise take back its own notification while the waiter it was
+   meant for sleeps on. */
 static int try_token(mp_syncmem *m, uint32_t g0) {
   uint32_t t;
-  if ((int32_t)(LOAD(&m->tgen) - g0) <= 0) return 0;
+  if (LOAD(&m->value) == g0) return 0;
   t = LOAD(&m->tokens);
   while (t > 0)
     if (CAS(&m->tokens, &t, t - 1)) return 1;
@@ -646,7 +634,7 @@ static void cond_notify_n(lua_State *L, lua_Integer n) {
   if (n >= 0 && (lua_Integer)k > n) k = (uint32_t)n;
   m->waiters -= k;
   m->tokens += k;
-  if (k > 0) STORE(&m->tgen, ADD(&m->value, 1));
+  if (k > 0) ADD(&m->value, 1);
   iunlock(m);
   if (k > 0) value_wake(m, &m->value, k >= INT32_MAX ? INT32_MAX : (int)k);
 }

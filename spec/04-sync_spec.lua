@@ -91,7 +91,7 @@ describe("Lock", function()
     assert.are.equal(0, join(p))
   end)
 
-  it("wakes a waiter that slept past its naps when the holder releases", function()
+  it("goes to a waiter that slept past its naps when the holder releases", function()
     local l <close> = mp.Lock()
     -- held longer than a waiter's naps: the waiter sleeps until woken
     local p = holder(l, function() mp.Event():wait(0.2) l:release() end)

@@ -37,10 +37,10 @@ end
 local BLIND_SLICE = 0.02
 local function ended(p) return not p:is_alive() end
 
--- What to poll for object o: its fd, whether it is ready already, for
--- objects whose fd can wake spuriously the method that confirms it, and
--- true for a process that has no fd to poll (no pidfd: an old kernel, or
--- valgrind), which is looked at every BLIND_SLICE seconds instead.
+-- What to poll for object o: its fd, whether it is ready already, and for
+-- objects whose fd can wake spuriously the method that confirms it. A
+-- process that has no fd to poll (no pidfd: an old kernel, or valgrind)
+-- gets fd -1 and is confirmed every BLIND_SLICE seconds instead.
 local function fd_of(o, i)
   local t = type(o)
   if t == "number" then return o end
@@ -50,7 +50,7 @@ local function fd_of(o, i)
   elseif cls == "multiprocessing.Process" then
     local s = o.sentinel
     if s then return s end
-    if o._state == "started" then return -1, ended(o), ended, true end
+    if o._state == "started" then return -1, ended(o), ended end
     error("bad argument #1 to 'wait' (objects[" .. i ..
           "] is a process that is not started or is closed)", 3)
   elseif (t == "table" or t == "userdata") and o.fileno then
@@ -71,10 +71,10 @@ function exports.wait(objects, timeout)
   end
   local fds, confirms, ready, blind = {}, {}, {}, {}
   for i, o in ipairs(objects) do
-    local fd, now, confirm, noticed = fd_of(o, i)
+    local fd, now, confirm = fd_of(o, i)
     fds[i], confirms[i] = fd, confirm or false
     if now then ready[#ready + 1] = o end
-    if noticed then blind[#blind + 1] = i end
+    if fd < 0 and confirm then blind[#blind + 1] = i end
   end
   if #ready > 0 then return ready end
   local deadline = timeout and monotonic() + timeout
@@ -88,7 +88,7 @@ function exports.wait(objects, timeout)
       if not confirm or confirm(o) then ready[#ready + 1] = o end
     end
     for _, i in ipairs(blind) do
-      if ended(objects[i]) then ready[#ready + 1] = objects[i] end
+      if confirms[i](objects[i]) then ready[#ready + 1] = objects[i] end
     end
     if #ready > 0 or (#hits == 0 and #blind == 0) then return ready end
     if deadline and monotonic() >= deadline then return ready end

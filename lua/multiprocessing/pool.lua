@@ -284,8 +284,7 @@ function Pool:_depth(job)
   if not per then return job.mode == "map" and 2 or 1 end
   local est = per * job.chunksize
   if est < FAST_US then
-    local d = est > 0 and QUEUED_US // est or 64
-    return d > 64 and 64 or (d < 4 and 4 or d)
+    return est > 0 and math_max(4, math_min(64, QUEUED_US // est)) or 64
   end
   if est < MEDIUM_US then return 2 end
   return 1
