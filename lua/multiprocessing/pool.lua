@@ -185,39 +185,58 @@ function exports.Pool(opts)
     _done = 0, _failed = 0, _restarts = 0, _nworkers = 0,
     _method = method,                     -- workers (restarts too) use it
   }, Pool)
-  for slot = 1, n do
-    local ok, err = pcall(self._spawn, self, slot)
-    if not ok then                        -- e.g. an initializer that cannot travel
-      self:terminate()
-      error(err, 2)
-    end
+  local ok, err = pcall(self._start_workers, self)
+  if not ok then                          -- e.g. an initializer that cannot travel
+    self:terminate()
+    error(err, 2)
   end
   return self
 end
 
-function Pool:_spawn(slot)
+-- A slot's worker Process, not started yet (its channel opened)
+function Pool:_worker_process(slot)
   local pc = self._pc
   pc:open(slot)
-  local p
   if self._method == "fork" then
     -- the worker's Process (kept by process.lua until joined) must not keep
     -- the pool alive, or a forgotten pool would never be collected
     local ref = setmetatable({ self }, { __mode = "v" })
-    p = process.exports.Process{ target = worker_main, args = { ref, slot },
-                                 daemon = true, name = "PoolWorker-" .. slot,
-                                 start_method = "fork" }
-  else
-    p = process.exports.Process{ target = spawned_worker_main,
-                                 args = { { pc:_worker_handle(slot), self._initializer,
-                                            self._initargs, self._maxtasks, self._maxmem } },
-                                 daemon = true, name = "PoolWorker-" .. slot,
-                                 start_method = self._method }
+    return process.exports.Process{ target = worker_main, args = { ref, slot },
+                                    daemon = true, name = "PoolWorker-" .. slot,
+                                    start_method = "fork" }
   end
-  p:start()
-  pc:forked(slot, p.sentinel)
+  return process.exports.Process{
+    target = spawned_worker_main,
+    args = { { pc:_worker_handle(slot), self._initializer, self._initargs,
+               self._maxtasks, self._maxmem } },
+    daemon = true, name = "PoolWorker-" .. slot, start_method = self._method }
+end
+
+-- Record slot's started worker p
+function Pool:_started(slot, p)
+  self._pc:forked(slot, p.sentinel)
   self._workers[slot] = { proc = p, pid = p.pid, fifo = {}, head = 1, tail = 1,
                           inflight = 0, sent = {}, items = 0 }
   self._nworkers = self._nworkers + 1
+end
+
+-- Start every slot's worker, all forked back to back (process._start_all);
+-- those started before a failure are recorded, so terminate reaps them.
+function Pool:_start_workers()
+  local procs = {}
+  for slot = 1, self._n do procs[slot] = self:_worker_process(slot) end
+  local ok, err = pcall(process._start_all, procs)
+  for slot = 1, self._n do
+    if procs[slot]._state == "started" then self:_started(slot, procs[slot]) end
+  end
+  if not ok then error(err, 0) end
+end
+
+-- Start slot's worker anew (a restart)
+function Pool:_spawn(slot)
+  local p = self:_worker_process(slot)
+  p:start()
+  self:_started(slot, p)
 end
 
 -- ---- jobs and dispatch -------------------------------------------------

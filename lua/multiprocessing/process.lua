@@ -184,29 +184,50 @@ function methods.join(self, timeout)
   return nil, why
 end
 
--- p:start()
-function methods.start(self)
-  if self._state ~= "initial" then
-    error(errors.new("ProcessError", "cannot start a process twice"), 2)
-  end
+-- Start each process of list (p:start() for each). Forks are made back to
+-- back: a fork write-protects every page of the parent, which then copies
+-- each page it writes, again after each fork; the bookkeeping waits until
+-- all are started. If a start fails, the ones before it stay started and
+-- registered, and the error is raised.
+local function start_all(list, level)
   if M._start_guard then M._start_guard() end
   if current and current.daemon then
-    error(errors.new("ProcessError", "daemonic processes are not allowed to have children"), 2)
+    error(errors.new("ProcessError", "daemonic processes are not allowed to have children"), level + 1)
+  end
+  for i = 1, #list do
+    if list[i]._state ~= "initial" then
+      error(errors.new("ProcessError", "cannot start a process twice"), level + 1)
+    end
   end
   local me = current or MainProcess
   local ppid, pname = core.getpid(), me.name
   for p in pairs(children) do          -- forget what has ended
     if p._state ~= "started" or not p:is_alive() then children[p] = nil end
   end
-  local method = self._method or default_method
-  if method == "fork" then
-    self:_fork(bootstrap, self, ppid, pname)
-  else
-    require("multiprocessing.spawn")._start(self, method, ppid, pname)
+  local ok, err, n = true, nil, 0
+  for i = 1, #list do
+    local p = list[i]
+    local method = p._method or default_method
+    if method == "fork" then
+      ok, err = pcall(p._fork, p, bootstrap, p, ppid, pname)
+    else
+      ok, err = pcall(require("multiprocessing.spawn")._start, p, method, ppid, pname)
+    end
+    if not ok then break end
+    n = i
   end
-  children[self] = true
-  arm_exit_guard()
+  for i = 1, n do children[list[i]] = true end
+  if n > 0 then arm_exit_guard() end
+  if not ok then error(err, 0) end
 end
+
+-- p:start()
+function methods.start(self)
+  start_all({ self }, 2)
+end
+
+-- process._start_all(list): start every process of list (see start_all)
+function M._start_all(list) start_all(list, 2) end
 
 -- mp.current_process() -> the calling process's Process object
 function exports.current_process() return current or MainProcess end
