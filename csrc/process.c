@@ -38,6 +38,7 @@
 #include <string.h>
 #include <sys/prctl.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
 #include <sys/syscall.h>
 #include <sys/types.h>
 #include <sys/wait.h>
@@ -643,6 +644,18 @@ static int core_chdir(lua_State *L) {
   return 1;
 }
 
+/* core._file_id(path) -> string | nil: the file's device, inode, size,
+   and modification and change times; a file written since has another */
+static int core__file_id(lua_State *L) {
+  struct stat st;
+  if (stat(luaL_checkstring(L, 1), &st) != 0) return 0;
+  lua_pushfstring(L, "%I:%I:%I:%I.%I:%I.%I", (lua_Integer)st.st_dev,
+                  (lua_Integer)st.st_ino, (lua_Integer)st.st_size,
+                  (lua_Integer)st.st_mtim.tv_sec, (lua_Integer)st.st_mtim.tv_nsec,
+                  (lua_Integer)st.st_ctim.tv_sec, (lua_Integer)st.st_ctim.tv_nsec);
+  return 1;
+}
+
 /* core.realpath(path) -> absolute path | nil, msg */
 static int core_realpath(lua_State *L) {
   const char *path = luaL_checkstring(L, 1);
@@ -695,6 +708,7 @@ MP_API void mp_process_open(lua_State *L) {
     {"getcwd", core_getcwd},
     {"chdir", core_chdir},
     {"realpath", core_realpath},
+    {"_file_id", core__file_id},
     {"exepath", core_exepath},
     {NULL, NULL}
   };

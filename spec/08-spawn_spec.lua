@@ -467,6 +467,46 @@ describe("a program without an entry chunk", function()
     spawn._forkserver_stop()
   end)
 
+  it("keeps a forkserver child forked ahead, and replaces one killed unused", function()
+    local spawn = require "multiprocessing.spawn"
+    local core = require "multiprocessing.core"
+    local r, w = mp.Pipe(false)
+    local function start_one()            -- -> the pid of the child's parent
+      local p = mp.Process{ target = function(c) c:send(require("multiprocessing.core").getppid()) end,
+                            args = { w }, start_method = "forkserver" }
+      p:start()
+      local ppid = r:recv(10)
+      assert.are.equal(0, p:join(10))
+      p:close()
+      return ppid
+    end
+    local server = start_one()
+    local warm = H.wait_until(function()
+      local k = H.children(server)
+      return #k == 1 and k[1]
+    end, 5)
+    assert.truthy(warm, "the server has no child forked ahead")
+    assert.is_true(core.kill(warm, 9))
+    -- once the server has reaped it (a start racing the kill could be
+    -- handed the dying child, as if the kill had come just after its fork)
+    local function gone(pid)
+      local f = io.open("/proc/" .. pid .. "/stat")
+      if f then f:close() end
+      return f == nil
+    end
+    assert.truthy(H.wait_until(function() return gone(warm) end, 5),
+                  "the killed child was not reaped")
+    assert.are.equal(server, start_one())    -- served all the same
+    local again = H.wait_until(function()
+      local k = H.children(server)
+      return #k == 1 and k[1] ~= warm and k[1]
+    end, 5)
+    assert.truthy(again, "the killed child was not replaced")
+    r:close(); w:close()
+    spawn._forkserver_stop()
+    assert.is_true(gone(again), "the child forked ahead outlived the server")
+  end)
+
   it("says what is missing when a target needs the entry chunk", function()
     local out, code = H.run_lua(([[
       package.path = %q package.cpath = %q
@@ -615,6 +655,42 @@ describe("the fork server", function()
       end
     ]])
     check(kv, out, code, { before = "first", after = "second", again = "second" })
+  end)
+
+  it("re-runs the entry chunk changed to one of the same size", function()
+    local kv, out, code = run("forkserver", [[
+      VERSION = "one"
+      local function report(c) c:send(VERSION) end
+      if mp.is_main() then
+        local r, w = mp.Pipe()
+        local function child()
+          local p = mp.Process{ target = report, args = { w } }
+          p:start(); local v = r:recv(10); p:join(10)
+          return v
+        end
+        local a = child()
+        os.execute("sleep 0.05")           -- past the file system's clock tick
+        local path = debug.getinfo(1, "S").source:sub(2)
+        local f = io.open(path) local src = f:read("a") f:close()
+        f = io.open(path, "w") f:write((src:gsub('"one"', '"two"', 1))) f:close()
+        print("before=" .. a, "after=" .. child())
+      end
+    ]])
+    check(kv, out, code, { before = "one", after = "two" })
+  end)
+
+  it("gives a child the collector settings of a fresh interpreter", function()
+    local kv, out, code = run("forkserver", [[
+      local function pause(c) c:send(collectgarbage("setpause", 200)) end
+      if mp.is_main() then
+        local r, w = mp.Pipe()
+        local fresh = collectgarbage("setpause", 200)
+        local p = mp.Process{ target = pause, args = { w } }
+        p:start()
+        print("same=" .. tostring(r:recv(10) == fresh), "join=" .. p:join(10))
+      end
+    ]])
+    check(kv, out, code, { same = "true", join = "0" })
   end)
 
   it("is per creator: a forked child that uses it gets its own", function()

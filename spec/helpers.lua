@@ -30,10 +30,10 @@ function H.fds()
   return f
 end
 
--- Pids of live (non-zombie) processes whose parent is this process,
--- ignoring the helper commands this file itself runs.
-function H.children()
-  local me = tostring(mypid())
+-- Pids of live (non-zombie) processes whose parent is this process (or
+-- the process pid), ignoring the helper commands this file itself runs.
+function H.children(pid)
+  local me = tostring(pid or mypid())
   local kids = {}
   for _, d in ipairs(listdir("/proc")) do
     if d:match("^%d+$") then

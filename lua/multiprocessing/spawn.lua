@@ -29,8 +29,8 @@ local core = require "multiprocessing.core"
 local errors = require "multiprocessing.errors"
 local process = require "multiprocessing.process"
 
-local type, error, pairs, ipairs, tostring, pcall, xpcall, require, loadfile =
-      type, error, pairs, ipairs, tostring, pcall, xpcall, require, loadfile
+local type, error, pairs, ipairs, tostring, pcall, xpcall, require, loadfile, select =
+      type, error, pairs, ipairs, tostring, pcall, xpcall, require, loadfile, select
 local unpack = table.unpack
 local package, stderr = package, io.stderr
 
@@ -259,13 +259,17 @@ end
 -- The boot messages are written while the server forks (the socket keeps
 -- them for the child); then the server's answer makes p a started process.
 local function forkserver_start(p, prep, payload)
+  local T = _G.T; local c0 = core.monotonic()
   local s = get_server()
   local pbox, cbox = core._socketpair()
   local ok = s.conn:send({ cbox, main = prep.main })
   cbox:close()
+  if T then local c1 = core.monotonic(); T.req = (T.req or 0) + c1 - c0; c0 = c1 end
   local sent, err = true, nil
   if ok then sent, err = pcall(send_boot, pbox, prep, payload) else pbox:close() end
+  if T then local c1 = core.monotonic(); T.boot = (T.boot or 0) + c1 - c0; c0 = c1 end
   local rep = ok and s.conn:recv(BOOT_TIMEOUT)     -- always read: keep in step
+  if T then local c1 = core.monotonic(); T.rep = (T.rep or 0) + c1 - c0; c0 = c1 end
   if type(rep) ~= "table" or not rep.pid then
     server = nil
     perr("forkserver: " .. (type(rep) == "table" and tostring(rep.error)
@@ -277,9 +281,11 @@ end
 
 -- process.lua's start for "spawn" and "forkserver"
 function M._start(p, method, ppid, pname)
+  local T = _G.T; local c0 = core.monotonic()
   local payload = payload_of(p)
   core.dumps(payload, "process")     -- raises here, before any child exists
   local prep = prep_message(ppid, pname, M.get_main_chunk(), method == "spawn")
+  if T then T.prep = (T.prep or 0) + core.monotonic() - c0 end
   if method == "spawn" then spawn_raw(p, prep, payload)
   else forkserver_start(p, prep, payload) end
 end
@@ -292,31 +298,27 @@ local NO_CHUNK_HINT = "\n(this program has no entry chunk a spawned child could 
   .. " with mp.set_main_chunk(path))"
 
 -- The fork server compiles each entry chunk once, and its children re-run
--- that compiled chunk when the file still holds the same source (a changed
--- file is compiled again, as loadfile would).
-local compiled = {}         -- path -> { src =, fn = } (in the fork server)
-
-local function read_source(path)
-  local f = io.open(path, "rb")
-  if not f then return nil end
-  local src = f:read("a")
-  f:close()
-  return src
-end
+-- that compiled chunk while the file is the one compiled: the same device,
+-- inode, size and modification and change times (a changed file is
+-- compiled again, as loadfile would).
+local compiled = {}         -- path -> { id =, fn = } (in the fork server)
 
 local function compile_main(path)
   if compiled[path] ~= nil then return end
-  local src = read_source(path)
+  local id = core._file_id(path)       -- before reading: a later write shows
+  local f = id and io.open(path, "rb")
+  local src = f and f:read("a")
+  if f then f:close() end
   -- as loadfile: a UTF-8 BOM and a first line starting with '#' are
   -- skipped (its newline kept, so line numbers stay right)
   local fn = src and load((src:gsub("^\239\187\191", "", 1):gsub("^#[^\n]*", "", 1)),
                           "@" .. path)
-  compiled[path] = fn and { src = src, fn = fn } or false
+  compiled[path] = fn and { id = id, fn = fn } or false
 end
 
 compiled_main = function(path)
   local c = compiled[path]
-  if c and read_source(path) == c.src then return c.fn end
+  if c and core._file_id(path) == c.id then return c.fn end
   return nil
 end
 
@@ -382,8 +384,20 @@ end
 
 -- ---- forkserver: the server ------------------------------------------
 
--- The server's loop (the target of its Process): fork a child for each
--- request, report each child's exit code on its status pipe.
+local SERVER_GC_PAUSE = 1000   -- percent (see _forkserver_main)
+
+-- The server's loop (the target of its Process): hand each request to a
+-- child, report each child's exit code on its status pipe.
+--
+-- The server keeps one child forked ahead, "warm": it waits on a channel of
+-- its own for the bootstrap socket of a request. A request is answered at
+-- once with the warm child, and the next warm child is forked after the
+-- answer, while the creator goes on: a start does not wait for a fork nor
+-- for the new process to be first scheduled. The server's state does not
+-- change once it has started (it compiles entry chunks only, and a child
+-- compiles a chunk the server has not), so a child forked ahead is the
+-- child a fork on request would make. A warm child that died unused is
+-- reaped, and a request finding none is served by a fork on the spot.
 function M._forkserver_main(conn, mods)
   core._sigint(true)         -- Ctrl-C is for the program, not its server
   for _, name in ipairs(mods or {}) do
@@ -393,31 +407,87 @@ function M._forkserver_main(conn, mods)
                    tostring(err), "\n")
     end
   end
+  -- The collector of a fresh interpreter waits until the heap has doubled
+  -- (pause 200) before a cycle. The server waits until it has grown
+  -- tenfold: a child forked in the middle of a cycle would go on with it,
+  -- writing to (so copying) the page of every object it marks; forked in
+  -- the pause, it starts far from its first cycle. A child gets the
+  -- server's pause back (its entry chunk, re-run, may set its own).
+  local child_pause = collectgarbage("setpause", SERVER_GC_PAUSE)
   local kids = {}            -- Process -> status write box
-  local function child_boot(box)
+  local warm                 -- { p = Process, chan = Connection, r =, w = status pipe }
+  -- In a new child: the collector's pause and Ctrl-C back, and the
+  -- server's fds closed (the creator's socket, the siblings' status pipes
+  -- and pidfds, and the ones given).
+  local function drop_server_fds(...)
+    collectgarbage("setpause", child_pause)
     core._sigint(false)
     conn:close()
     for p, w in pairs(kids) do        -- the siblings' fds are the server's
       w:close()
       getmetatable(p).__close(p)      -- not our child: frees our copy only
     end
+    for i = 1, select("#", ...) do select(i, ...):close() end
+  end
+  local function child_boot(box, r, w)
+    drop_server_fds(r, w)
     return run_child(core.conn_from_fd(box:_detach(), true, true))
+  end
+  local function warm_boot(chan, mine, r, w)
+    drop_server_fds(mine, r, w)
+    local req = chan:recv()          -- nil: the server closed it (it leaves)
+    chan:close()
+    if type(req) ~= "table" or not req[1] then return 0 end
+    return run_child(core.conn_from_fd(req[1]:_detach(), true, true))
+  end
+  -- the answer to the creator: child p started, its status on pipe end r
+  local function answer(p, r, w)
+    local sig = p.sentinel and core._dup(p.sentinel)   -- no pidfd: kill(pid)
+    kids[p] = w
+    conn:send({ pid = p.pid, status = r, pidfd = sig })
+    if sig then sig:close() end
+    r:close()
   end
   local function fork_one(box)
     local p = core.process_new({ name = "forkserver-child" })
     local r, w = core._pipe()
-    local ok, err = pcall(p._fork, p, child_boot, box)
+    local ok, err = pcall(p._fork, p, child_boot, box, r, w)
     box:close()
     if ok then
-      local sig = p.sentinel and core._dup(p.sentinel)   -- no pidfd: kill(pid)
-      kids[p] = w
-      conn:send({ pid = p.pid, status = r, pidfd = sig })
-      if sig then sig:close() end
+      answer(p, r, w)
     else
-      w:close()
+      r:close(); w:close()
       conn:send({ error = tostring(err) })
     end
-    r:close()
+  end
+  local function drop_warm()           -- unused: close its channel, reap it
+    local wc = warm
+    warm = nil
+    wc.chan:close()                    -- end of file: it returns 0
+    if not wc.p:join(1) then wc.p:kill(); wc.p:join() end
+    wc.p:close(); wc.r:close(); wc.w:close()
+  end
+  local function fork_warm()
+    local p = core.process_new({ name = "forkserver-child" })
+    local mine, theirs = core.Pipe(true)
+    local r, w = core._pipe()
+    local ok = pcall(p._fork, p, warm_boot, theirs, mine, r, w)
+    theirs:close()
+    if ok then warm = { p = p, chan = mine, r = r, w = w }
+    else mine:close(); r:close(); w:close() end   -- requests fork on the spot
+  end
+  local function serve(req)
+    local wc = warm
+    if wc and wc.p:is_alive() and pcall(wc.chan.send, wc.chan, { req[1] }) then
+      warm = nil
+      wc.chan:close()
+      req[1]:close()
+      answer(wc.p, wc.r, wc.w)
+    else
+      if wc then drop_warm() end
+      fork_one(req[1])
+    end
+    fork_warm()
   end
   local function reap(p)
     local code = p:join(0)
@@ -428,25 +498,34 @@ function M._forkserver_main(conn, mods)
       p:close()
     end
   end
+  fork_warm()
   while true do
-    -- wait on the creator's socket and the children's pidfds; without
-    -- pidfds (old kernels, valgrind) look at the children now and then
+    -- wait on the creator's socket, the children's pidfds and the warm
+    -- child's; without pidfds (old kernels, valgrind) look at the children
+    -- now and then
     local fds, list, blind = { conn:fileno() }, { false }, false
     for p in pairs(kids) do
       local fd = p.sentinel
       if fd then fds[#fds + 1] = fd; list[#list + 1] = p else blind = true end
     end
+    if warm and warm.p.sentinel then fds[#fds + 1] = warm.p.sentinel; list[#list + 1] = warm end
     local hits = core.poll(fds, blind and 0.02 or nil)
     for _, i in ipairs(hits) do
+      local what = list[i]
       if i == 1 then
         local req, why = conn:recv(0)
-        if req == nil and why == "closed" then return 0 end
+        if req == nil and why == "closed" then
+          if warm then drop_warm() end
+          return 0
+        end
         if type(req) == "table" and req[1] then
           if type(req.main) == "string" then compile_main(req.main) end
-          fork_one(req[1])
+          serve(req)
         end
-      else
-        reap(list[i])
+      elseif what == warm then
+        drop_warm()                    -- it died unused; the next request forks one
+      elseif what and kids[what] then
+        reap(what)
       end
     end
     if blind then
