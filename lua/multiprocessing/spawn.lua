@@ -259,17 +259,13 @@ end
 -- The boot messages are written while the server forks (the socket keeps
 -- them for the child); then the server's answer makes p a started process.
 local function forkserver_start(p, prep, payload)
-  local T = _G.T; local c0 = core.monotonic()
   local s = get_server()
   local pbox, cbox = core._socketpair()
   local ok = s.conn:send({ cbox, main = prep.main })
   cbox:close()
-  if T then local c1 = core.monotonic(); T.req = (T.req or 0) + c1 - c0; c0 = c1 end
   local sent, err = true, nil
   if ok then sent, err = pcall(send_boot, pbox, prep, payload) else pbox:close() end
-  if T then local c1 = core.monotonic(); T.boot = (T.boot or 0) + c1 - c0; c0 = c1 end
   local rep = ok and s.conn:recv(BOOT_TIMEOUT)     -- always read: keep in step
-  if T then local c1 = core.monotonic(); T.rep = (T.rep or 0) + c1 - c0; c0 = c1 end
   if type(rep) ~= "table" or not rep.pid then
     server = nil
     perr("forkserver: " .. (type(rep) == "table" and tostring(rep.error)
@@ -281,11 +277,9 @@ end
 
 -- process.lua's start for "spawn" and "forkserver"
 function M._start(p, method, ppid, pname)
-  local T = _G.T; local c0 = core.monotonic()
   local payload = payload_of(p)
   core.dumps(payload, "process")     -- raises here, before any child exists
   local prep = prep_message(ppid, pname, M.get_main_chunk(), method == "spawn")
-  if T then T.prep = (T.prep or 0) + core.monotonic() - c0 end
   if method == "spawn" then spawn_raw(p, prep, payload)
   else forkserver_start(p, prep, payload) end
 end
