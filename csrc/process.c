@@ -494,14 +494,31 @@ static int core__dup(lua_State *L) {
   return 1;
 }
 
+/* Write an exit code on a status pipe whose reader may be gone: EPIPE,
+   never SIGPIPE (which would kill the fork server), whatever the process
+   does with SIGPIPE. */
+static int write_code(int fd, int32_t code) {
+  sigset_t pipe, old;
+  ssize_t r;
+  sigemptyset(&pipe);
+  sigaddset(&pipe, SIGPIPE);
+  sigprocmask(SIG_BLOCK, &pipe, &old);
+  do r = write(fd, &code, sizeof code);
+  while (r < 0 && errno == EINTR);
+  if (r < 0 && errno == EPIPE && !sigismember(&old, SIGPIPE)) {
+    struct timespec zero = {0, 0};
+    int e = errno;
+    while (sigtimedwait(&pipe, NULL, &zero) < 0 && errno == EINTR) {}
+    errno = e;
+  }
+  sigprocmask(SIG_SETMASK, &old, NULL);
+  return r == (ssize_t)sizeof code;
+}
+
 /* core._status_write(wbox, code): the forkserver tells an exit code */
 static int core__status_write(lua_State *L) {
   fdbox *b = check_fdbox(L, 1);
-  int32_t code = (int32_t)luaL_checkinteger(L, 2);
-  ssize_t r;
-  do r = write(b->fd, &code, sizeof code);
-  while (r < 0 && errno == EINTR);
-  lua_pushboolean(L, r == (ssize_t)sizeof code);
+  lua_pushboolean(L, write_code(b->fd, (int32_t)luaL_checkinteger(L, 2)));
   return 1;
 }
 

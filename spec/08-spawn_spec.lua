@@ -507,6 +507,17 @@ describe("a program without an entry chunk", function()
     assert.is_true(gone(again), "the child forked ahead outlived the server")
   end)
 
+  it("writes an exit code to a status pipe without a reader: false, no SIGPIPE", function()
+    local core = require "multiprocessing.core"
+    local r, w = core._pipe()
+    r:close()
+    assert.is_false(core._status_write(w, 3))    -- still here: not killed
+    w:close()
+    r, w = core._pipe()
+    assert.is_true(core._status_write(w, 3))
+    r:close(); w:close()
+  end)
+
   it("says what is missing when a target needs the entry chunk", function()
     local out, code = H.run_lua(([[
       package.path = %q package.cpath = %q
