@@ -662,14 +662,20 @@ static int core_chdir(lua_State *L) {
 }
 
 /* core._file_id(path) -> string | nil: the file's device, inode, size,
-   and modification and change times; a file written since has another */
+   and modification and change times (as bytes, to compare); a file
+   written since has another */
 static int core__file_id(lua_State *L) {
   struct stat st;
+  int64_t id[7];
   if (stat(luaL_checkstring(L, 1), &st) != 0) return 0;
-  lua_pushfstring(L, "%I:%I:%I:%I.%I:%I.%I", (lua_Integer)st.st_dev,
-                  (lua_Integer)st.st_ino, (lua_Integer)st.st_size,
-                  (lua_Integer)st.st_mtim.tv_sec, (lua_Integer)st.st_mtim.tv_nsec,
-                  (lua_Integer)st.st_ctim.tv_sec, (lua_Integer)st.st_ctim.tv_nsec);
+  id[0] = (int64_t)st.st_dev;
+  id[1] = (int64_t)st.st_ino;
+  id[2] = (int64_t)st.st_size;
+  id[3] = (int64_t)st.st_mtim.tv_sec;
+  id[4] = (int64_t)st.st_mtim.tv_nsec;
+  id[5] = (int64_t)st.st_ctim.tv_sec;
+  id[6] = (int64_t)st.st_ctim.tv_nsec;
+  lua_pushlstring(L, (const char *)id, sizeof id);
   return 1;
 }
 
