@@ -326,15 +326,20 @@ local function run_child(conn, prep, why)
                  ": no bootstrap message (", tostring(why), ")\n")
     return 1
   end
-  package.path, package.cpath = prep.path, prep.cpath
+  -- a fork server's child has most of these already: what is written is
+  -- only what differs (each page a forked child writes is copied first)
+  if package.path ~= prep.path then package.path = prep.path end
+  if package.cpath ~= prep.cpath then package.cpath = prep.cpath end
   if prep.cwd then core.chdir(prep.cwd) end
   require "multiprocessing"            -- every handle kind can be rebuilt
-  process._set_spawned_child(true)
-  if prep.exe then executable = prep.exe end
-  if process.METHODS[prep.method] then process._set_default_method(prep.method) end
+  if process.exports.is_main() then process._set_spawned_child(true) end
+  if prep.exe and executable ~= prep.exe then executable = prep.exe end
+  if process.METHODS[prep.method] and process._default_method() ~= prep.method then
+    process._set_default_method(prep.method)
+  end
   preload = prep.preload or {}
   _G.arg = prep.arg
-  main_chunk = prep.main
+  if main_chunk ~= prep.main then main_chunk = prep.main end
   if prep.main then
     local chunk, msg = compiled_main(prep.main)
     if not chunk then chunk, msg = loadfile(prep.main) end
