@@ -474,6 +474,77 @@ static int core__socketpair(lua_State *L) {
   return 2;
 }
 
+/* core._send_fd(sockbox, box) -> true | nil, msg: one byte on the unix
+   socket carrying box's fd (SCM_RIGHTS); the fork server hands a request
+   to its child forked ahead this way */
+static int core__send_fd(lua_State *L) {
+  int sock = check_fdbox(L, 1)->fd, fd = check_fdbox(L, 2)->fd;
+  union {
+    char buf[CMSG_SPACE(sizeof(int))];
+    struct cmsghdr align;
+  } u;
+  struct msghdr msg;
+  struct iovec iov;
+  struct cmsghdr *cm;
+  char one = 1;
+  ssize_t n;
+  iov.iov_base = &one;
+  iov.iov_len = 1;
+  memset(&msg, 0, sizeof msg);
+  memset(&u, 0, sizeof u);
+  msg.msg_iov = &iov;
+  msg.msg_iovlen = 1;
+  msg.msg_control = u.buf;
+  msg.msg_controllen = sizeof u.buf;
+  cm = CMSG_FIRSTHDR(&msg);
+  cm->cmsg_level = SOL_SOCKET;
+  cm->cmsg_type = SCM_RIGHTS;
+  cm->cmsg_len = CMSG_LEN(sizeof(int));
+  memcpy(CMSG_DATA(cm), &fd, sizeof fd);
+  do n = sendmsg(sock, &msg, MSG_NOSIGNAL);
+  while (n < 0 && errno == EINTR);
+  if (n != 1) return luaL_fileresult(L, 0, "sendmsg");
+  lua_pushboolean(L, 1);
+  return 1;
+}
+
+/* core._recv_fd(sockbox) -> box | nil: the fd one byte carried (see
+   _send_fd), waiting for it; nil at the end of the stream */
+static int core__recv_fd(lua_State *L) {
+  int sock = check_fdbox(L, 1)->fd, fd = -1;
+  union {
+    char buf[CMSG_SPACE(sizeof(int))];
+    struct cmsghdr align;
+  } u;
+  struct msghdr msg;
+  struct iovec iov;
+  struct cmsghdr *cm;
+  char one;
+  ssize_t n;
+  fdbox *b = push_fdbox(L);
+  iov.iov_base = &one;
+  iov.iov_len = 1;
+  memset(&msg, 0, sizeof msg);
+  msg.msg_iov = &iov;
+  msg.msg_iovlen = 1;
+  msg.msg_control = u.buf;
+  msg.msg_controllen = sizeof u.buf;
+  do n = recvmsg(sock, &msg, MSG_CMSG_CLOEXEC);
+  while (n < 0 && errno == EINTR);
+  if (n < 0) return luaL_fileresult(L, 0, "recvmsg");
+  for (cm = CMSG_FIRSTHDR(&msg); cm != NULL; cm = CMSG_NXTHDR(&msg, cm))
+    if (cm->cmsg_level == SOL_SOCKET && cm->cmsg_type == SCM_RIGHTS &&
+        cm->cmsg_len == CMSG_LEN(sizeof(int)))
+      memcpy(&fd, CMSG_DATA(cm), sizeof fd);
+  if (n == 0 || fd < 0) {
+    if (fd >= 0) close(fd);
+    lua_pushnil(L);
+    return 1;
+  }
+  b->fd = fd;
+  return 1;
+}
+
 /* core._pipe() -> rbox, wbox (close-on-exec) */
 static int core__pipe(lua_State *L) {
   int fds[2];
@@ -723,6 +794,8 @@ MP_API void mp_process_open(lua_State *L) {
     {"_fdbox", fdbox_new},
     {"_socketpair", core__socketpair},
     {"_pipe", core__pipe},
+    {"_send_fd", core__send_fd},
+    {"_recv_fd", core__recv_fd},
     {"_dup", core__dup},
     {"_status_write", core__status_write},
     {"_test_no_pidfd", core__test_no_pidfd},

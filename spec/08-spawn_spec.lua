@@ -507,6 +507,23 @@ describe("a program without an entry chunk", function()
     assert.is_true(gone(again), "the child forked ahead outlived the server")
   end)
 
+  it("hands an fd over a socket with one byte (_send_fd, _recv_fd)", function()
+    local core = require "multiprocessing.core"
+    local a, b = core._socketpair()          -- the carrier
+    local p, q = core._socketpair()          -- what it carries
+    assert.is_true(core._send_fd(a, q))
+    q:close()
+    local q2 = assert(core._recv_fd(b))
+    local cp = core.conn_from_fd(p:_detach(), true, true)
+    local cq = core.conn_from_fd(q2:_detach(), true, true)
+    assert.is_true(cp:send("through the copy"))
+    assert.are.equal("through the copy", cq:recv(5))
+    cp:close(); cq:close()
+    a:close()
+    assert.is_nil(core._recv_fd(b))          -- end of stream
+    b:close()
+  end)
+
   it("writes an exit code to a status pipe without a reader: false, no SIGPIPE", function()
     local core = require "multiprocessing.core"
     local r, w = core._pipe()

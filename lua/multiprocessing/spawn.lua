@@ -414,7 +414,7 @@ function M._forkserver_main(conn, mods)
   -- server's pause back (its entry chunk, re-run, may set its own).
   local child_pause = collectgarbage("setpause", SERVER_GC_PAUSE)
   local kids = {}            -- Process -> status write box
-  local warm                 -- { p = Process, chan = Connection, r =, w = status pipe }
+  local warm                 -- { p = Process, chan = its socket, r =, w = status pipe }
   -- In a new child: the collector's pause and Ctrl-C back, and the
   -- server's fds closed (the creator's socket, the siblings' status pipes
   -- and pidfds, and the ones given).
@@ -434,10 +434,10 @@ function M._forkserver_main(conn, mods)
   end
   local function warm_boot(chan, mine, r, w)
     drop_server_fds(mine, r, w)
-    local req = chan:recv()          -- nil: the server closed it (it leaves)
+    local box = core._recv_fd(chan)  -- nil: the server closed it (it leaves)
     chan:close()
-    if type(req) ~= "table" or not req[1] then return 0 end
-    return run_child(core.conn_from_fd(req[1]:_detach(), true, true))
+    if not box then return 0 end
+    return run_child(core.conn_from_fd(box:_detach(), true, true))
   end
   -- the answer to the creator: child p started, its status on pipe end r
   local function answer(p, r, w)
@@ -468,7 +468,7 @@ function M._forkserver_main(conn, mods)
   end
   local function fork_warm()
     local p = core.process_new({ name = "forkserver-child" })
-    local mine, theirs = core.Pipe(true)
+    local mine, theirs = core._socketpair()
     local r, w = core._pipe()
     local ok = pcall(p._fork, p, warm_boot, theirs, mine, r, w)
     theirs:close()
@@ -477,7 +477,7 @@ function M._forkserver_main(conn, mods)
   end
   local function serve(req)
     local wc = warm
-    if wc and wc.p:is_alive() and pcall(wc.chan.send, wc.chan, { req[1] }) then
+    if wc and wc.p:is_alive() and core._send_fd(wc.chan, req[1]) then
       warm = nil
       wc.chan:close()
       req[1]:close()
