@@ -545,6 +545,18 @@ static int core__recv_fd(lua_State *L) {
   return 1;
 }
 
+/* core._malloc_settle(): have the C allocator merge its small free
+   chunks now (glibc does so at the first large request). A fork server
+   settles before it forks, so that its children do not: merging writes
+   to the header of every free chunk, and a child copies each page it
+   writes. */
+static int core__malloc_settle(lua_State *L) {
+  void *(*volatile alloc)(size_t) = malloc;   /* a call the compiler keeps */
+  (void)L;
+  free(alloc(64 * 1024));
+  return 0;
+}
+
 /* core._pipe() -> rbox, wbox (close-on-exec) */
 static int core__pipe(lua_State *L) {
   int fds[2];
@@ -794,6 +806,7 @@ MP_API void mp_process_open(lua_State *L) {
     {"_fdbox", fdbox_new},
     {"_socketpair", core__socketpair},
     {"_pipe", core__pipe},
+    {"_malloc_settle", core__malloc_settle},
     {"_send_fd", core__send_fd},
     {"_recv_fd", core__recv_fd},
     {"_dup", core__dup},

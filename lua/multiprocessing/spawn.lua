@@ -470,6 +470,7 @@ function M._forkserver_main(conn, mods)
     local p = core.process_new({ name = "forkserver-child" })
     local mine, theirs = core._socketpair()
     local r, w = core._pipe()
+    core._malloc_settle()              -- in the server, not in every child
     local ok = pcall(p._fork, p, warm_boot, theirs, mine, r, w)
     theirs:close()
     if ok then warm = { p = p, chan = mine, r = r, w = w }
