@@ -172,10 +172,11 @@ function exports.Pool(opts)
   if process._start_guard then process._start_guard() end   -- spawn's guard
   local pc = core.pool_new(n, method ~= "fork")
   pools[pc] = true
+  -- (32 fields: a table of at most 32 keys has half the hash part; the
+  -- options, mostly absent, are set after)
   local self = setmetatable({
     _pc = pc, _n = n, _state = "running", _owner = core.getpid(),
-    _initializer = opts.initializer, _initargs = opts.initargs or {},
-    _maxtasks = opts.maxtasksperchild, _maxmem = mm,
+    _initargs = opts.initargs or {},
     _workers = {}, _seq = 0, _rr = 0,
     _cjob = {}, _cfirst = {}, _cn = {}, _cdeadline = {}, _ctimedout = {},
     _timed = {}, _ntimed = 0,
@@ -185,6 +186,7 @@ function exports.Pool(opts)
     _done = 0, _failed = 0, _restarts = 0, _nworkers = 0,
     _method = method,                     -- workers (restarts too) use it
   }, Pool)
+  self._initializer, self._maxtasks, self._maxmem = opts.initializer, opts.maxtasksperchild, mm
   local ok, err = pcall(self._start_workers, self)
   if not ok then                          -- e.g. an initializer that cannot travel
     self:terminate()
@@ -193,6 +195,8 @@ function exports.Pool(opts)
   return self
 end
 
+local WEAK_VALUES = { __mode = "v" }
+
 -- A slot's worker Process, not started yet (its channel opened)
 function Pool:_worker_process(slot)
   local pc = self._pc
@@ -200,7 +204,7 @@ function Pool:_worker_process(slot)
   if self._method == "fork" then
     -- the worker's Process (kept by process.lua until joined) must not keep
     -- the pool alive, or a forgotten pool would never be collected
-    local ref = setmetatable({ self }, { __mode = "v" })
+    local ref = setmetatable({ self }, WEAK_VALUES)
     return process.exports.Process{ target = worker_main, args = { ref, slot },
                                     daemon = true, name = "PoolWorker-" .. slot,
                                     start_method = "fork" }
