@@ -474,34 +474,44 @@ static int core__socketpair(lua_State *L) {
   return 2;
 }
 
-/* core._send_fd(sockbox, box) -> true | nil, msg: one byte on the unix
-   socket carrying box's fd (SCM_RIGHTS); the fork server hands a request
-   to its child forked ahead this way */
-static int core__send_fd(lua_State *L) {
-  int sock = check_fdbox(L, 1)->fd, fd = check_fdbox(L, 2)->fd;
+/* One byte carrying one fd (SCM_RIGHTS): the message of _send_fd and
+   _recv_fd. */
+typedef struct fdmsg {
+  struct msghdr msg;
+  struct iovec iov;
+  char byte;
   union {
     char buf[CMSG_SPACE(sizeof(int))];
     struct cmsghdr align;
   } u;
-  struct msghdr msg;
-  struct iovec iov;
+} fdmsg;
+
+static void fdmsg_init(fdmsg *m) {
+  memset(m, 0, sizeof *m);
+  m->byte = 1;
+  m->iov.iov_base = &m->byte;
+  m->iov.iov_len = 1;
+  m->msg.msg_iov = &m->iov;
+  m->msg.msg_iovlen = 1;
+  m->msg.msg_control = m->u.buf;
+  m->msg.msg_controllen = sizeof m->u.buf;
+}
+
+/* core._send_fd(sockbox, box) -> true | nil, msg: one byte on the unix
+   socket carrying box's fd; the fork server hands a request to its child
+   forked ahead this way */
+static int core__send_fd(lua_State *L) {
+  int sock = check_fdbox(L, 1)->fd, fd = check_fdbox(L, 2)->fd;
+  fdmsg m;
   struct cmsghdr *cm;
-  char one = 1;
   ssize_t n;
-  iov.iov_base = &one;
-  iov.iov_len = 1;
-  memset(&msg, 0, sizeof msg);
-  memset(&u, 0, sizeof u);
-  msg.msg_iov = &iov;
-  msg.msg_iovlen = 1;
-  msg.msg_control = u.buf;
-  msg.msg_controllen = sizeof u.buf;
-  cm = CMSG_FIRSTHDR(&msg);
+  fdmsg_init(&m);
+  cm = CMSG_FIRSTHDR(&m.msg);
   cm->cmsg_level = SOL_SOCKET;
   cm->cmsg_type = SCM_RIGHTS;
   cm->cmsg_len = CMSG_LEN(sizeof(int));
   memcpy(CMSG_DATA(cm), &fd, sizeof fd);
-  do n = sendmsg(sock, &msg, MSG_NOSIGNAL);
+  do n = sendmsg(sock, &m.msg, MSG_NOSIGNAL);
   while (n < 0 && errno == EINTR);
   if (n != 1) return luaL_fileresult(L, 0, "sendmsg");
   lua_pushboolean(L, 1);
@@ -512,27 +522,15 @@ static int core__send_fd(lua_State *L) {
    _send_fd), waiting for it; nil at the end of the stream */
 static int core__recv_fd(lua_State *L) {
   int sock = check_fdbox(L, 1)->fd, fd = -1;
-  union {
-    char buf[CMSG_SPACE(sizeof(int))];
-    struct cmsghdr align;
-  } u;
-  struct msghdr msg;
-  struct iovec iov;
+  fdmsg m;
   struct cmsghdr *cm;
-  char one;
   ssize_t n;
   fdbox *b = push_fdbox(L);
-  iov.iov_base = &one;
-  iov.iov_len = 1;
-  memset(&msg, 0, sizeof msg);
-  msg.msg_iov = &iov;
-  msg.msg_iovlen = 1;
-  msg.msg_control = u.buf;
-  msg.msg_controllen = sizeof u.buf;
-  do n = recvmsg(sock, &msg, MSG_CMSG_CLOEXEC);
+  fdmsg_init(&m);
+  do n = recvmsg(sock, &m.msg, MSG_CMSG_CLOEXEC);
   while (n < 0 && errno == EINTR);
   if (n < 0) return luaL_fileresult(L, 0, "recvmsg");
-  for (cm = CMSG_FIRSTHDR(&msg); cm != NULL; cm = CMSG_NXTHDR(&msg, cm))
+  for (cm = CMSG_FIRSTHDR(&m.msg); cm != NULL; cm = CMSG_NXTHDR(&m.msg, cm))
     if (cm->cmsg_level == SOL_SOCKET && cm->cmsg_type == SCM_RIGHTS &&
         cm->cmsg_len == CMSG_LEN(sizeof(int)))
       memcpy(&fd, CMSG_DATA(cm), sizeof fd);

@@ -675,36 +675,21 @@ describe("the fork server", function()
           p:start(); local v = r:recv(10); p:join(10)
           return v
         end
-        local a = child()
         local path = debug.getinfo(1, "S").source:sub(2)
-        local f = io.open(path) local src = f:read("a") f:close()
-        f = io.open(path, "w") f:write((src:gsub('"first"', '"second"', 1))) f:close()
-        print("before=" .. a, "after=" .. child(), "again=" .. child())
-      end
-    ]])
-    check(kv, out, code, { before = "first", after = "second", again = "second" })
-  end)
-
-  it("re-runs the entry chunk changed to one of the same size", function()
-    local kv, out, code = run("forkserver", [[
-      VERSION = "one"
-      local function report(c) c:send(VERSION) end
-      if mp.is_main() then
-        local r, w = mp.Pipe()
-        local function child()
-          local p = mp.Process{ target = report, args = { w } }
-          p:start(); local v = r:recv(10); p:join(10)
-          return v
+        local function edit(from, to)
+          local f = io.open(path) local src = f:read("a") f:close()
+          f = io.open(path, "w") f:write((src:gsub(from, to, 1))) f:close()
         end
         local a = child()
+        edit('"first"', '"second"')
+        local b, c = child(), child()
         os.execute("sleep 0.05")           -- past the file system's clock tick
-        local path = debug.getinfo(1, "S").source:sub(2)
-        local f = io.open(path) local src = f:read("a") f:close()
-        f = io.open(path, "w") f:write((src:gsub('"one"', '"two"', 1))) f:close()
-        print("before=" .. a, "after=" .. child())
+        edit('"second"', '"fourth"')         -- the same size
+        print("before=" .. a, "after=" .. b, "again=" .. c, "same_size=" .. child())
       end
     ]])
-    check(kv, out, code, { before = "one", after = "two" })
+    check(kv, out, code, { before = "first", after = "second", again = "second",
+                           same_size = "fourth" })
   end)
 
   it("gives a child the collector settings of a fresh interpreter", function()
