@@ -383,7 +383,7 @@ end
 
 -- ---- forkserver: the server ------------------------------------------
 
-local SERVER_GC_PAUSE = 1000   -- percent (see _forkserver_main)
+local SERVER_GC_PAUSE = 400   -- percent (see _forkserver_main)
 
 -- The server's loop (the target of its Process): hand each request to a
 -- child, report each child's exit code on its status pipe.
@@ -408,7 +408,7 @@ function M._forkserver_main(conn, mods)
   end
   -- The collector of a fresh interpreter waits until the heap has doubled
   -- (pause 200) before a cycle. The server waits until it has grown
-  -- tenfold: a child forked in the middle of a cycle would go on with it,
+  -- fourfold: a child forked in the middle of a cycle would go on with it,
   -- writing to (so copying) the page of every object it marks; forked in
   -- the pause, it starts far from its first cycle. A child gets the
   -- server's pause back (its entry chunk, re-run, may set its own).
