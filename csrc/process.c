@@ -544,10 +544,10 @@ static int core__recv_fd(lua_State *L) {
 }
 
 /* core._malloc_settle(): have the C allocator merge its small free
-   chunks now (glibc does so at the first large request). A fork server
-   settles before it forks, so that its children do not: merging writes
-   to the header of every free chunk, and a child copies each page it
-   writes. */
+   chunks now (glibc does so at the first large request). The fork server
+   settles before each fork and a Pool before forking its workers, so that
+   the children do not: merging writes to the header of every free chunk,
+   and a forked child copies each page it writes. */
 static int core__malloc_settle(lua_State *L) {
   void *(*volatile alloc)(size_t) = malloc;   /* a call the compiler keeps */
   (void)L;
@@ -579,17 +579,17 @@ static int core__dup(lua_State *L) {
    never SIGPIPE (which would kill the fork server), whatever the process
    does with SIGPIPE. */
 static int write_code(int fd, int32_t code) {
-  sigset_t pipe, old;
+  sigset_t sigpipe, old;
   ssize_t r;
-  sigemptyset(&pipe);
-  sigaddset(&pipe, SIGPIPE);
-  sigprocmask(SIG_BLOCK, &pipe, &old);
+  sigemptyset(&sigpipe);
+  sigaddset(&sigpipe, SIGPIPE);
+  sigprocmask(SIG_BLOCK, &sigpipe, &old);
   do r = write(fd, &code, sizeof code);
   while (r < 0 && errno == EINTR);
   if (r < 0 && errno == EPIPE && !sigismember(&old, SIGPIPE)) {
     struct timespec zero = {0, 0};
     int e = errno;
-    while (sigtimedwait(&pipe, NULL, &zero) < 0 && errno == EINTR) {}
+    while (sigtimedwait(&sigpipe, NULL, &zero) < 0 && errno == EINTR) {}
     errno = e;
   }
   sigprocmask(SIG_SETMASK, &old, NULL);
