@@ -205,15 +205,14 @@ function Pool:_worker_process(slot)
     -- the worker's Process (kept by process.lua until joined) must not keep
     -- the pool alive, or a forgotten pool would never be collected
     local ref = setmetatable({ self }, WEAK_VALUES)
-    return process.exports.Process{ target = worker_main, args = { ref, slot },
-                                    daemon = true, name = "PoolWorker-" .. slot,
-                                    start_method = "fork" }
+    return process._new({ target = worker_main, args = { ref, slot }, daemon = true,
+                          name = "PoolWorker-" .. slot, _method = "fork" })
   end
-  return process.exports.Process{
+  return process._new({
     target = spawned_worker_main,
     args = { { pc:_worker_handle(slot), self._initializer, self._initargs,
                self._maxtasks, self._maxmem } },
-    daemon = true, name = "PoolWorker-" .. slot, start_method = self._method }
+    daemon = true, name = "PoolWorker-" .. slot, _method = self._method })
 end
 
 -- Record slot's started worker p

@@ -81,6 +81,13 @@ end
 -- mp.Process{target=fn, args={...}, name=s, daemon=b, run=fn,
 --   start_method=m} -> Process; without start_method it takes the default
 --   method when it starts (p._method tells the one it was given)
+-- process._new(fields) -> Process: one made of fields already checked (the
+-- Pool's workers), counted as mp.Process counts them
+function M._new(fields)
+  counter = counter + 1
+  return core.process_new(fields)
+end
+
 function exports.Process(opts)
   opts = check_opts(opts)
   counter = counter + 1
