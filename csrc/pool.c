@@ -62,10 +62,6 @@ enum { V_NIL, V_FALSE, V_TRUE, V_INT, V_FLOAT, V_STR, V_CODEC };
 enum { EV_CHAN, EV_SENTINEL, EV_TIMER };
 
 #define RBUF_INIT 65536
-#define WBUF_INIT 4096               /* a worker's buffers at first (they grow
-                                        to RBUF_INIT once a read fills one):
-                                        a forked worker copies each page of
-                                        a big first allocation it writes */
 #define READ_MAX (1u << 20)          /* bytes read per slot per wait */
 #define QUICK_US 100                 /* a chunk this quick may wait to be sent */
 #define BATCH_MAX 65536              /* bytes of results held back at most */
@@ -909,8 +905,8 @@ static void serve(lua_State *L, int fd, shslot *sh, lua_Integer maxtasks,
   double held_since = 0;
   mp_buf *in, *out;
   signal(SIGINT, SIG_IGN);               /* Ctrl-C is the parent's business */
-  in = mp_buf_push(L, WBUF_INIT);        /* 6 */
-  out = mp_buf_push(L, WBUF_INIT);       /* 7 */
+  in = mp_buf_push(L, RBUF_INIT);        /* 6 */
+  out = mp_buf_push(L, RBUF_INIT);       /* 7 */
   lua_newtable(L);                       /* 8: fnid -> function */
   __atomic_store_n(&sh->ready, 1, __ATOMIC_RELEASE);
   for (;;) {
