@@ -139,7 +139,7 @@ static void put_header(char *h, uint64_t len, uint32_t nfds, uint32_t kind) {
 }
 
 /* Send the iovecs whole, the fds with the first bytes. 0, or an errno. */
-static int sendall(int fd, struct iovec *iov, int niov, const mp_fdlist *fds) {
+MP_API int mp_sendall(int fd, struct iovec *iov, int niov, const mp_fdlist *fds) {
   union {
     char buf[CMSG_SPACE(sizeof(int) * MP_MAX_FDS)];
     struct cmsghdr align;
@@ -223,7 +223,7 @@ static int conn_send(lua_State *L) {
   put_header(b->data, b->len - HDR_SIZE, (uint32_t)fds.n, KIND_VALUE);
   iov.iov_base = b->data;
   iov.iov_len = b->len;
-  return send_result(L, sendall(c->fd, &iov, 1, &fds));
+  return send_result(L, mp_sendall(c->fd, &iov, 1, &fds));
 }
 
 /* c:send_bytes(s [, i [, j]]) -> true | nil, "closed" */
@@ -245,34 +245,22 @@ static int conn_send_bytes(lua_State *L) {
   iov[0].iov_len = HDR_SIZE;
   iov[1].iov_base = (char *)(uintptr_t)(s + i - 1);
   iov[1].iov_len = (size_t)(j - i + 1);
-  return send_result(L, sendall(c->fd, iov, 2, NULL));
+  return send_result(L, mp_sendall(c->fd, iov, 2, NULL));
 }
 
 /* ---- receiving ----------------------------------------------------- */
 
-static void stash_fds(mp_conn *c, struct msghdr *msg) {
-  struct cmsghdr *cm;
-  for (cm = CMSG_FIRSTHDR(msg); cm; cm = CMSG_NXTHDR(msg, cm)) {
-    if (cm->cmsg_level == SOL_SOCKET && cm->cmsg_type == SCM_RIGHTS) {
-      int n = (int)((cm->cmsg_len - CMSG_LEN(0)) / sizeof(int)), k;
-      int *fd = (int *)(void *)CMSG_DATA(cm);
-      for (k = 0; k < n; k++) {
-        if (c->rfds.n < MP_MAX_FDS) c->rfds.fd[c->rfds.n++] = fd[k];
-        else close(fd[k]);
-      }
-    }
-  }
-}
-
-/* One read of up to len bytes into p, collecting fds. >0 bytes, 0 at end
-   of stream, -1 on error (errno; EAGAIN with MSG_DONTWAIT). */
-static ssize_t rawread(mp_conn *c, char *p, size_t len, int flags) {
+/* One recvmsg of up to len bytes into p; the fds that came are added to
+   fds (beyond MP_MAX_FDS closed). >0 bytes, 0 at end of stream, -1 on
+   error (errno; EAGAIN with MSG_DONTWAIT). */
+MP_API ssize_t mp_recv_fds(int fd, char *p, size_t len, int flags, mp_fdlist *fds) {
   union {
     char buf[CMSG_SPACE(sizeof(int) * MP_MAX_FDS)];
     struct cmsghdr align;
   } u;
   struct msghdr msg;
   struct iovec iov;
+  struct cmsghdr *cm;
   ssize_t n;
   iov.iov_base = p;
   iov.iov_len = len;
@@ -281,9 +269,25 @@ static ssize_t rawread(mp_conn *c, char *p, size_t len, int flags) {
   msg.msg_iovlen = 1;
   msg.msg_control = u.buf;
   msg.msg_controllen = sizeof u.buf;
-  do n = recvmsg(c->fd, &msg, MSG_CMSG_CLOEXEC | flags);
+  do n = recvmsg(fd, &msg, MSG_CMSG_CLOEXEC | flags);
   while (n < 0 && errno == EINTR);
-  if (n > 0 && msg.msg_controllen > 0) stash_fds(c, &msg);
+  if (n <= 0 || msg.msg_controllen == 0) return n;
+  for (cm = CMSG_FIRSTHDR(&msg); cm; cm = CMSG_NXTHDR(&msg, cm)) {
+    if (cm->cmsg_level == SOL_SOCKET && cm->cmsg_type == SCM_RIGHTS) {
+      int k = (int)((cm->cmsg_len - CMSG_LEN(0)) / sizeof(int)), i;
+      int *got = (int *)(void *)CMSG_DATA(cm);
+      for (i = 0; i < k; i++) {
+        if (fds->n < MP_MAX_FDS) fds->fd[fds->n++] = got[i];
+        else close(got[i]);
+      }
+    }
+  }
+  return n;
+}
+
+/* One read into p for c, its fds queued on c. */
+static ssize_t rawread(mp_conn *c, char *p, size_t len, int flags) {
+  ssize_t n = mp_recv_fds(c->fd, p, len, flags, &c->rfds);
   if (n == 0) c->eof = 1;
   return n;
 }

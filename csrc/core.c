@@ -184,6 +184,10 @@ MP_API uint32_t mp_start_tag(void) {
   return tag_value;
 }
 
+MP_API uint32_t mp_other_tag(uint32_t tag, uint32_t mask) {
+  return (tag & mask) == 5 ? 6 : 5;
+}
+
 MP_API int mp_process_gone(int pid, uint32_t tag, uint32_t mask) {
   char st = '?';
   uint64_t start = 0;

@@ -26,6 +26,7 @@
 
 #include <stddef.h>
 #include <stdint.h>
+#include <sys/types.h>
 #include "lua.h"
 #include "lauxlib.h"
 
@@ -88,6 +89,18 @@ MP_API uint32_t mp_start_tag(void);
 /* Is process pid gone: no such process, a zombie, or (tag & mask nonzero)
    a process whose start time & mask differs, i.e. the pid was reused? */
 MP_API int mp_process_gone(int pid, uint32_t tag, uint32_t mask);
+/* A start-time tag (within mask) that is neither tag nor 0: the specs'
+   stand-in for a dead owner whose pid this live process got. */
+MP_API uint32_t mp_other_tag(uint32_t tag, uint32_t mask);
+
+/* -- conn.c --------------------------------------------------------- */
+struct iovec;
+/* Send the iovecs whole on a socket, fds (may be NULL) with the first
+   bytes (SCM_RIGHTS), never raising SIGPIPE. 0, or an errno. */
+MP_API int mp_sendall(int fd, struct iovec *iov, int niov, const mp_fdlist *fds);
+/* One recvmsg of up to len bytes into p, adding the fds that came to fds.
+   >0 bytes, 0 at end of stream, -1 on error (errno). */
+MP_API ssize_t mp_recv_fds(int fd, char *p, size_t len, int flags, mp_fdlist *fds);
 
 /* -- shm.c ---------------------------------------------------------- */
 /* Create a memfd segment of size bytes (zero-filled), mapped shared; its fd

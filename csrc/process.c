@@ -474,46 +474,23 @@ static int core__socketpair(lua_State *L) {
   return 2;
 }
 
-/* One byte carrying one fd (SCM_RIGHTS): the message of _send_fd and
-   _recv_fd. */
-typedef struct fdmsg {
-  struct msghdr msg;
-  struct iovec iov;
-  char byte;
-  union {
-    char buf[CMSG_SPACE(sizeof(int))];
-    struct cmsghdr align;
-  } u;
-} fdmsg;
-
-static void fdmsg_init(fdmsg *m) {
-  memset(m, 0, sizeof *m);
-  m->byte = 1;
-  m->iov.iov_base = &m->byte;
-  m->iov.iov_len = 1;
-  m->msg.msg_iov = &m->iov;
-  m->msg.msg_iovlen = 1;
-  m->msg.msg_control = m->u.buf;
-  m->msg.msg_controllen = sizeof m->u.buf;
-}
-
 /* core._send_fd(sockbox, box) -> true | nil, msg: one byte on the unix
    socket carrying box's fd; the fork server hands a request to its child
    forked ahead this way */
 static int core__send_fd(lua_State *L) {
-  int sock = check_fdbox(L, 1)->fd, fd = check_fdbox(L, 2)->fd;
-  fdmsg m;
-  struct cmsghdr *cm;
-  ssize_t n;
-  fdmsg_init(&m);
-  cm = CMSG_FIRSTHDR(&m.msg);
-  cm->cmsg_level = SOL_SOCKET;
-  cm->cmsg_type = SCM_RIGHTS;
-  cm->cmsg_len = CMSG_LEN(sizeof(int));
-  memcpy(CMSG_DATA(cm), &fd, sizeof fd);
-  do n = sendmsg(sock, &m.msg, MSG_NOSIGNAL);
-  while (n < 0 && errno == EINTR);
-  if (n != 1) return luaL_fileresult(L, 0, "sendmsg");
+  int sock = check_fdbox(L, 1)->fd, e;
+  char one = 1;
+  struct iovec iov;
+  mp_fdlist fds;
+  fds.n = 1;
+  fds.fd[0] = check_fdbox(L, 2)->fd;
+  iov.iov_base = &one;
+  iov.iov_len = 1;
+  e = mp_sendall(sock, &iov, 1, &fds);
+  if (e != 0) {
+    errno = e;
+    return luaL_fileresult(L, 0, "sendmsg");
+  }
   lua_pushboolean(L, 1);
   return 1;
 }
@@ -521,33 +498,29 @@ static int core__send_fd(lua_State *L) {
 /* core._recv_fd(sockbox) -> box | nil: the fd one byte carried (see
    _send_fd), waiting for it; nil at the end of the stream */
 static int core__recv_fd(lua_State *L) {
-  int sock = check_fdbox(L, 1)->fd, fd = -1;
-  fdmsg m;
-  struct cmsghdr *cm;
+  int sock = check_fdbox(L, 1)->fd;
+  char one;
+  mp_fdlist fds;
   ssize_t n;
   fdbox *b = push_fdbox(L);
-  fdmsg_init(&m);
-  do n = recvmsg(sock, &m.msg, MSG_CMSG_CLOEXEC);
-  while (n < 0 && errno == EINTR);
+  fds.n = 0;
+  n = mp_recv_fds(sock, &one, 1, 0, &fds);
   if (n < 0) return luaL_fileresult(L, 0, "recvmsg");
-  for (cm = CMSG_FIRSTHDR(&m.msg); cm != NULL; cm = CMSG_NXTHDR(&m.msg, cm))
-    if (cm->cmsg_level == SOL_SOCKET && cm->cmsg_type == SCM_RIGHTS &&
-        cm->cmsg_len == CMSG_LEN(sizeof(int)))
-      memcpy(&fd, CMSG_DATA(cm), sizeof fd);
-  if (n == 0 || fd < 0) {
-    if (fd >= 0) close(fd);
+  if (n == 0 || fds.n != 1) {
+    mp_fdlist_close(&fds);
     lua_pushnil(L);
     return 1;
   }
-  b->fd = fd;
+  b->fd = fds.fd[0];
   return 1;
 }
 
 /* core._malloc_settle(): have the C allocator merge its small free
    chunks now (glibc does so at the first large request). The fork server
-   settles before each fork and a Pool before forking its workers, so that
-   the children do not: merging writes to the header of every free chunk,
-   and a forked child copies each page it writes. */
+   settles before each fork, and process._start_all before forking several
+   (a Pool's workers), so that the children do not: merging writes to the
+   header of every free chunk, and a forked child copies each page it
+   writes. */
 static int core__malloc_settle(lua_State *L) {
   void *(*volatile alloc)(size_t) = malloc;   /* a call the compiler keeps */
   (void)L;

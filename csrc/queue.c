@@ -1306,17 +1306,19 @@ static int queue_test_crash(lua_State *L) {
   return 0;
 }
 
-/* core.queue_test_lock(q [, "reused"]): take the queue's lock and keep it
-   (specs only: the caller is a child about to be killed). With "reused",
-   the lock then names the caller's pid with another start time: an owner
-   that died and whose pid this live process got. */
+/* core.queue_test_lock(q [, "held" | "reused"]): take the queue's lock
+   and keep it (specs only: the caller is a child about to be killed). With
+   "reused", the lock then names the caller's pid with another start time:
+   an owner that died and whose pid this live process got. */
 static int queue_test_lock(lua_State *L) {
+  static const char *const modes[] = {"held", "reused", NULL};
   qshm *s = check_queue(L, 1)->shm;
+  int reused = luaL_checkoption(L, 2, "held", modes) == 1;
   q_lock(s);
-  if (lua_isstring(L, 2)) {
-    uint32_t me = owner_id(), tag = (me >> OWNER_SHIFT) & OWNER_TAG;
-    tag = tag == 5 ? 6 : 5;                       /* not ours, not 0 */
-    __atomic_store_n(&s->lock, (me & OWNER_PID) | (tag << OWNER_SHIFT),
+  if (reused) {
+    uint32_t me = owner_id();
+    __atomic_store_n(&s->lock, (me & OWNER_PID) |
+                     (mp_other_tag(me >> OWNER_SHIFT, OWNER_TAG) << OWNER_SHIFT),
                      __ATOMIC_SEQ_CST);
   }
   return 0;

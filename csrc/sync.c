@@ -1028,8 +1028,8 @@ MP_API int mp_sync_claim_slot(lua_State *L, int idx, int code) {
 static int sync_test_reused(lua_State *L) {
   mp_sync *s = check_sync(L, 1, M_LOCKS);
   uint64_t me = my_ident();
-  uint32_t tag = (uint32_t)(me >> 32);
-  STORE(&s->m->lock, (me & PIDMASK) | ((uint64_t)(tag == 5 ? 6 : 5) << 32));
+  STORE(&s->m->lock, (me & PIDMASK) |
+                     ((uint64_t)mp_other_tag((uint32_t)(me >> 32), 0xffffffffu) << 32));
   return 0;
 }
 

@@ -228,10 +228,6 @@ end
 function Pool:_start_workers()
   local procs = {}
   for slot = 1, self._n do procs[slot] = self:_worker_process(slot) end
-  -- forked workers: the allocator's small free chunks merged once here,
-  -- not in each worker (merging writes to every free chunk's page, and a
-  -- forked worker copies each page it writes)
-  if self._method == "fork" then core._malloc_settle() end
   local ok, err = pcall(process._start_all, procs)
   for slot = 1, self._n do
     if procs[slot]._state == "started" then self:_started(slot, procs[slot]) end

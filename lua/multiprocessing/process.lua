@@ -211,6 +211,11 @@ local function start_all(list, level)
   for p in pairs(children) do          -- forget what has ended
     if p._state ~= "started" or not p:is_alive() then children[p] = nil end
   end
+  -- Several forks: the C allocator's small free chunks merged once here,
+  -- not in each child (glibc merges them at the first large allocation,
+  -- writing to every free chunk's page, and a forked child copies each
+  -- page it writes). For one fork it is a wash.
+  if #list > 1 then core._malloc_settle() end
   local ok, err, n = true, nil, 0
   for i = 1, #list do
     local p = list[i]
