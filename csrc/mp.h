@@ -93,6 +93,14 @@ MP_API int mp_process_gone(int pid, uint32_t tag, uint32_t mask);
    stand-in for a dead owner whose pid this live process got. */
 MP_API uint32_t mp_other_tag(uint32_t tag, uint32_t mask);
 
+/* -- process.c ------------------------------------------------------ */
+/* A hook a forked child runs in C before its bootstrap enters Lua (it may
+   leave with _exit there). */
+typedef void (*mp_child_hook)(void *arg, int i);
+/* Give the not yet started Process at idx the hook (NULL: none). */
+MP_API void mp_process_set_hook(lua_State *L, int idx, mp_child_hook hook,
+                                void *arg, int i);
+
 /* -- conn.c --------------------------------------------------------- */
 struct iovec;
 /* Send the iovecs whole on a socket, fds (may be NULL) with the first

@@ -39,7 +39,10 @@
  * Workers ignore SIGINT (Ctrl-C is the parent's business; the parent's
  * terminate or __gc stops them).
  *
- * A forked worker serves its slot of the inherited PoolCore (pc:worker).
+ * A forked worker serves its slot of the inherited PoolCore (pc:worker);
+ * one with no initializer first waits in C for its first frame, before it
+ * enters Lua at all, and leaves from there if that frame is EXIT
+ * (lazy_wait).
  * A spawned or forkserver worker has no PoolCore: it receives a PoolWorker
  * handle (MP_POOLWORKER_T; its channel end and the shared page's memfd, by
  * SCM_RIGHTS) and serves that (w:serve); both run the same loop (serve).
@@ -48,6 +51,7 @@
 
 #include <errno.h>
 #include <fcntl.h>
+#include <pthread.h>
 #include <signal.h>
 #include <stdlib.h>
 #include <string.h>
@@ -91,6 +95,8 @@ typedef struct slot {
 } slot;
 
 typedef struct pcore {
+  struct pcore *next, **prevp;       /* the live pools (all_pools) */
+  int owner;                         /* pid of the process that made it */
   int n, closed;
   int epfd, tfd;
   int shmfd;                         /* the page's memfd (spawn, forkserver) */
@@ -98,6 +104,32 @@ typedef struct pcore {
   size_t shmsize;
   slot s[];
 } pcore;
+
+/* Every PoolCore of this process not released yet: a forked worker closes
+   the others' fds before it waits for its first frame (lazy_wait). */
+static pcore *all_pools;
+static pthread_mutex_t all_pools_lock = PTHREAD_MUTEX_INITIALIZER;
+
+static void pools_link(pcore *pc) {
+  pthread_mutex_lock(&all_pools_lock);
+  pc->next = all_pools;
+  if (all_pools) all_pools->prevp = &pc->next;
+  pc->prevp = &all_pools;
+  all_pools = pc;
+  pthread_mutex_unlock(&all_pools_lock);
+}
+
+/* lock = 0 in a forked child: it has one thread, and the lock may have
+   been copied held by another */
+static void pools_unlink(pcore *pc, int lock) {
+  if (!pc->prevp) return;
+  if (lock) pthread_mutex_lock(&all_pools_lock);
+  *pc->prevp = pc->next;
+  if (pc->next) pc->next->prevp = pc->prevp;
+  pc->next = NULL;
+  pc->prevp = NULL;
+  if (lock) pthread_mutex_unlock(&all_pools_lock);
+}
 
 /* ---- buffers (malloc'd, owned by the userdata) --------------------- */
 
@@ -251,6 +283,7 @@ static void slot_release(pcore *pc, slot *s) {
 static void pcore_release(pcore *pc) {
   int i;
   if (pc->closed) return;
+  pools_unlink(pc, pc->owner == mp_getpid());
   for (i = 0; i < pc->n; i++) slot_release(pc, &pc->s[i]);
   if (pc->epfd >= 0) close(pc->epfd);
   if (pc->tfd >= 0) close(pc->tfd);
@@ -285,6 +318,8 @@ static int pool_new(lua_State *L) {
   for (i = 0; i < pc->n; i++) pc->s[i].fd = pc->s[i].wfd = pc->s[i].pidfd = -1;
   luaL_setmetatable(L, MP_POOL_T);
   pc->closed = 0;
+  pc->owner = mp_getpid();
+  pools_link(pc);
   pc->epfd = epoll_create1(EPOLL_CLOEXEC);
   if (pc->epfd < 0) return luaL_error(L, "epoll_create1: %s", strerror(errno));
   pc->tfd = timerfd_create(CLOCK_MONOTONIC, TFD_NONBLOCK | TFD_CLOEXEC);
@@ -756,14 +791,19 @@ static void close_others(pcore *pc, int me) {
   pc->epfd = pc->tfd = pc->shmfd = -1;
 }
 
-/* pc:_child_close(): in a forked child, drop this pool's fds (its copy) */
-static int pool_child_close(lua_State *L) {
-  pcore *pc = to_pcore(L, 1);
-  if (pc->closed) return 0;
+/* In a forked child, drop pc's fds and mapping (the child's copy). */
+static void child_close(pcore *pc) {
+  if (pc->closed) return;
+  pools_unlink(pc, 0);
   close_others(pc, -1);
   if (pc->shm) mp_shm_unmap(pc->shm, pc->shmsize);
   pc->shm = NULL;
   pc->closed = 1;
+}
+
+/* pc:_child_close(): in a forked child, drop this pool's fds (its copy) */
+static int pool_child_close(lua_State *L) {
+  child_close(to_pcore(L, 1));
   return 0;
 }
 
@@ -1014,6 +1054,43 @@ static int pool_worker(lua_State *L) {
   return 1;
 }
 
+/* The hook of a forked worker with no initializer (pc:lazy): before its
+   bootstrap enters Lua, the worker drops what it must not hold (the other
+   slots' channels, every other pool) and waits in C for its first frame.
+   A worker whose first frame is EXIT, or whose channel ends, leaves at
+   once as serve would (code 0) without running any Lua: such a worker
+   writes almost no page, so costs a copy of almost none. Any other frame
+   is left unread for serve. */
+static void lazy_wait(void *arg, int me) {
+  pcore *pc = (pcore *)arg, *o, *next;
+  slot *s = &pc->s[me];
+  unsigned char h[5];
+  ssize_t r;
+  signal(SIGINT, SIG_IGN);               /* as serve: the parent's business */
+  if (pthread_mutex_trylock(&all_pools_lock) == 0) {  /* else: in Lua, later */
+    pthread_mutex_unlock(&all_pools_lock);
+    for (o = all_pools; o; o = next) {
+      next = o->next;
+      if (o != pc) child_close(o);
+    }
+  }
+  close_others(pc, me);
+  __atomic_store_n(&pc->shm[me].ready, 1, __ATOMIC_RELEASE);
+  do r = recv(s->wfd, h, sizeof h, MSG_PEEK | MSG_WAITALL);
+  while (r < 0 && errno == EINTR);
+  if (r == 0 || (r == (ssize_t)sizeof h && rd_u32((const char *)h) == 1 && h[4] == F_EXIT))
+    _exit(0);
+}
+
+/* pc:lazy(i, p): slot i's worker, the forked Process p not started yet,
+   waits for its first frame before it enters Lua (lazy_wait) */
+static int pool_lazy(lua_State *L) {
+  pcore *pc = check_pcore(L, 1);
+  slot *s = check_slot(L, pc, 2);
+  mp_process_set_hook(L, 3, lazy_wait, pc, (int)(s - pc->s));
+  return 0;
+}
+
 /* ---- the worker's handle (spawn, forkserver) ------------------------
 
    A worker that is not forked cannot inherit the PoolCore: the parent
@@ -1211,6 +1288,7 @@ static const luaL_Reg pool_methods[] = {
   {"_child_close", pool_child_close},
   {"initfail", pool_initfail},
   {"worker", pool_worker},
+  {"lazy", pool_lazy},
   {"_worker_handle", pool_worker_handle},
   {NULL, NULL}
 };

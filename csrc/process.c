@@ -62,6 +62,9 @@ typedef struct mp_process {
   int self;      /* 1 in the child: this object is the current process */
   int remote;    /* started by a forkserver: pidfd is its status pipe */
   int sigfd;     /* remote: a pidfd for signals, or -1 */
+  mp_child_hook hook;  /* forked child: run before the bootstrap */
+  void *hook_arg;
+  int hook_i;
 } mp_process;
 
 static mp_process *to_process(lua_State *L, int i) {
@@ -173,6 +176,7 @@ static int process__fork(lua_State *L) {
     p->owner = parent;
     p->state = P_STARTED;
     p->self = 1;
+    if (p->hook) p->hook(p->hook_arg, p->hook_i);
     status = lua_pcall(L, lua_gettop(L) - 2, 1, 0);
     if (status != LUA_OK) {
       const char *msg = lua_tostring(L, -1);
@@ -190,6 +194,15 @@ static int process__fork(lua_State *L) {
   p->state = P_STARTED;
   lua_pushinteger(L, pid);
   return 1;
+}
+
+MP_API void mp_process_set_hook(lua_State *L, int idx, mp_child_hook hook,
+                                void *arg, int i) {
+  mp_process *p = check_process(L, idx);
+  if (p->state != P_INITIAL) luaL_error(L, "the process has been started already");
+  p->hook = hook;
+  p->hook_arg = arg;
+  p->hook_i = i;
 }
 
 /* p:join([timeout]) -> exitcode | nil, "timeout" */

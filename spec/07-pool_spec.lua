@@ -733,3 +733,92 @@ describe("Pool failures", function()
     assert.truthy(H.wait_until(function() return #H.children() == 0 end, 5))
   end)
 end)
+
+-- A forked worker with no initializer waits in C for its first frame
+-- (pool.c's lazy_wait): what it must have done before it waits.
+describe("Pool workers before their first task", function()
+  H.leakcheck()
+
+  local function ready(pool, slot) return select(3, pool._pc:started(slot)) end
+
+  local function fd_count(pid)
+    local p = io.popen("ls /proc/" .. pid .. "/fd 2>/dev/null | wc -l")
+    local n = tonumber(p:read("a"))
+    p:close()
+    return n
+  end
+
+  -- pids of pool's n idle workers, once every one is waiting
+  local function idle_workers(pool, n, before)
+    assert.truthy(H.wait_until(function()
+      for slot = 1, n do if not ready(pool, slot) then return false end end
+      return true
+    end, 10))
+    local pids = {}
+    for _, pid in ipairs(H.children()) do
+      if not before[pid] then pids[#pids + 1] = pid end
+    end
+    assert.are.equal(n, #pids)
+    return pids
+  end
+
+  local function set(list)
+    local t = {}
+    for _, v in ipairs(list) do t[v] = true end
+    return t
+  end
+
+  it("hold no fd of another pool or of their siblings", function()
+    collectgarbage(); collectgarbage()
+    local alone = mp.Pool(1)
+    local n1 = fd_count(idle_workers(alone, 1, {})[1])
+    alone:terminate()
+    collectgarbage(); collectgarbage()
+    local other = mp.Pool(6)               -- 6 channels, 6 sentinels, 2 more
+    local before = set(H.children())
+    local second = mp.Pool(3)
+    local pids = idle_workers(second, 3, before)
+    local counts = {}
+    for i, pid in ipairs(pids) do counts[i] = fd_count(pid) end
+    second:terminate()
+    other:terminate()
+    for i = 1, 3 do
+      -- (a little slack: the parent's own fds may change in between)
+      assert.is_true(counts[i] <= n1 + 2, ("%d fds alone, %d beside another pool"):format(n1, counts[i]))
+    end
+  end)
+
+  it("ignore SIGINT, and run their first task after it", function()
+    with_pool(1, function(pool)
+      local pid = idle_workers(pool, 1, {})[1]
+      core.kill(pid, 2)
+      pool:poll(0.1)
+      assert.are.equal(pid, pool:apply(function() return require("multiprocessing.core").getpid() end))
+      assert.are.equal(0, pool:stats().restarts)
+    end)
+  end)
+
+  it("leave at close and join, leaving no process behind", function()
+    local before = set(H.children())
+    local pool = mp.Pool(3)
+    idle_workers(pool, 3, before)
+    pool:close()
+    pool:join()
+    assert.are.equal(0, #H.children())
+    assert.are.equal(0, pool:stats().restarts)
+  end)
+
+  it("are not upset by a pool collected before they started", function()
+    do
+      local gone = mp.Pool(2)
+      gone:map(function(x) return x end, { 1, 2 })
+      gone:terminate()
+    end
+    collectgarbage(); collectgarbage()     -- its PoolCore freed
+    with_pool(2, function(pool)
+      local r = pool:map(function(x) return x * 2 end, { 1, 2, 3, 4 }, 1)
+      assert.are.same({ 2, 4, 6, 8 }, { r[1], r[2], r[3], r[4] })
+      assert.are.equal(0, pool:stats().restarts)
+    end)
+  end)
+end)

@@ -205,8 +205,12 @@ function Pool:_worker_process(slot)
     -- the worker's Process (kept by process.lua until joined) must not keep
     -- the pool alive, or a forgotten pool would never be collected
     local ref = setmetatable({ self }, WEAK_VALUES)
-    return process._new({ target = worker_main, args = { ref, slot }, daemon = true,
-                          name = "PoolWorker-" .. slot, _method = "fork" })
+    local p = process._new({ target = worker_main, args = { ref, slot }, daemon = true,
+                             name = "PoolWorker-" .. slot, _method = "fork" })
+    -- with no initializer to run at its start, the worker waits in C for
+    -- its first frame: one that only ever gets EXIT leaves without Lua
+    if not self._initializer then pc:lazy(slot, p) end
+    return p
   end
   return process._new({
     target = spawned_worker_main,
