@@ -1067,7 +1067,9 @@ static void lazy_wait(void *arg, int me) {
   unsigned char h[5];
   ssize_t r;
   signal(SIGINT, SIG_IGN);               /* as serve: the parent's business */
-  if (pthread_mutex_trylock(&all_pools_lock) == 0) {  /* else: in Lua, later */
+  /* the list may be mid-change only if another thread of the parent held
+     its lock at the fork: then worker_main closes the other pools */
+  if (pthread_mutex_trylock(&all_pools_lock) == 0) {
     pthread_mutex_unlock(&all_pools_lock);
     for (o = all_pools; o; o = next) {
       next = o->next;
@@ -1076,7 +1078,10 @@ static void lazy_wait(void *arg, int me) {
   }
   close_others(pc, me);
   __atomic_store_n(&pc->shm[me].ready, 1, __ATOMIC_RELEASE);
-  do r = recv(s->wfd, h, sizeof h, MSG_PEEK | MSG_WAITALL);
+  /* (a peek returns what has come: a frame header that came in two
+     pieces, which the parent's whole-frame writes do not make, would
+     take the ordinary path) */
+  do r = recv(s->wfd, h, sizeof h, MSG_PEEK);
   while (r < 0 && errno == EINTR);
   if (r == 0 || (r == (ssize_t)sizeof h && rd_u32((const char *)h) == 1 && h[4] == F_EXIT))
     _exit(0);
