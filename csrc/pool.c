@@ -106,7 +106,7 @@ typedef struct pcore {
 } pcore;
 
 /* Every PoolCore of this process not released yet: a forked worker closes
-   the others' fds before it waits for its first frame (lazy_wait). */
+   the others' fds (drop_inherited). */
 static pcore *all_pools;
 static pthread_mutex_t all_pools_lock = PTHREAD_MUTEX_INITIALIZER;
 
@@ -801,9 +801,27 @@ static void child_close(pcore *pc) {
   pc->closed = 1;
 }
 
-/* pc:_child_close(): in a forked child, drop this pool's fds (its copy) */
-static int pool_child_close(lua_State *L) {
-  child_close(to_pcore(L, 1));
+/* In slot me's forked worker: drop what it inherited and must not hold,
+   every other pool of this process and pc's channels but its own end
+   (again: nothing). The list may be mid-change only if another thread of
+   the parent held its lock at the fork: the other pools then stay open. */
+static void drop_inherited(pcore *pc, int me) {
+  pcore *o, *next;
+  if (pthread_mutex_trylock(&all_pools_lock) == 0) {
+    pthread_mutex_unlock(&all_pools_lock);   /* one thread here: no need */
+    for (o = all_pools; o; o = next) {
+      next = o->next;
+      if (o != pc) child_close(o);
+    }
+  }
+  close_others(pc, me);
+}
+
+/* pc:drop_inherited(i): in slot i's forked worker, before anything else
+   (see drop_inherited) */
+static int pool_drop_inherited(lua_State *L) {
+  pcore *pc = to_pcore(L, 1);
+  drop_inherited(pc, (int)(check_slot(L, pc, 2) - pc->s));
   return 0;
 }
 
@@ -929,7 +947,6 @@ static int pool_initfail(lua_State *L) {
   pcore *pc = to_pcore(L, 1);
   slot *s = check_slot(L, pc, 2);
   lua_settop(L, 3);                      /* pc, i, err */
-  close_others(pc, (int)(s - pc->s));
   send_initfail(L, s->wfd, 3);
   return 0;
 }
@@ -1045,8 +1062,7 @@ static int pool_worker(lua_State *L) {
   double maxmem = luaL_optnumber(L, 4, 0);
   int me = (int)(s - pc->s);
   luaL_checktype(L, 5, LUA_TFUNCTION);
-  lua_settop(L, 5);                      /* 5: msgh */
-  close_others(pc, me);
+  lua_settop(L, 5);                      /* 5: msgh (worker_main dropped the rest) */
   serve(L, s->wfd, &pc->shm[me], maxtasks, maxmem);
   if (s->wfd >= 0) close(s->wfd);
   s->wfd = -1;
@@ -1062,21 +1078,12 @@ static int pool_worker(lua_State *L) {
    writes almost no page, so costs a copy of almost none. Any other frame
    is left unread for serve. */
 static void lazy_wait(void *arg, int me) {
-  pcore *pc = (pcore *)arg, *o, *next;
+  pcore *pc = (pcore *)arg;
   slot *s = &pc->s[me];
   unsigned char h[5];
   ssize_t r;
   signal(SIGINT, SIG_IGN);               /* as serve: the parent's business */
-  /* the list may be mid-change only if another thread of the parent held
-     its lock at the fork: then worker_main closes the other pools */
-  if (pthread_mutex_trylock(&all_pools_lock) == 0) {
-    pthread_mutex_unlock(&all_pools_lock);
-    for (o = all_pools; o; o = next) {
-      next = o->next;
-      if (o != pc) child_close(o);
-    }
-  }
-  close_others(pc, me);
+  drop_inherited(pc, me);
   __atomic_store_n(&pc->shm[me].ready, 1, __ATOMIC_RELEASE);
   /* (a peek returns what has come: a frame header that came in two
      pieces, which the parent's whole-frame writes do not make, would
@@ -1290,7 +1297,7 @@ static const luaL_Reg pool_methods[] = {
   {"timer", pool_timer},
   {"fileno", pool_fileno},
   {"close", pool_close},
-  {"_child_close", pool_child_close},
+  {"drop_inherited", pool_drop_inherited},
   {"initfail", pool_initfail},
   {"worker", pool_worker},
   {"lazy", pool_lazy},

@@ -506,6 +506,30 @@ describe("Pool behaviour", function()
     assert.is_true(n2 <= n1 + 2, ("%d fds alone, %d beside another pool"):format(n1, n2))
   end)
 
+  it("gives a worker started with an initializer no fd of another pool either", function()
+    local function worker_fds(opts)
+      local pool = mp.Pool(opts)
+      local n = pool:apply(function()
+        local pid = require("multiprocessing.core").getpid()
+        local p = io.popen("ls /proc/" .. pid .. "/fd | wc -l")
+        local k = tonumber(p:read("a"))
+        p:close()
+        return k
+      end)
+      pool:terminate()
+      return n
+    end
+    local init = { processes = 1, initializer = function() end }
+    collectgarbage(); collectgarbage()
+    local n1 = worker_fds(init)
+    collectgarbage(); collectgarbage()
+    local other = mp.Pool(6)
+    init.processes = 4
+    local n2 = worker_fds(init)
+    other:terminate()
+    assert.is_true(n2 <= n1 + 2, ("%d fds alone, %d beside another pool"):format(n1, n2))
+  end)
+
   it("close and join finish the queued tasks first", function()
     local pool = mp.Pool(2)
     local r = pool:map_async(function(x) require("multiprocessing.core").poll({}, 0.01); return x end,

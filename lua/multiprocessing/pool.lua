@@ -41,8 +41,6 @@ local M = {}
 local exports = {}
 M.exports = exports
 
-local pools = setmetatable({}, { __mode = "k" })   -- live PoolCores
-
 local MAXFN = 256          -- cached functions before the caches are cleared
 local FAST_US = 1000       -- a chunk this quick may be deeply pipelined
 local MEDIUM_US = 100000
@@ -82,10 +80,8 @@ end
 
 local function worker_main(ref, slot)
   local pool = ref[1]                     -- the caller's frames hold it too
-  for pc in pairs(pools) do
-    if pc ~= pool._pc then pc:_child_close() end
-  end
   local pc = pool._pc
+  pc:drop_inherited(slot)                 -- other pools, sibling channels
   local init = pool._initializer
   if init then
     local args = pool._initargs
@@ -171,7 +167,6 @@ function exports.Pool(opts)
   local method = process._default_method()
   if process._start_guard then process._start_guard() end   -- spawn's guard
   local pc = core.pool_new(n, method ~= "fork")
-  pools[pc] = true
   -- (32 fields: a table of at most 32 keys has half the hash part; the
   -- options, mostly absent, are set after)
   local self = setmetatable({
@@ -1039,7 +1034,6 @@ function Pool:terminate()
     self:_kill_all(false)
   end
   self._pc:close()
-  pools[self._pc] = nil
 end
 
 -- pool:join(): wait for the workers to leave (after close or terminate)
@@ -1057,7 +1051,6 @@ function Pool:join()
   self._workers, self._nworkers = {}, 0
   self._state = "joined"
   self._pc:close()
-  pools[self._pc] = nil
 end
 
 Pool.__close = Pool.terminate
