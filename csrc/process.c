@@ -242,8 +242,10 @@ static int process_is_alive(lua_State *L) {
   return 1;
 }
 
-static int send_signal(lua_State *L, int sig) {
+static int send_signal(lua_State *L, int sig, const char *what) {
   mp_process *p = check_process(L, 1);
+  if (p->state == P_INITIAL && !p->self)     /* as Python's, which raises */
+    return luaL_error(L, "cannot %s a process that was not started", what);
   /* Only a started, not yet reaped child: its pid cannot have been reused. */
   if (p->state == P_STARTED && !p->self && !reap(p, 0)) {
 #ifdef SYS_pidfd_send_signal
@@ -264,9 +266,9 @@ static int send_signal(lua_State *L, int sig) {
 }
 
 /* p:terminate() / p:kill() / p:interrupt(): SIGTERM / SIGKILL / SIGINT */
-static int process_terminate(lua_State *L) { return send_signal(L, SIGTERM); }
-static int process_kill(lua_State *L) { return send_signal(L, SIGKILL); }
-static int process_interrupt(lua_State *L) { return send_signal(L, SIGINT); }
+static int process_terminate(lua_State *L) { return send_signal(L, SIGTERM, "terminate"); }
+static int process_kill(lua_State *L) { return send_signal(L, SIGKILL, "kill"); }
+static int process_interrupt(lua_State *L) { return send_signal(L, SIGINT, "interrupt"); }
 
 static void release(mp_process *p) {
   if (p->pidfd >= 0) close(p->pidfd);

@@ -45,6 +45,13 @@ describe("Process arguments", function()
     assert.is_false(p:is_alive())
   end)
 
+  it("refuses to terminate, kill or interrupt a process that was not started", function()
+    local p = mp.Process()
+    assert.has_error(function() p:terminate() end, "cannot terminate a process that was not started")
+    assert.has_error(function() p:kill() end, "cannot kill a process that was not started")
+    assert.has_error(function() p:interrupt() end, "cannot interrupt a process that was not started")
+  end)
+
   it("refuses to join a process that was not started", function()
     assert.has_error(function() mp.Process():join(0) end,
                      "can only join a started process")

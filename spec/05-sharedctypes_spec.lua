@@ -204,6 +204,19 @@ describe("Array", function()
     assert.truthy(tostring(err):find("item 3", 1, true))
   end)
 
+  it("names the call and why for a size too large for shared memory", function()
+    for _, f in ipairs({ mp.Array, mp.RawArray }) do
+      local ok, err = pcall(function() return f("i", 1 << 50) end)
+      assert.is_false(ok)
+      err = tostring(err)
+      assert.truthy(err:find("to '" .. (f == mp.Array and "Array" or "RawArray")
+                             .. "' (size 1125899906842624 too large", 1, true), err)
+      assert.truthy(err:find("items of int32", 1, true), err)
+      assert.is_nil(err:find("shared_new", 1, true))
+      assert.is_nil(err:find("sharedctypes.lua", 1, true))
+    end
+  end)
+
   it("is 1-based with bounds checks", function()
     local a <close> = mp.Array("int32", 3)
     assert.are.equal(3, #a)

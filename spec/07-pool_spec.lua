@@ -42,6 +42,17 @@ describe("Pool arguments", function()
     assert.truthy(tostring(err):find("processes", 1, true))
   end)
 
+  it("names the call, not an internal function, for too many processes", function()
+    for _, arg in ipairs({ 100000, { processes = 100000 } }) do
+      local ok, err = pcall(function() return mp.Pool(arg) end)
+      assert.is_false(ok)
+      err = tostring(err)
+      assert.truthy(err:find("Pool: 'processes' must be an integer in 1..4096 (got 100000)", 1, true), err)
+      assert.is_nil(err:find("pool_new", 1, true))
+      assert.is_nil(err:find("pool.lua", 1, true))
+    end
+  end)
+
   it("starts its workers with its start method, even from inside busted", function()
     -- (no entry chunk here: what travels must be bytecode or module functions)
     -- luacheck: globals INIT_V

@@ -127,6 +127,8 @@ end
 
 -- ---- construction ------------------------------------------------------
 
+local MAX_PROCESSES = 4096     -- csrc/pool.c's bound on slots
+
 local OPTIONS = { processes = true, initializer = true, initargs = true,
                   maxtasksperchild = true, max_memory_per_child = true }
 
@@ -147,8 +149,9 @@ function exports.Pool(opts)
     if not OPTIONS[k] then error("Pool: unknown option '" .. tostring(k) .. "'", 2) end
   end
   local n = opts.processes
-  if n ~= nil and (math.type(n) ~= "integer" or n < 1) then
-    error("Pool: 'processes' must be an integer >= 1 (got " .. tostring(n) .. ")", 2)
+  if n ~= nil and (math.type(n) ~= "integer" or n < 1 or n > MAX_PROCESSES) then
+    error("Pool: 'processes' must be an integer in 1.." .. MAX_PROCESSES .. " (got "
+          .. tostring(n) .. ")", 2)
   end
   n = n or core.cpu_count()
   if opts.initializer ~= nil and type(opts.initializer) ~= "function" then

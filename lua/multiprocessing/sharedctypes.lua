@@ -97,12 +97,19 @@ local function new_value(fname, t, init, lock)
   return v
 end
 
+local MAX_BYTES = 1 << 40        -- csrc/sharedctypes.c's bound on a segment
+
 local function new_array(fname, t, init, lock)
   local code = ctype(t, fname)
   local ti = type(init)
   local n
   if math_type(init) == "integer" then
     if init < 0 then argerror(2, fname, "size must be >= 0, got " .. init) end
+    local _, name, size = core.ctype(code)
+    if init >= MAX_BYTES // size then
+      argerror(2, fname, ("size %d too large: at most %d items of %s (1 TiB of shared memory)")
+               :format(init, MAX_BYTES // size - 1, name))
+    end
     return core.shared_new(code, init, true, lock)
   elseif ti == "table" then
     n = init.n or #init
