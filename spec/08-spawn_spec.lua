@@ -649,6 +649,104 @@ describe("the fork server", function()
     end, 5), "the fork server outlived its creator")
   end)
 
+  -- (Lua source) kids(): the children of this process, { pid = state }
+  local KIDS = [[
+    local core = require "multiprocessing.core"
+    local function kids()
+      local t, me = {}, tostring(core.getpid())
+      local ls = io.popen("ls /proc")
+      for d in ls:lines() do
+        local f = d:match("^%d+$") and io.open("/proc/" .. d .. "/stat")
+        if f then
+          local comm, st, pp = (f:read("l") or ""):match("^%d+ %((.*)%) (%S) (%d+)")
+          f:close()
+          if pp == me and comm ~= "ls" and comm ~= "sh" then t[tonumber(d)] = st end
+        end
+      end
+      ls:close()
+      return t
+    end
+    -- SIGKILL the fork server; its children (the workers) are sent
+    -- SIGKILL as it exits, so they are gone once it is a zombie
+    local function kill_server()
+      local pid
+      for k, st in pairs(kids()) do if st ~= "Z" then pid = k end end
+      core.kill(pid, 9)
+      local deadline = core.monotonic() + 10
+      while kids()[pid] ~= "Z" and core.monotonic() < deadline do os.execute("sleep 0.01") end
+    end
+    local function zombies()
+      local n = 0
+      for _, st in pairs(kids()) do if st == "Z" then n = n + 1 end end
+      return n
+    end
+  ]]
+
+  it("is reaped and replaced when killed: a Pool's workers come back, no zombie stays", function()
+    local kv, out, code = run("forkserver", KIDS .. [[
+      local function sq(x) return x * x end
+      if mp.is_main() then
+        local pool = mp.Pool{ processes = 2, initializer = function() end }
+        local ok = #pool:map(sq, { 1, 2, 3 }) == 3
+        collectgarbage("stop")               -- reaped at once, not by a collection
+        for _ = 1, 3 do
+          kill_server()
+          local r = pool:map(sq, { 1, 2, 3, 4, 5, 6 }, 1)
+          ok = ok and r[6] == 36
+        end
+        print("ok=" .. tostring(ok), "workers=" .. pool:stats().workers)
+        pool:terminate()
+        print("zombies=" .. zombies())
+      end
+    ]], 60)
+    check(kv, out, code, { ok = "true", workers = "2", zombies = "0" })
+  end)
+
+  it("fails a Pool's tasks with a ProcessError when it cannot be restarted, never hangs", function()
+    local kv, out, code = run("forkserver", KIDS .. [[
+      local function sq(x) return x * x end
+      if mp.is_main() then
+        local pool = mp.Pool{ processes = 2, initializer = function() end }
+        pool:map(sq, { 1, 2 })
+        mp.set_executable("/nonexistent/lua5.4")
+        kill_server()
+        local r = pool:map_async(sq, { 1, 2, 3, 4 }, 1)
+        local ok, err = pcall(r.get, r, 20)
+        print("first=" .. (ok and "returned" or tostring(err.type)))
+        print("why=" .. tostring(not ok and err.message:find("fork server could not be started", 1, true) ~= nil))
+        ok, err = pcall(function()
+          local r2 = pool:map_async(sq, { 1, 2 }, 1)
+          return r2:get(5)
+        end)
+        print("second=" .. (ok and "returned" or tostring(err.type)))
+        pool:terminate()
+        print("zombies=" .. zombies())
+      end
+    ]], 60)
+    check(kv, out, code, { first = "ProcessError", why = "true", second = "ProcessError",
+                           zombies = "0" })
+  end)
+
+  it("starts a Pool's workers again once it can be restarted", function()
+    local kv, out, code = run("forkserver", KIDS .. [[
+      local function sq(x) return x * x end
+      if mp.is_main() then
+        local pool = mp.Pool{ processes = 2, initializer = function() end }
+        pool:map(sq, { 1, 2 })
+        local exe = mp.get_executable()
+        mp.set_executable("/nonexistent/lua5.4")
+        kill_server()
+        local r = pool:map_async(sq, { 1, 2, 3, 4 }, 1)
+        r:wait(0.2)                          -- the first restarts fail
+        mp.set_executable(exe)
+        local res = r:get(20)
+        print("got=" .. tostring(res and res[4]), "workers=" .. pool:stats().workers)
+        pool:terminate()
+      end
+    ]], 60)
+    check(kv, out, code, { got = "16", workers = "2" })
+  end)
+
   it("preloads the modules named by set_forkserver_preload", function()
     local kv, out, code = run("forkserver", [[
       package.path = "examples/?.lua;" .. package.path

@@ -30,8 +30,8 @@ local core = require "multiprocessing.core"
 local errors = require "multiprocessing.errors"
 local process = require "multiprocessing.process"
 
-local type, error, pairs, tostring, setmetatable, xpcall, pcall =
-      type, error, pairs, tostring, setmetatable, xpcall, pcall
+local type, error, pairs, next, tostring, setmetatable, xpcall, pcall =
+      type, error, pairs, next, tostring, setmetatable, xpcall, pcall
 local math_huge, math_min, math_max, ceil = math.huge, math.min, math.max, math.ceil
 local unpack, traceback = table.unpack, debug.traceback
 local monotonic, dumpfn = core.monotonic, core.pool_dumpfn
@@ -242,6 +242,61 @@ function Pool:_spawn(slot)
   local p = self:_worker_process(slot)
   p:start()
   self:_started(slot, p)
+end
+
+-- Replacing a worker can fail for a while (the fork server was killed and
+-- its successor is not up, fork refused for lack of memory or processes).
+-- A slot whose start failed is left vacant and tried again after a
+-- back-off that doubles up to RESTART_MAX_WAIT; a pool with no worker left
+-- whose starts failed RESTART_TRIES times in a row is broken with the
+-- reason, so that its tasks fail instead of waiting for a worker that
+-- never comes.
+local RESTART_WAIT, RESTART_MAX_WAIT, RESTART_TRIES = 0.05, 1, 5
+
+function Pool:_restart(slot)
+  local ok, err = pcall(self._spawn, self, slot)
+  local vacant = self._vacant             -- slot -> { tries, err, at }, or nil
+  if ok then
+    if vacant then
+      vacant[slot] = nil
+      if next(vacant) == nil then self._vacant = nil end
+    end
+    return
+  end
+  self._pc:close_slot(slot)               -- the channel opened for it
+  if not vacant then vacant = {}; self._vacant = vacant end
+  local v = vacant[slot] or { tries = 0 }
+  vacant[slot] = v
+  v.tries, v.err = v.tries + 1, err
+  v.at = monotonic() + math_min(RESTART_WAIT * 2 ^ (v.tries - 1), RESTART_MAX_WAIT)
+  if self._nworkers == 0 and v.tries >= RESTART_TRIES then
+    local why = type(err) == "table" and err.message or tostring(err)
+    self:_break(errors.new("ProcessError", ("Pool: no worker is left and none could be "
+      .. "started (%d tries): %s; the pool is broken"):format(v.tries, why)))
+  end
+end
+
+-- Try again the vacant slots whose back-off has run out; the seconds
+-- until the next one is due (nil: none is vacant any more).
+function Pool:_retry_vacant()
+  local vacant, now = self._vacant, monotonic()
+  for slot, v in pairs(vacant) do
+    if self._broken or self._state == "terminated"
+       or (self._state ~= "running" and self._active == 0) then
+      vacant[slot] = nil
+    elseif v.at <= now then
+      self._restarts = self._restarts + 1
+      self:_restart(slot)
+    end
+  end
+  vacant = self._vacant
+  if not vacant then return nil end
+  local next_at
+  for _, v in pairs(vacant) do
+    if not next_at or v.at < next_at then next_at = v.at end
+  end
+  if not next_at then self._vacant = nil; return nil end
+  return math_max(next_at - monotonic(), 0)
 end
 
 -- ---- jobs and dispatch -------------------------------------------------
@@ -724,7 +779,7 @@ function Pool:_death(slot)
   end
   if self._state == "running" or self._active > 0 then
     self._restarts = self._restarts + 1
-    self:_spawn(slot)
+    self:_restart(slot)
     if self._state == "closed" and self._active == 0 then self:_exit_workers() end
   end
 end
@@ -808,6 +863,10 @@ end
 function Pool:_step(timeout)
   local pc = self._pc
   if self._state == "terminated" or self._state == "joined" then return end
+  if self._vacant then
+    local due = self:_retry_vacant()
+    if due and (not timeout or due < timeout) then timeout = due end
+  end
   self:_dispatch()
   local slots, timer = pc:wait(timeout)
   local workers = self._workers
@@ -1023,7 +1082,7 @@ function Pool:_kill_all(hard)
     self._pc:close_slot(slot)
     w.proc:close()
   end
-  self._workers, self._nworkers = {}, 0
+  self._workers, self._nworkers, self._vacant = {}, 0, nil
 end
 
 -- pool:terminate(): stop the workers now; unfinished tasks fail

@@ -239,40 +239,70 @@ end
 
 local server   -- { conn = Connection, proc = Process, owner = pid }
 
-local function get_server()
-  local me = core.getpid()
-  if server and server.owner == me and server.proc:is_alive() then return server end
-  if server and server.owner == me then
-    pcall(server.conn.close, server.conn)
-  end
+-- Forget the server: close our end of its socket and reap it, killed if it
+-- still runs (it did not answer), so that no dead server stays a zombie.
+-- Its children die with it (PDEATHSIG). A server inherited from the
+-- process we were forked from is that process's: only forgotten.
+local function drop_server()
+  local s = server
   server = nil
+  if not s or s.owner ~= core.getpid() then return end
+  pcall(s.conn.close, s.conn)
+  local proc = s.proc
+  if not proc:join(0) then
+    proc:kill()
+    proc:join(5)
+  end
+  if proc:join(0) then proc:close() end
+end
+
+local function get_server()
+  if server and server.owner == core.getpid() and server.proc:is_alive() then return server end
+  drop_server()
+  local me = core.getpid()
   local mine, theirs = core.Pipe(true)
   local proc = core.process_new({ name = "ForkServer", daemon = true, args = {} })
   local prep = prep_message(me, process.exports.current_process().name, false, true)
-  spawn_raw(proc, prep, { name = "ForkServer", daemon = true,
-                          target = M._forkserver_main, args = { theirs, preload } })
+  local ok, err = pcall(spawn_raw, proc, prep, { name = "ForkServer", daemon = true,
+                        target = M._forkserver_main, args = { theirs, preload } })
   theirs:close()
+  if not ok then
+    mine:close()
+    if proc.pid then                      -- it started, then its messages failed
+      if proc:is_alive() then proc:kill() end
+      if proc:join(5) then proc:close() end
+    end
+    perr("forkserver: the fork server could not be started: "
+         .. (type(err) == "table" and tostring(err.message) or tostring(err)), 4)
+  end
   server = { conn = mine, proc = proc, owner = me }
   return server
 end
 
 -- The boot messages are written while the server forks (the socket keeps
 -- them for the child); then the server's answer makes p a started process.
+-- A server that does not answer (killed, or dead of its own) is reaped and
+-- replaced, and the start tried once more with the new one.
 local function forkserver_start(p, prep, payload)
-  local s = get_server()
-  local pbox, cbox = core._socketpair()
-  local ok = s.conn:send({ cbox, main = prep.main })
-  cbox:close()
-  local sent, err = true, nil
-  if ok then sent, err = pcall(send_boot, pbox, prep, payload) else pbox:close() end
-  local rep = ok and s.conn:recv(BOOT_TIMEOUT)     -- always read: keep in step
-  if type(rep) ~= "table" or not rep.pid then
-    server = nil
-    perr("forkserver: " .. (type(rep) == "table" and tostring(rep.error)
-                            or "the server did not answer"), 3)
+  for _ = 1, 2 do
+    local s = get_server()
+    local pbox, cbox = core._socketpair()
+    local ok = s.conn:send({ cbox, main = prep.main })
+    cbox:close()
+    local sent, err = true, nil
+    if ok then sent, err = pcall(send_boot, pbox, prep, payload) else pbox:close() end
+    local rep = ok and s.conn:recv(BOOT_TIMEOUT)     -- always read: keep in step
+    if type(rep) == "table" and rep.pid then
+      p:_attach(rep.pid, rep.status, rep.pidfd)
+      if not sent then error(err, 0) end   -- the child, without its messages, exits 1
+      return
+    end
+    if type(rep) == "table" then          -- it answered: the fork failed there
+      perr("forkserver: " .. tostring(rep.error), 3)
+    end
+    drop_server()
   end
-  p:_attach(rep.pid, rep.status, rep.pidfd)
-  if not sent then error(err, 0) end   -- the child, without its messages, exits 1
+  perr("forkserver: the fork server died and did not answer its replacement either", 3)
 end
 
 -- process.lua's start for "spawn" and "forkserver"
@@ -537,12 +567,10 @@ end
 -- Stop the fork server (tests, and programs that want it gone early).
 function M._forkserver_stop()
   if server and server.owner == core.getpid() then
-    server.conn:close()
+    server.conn:close()              -- end of file: it leaves (drop_server reaps it)
     server.proc:join(5)
-    if server.proc:is_alive() then server.proc:kill(); server.proc:join() end
-    server.proc:close()
   end
-  server = nil
+  drop_server()
 end
 
 return M
