@@ -27,7 +27,7 @@ LUASRC = $(wildcard lua/multiprocessing/*.lua)
 BUSTED = $(LUA) /usr/bin/busted
 ENV  = LUA_PATH="$(CURDIR)/lua/?.lua;$(CURDIR)/lua/?/init.lua;;" \
        LUA_CPATH="$(CURDIR)/lua/?.so;;"
-DEPS = lua5.4 liblua5.4-dev lua-busted gcc make
+DEPS = lua5.4 liblua5.4-dev lua-busted gcc make libssl-dev
 
 .PHONY: embed all run test test-asan examples bench fuzz fuzz-ci lint install clean deps spec env
 
