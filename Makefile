@@ -18,7 +18,7 @@ WARN = -std=c99 -Wall -Wextra -Wshadow -Wmissing-prototypes -Wstrict-prototypes 
        -Wpointer-arith -Wcast-qual -Wundef $(WERROR)
 ALL_CFLAGS = $(CFLAGS) $(WARN) -fPIC -fvisibility=hidden -I$(LUA_INCDIR) -Icsrc
 LDFLAGS_SO = -shared
-LIBS       = -lm
+LIBS       = -lcrypto -lm
 
 SRC  = $(wildcard csrc/*.c)
 HDR  = $(wildcard csrc/*.h)
@@ -27,7 +27,7 @@ LUASRC = $(wildcard lua/multiprocessing/*.lua)
 BUSTED = $(LUA) /usr/bin/busted
 ENV  = LUA_PATH="$(CURDIR)/lua/?.lua;$(CURDIR)/lua/?/init.lua;;" \
        LUA_CPATH="$(CURDIR)/lua/?.so;;"
-DEPS = lua5.4 liblua5.4-dev lua-busted gcc make
+DEPS = lua5.4 liblua5.4-dev lua-busted gcc make libssl-dev
 
 .PHONY: embed all run test test-asan examples bench fuzz fuzz-ci lint install clean deps spec env
 
@@ -111,7 +111,7 @@ clean:
 # Findings (crash-*, leak-*) and the grown corpus go to fuzz/out/.
 FUZZ_CC      ?= clang
 FUZZ_SECONDS ?= 600
-FUZZ_LIBS    ?= -llua5.4 -lm
+FUZZ_LIBS    ?= -llua5.4 -lcrypto -lm
 FUZZ_BIN      = fuzz/out/fuzz_decode
 
 $(FUZZ_BIN): fuzz/fuzz_decode.c $(SRC) $(HDR)

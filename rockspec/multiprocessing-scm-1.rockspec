@@ -16,6 +16,11 @@ supervised worker pool; Lua modules give it the API Python users know.
 dependencies = {
   "lua >= 5.4, < 5.5",
 }
+-- HMAC-SHA256 and random bytes come from OpenSSL's libcrypto (3.0 or later;
+-- Debian: libssl-dev).
+external_dependencies = {
+  OPENSSL = { header = "openssl/evp.h", library = "crypto" },
+}
 build = {
   type = "builtin",
   modules = {
@@ -43,8 +48,9 @@ build = {
         "csrc/shm.c",
         "csrc/sync.c",
       },
-      incdirs = { "csrc" },
-      libraries = { "m" },
+      incdirs = { "csrc", "$(OPENSSL_INCDIR)" },
+      libdirs = { "$(OPENSSL_LIBDIR)" },
+      libraries = { "crypto", "m" },
     },
   },
 }

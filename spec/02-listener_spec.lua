@@ -22,9 +22,56 @@ describe("HMAC-SHA256", function()
                        "Test Using Larger Than Block-Size Key - Hash Key First")))
   end)
 
+  it("gives the RFC 4231 digests (test cases 1, 7) and takes an empty key", function()
+    assert.are.equal("b0344c61d8db38535ca8afceaf0bf12b881dc200c9833da726e9376c2e32cff7",
+                     hex(core.hmac_sha256(string.rep("\11", 20), "Hi There")))
+    assert.are.equal("9b09ffa71b942fcb27635fbcd5b0e944bfdc63644f0713938a7f51535c3a35e2",
+                     hex(core.hmac_sha256(string.rep("\170", 131),
+                       "This is a test using a larger than block-size key and a larger than " ..
+                       "block-size data. The key needs to be hashed before being used by the " ..
+                       "HMAC algorithm.")))
+    assert.are.equal("b613679a0814d9ec772f95d778c35fc5ff1697c493715653c6c712144292c5ad",
+                     hex(core.hmac_sha256("", "")))
+    -- a message longer than a block (FIPS 180-4's "a" x 1000)
+    assert.are.equal("41edece42d63e8d9bf515a9ba6932e1c20cbc9f5a5d134645adb5db1b9737ea3",
+                     hex(core.sha256(string.rep("a", 1000))))
+  end)
+
+  it("compares digests", function()
+    local d = core.hmac_sha256("k", "m")
+    assert.is_true(core.equal_digest(d, core.hmac_sha256("k", "m")))
+    assert.is_false(core.equal_digest(d, core.hmac_sha256("k", "n")))
+    assert.is_false(core.equal_digest(d, d:sub(1, 31)))
+    assert.is_true(core.equal_digest("", ""))
+  end)
+
   it("draws random challenges", function()
     assert.are.equal(32, #core.random_bytes(32))
     assert.are_not.equal(core.random_bytes(32), core.random_bytes(32))
+    assert.are.equal("", core.random_bytes(0))
+    assert.are.equal(256, #core.random_bytes(256))
+    assert.has_error(function() core.random_bytes(257) end)
+    assert.has_error(function() core.random_bytes(-1) end)
+  end)
+
+  it("draws different bytes in forked children than in the parent", function()
+    core.random_bytes(32) -- the parent's generator is seeded before the fork
+    local a, b = mp.Pipe()
+    local ps = {}
+    for i = 1, 2 do
+      ps[i] = mp.get_context("fork").Process{
+        target = function(c) c:send(core.random_bytes(32)) end, args = { b } }
+      ps[i]:start()
+    end
+    local seen = { [core.random_bytes(32)] = true }
+    for _ = 1, 2 do
+      local r = a:recv(10)
+      assert.are.equal(32, #r)
+      assert.is_nil(seen[r])
+      seen[r] = true
+    end
+    for i = 1, 2 do assert.are.equal(0, ps[i]:join(10)) end
+    a:close(); b:close()
   end)
 end)
 
