@@ -1,15 +1,16 @@
 -- multiprocessing.pool: Pool and AsyncResult, a supervised worker farm.
 --
--- The parent knows which worker holds which task (DESIGN.md point 6):
--- work is cut into chunks, each chunk goes to one chosen worker over that
--- worker's own channel (csrc/pool.c), and each worker keeps a FIFO of the
--- chunks it holds. When a worker ends, what it had finished is read first;
--- then the chunk it was running (the shared page says which) fails with
--- WorkerLostError, or TimeoutError when the parent killed it for a task
--- timeout, the chunks it had not started go back to the queue, and a new
--- worker takes its slot.
+-- The parent knows which worker holds which task (docs/design.md,
+-- decision 6): work is cut into chunks, each chunk goes to one chosen
+-- worker over that worker's own channel (csrc/pool.c), and each worker
+-- keeps a FIFO of the chunks it holds. When a worker ends, what it had
+-- finished is read first; then the chunk it was running (the shared page
+-- says which) fails with WorkerLostError, or TimeoutError when the parent
+-- killed it for a task timeout, chunks it finished without sending their
+-- results fail too, the chunks it had not started go back to the queue,
+-- and a new worker takes its slot.
 --
--- No threads (point 7): the parent moves only when the program calls into
+-- No threads (decision 7): the parent moves only when the program calls into
 -- the pool (get, wait, map, imap's iterator, poll, join); callbacks run
 -- from those calls. pool:fileno() is one fd (epoll) an event loop can
 -- watch, a timerfd inside it included, so task timeouts wake it too.
