@@ -464,8 +464,6 @@ function Pool:_dispatch()
   self._rr = start % n + 1
 end
 
--- mode: "apply" (one call, all its results), "map" (first results in a
--- list), "imap", "imapu"
 -- A forked child has a copy of the pool, which must not touch the
 -- parent's workers.
 function Pool:_own(level)
@@ -474,6 +472,8 @@ function Pool:_own(level)
   end
 end
 
+-- mode: "apply" (one call, all its results), "map" (first results in a
+-- list), "imap", "imapu"
 function Pool:_submit(mode, fn, xs, star, opts, level)
   level = level + 1
   self:_own(level)
@@ -688,7 +688,9 @@ function Pool:_drain(slot)
   end
 end
 
--- The initializer raised: the pool cannot run tasks; fail them all.
+-- The pool cannot run tasks (its initializer raised, a worker left before
+-- it was ready, or no worker is left and none can be started): fail
+-- them all; later calls raise err.
 function Pool:_break(err)
   if self._broken then return end
   self._broken = err
