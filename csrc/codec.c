@@ -1,6 +1,6 @@
 /*
- * codec.c: the one codec (DESIGN.md point 3): any Lua value to a message
- * and back, for mp.dumps/mp.loads and every transport.
+ * codec.c: the one codec (docs/design.md, decision 3): any Lua value to a
+ * message and back, for mp.dumps/mp.loads and every transport.
  *
  * A message is a version byte (CODEC_VERSION), a flags byte (F_REFS: the
  * message holds references, so the decoder must remember every table,

@@ -10,8 +10,11 @@
  *
  * Reads go through a 64 KiB buffer so that small messages cost one read;
  * a payload larger than the buffer is read straight into its destination.
- * A timeout applies to the wait for a message to begin; once its first
- * byte is there the rest is read to the end (the sender is writing it).
+ * A timeout bounds the whole message: one that is not all there when it
+ * runs out (a peer stalled halfway) is kept aside, header and fds
+ * included, and the next recv goes on with it, so nothing is lost and a
+ * stalled peer cannot hold a recv past its timeout. Without a timeout a
+ * recv waits for the whole message.
  * Sends use MSG_NOSIGNAL: a closed peer is nil, "closed", never SIGPIPE.
  */
 #include "mp.h"

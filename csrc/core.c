@@ -1,6 +1,9 @@
 /*
  * core.c: luaopen_multiprocessing_core and the small services every file
- * uses: error objects, boxed byte buffers, monotonic time and timeouts.
+ * uses: error objects, boxed byte buffers, monotonic time and timeouts, fd
+ * lists, the cached pid and process identity (pid plus start time). The
+ * services call nothing above them; the opener calls every file's
+ * *_open (see docs/design.md, "The layers").
  *
  * Error objects are built by the Lua module multiprocessing.errors (pure
  * Lua, no dependency on this module), so C and Lua raise the same objects.

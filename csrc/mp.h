@@ -14,8 +14,12 @@
  *     mp_fdlist that the transport sends beside the bytes (SCM_RIGHTS) or,
  *     under fork, that the receiver already has.
  *   - handles: a userdata whose metatable has __mp_reduce travels as a
- *     handle (see codec.c); kinds are rebuilt by mp_register_handle_kind().
+ *     handle (see codec.c); each kind is rebuilt by the function a Lua
+ *     module registered with core.register_handle(kind, rebuild).
  *   - time: mp_deadline()/mp_remaining_ms() on CLOCK_MONOTONIC.
+ *   - pid identity: mp_getpid(), mp_start_tag(), mp_process_gone(): who
+ *     holds a lock word, and whether that process is gone.
+ *   - shared memory: mp_shm_create()/mp_shm_map() and futexes (shm.c).
  */
 #ifndef MP_H
 #define MP_H

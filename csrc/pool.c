@@ -1,6 +1,6 @@
 /*
- * pool.c: the Pool's engine (DESIGN.md points 6 and 7): one channel per
- * worker, the parent's event set, and the worker's loop.
+ * pool.c: the Pool's engine (docs/design.md, decisions 6 and 7): one
+ * channel per worker, the parent's event set, and the worker's loop.
  *
  * A PoolCore userdata (MP_POOL_T) owns, for each worker slot, the parent's
  * end of a Unix socketpair (non-blocking, with an output buffer that is

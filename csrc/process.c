@@ -5,10 +5,11 @@
  * A Process is a userdata (mp_process) whose user value is a Lua table of
  * its Lua-side fields (name, target, args, daemon, an overriding run, and
  * anything the user stores); process.lua adds start and run to the methods.
- * Exit status is waited for without signal handlers (DESIGN.md point 5):
- * the sentinel is a pidfd, readable once the child has ended, and waitpid
- * is called on that pid only, so a host's SIGCHLD handling is left alone
- * and a pid is never signalled after it was reaped (it could be reused).
+ * Exit status is waited for without signal handlers (docs/design.md,
+ * decision 5): the sentinel is a pidfd, readable once the child has ended,
+ * and waitpid is called on that pid only, so a host's SIGCHLD handling is
+ * left alone and a pid is never signalled after it was reaped (it could be
+ * reused).
  *
  * A forked child: stdio is flushed before fork so nothing is written
  * twice; the child asks for SIGKILL when its parent dies

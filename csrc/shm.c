@@ -3,10 +3,12 @@
  * queue.c.
  *
  * A segment is a memfd (memfd_create) mapped MAP_SHARED: it has no name, so
- * nothing is left in /dev/shm when a process is killed, and its fd survives
- * exec, so a spawned child maps the same memory from a passed fd. Futex
- * waits use absolute CLOCK_MONOTONIC deadlines (FUTEX_WAIT_BITSET), so a
- * timeout interrupted by a signal resumes with the time that is left.
+ * nothing is left in /dev/shm when a process is killed, and it is an fd, so
+ * a process that did not inherit the mapping (a spawned child) maps the
+ * same memory from the fd passed to it (SCM_RIGHTS; the fd itself is
+ * close-on-exec). Futex waits use absolute CLOCK_MONOTONIC deadlines
+ * (FUTEX_WAIT_BITSET), so a timeout interrupted by a signal resumes with
+ * the time that is left.
  */
 #include "mp.h"
 

@@ -475,7 +475,7 @@ busy:
   return 1;
 }
 
-/* sem:release([n=1]); a BoundedSemaphore raises past its bound */
+/* sem:release(): adds one; a BoundedSemaphore raises past its bound */
 static int sem_release(lua_State *L) {
   mp_sync *s = check_sync(L, 1, M_SEMS);
   mp_syncmem *m = s->m;
@@ -978,7 +978,7 @@ static const luaL_Reg common_methods[] = {
 };
 
 /* Register class k with methods; module table at -1. core.<Kind>_methods
-   is the methods table (sync.lua adds Lua methods to it). */
+   is the methods table (synchronize.lua adds Lua methods to it). */
 static void open_class(lua_State *L, int k, const luaL_Reg *methods) {
   char name[64];
   luaL_newmetatable(L, kind_tnames[k]);     /* mod, mt */

@@ -1,4 +1,4 @@
--- Pool: arguments, every call of API.md's Pools table, failures (killed
+-- Pool: arguments, every call of docs/api.md's Pools table, failures (killed
 -- workers, os.exit, timeouts, retirement), callbacks, lifecycle.
 local H = require "helpers"
 local mp = require "multiprocessing"

@@ -1,15 +1,16 @@
 -- multiprocessing.pool: Pool and AsyncResult, a supervised worker farm.
 --
--- The parent knows which worker holds which task (DESIGN.md point 6):
--- work is cut into chunks, each chunk goes to one chosen worker over that
--- worker's own channel (csrc/pool.c), and each worker keeps a FIFO of the
--- chunks it holds. When a worker ends, what it had finished is read first;
--- then the chunk it was running (the shared page says which) fails with
--- WorkerLostError, or TimeoutError when the parent killed it for a task
--- timeout, the chunks it had not started go back to the queue, and a new
--- worker takes its slot.
+-- The parent knows which worker holds which task (docs/design.md,
+-- decision 6): work is cut into chunks, each chunk goes to one chosen
+-- worker over that worker's own channel (csrc/pool.c), and each worker
+-- keeps a FIFO of the chunks it holds. When a worker ends, what it had
+-- finished is read first; then the chunk it was running (the shared page
+-- says which) fails with WorkerLostError, or TimeoutError when the parent
+-- killed it for a task timeout, chunks it finished without sending their
+-- results fail too, the chunks it had not started go back to the queue,
+-- and a new worker takes its slot.
 --
--- No threads (point 7): the parent moves only when the program calls into
+-- No threads (decision 7): the parent moves only when the program calls into
 -- the pool (get, wait, map, imap's iterator, poll, join); callbacks run
 -- from those calls. pool:fileno() is one fd (epoll) an event loop can
 -- watch, a timerfd inside it included, so task timeouts wake it too.
@@ -463,8 +464,6 @@ function Pool:_dispatch()
   self._rr = start % n + 1
 end
 
--- mode: "apply" (one call, all its results), "map" (first results in a
--- list), "imap", "imapu"
 -- A forked child has a copy of the pool, which must not touch the
 -- parent's workers.
 function Pool:_own(level)
@@ -473,6 +472,8 @@ function Pool:_own(level)
   end
 end
 
+-- mode: "apply" (one call, all its results), "map" (first results in a
+-- list), "imap", "imapu"
 function Pool:_submit(mode, fn, xs, star, opts, level)
   level = level + 1
   self:_own(level)
@@ -687,7 +688,9 @@ function Pool:_drain(slot)
   end
 end
 
--- The initializer raised: the pool cannot run tasks; fail them all.
+-- The pool cannot run tasks (its initializer raised, a worker left before
+-- it was ready, or no worker is left and none can be started): fail
+-- them all; later calls raise err.
 function Pool:_break(err)
   if self._broken then return end
   self._broken = err

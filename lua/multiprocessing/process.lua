@@ -1,7 +1,7 @@
 -- multiprocessing.process: the Process class (a C userdata, csrc/process.c)
 -- with start and run added here, the process registry and the exit path.
 --
--- Exit rules (DESIGN.md point 4): a child runs its target under xpcall,
+-- Exit rules (docs/design.md, decision 4): a child runs its target under xpcall,
 -- runs the exit hooks (queues flush, its own children are handled as below),
 -- then leaves through core._exit. The main program, at its normal end,
 -- terminates daemonic children and joins the others (as Python does).

@@ -7,8 +7,9 @@
 -- its bootstrap channel (csrc/process.c p:_spawn). Over it the parent sends
 -- two messages, as a Connection does (handles' fds ride with SCM_RIGHTS):
 --   1. the preparation: package.path, package.cpath, cwd, arg, the entry
---      chunk's path (or false), the parent's pid and name, and the bytecode
---      of the library's Lua modules (the -e chunk preloads them);
+--      chunk's path (or false), the parent's pid and name, the executable,
+--      the default start method, the fork server's preload list, and the
+--      bytecode of the library's Lua modules (the -e chunk preloads them);
 --   2. the Process object's fields (target, args, name, daemon, run, ...).
 -- The child applies 1, re-runs the entry chunk with mp.is_main() false and
 -- Process:start() refused (the guard), then decodes 2 (so functions that
@@ -19,11 +20,12 @@
 -- re-run in it, it only loads the library and the preload modules) that
 -- listens on a socketpair only its creator holds. For each child the
 -- creator sends the child's end of a new bootstrap socketpair; the server
--- forks, the child runs the same bootstrap as a spawned one on that
--- socket, and the server answers with the child's pid, a pidfd (signals)
--- and the read end of a status pipe on which it writes the exit code once
--- it reaped the child (csrc/process.c p:_attach). The server dies with its
--- creator (PDEATHSIG), its children with it.
+-- hands it to the child it forked ahead (or forks one then), the child
+-- runs the same bootstrap as a spawned one on that socket, and the server
+-- answers with the child's pid, a pidfd (signals) and the read end of a
+-- status pipe on which it writes the exit code once it reaped the child
+-- (csrc/process.c p:_attach). The server dies with its creator
+-- (PDEATHSIG), its children with it.
 
 local core = require "multiprocessing.core"
 local errors = require "multiprocessing.errors"
@@ -279,8 +281,8 @@ local function get_server()
   return server
 end
 
--- The boot messages are written while the server forks (the socket keeps
--- them for the child); then the server's answer makes p a started process.
+-- The boot messages are written while the server hands the socket to a
+-- child (the socket keeps them for it); then the server's answer makes p a started process.
 -- A server that does not answer (killed, or dead of its own) is reaped and
 -- replaced, and the start tried once more with the new one.
 local function forkserver_start(p, prep, payload)
