@@ -128,6 +128,11 @@ MP_API void mp_sleep_until(double t);
 
 /* -- codec.c -------------------------------------------------------- */
 #define MP_DECODE_NOFUNCS 1   /* refuse functions (untrusted source) */
+#define MP_DECODE_NOHANDLES 2 /* refuse handles: their fds (memfds that the
+                                 sender can still truncate, sockets) must
+                                 not come from a peer that proved no key */
+/* What a connection whose peer proved no authkey decodes with. */
+#define MP_DECODE_UNTRUSTED (MP_DECODE_NOFUNCS | MP_DECODE_NOHANDLES)
 /* Serialize the value at idx and append it to b. Handles append their fds
    to fds (which may be NULL: then a handle raises). Raises
    SerializationError naming the path of what cannot be serialized. */
