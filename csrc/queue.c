@@ -12,7 +12,9 @@
  * takes the lock and sees a new capacity. So an item of any size goes
  * through in one copy in and one copy out, memory grows only with what is
  * queued, and a ring that grew large goes back to its base size once
- * drained. maxsize bounds the number of items. An unbounded put never
+ * drained (its pages are given back with a hole punched in the memfd,
+ * which is sealed against shrinking: see shm.c). maxsize bounds the number
+ * of items. An unbounded put never
  * blocks: beyond a few MiB queued, items wait in the producer's feeder (a
  * helper thread, raw bytes only; see below), so that the ring stays small
  * and its pages stay mapped and cached.
@@ -282,6 +284,7 @@ static uint64_t q_used(const qstate *st) {
 static int q_reserve(mp_queue *q, qstate *st, uint64_t n, uint64_t *off) {
   for (;;) {
     uint64_t used, cap;
+    int err;
     if (st->wrap == 0) {
       if (st->tail + n <= st->cap) { *off = st->tail; st->tail += n; return 0; }
       if (n <= st->head) {                /* wrap to the start */
@@ -300,7 +303,7 @@ static int q_reserve(mp_queue *q, qstate *st, uint64_t n, uint64_t *off) {
       if (cap > ((uint64_t)1 << 46)) return ENOMEM;
       cap *= 2;
     }
-    if (ftruncate(q->fd, (off_t)(HDR_BYTES + cap)) != 0) return errno;
+    if ((err = mp_shm_grow(q->fd, (size_t)(HDR_BYTES + cap))) != 0) return err;
     {
       void *p = mremap(q->ring, q->mapcap, (size_t)cap, MREMAP_MAYMOVE);
       if (p == MAP_FAILED) return errno;
@@ -496,14 +499,14 @@ static int queue_new(lua_State *L) {
   int kind = luaL_checkoption(L, 2, "Queue", kind_names);
   mp_queue *q;
   void *p;
-  int fd;
+  int fd, err;
   luaL_argcheck(L, maxsize >= 0, 1, "maxsize must be >= 0");
   q = queue_push(L, kind);
-  p = mp_shm_create(L, "multiprocessing-queue", HDR_BYTES, &fd);
+  p = mp_shm_create(L, "multiprocessing-queue", HDR_BYTES, 1, &fd);
   q->shm = (qshm *)p;
   q->fd = fd;
-  if (ftruncate(fd, (off_t)(HDR_BYTES + BASE_CAP)) != 0)
-    return luaL_error(L, "Queue: ftruncate: %s", strerror(errno));
+  if ((err = mp_shm_grow(fd, HDR_BYTES + BASE_CAP)) != 0)
+    return luaL_error(L, "Queue: ftruncate: %s", strerror(err));
   q->efd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
   if (q->efd < 0) return luaL_error(L, "Queue: eventfd: %s", strerror(errno));
   q->shm->magic = MAGIC;
@@ -518,17 +521,25 @@ static int queue_new(lua_State *L) {
 static int queue_from_fds(lua_State *L) {
   int fd = (int)luaL_checkinteger(L, 2), efd = (int)luaL_checkinteger(L, 3);
   mp_queue *q;
+  size_t size;
+  const char *why;
+  uint32_t kind;
   void *p;
   luaL_checktype(L, 1, LUA_TTABLE);
   q = queue_push(L, K_QUEUE);
   q->fd = fd;
   q->efd = efd;
+  if ((why = mp_shm_check(fd, HDR_BYTES, &size)) != NULL)
+    return mp_raise(L, "SerializationError", "cannot map a Queue from fd %d: %s",
+                    fd, why);
   p = mmap(NULL, HDR_BYTES, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
   if (p == MAP_FAILED) return luaL_error(L, "Queue: mmap: %s", strerror(errno));
   q->shm = (qshm *)p;
-  if (q->shm->magic != MAGIC || q->shm->kind > K_JOINABLE)
-    return luaL_error(L, "Queue: not a queue segment");
-  q->kind = (int)q->shm->kind;
+  kind = q->shm->kind;
+  if (q->shm->magic != MAGIC || kind > K_JOINABLE)
+    return mp_raise(L, "SerializationError", "cannot map a Queue from fd %d: "
+                    "not a queue segment", fd);
+  q->kind = (int)kind;
   luaL_setmetatable(L, kind_classes[q->kind]);
   return 1;
 }
@@ -994,7 +1005,7 @@ static int queue_get_t(lua_State *L, double timeout) {
     qstate st;
     rec *r;
     const char *payload;
-    uint64_t len;
+    uint64_t len, oldcap;
     uint32_t type;
     int err, wake_put, wake_get, shrink = 0, pushed = 0;
     if (LOAD(&s->st.nitems) == 0) {
@@ -1053,13 +1064,18 @@ static int queue_get_t(lua_State *L, double timeout) {
     st.nitems--;
     s->ngets++;
     if (st.wrap != 0 && st.head == st.wrap) st.head = st.wrap = 0;
+    oldcap = st.cap;
     if (st.nitems == 0) {
       st.head = st.tail = st.wrap = 0;
       if (st.cap > SHRINK_CAP) { st.cap = BASE_CAP; shrink = 1; }
     }
     q_commit(s, &st);
     if (shrink) {
-      if (ftruncate(q->fd, (off_t)(HDR_BYTES + BASE_CAP)) == 0) q_remap(q);
+      /* the segment cannot shrink (sealed): give back the pages of the
+         ring beyond its base size instead; the size stays for a regrowth */
+      fallocate(q->fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
+                (off_t)(HDR_BYTES + BASE_CAP), (off_t)(oldcap - BASE_CAP));
+      q_remap(q);
     }
     if (st.nitems == 0 && LOAD(&s->watchers) > 0) efd_clear(q->efd);
     wake_put = q_signal(&s->not_full, &s->sleeping[W_PUT]);

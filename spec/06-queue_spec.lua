@@ -667,3 +667,57 @@ describe("Queue under every start method", function()
     end)
   end
 end)
+
+describe("Queue's shared memory", function()
+  H.leakcheck()
+
+  -- The segment's memfd (a queue's handle carries it, then its eventfd).
+  local function memfd(q)
+    local _, fds = mp.dumps(q)
+    return fds[1]
+  end
+
+  it("cannot be truncated by a process that holds it (regression: SIGBUS in the " ..
+     "next get)", function()
+    local q <close> = mp.Queue()
+    q:put("kept")
+    local p = H.start(function()
+      local f = io.open("/proc/self/fd/" .. memfd(q), "w")   -- O_TRUNC
+      if f then f:close() end
+      local v = q:get(0)
+      return f == nil and v == "kept" and 0 or 3
+    end)
+    assert.are.equal(0, H.finish(p, 10))
+    q:put("still")
+    assert.are.equal("still", q:get(0))
+  end)
+
+  it("grows again after a drain gave its pages back (the segment cannot shrink)", function()
+    local q <close> = mp.Queue()
+    local base = q:_stats().cap
+    local big = string.rep("b", 32 << 20)
+    assert.is_true(q:put(big))
+    assert.is_true(q:get(10) == big)
+    assert.are.equal(base, q:_stats().cap)
+    local mid = string.rep("m", base)      -- more than the base ring: it grows
+    assert.is_true(q:put(mid))
+    assert.is_true(q:_stats().cap > base)
+    assert.is_true(q:get(10) == mid)
+  end)
+
+  it("is refused as a received handle when not sealed against shrinking", function()
+    local q <close> = mp.Queue()
+    q:put("x")
+    local s, fds = mp.dumps(q)
+    local forged <close> = core._fdbox(core.shm_test_unsealed(0))
+    local src = assert(io.open("/proc/self/fd/" .. fds[1], "rb"))
+    local dst = assert(io.open("/proc/self/fd/" .. forged:fileno(), "r+b"))
+    dst:write(src:read("a"))
+    src:close(); dst:close()
+    local ok, err = pcall(mp.loads, s, { fds = { forged:fileno(), fds[2] } })
+    assert.is_false(ok)
+    assert.is_true(mp.SerializationError:is(err))
+    assert.truthy(err.message:find("not sealed against shrinking", 1, true), err.message)
+    assert.are.equal("x", q:get(0))
+  end)
+end)
