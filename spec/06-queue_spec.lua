@@ -677,6 +677,20 @@ describe("Queue's shared memory", function()
     return fds[1]
   end
 
+  -- Write u64 values into the segment through the file, as any process
+  -- holding it can. The header's layout (csrc/queue.c, qshm): the
+  -- committed state begins at byte 24 with cap, head, tail, wrap and
+  -- nitems; the ring (records of a u64 length, a u32 type, ...) at 4096.
+  local CAP, HEAD, TAIL, WRAP, NITEMS, RING = 24, 32, 40, 48, 56, 4096
+  local function poke(q, t)
+    local f = assert(io.open("/proc/self/fd/" .. memfd(q), "r+b"))
+    for off, v in pairs(t) do
+      f:seek("set", off)
+      f:write(string.pack("<I8", v))
+    end
+    f:close()
+  end
+
   it("cannot be truncated by a process that holds it (regression: SIGBUS in the " ..
      "next get)", function()
     local q <close> = mp.Queue()
@@ -719,5 +733,60 @@ describe("Queue's shared memory", function()
     assert.is_true(mp.SerializationError:is(err))
     assert.truthy(err.message:find("not sealed against shrinking", 1, true), err.message)
     assert.are.equal("x", q:get(0))
+  end)
+
+  -- Corrupt the state of a queue in a child, then call op there: it must
+  -- raise ProcessError saying the shared state is corrupt, twice (so the
+  -- lock was let go), rather than read or write out of the ring (before,
+  -- the child died of SIGSEGV or SIGBUS).
+  local function corrupt_then(state, op, maxsize)
+    return H.finish(H.start(function()
+      local q <close> = mp.Queue(maxsize)
+      q:put("x")
+      poke(q, state)
+      for _ = 1, 2 do
+        local ok, err = pcall(op, q)
+        if ok or not mp.ProcessError:is(err) or
+           not err.message:find("shared state is corrupt", 1, true) then
+          io.stderr:write(tostring(err), "\n")
+          return 3
+        end
+      end
+      return 0
+    end), 10)
+  end
+
+  it("raises in get when the head is beyond the ring (regression: SIGSEGV)", function()
+    assert.are.equal(0, corrupt_then({ [HEAD] = 1 << 40 }, function(q) return q:get(0) end))
+  end)
+
+  it("raises in get when the capacity is beyond the segment (regression: SIGBUS)", function()
+    assert.are.equal(0, corrupt_then({ [CAP] = 1 << 30, [HEAD] = 1 << 29,
+                                       [TAIL] = (1 << 29) + 64 },
+                                     function(q) return q:get(0) end))
+  end)
+
+  it("raises in put when the wrapped run points beyond the ring (regression: SIGSEGV)", function()
+    -- bounded, so that put writes itself rather than through its feeder
+    assert.are.equal(0, corrupt_then({ [WRAP] = 1 << 40, [HEAD] = 1 << 40, [TAIL] = 1 << 39,
+                                       [NITEMS] = 3 },
+                                     function(q) return q:put("y") end, 10))
+  end)
+
+  it("lets a producer whose feeder holds items exit when the state is corrupt " ..
+     "(regression: SIGSEGV in the exit's flush)", function()
+    assert.are.equal(0, H.finish(H.start(function()
+      local q = mp.Queue()
+      q:put("x")
+      -- more than 4 MiB queued by the state's account: the next put waits
+      -- in the feeder, which the exit path then writes at once
+      poke(q, { [WRAP] = 1 << 40, [HEAD] = 1 << 40, [TAIL] = 1 << 39, [NITEMS] = 3 })
+      q:put("y")
+      return 0
+    end), 10))
+  end)
+
+  it("raises in get when a record's length is beyond the ring", function()
+    assert.are.equal(0, corrupt_then({ [RING] = 1 << 50 }, function(q) return q:get(0) end))
   end)
 end)
