@@ -38,6 +38,8 @@
  * everything it allocates is owned by the Lua stack. Bytecode is loaded
  * only when functions are allowed: bytecode from a hostile source can crash
  * Lua itself, so untrusted input must be decoded with MP_DECODE_NOFUNCS.
+ * A connection whose peer proved no key also refuses handles
+ * (MP_DECODE_NOHANDLES): a handle maps memory whose fd the sender keeps.
  *
  * Encoder state lives on the C stack; the pointer hashes that find shared
  * tables spill into userdata on the Lua stack, so a raise leaks nothing.
@@ -1259,8 +1261,16 @@ static void dec_handle(dec *d) {
   lua_State *L = d->L;
   size_t n;
   const char *kind = rd_name(d, &n);
-  uint64_t nfds = rd_varint(d), j;
+  uint64_t nfds, j;
   int pos[MP_MAX_FDS], fd[MP_MAX_FDS], have = d->fb ? d->fb->l.n : 0;
+  if (d->flags & MP_DECODE_NOHANDLES) {  /* its fds are closed by the raise */
+    char what[160];
+    lua_pushlstring(L, kind, n);
+    snprintf(what, sizeof what, "handles (%.60s) are refused from a peer that "
+             "proved no authkey", lua_tostring(L, -1));
+    dec_fail(d, what);
+  }
+  nfds = rd_varint(d);
   if (nfds > MP_MAX_FDS) dec_fail(d, "too many fds");
   for (j = 0; j < nfds; j++) {
     uint64_t k = rd_varint(d);

@@ -45,7 +45,7 @@ typedef struct mp_conn {
   char *rbuf;          /* read buffer, RBUF_SIZE bytes */
   size_t rpos, rlen;   /* unread bytes are rbuf[rpos .. rlen) */
   mp_fdlist rfds;      /* fds received, not yet claimed by a message */
-  int decode_flags;    /* MP_DECODE_NOFUNCS until the peer is trusted */
+  int decode_flags;    /* MP_DECODE_UNTRUSTED until the peer is trusted */
   int unixsock;        /* can carry fds */
   /* a message whose header was read but whose payload did not all come
      before a recv's timeout: kept here, the next recv goes on with it */
@@ -545,10 +545,11 @@ static int conn__recv_bytes_max(lua_State *L) {
   return recv_message(L, 0, (uint64_t)max);
 }
 
-/* c:_set_trusted(b): a trusted peer may send functions (bytecode) */
+/* c:_set_trusted(b): a trusted peer may send functions (bytecode) and
+   handles (fds) */
 static int conn__set_trusted(lua_State *L) {
   mp_conn *c = check_conn(L, 1);
-  c->decode_flags = lua_toboolean(L, 2) ? 0 : MP_DECODE_NOFUNCS;
+  c->decode_flags = lua_toboolean(L, 2) ? 0 : MP_DECODE_UNTRUSTED;
   return 0;
 }
 
@@ -794,7 +795,7 @@ static int listener__accept(lua_State *L) {
   tune(fd, l->unixsock);
   conn_setfd(L, c, fd, 1, 1);
   c->unixsock = l->unixsock;
-  c->decode_flags = MP_DECODE_NOFUNCS;
+  c->decode_flags = MP_DECODE_UNTRUSTED;
   return 1;
 }
 
@@ -831,7 +832,7 @@ static int core_connect(lua_State *L) {
   tune(fd, is_unix);
   conn_setfd(L, c, fd, 1, 1);
   c->unixsock = is_unix;
-  c->decode_flags = MP_DECODE_NOFUNCS;
+  c->decode_flags = MP_DECODE_UNTRUSTED;
   return 1;
 }
 

@@ -116,11 +116,22 @@ MP_API ssize_t mp_recv_fds(int fd, char *p, size_t len, int flags, mp_fdlist *fd
 
 /* -- shm.c ---------------------------------------------------------- */
 /* Create a memfd segment of size bytes (zero-filled), mapped shared; its fd
-   (close-on-exec) goes to *fd. Raises on failure. name is for /proc only. */
-MP_API void *mp_shm_create(lua_State *L, const char *name, size_t size, int *fd);
-/* Map the whole segment behind fd (as received by a handle); NULL on error,
-   with errno set. */
-MP_API void *mp_shm_map(int fd, size_t *size);
+   (close-on-exec) goes to *fd. Sealed against shrinking, and unless grows
+   (a queue's ring) against growing. Raises on failure. name is for /proc
+   only. */
+MP_API void *mp_shm_create(lua_State *L, const char *name, size_t size,
+                           int grows, int *fd);
+/* Why the segment behind fd (as received by a handle) cannot be mapped,
+   or NULL with its size in *size: it must be sealed against shrinking and
+   at least min bytes. */
+MP_API const char *mp_shm_check(int fd, size_t min, size_t *size);
+/* Map the whole segment behind fd after mp_shm_check; NULL with *why set
+   when it is refused or mmap fails. */
+MP_API void *mp_shm_map(int fd, size_t min, size_t *size, const char **why);
+/* The segment's size now (fstat): 0 or an errno. */
+MP_API int mp_shm_size(int fd, size_t *size);
+/* Make the segment at least size bytes (never smaller): 0 or an errno. */
+MP_API int mp_shm_grow(int fd, size_t size);
 MP_API void mp_shm_unmap(void *p, size_t size);
 /* Wait while *addr == val, until deadline (mp_deadline(); -1 forever).
    Returns 0 when woken, else EAGAIN (value differed), ETIMEDOUT or EINTR. */
@@ -132,6 +143,11 @@ MP_API void mp_sleep_until(double t);
 
 /* -- codec.c -------------------------------------------------------- */
 #define MP_DECODE_NOFUNCS 1   /* refuse functions (untrusted source) */
+#define MP_DECODE_NOHANDLES 2 /* refuse handles: their fds (memfds that the
+                                 sender can still truncate, sockets) must
+                                 not come from a peer that proved no key */
+/* What a connection whose peer proved no authkey decodes with. */
+#define MP_DECODE_UNTRUSTED (MP_DECODE_NOFUNCS | MP_DECODE_NOHANDLES)
 /* Serialize the value at idx and append it to b. Handles append their fds
    to fds (which may be NULL: then a handle raises). Raises
    SerializationError naming the path of what cannot be serialized. */

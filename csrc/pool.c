@@ -327,7 +327,7 @@ static int pool_new(lua_State *L) {
   if (ep_add(pc, pc->tfd, EPOLLIN, 0, EV_TIMER) != 0)
     return luaL_error(L, "epoll_ctl: %s", strerror(errno));
   pc->shmsize = sizeof(shslot) * (size_t)n;
-  pc->shm = (shslot *)mp_shm_create(L, "mp-pool", pc->shmsize, &shmfd);
+  pc->shm = (shslot *)mp_shm_create(L, "mp-pool", pc->shmsize, 0, &shmfd);
   if (keepfd) pc->shmfd = shmfd;         /* for the workers' handles */
   else close(shmfd);                     /* the mapping stays */
   return 1;
@@ -1187,6 +1187,7 @@ static int pworker_rebuild(lua_State *L) {
   lua_Integer k = 0, n = 0;
   pworker *w;
   size_t size = 0;
+  const char *why = NULL;
   void *p;
   if (lua_type(L, 1) == LUA_TTABLE) {
     lua_rawgeti(L, 1, 1);
@@ -1197,14 +1198,16 @@ static int pworker_rebuild(lua_State *L) {
   }
   w = pworker_push(L);                   /* closed until the fds are in */
   w->fd = fd;                            /* owned from here (even on error) */
-  p = mp_shm_map(shmfd, &size);
+  p = mp_shm_map(shmfd, sizeof(shslot), &size, &why);
   close(shmfd);
-  if (p == NULL) return luaL_error(L, "PoolWorker: cannot map the pool's page: %s",
-                                   strerror(errno));
+  if (p == NULL)
+    return mp_raise(L, "SerializationError",
+                    "PoolWorker: cannot map the pool's page: %s", why);
   w->shm = (shslot *)p;
   w->shmsize = size;
-  if (k < 1 || k > n || (size_t)n * sizeof(shslot) > size)
-    return luaL_error(L, "PoolWorker: bad slot %d of %d", (int)k, (int)n);
+  if (k < 1 || k > n || n > (lua_Integer)(size / sizeof(shslot)))
+    return mp_raise(L, "SerializationError", "PoolWorker: bad slot %d of %d",
+                    (int)k, (int)n);
   w->slot = (int)(k - 1);
   return 1;
 }

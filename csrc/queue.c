@@ -12,7 +12,9 @@
  * takes the lock and sees a new capacity. So an item of any size goes
  * through in one copy in and one copy out, memory grows only with what is
  * queued, and a ring that grew large goes back to its base size once
- * drained. maxsize bounds the number of items. An unbounded put never
+ * drained (its pages are given back with a hole punched in the memfd,
+ * which is sealed against shrinking: see shm.c). maxsize bounds the number
+ * of items. An unbounded put never
  * blocks: beyond a few MiB queued, items wait in the producer's feeder (a
  * helper thread, raw bytes only; see below), so that the ring stays small
  * and its pages stay mapped and cached.
@@ -35,6 +37,14 @@
  *
  * Waitable: an eventfd made with the queue is readable while the queue is
  * not empty, maintained only while some process watches (q:fileno()).
+ *
+ * The header and the ring are written by every process that maps the
+ * segment, so what they hold is untrusted: a state is checked (q_sane) and
+ * a record's length and type against its run before any offset is used,
+ * and the ring is mapped only as far as the segment reaches; a corrupt
+ * value raises ProcessError ("the queue's shared state is corrupt"), never
+ * a read or write outside the mapping. The checks are compares: no system
+ * call is added to a put or a get.
  */
 #include "mp.h"
 
@@ -60,6 +70,9 @@
 #define KEEP_RBUF   (1u << 20)          /* largest read buffer kept between gets */
 #define POPULATE_MIN (4u << 20)        /* prefault copies this large */
 #define MAX_ITEM    ((uint64_t)1 << 40)
+#define MAX_CAP     ((uint64_t)1 << 48) /* beyond what q_reserve makes */
+#define Q_CORRUPT   EBADMSG             /* a write's "errno" for a corrupt
+                                           state (no call it makes sets it) */
 #define SPIN_SECS   50e-6             /* longest spin before a futex sleep */
 #define SPIN_PROBE  10e-6             /* spin of a probe after a failure */
 #define LOCK_WAITERS 0x80000000u
@@ -238,11 +251,33 @@ static void q_commit(qshm *s, const qstate *ns) {
   __atomic_store_n(&s->jvalid, 0, __ATOMIC_SEQ_CST);
 }
 
-/* Map the ring at the committed capacity (under the lock). 0 or errno. */
-static int q_remap(mp_queue *q) {
-  size_t cap = (size_t)q->shm->st.cap;
+/* Can st, a copy of the state read from shared memory, be followed without
+   leaving a ring of st->cap bytes? (Whether the segment holds that many is
+   q_remap's business.) */
+static int q_sane(const qstate *st) {
+  uint64_t cap = st->cap;
+  if (cap < BASE_CAP || cap > MAX_CAP || (cap & (cap - 1)) != 0) return 0;
+  if ((st->head | st->tail | st->wrap) & 7) return 0;   /* records are 8-aligned */
+  if (st->wrap == 0) return st->head <= st->tail && st->tail <= cap;
+  return st->tail <= st->head && st->head <= st->wrap && st->wrap <= cap;
+}
+
+/* Raise ProcessError for a corrupt shared state (the lock let go). */
+static int q_corrupt(lua_State *L, const char *call, const char *what) {
+  return mp_raise(L, "ProcessError", "%s: the queue's shared state is corrupt "
+                  "(%s)", call, what);
+}
+
+/* Map the ring at capacity cap, from a state that passed q_sane (under the
+   lock). 0, Q_CORRUPT when the segment does not reach that far (it is
+   sealed against shrinking, so once it does it always will), or errno. */
+static int q_remap(mp_queue *q, uint64_t cap64) {
+  size_t cap = (size_t)cap64, have;
   void *p;
+  int e;
   if (cap == q->mapcap && q->ring != NULL) return 0;
+  if ((e = mp_shm_size(q->fd, &have)) != 0) return e;
+  if (have < HDR_BYTES || cap > have - HDR_BYTES) return Q_CORRUPT;
   if (q->ring == NULL)
     p = mmap(NULL, cap, PROT_READ | PROT_WRITE, MAP_SHARED, q->fd, HDR_BYTES);
   else
@@ -282,6 +317,7 @@ static uint64_t q_used(const qstate *st) {
 static int q_reserve(mp_queue *q, qstate *st, uint64_t n, uint64_t *off) {
   for (;;) {
     uint64_t used, cap;
+    int err;
     if (st->wrap == 0) {
       if (st->tail + n <= st->cap) { *off = st->tail; st->tail += n; return 0; }
       if (n <= st->head) {                /* wrap to the start */
@@ -300,7 +336,7 @@ static int q_reserve(mp_queue *q, qstate *st, uint64_t n, uint64_t *off) {
       if (cap > ((uint64_t)1 << 46)) return ENOMEM;
       cap *= 2;
     }
-    if (ftruncate(q->fd, (off_t)(HDR_BYTES + cap)) != 0) return errno;
+    if ((err = mp_shm_grow(q->fd, (size_t)(HDR_BYTES + cap))) != 0) return err;
     {
       void *p = mremap(q->ring, q->mapcap, (size_t)cap, MREMAP_MAYMOVE);
       if (p == MAP_FAILED) return errno;
@@ -496,14 +532,14 @@ static int queue_new(lua_State *L) {
   int kind = luaL_checkoption(L, 2, "Queue", kind_names);
   mp_queue *q;
   void *p;
-  int fd;
+  int fd, err;
   luaL_argcheck(L, maxsize >= 0, 1, "maxsize must be >= 0");
   q = queue_push(L, kind);
-  p = mp_shm_create(L, "multiprocessing-queue", HDR_BYTES, &fd);
+  p = mp_shm_create(L, "multiprocessing-queue", HDR_BYTES, 1, &fd);
   q->shm = (qshm *)p;
   q->fd = fd;
-  if (ftruncate(fd, (off_t)(HDR_BYTES + BASE_CAP)) != 0)
-    return luaL_error(L, "Queue: ftruncate: %s", strerror(errno));
+  if ((err = mp_shm_grow(fd, HDR_BYTES + BASE_CAP)) != 0)
+    return luaL_error(L, "Queue: ftruncate: %s", strerror(err));
   q->efd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
   if (q->efd < 0) return luaL_error(L, "Queue: eventfd: %s", strerror(errno));
   q->shm->magic = MAGIC;
@@ -518,17 +554,25 @@ static int queue_new(lua_State *L) {
 static int queue_from_fds(lua_State *L) {
   int fd = (int)luaL_checkinteger(L, 2), efd = (int)luaL_checkinteger(L, 3);
   mp_queue *q;
+  size_t size;
+  const char *why;
+  uint32_t kind;
   void *p;
   luaL_checktype(L, 1, LUA_TTABLE);
   q = queue_push(L, K_QUEUE);
   q->fd = fd;
   q->efd = efd;
+  if ((why = mp_shm_check(fd, HDR_BYTES, &size)) != NULL)
+    return mp_raise(L, "SerializationError", "cannot map a Queue from fd %d: %s",
+                    fd, why);
   p = mmap(NULL, HDR_BYTES, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
   if (p == MAP_FAILED) return luaL_error(L, "Queue: mmap: %s", strerror(errno));
   q->shm = (qshm *)p;
-  if (q->shm->magic != MAGIC || q->shm->kind > K_JOINABLE)
-    return luaL_error(L, "Queue: not a queue segment");
-  q->kind = (int)q->shm->kind;
+  kind = q->shm->kind;
+  if (q->shm->magic != MAGIC || kind > K_JOINABLE)
+    return mp_raise(L, "SerializationError", "cannot map a Queue from fd %d: "
+                    "not a queue segment", fd);
+  q->kind = (int)kind;
   luaL_setmetatable(L, kind_classes[q->kind]);
   return 1;
 }
@@ -544,7 +588,8 @@ static int q_write(mp_queue *q, qstate *st, uint32_t type, const char *p,
   uint64_t need = rec_size(len), off = 0;
   rec *r;
   int err;
-  if ((err = q_remap(q)) != 0 || (err = q_reserve(q, st, need, &off)) != 0)
+  if (!q_sane(st)) return Q_CORRUPT;
+  if ((err = q_remap(q, st->cap)) != 0 || (err = q_reserve(q, st, need, &off)) != 0)
     return err;
   r = (rec *)(q->ring + off);
   r->len = len;
@@ -840,6 +885,13 @@ static void feeder_put(lua_State *L, mp_queue *q, feeder *f, uint32_t type,
 
 /* ---- put ---------------------------------------------------------- */
 
+/* Raise for a write that failed: a corrupt shared state, or the errno of a
+   ring that could not grow. */
+static int put_failed(lua_State *L, int err) {
+  if (err == Q_CORRUPT) return q_corrupt(L, "Queue.put", "ring state");
+  return luaL_error(L, "Queue.put: cannot grow the queue: %s", strerror(err));
+}
+
 static int queue_put_t(lua_State *L, double timeout) {
   mp_queue *q = check_queue(L, 1);
   qshm *s = q->shm;
@@ -894,9 +946,7 @@ static int queue_put_t(lua_State *L, double timeout) {
       behind = f->next != NULL;           /* keep this producer's order */
       ferr = f->error;
       pthread_mutex_unlock(&f->mu);
-      if (ferr != 0)
-        return luaL_error(L, "Queue.put: cannot grow the queue: %s",
-                          strerror(ferr));
+      if (ferr != 0) return put_failed(L, ferr);
     }
     if (!behind) {
       qstate st;
@@ -908,8 +958,7 @@ static int queue_put_t(lua_State *L, double timeout) {
         err = q_write(q, &st, type, p, len, q->kind == K_JOINABLE, &wake);
         q_unlock(s);
         if (wake) q_wake(s, &s->not_empty, 1);
-        if (err != 0)
-          return luaL_error(L, "Queue.put: cannot grow the queue: %s", strerror(err));
+        if (err != 0) return put_failed(L, err);
         lua_pushboolean(L, 1);
         return 1;
       }
@@ -944,8 +993,7 @@ static int queue_put_t(lua_State *L, double timeout) {
     if (st.nitems == 0) st.head = st.tail = st.wrap = 0;
     err = q_write(q, &st, type, p, len, q->kind == K_JOINABLE, &wake_get);
     q_unlock(s);
-    if (err != 0)
-      return luaL_error(L, "Queue.put: cannot grow the queue: %s", strerror(err));
+    if (err != 0) return put_failed(L, err);
     if (wake_get) q_wake(s, &s->not_empty, 1);
     lua_pushboolean(L, 1);
     return 1;
@@ -994,7 +1042,7 @@ static int queue_get_t(lua_State *L, double timeout) {
     qstate st;
     rec *r;
     const char *payload;
-    uint64_t len;
+    uint64_t len, run, oldcap;
     uint32_t type;
     int err, wake_put, wake_get, shrink = 0, pushed = 0;
     if (LOAD(&s->st.nitems) == 0) {
@@ -1006,16 +1054,30 @@ static int queue_get_t(lua_State *L, double timeout) {
     q_lock(s);
     st = s->st;
     if (st.nitems == 0) { q_unlock(s); continue; }
-    if ((err = q_remap(q)) != 0) {
+    if (!q_sane(&st)) {
       q_unlock(s);
+      return q_corrupt(L, "Queue.get", "ring state");
+    }
+    if ((err = q_remap(q, st.cap)) != 0) {
+      q_unlock(s);
+      if (err == Q_CORRUPT) return q_corrupt(L, "Queue.get", "ring beyond the segment");
       return luaL_error(L, "Queue.get: mmap: %s", strerror(err));
     }
-    r = (rec *)(q->ring + st.head);
-    len = r->len;
-    type = r->type;
-    if (len > MAX_ITEM || st.head + rec_size(len) > st.cap) {
+    /* the record must lie in its run: [head, wrap) or [head, tail) */
+    run = (st.wrap ? st.wrap : st.tail) - st.head;
+    if (run < REC_HDR) {
       q_unlock(s);
-      return luaL_error(L, "Queue.get: corrupt record (length %I)", (lua_Integer)len);
+      return q_corrupt(L, "Queue.get", "no record where one should be");
+    }
+    r = (rec *)(q->ring + st.head);
+    len = r->len;                         /* each read once */
+    type = r->type;
+    if (len > run - REC_HDR || rec_size(len) > run ||
+        type < T_STR || type > T_VALUE ||
+        ((type == T_INT || type == T_NUM) && len != 8) ||
+        ((type == T_TRUE || type == T_FALSE) && len != 0)) {
+      q_unlock(s);
+      return q_corrupt(L, "Queue.get", "bad record");
     }
     payload = q->ring + st.head + REC_HDR;
     q_populate(q, st.head, rec_size(len), 0);
@@ -1053,13 +1115,18 @@ static int queue_get_t(lua_State *L, double timeout) {
     st.nitems--;
     s->ngets++;
     if (st.wrap != 0 && st.head == st.wrap) st.head = st.wrap = 0;
+    oldcap = st.cap;
     if (st.nitems == 0) {
       st.head = st.tail = st.wrap = 0;
       if (st.cap > SHRINK_CAP) { st.cap = BASE_CAP; shrink = 1; }
     }
     q_commit(s, &st);
     if (shrink) {
-      if (ftruncate(q->fd, (off_t)(HDR_BYTES + BASE_CAP)) == 0) q_remap(q);
+      /* the segment cannot shrink (sealed): give back the pages of the
+         ring beyond its base size instead; the size stays for a regrowth */
+      fallocate(q->fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
+                (off_t)(HDR_BYTES + BASE_CAP), (off_t)(oldcap - BASE_CAP));
+      q_remap(q, BASE_CAP);
     }
     if (st.nitems == 0 && LOAD(&s->watchers) > 0) efd_clear(q->efd);
     wake_put = q_signal(&s->not_full, &s->sleeping[W_PUT]);
@@ -1114,8 +1181,8 @@ static int queue_get_t(lua_State *L, double timeout) {
         }
         break;
       }
-      default:
-        return luaL_error(L, "Queue.get: corrupt record (type %d)", (int)type);
+      default:                            /* refused above */
+        return q_corrupt(L, "Queue.get", "bad record");
     }
     return 1;
   }

@@ -228,7 +228,8 @@ static mp_shared *shared_push(lua_State *L, int isarray) {
 /* Map fd as a Value living in a lock's slot; 0 if fd is not that. */
 static int map_slot(mp_shared *s, int fd) {
   size_t size = 0;
-  void *mem = mp_shm_map(fd, &size);
+  const char *why;
+  void *mem = mp_shm_map(fd, 1, &size, &why);
   int code = 0;
   char *slot;
   const ctype *t;
@@ -265,7 +266,7 @@ static int shared_value_in_lock(lua_State *L) {
   if (fd < 0) return 0;
   if (!map_slot(s, fd)) {
     close(fd);
-    return luaL_error(L, "cannot map the lock's segment: %s", strerror(errno));
+    return luaL_error(L, "cannot map the lock's segment");
   }
   lua_pushvalue(L, 2);
   lua_setiuservalue(L, -2, 1);
@@ -292,7 +293,7 @@ static int shared_new(lua_State *L) {
   s->esize = t->size;
   s->n = (size_t)n;
   s->size = HDR_SIZE + (size_t)n * t->size;
-  s->mem = mp_shm_create(L, isarray ? "mp-Array" : "mp-Value", s->size, &fd);
+  s->mem = mp_shm_create(L, isarray ? "mp-Array" : "mp-Value", s->size, 0, &fd);
   s->fd = fd;
   s->data = (char *)s->mem + HDR_SIZE;
   h = (seg_hdr *)s->mem;
@@ -311,8 +312,9 @@ static int shared_new(lua_State *L) {
 static int shared_from_fd(lua_State *L) {
   int fd = (int)luaL_checkinteger(L, 1);
   size_t size = 0;
+  const char *why = NULL;
   void *mem;
-  seg_hdr *h;
+  seg_hdr h;
   const ctype *t = NULL;
   mp_shared *s;
   lua_settop(L, 2);
@@ -323,21 +325,30 @@ static int shared_from_fd(lua_State *L) {
     return 1;
   }
   lua_pop(L, 1);
-  mem = mp_shm_map(fd, &size);
-  h = (seg_hdr *)mem;
-  if (mem == NULL || size < HDR_SIZE || h->magic != SEG_MAGIC ||
-      (t = find_code((int)h->code)) == NULL || h->esize != t->size ||
-      h->n > (size - HDR_SIZE) / t->size || h->isarray > 1) {
-    int e = errno;
-    if (mem != NULL) mp_shm_unmap(mem, size);
-    close(fd);
-    return luaL_error(L, "cannot map a Value or Array from fd %d: %s", fd,
-                      mem == NULL ? strerror(e) : "not such an object");
+  /* the header is read once, here, and checked against the segment's size;
+     the accessors use this process's copy of it */
+  mem = mp_shm_map(fd, HDR_SIZE, &size, &why);
+  if (mem != NULL) {
+    memcpy(&h, mem, sizeof h);
+    t = find_code((int)h.code);
+    if (h.magic != SEG_MAGIC || t == NULL || h.esize != t->size || h.isarray > 1)
+      why = "not such an object";
+    else if (h.n > (size - HDR_SIZE) / t->size)
+      why = "its memory is smaller than its header requires";
+    if (why != NULL) {
+      mp_shm_unmap(mem, size);
+      mem = NULL;
+    }
   }
-  s = shared_push(L, (int)h->isarray);
+  if (mem == NULL) {
+    close(fd);
+    return mp_raise(L, "SerializationError",
+                    "cannot map a Value or Array from fd %d: %s", fd, why);
+  }
+  s = shared_push(L, (int)h.isarray);
   s->code = t->code;
   s->esize = t->size;
-  s->n = (size_t)h->n;
+  s->n = (size_t)h.n;
   s->size = size;
   s->mem = mem;
   s->fd = fd;

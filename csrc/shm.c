@@ -9,6 +9,15 @@
  * close-on-exec). Futex waits use absolute CLOCK_MONOTONIC deadlines
  * (FUTEX_WAIT_BITSET), so a timeout interrupted by a signal resumes with
  * the time that is left.
+ *
+ * Every segment is sealed against shrinking (F_SEAL_SHRINK) as soon as it
+ * has its size, and the seals are sealed (F_SEAL_SEAL): any process that
+ * holds the fd can truncate a plain memfd (through /proc/self/fd/N, say),
+ * and every other process that maps it then dies of SIGBUS at its next
+ * access. Segments of a fixed size are sealed against growing too; a
+ * queue's grows with its ring. A segment received with a handle is mapped
+ * only if it carries the seal: then the size seen once is a floor for good,
+ * and a mapping of that size can never fault.
  */
 #include "mp.h"
 
@@ -24,17 +33,18 @@
 #include <unistd.h>
 
 MP_API void *mp_shm_create(lua_State *L, const char *name, size_t size,
-                           int *fdp) {
+                           int grows, int *fdp) {
   void *p;
-  int fd = (int)syscall(SYS_memfd_create, name, MFD_CLOEXEC);
+  int seals = F_SEAL_SHRINK | F_SEAL_SEAL | (grows ? 0 : F_SEAL_GROW);
+  int fd = (int)syscall(SYS_memfd_create, name, MFD_CLOEXEC | MFD_ALLOW_SEALING);
   if (fd < 0) {
     luaL_error(L, "memfd_create: %s", strerror(errno));
     return NULL;
   }
-  if (ftruncate(fd, (off_t)size) != 0) {
+  if (ftruncate(fd, (off_t)size) != 0 || fcntl(fd, F_ADD_SEALS, seals) != 0) {
     int e = errno;
     close(fd);
-    luaL_error(L, "ftruncate: %s", strerror(e));
+    luaL_error(L, "cannot size and seal a shared memory segment: %s", strerror(e));
     return NULL;
   }
   p = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
@@ -48,14 +58,45 @@ MP_API void *mp_shm_create(lua_State *L, const char *name, size_t size,
   return p;
 }
 
-MP_API void *mp_shm_map(int fd, size_t *sizep) {
+MP_API const char *mp_shm_check(int fd, size_t min, size_t *sizep) {
   struct stat st;
-  void *p;
-  if (fstat(fd, &st) != 0 || st.st_size <= 0) return NULL;
-  p = mmap(NULL, (size_t)st.st_size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
-  if (p == MAP_FAILED) return NULL;
+  int seals = fcntl(fd, F_GET_SEALS);   /* the seal first: then the size */
+  if (seals < 0 || !(seals & F_SEAL_SHRINK))
+    return "its memory is not sealed against shrinking";
+  if (fstat(fd, &st) != 0) return strerror(errno);
+  if (st.st_size <= 0 || (uint64_t)st.st_size < min ||
+      (uint64_t)st.st_size > (uint64_t)SIZE_MAX / 2)
+    return "its memory is smaller than its header requires";
   *sizep = (size_t)st.st_size;
+  return NULL;
+}
+
+MP_API void *mp_shm_map(int fd, size_t min, size_t *sizep, const char **why) {
+  size_t size = 0;
+  void *p;
+  if ((*why = mp_shm_check(fd, min, &size)) != NULL) return NULL;
+  p = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+  if (p == MAP_FAILED) {
+    *why = strerror(errno);
+    return NULL;
+  }
+  *sizep = size;
   return p;
+}
+
+MP_API int mp_shm_size(int fd, size_t *sizep) {
+  struct stat st;
+  if (fstat(fd, &st) != 0) return errno;
+  *sizep = st.st_size > 0 ? (size_t)st.st_size : 0;
+  return 0;
+}
+
+MP_API int mp_shm_grow(int fd, size_t size) {
+  size_t have;
+  int e = mp_shm_size(fd, &have);
+  if (e != 0) return e;
+  if (have >= size) return 0;          /* a sealed segment cannot shrink */
+  return ftruncate(fd, (off_t)size) == 0 ? 0 : errno;
 }
 
 MP_API void mp_shm_unmap(void *p, size_t size) {
@@ -95,4 +136,28 @@ MP_API int mp_futex_wake(uint32_t *addr, int n) {
   return (int)syscall(SYS_futex, addr, FUTEX_WAKE, n, NULL, NULL, 0);
 }
 
-MP_API void mp_shm_open(lua_State *L) { (void)L; }
+/* core.shm_test_unsealed(size) -> fd of a new memfd of size bytes (zeros)
+   that is not sealed (specs only: a forged segment, which a received
+   handle must refuse) */
+static int shm_test_unsealed(lua_State *L) {
+  lua_Integer size = luaL_checkinteger(L, 1);
+  int fd;
+  luaL_argcheck(L, size >= 0, 1, "size must be >= 0");
+  fd = (int)syscall(SYS_memfd_create, "mp-test-unsealed", MFD_CLOEXEC);
+  if (fd < 0) return luaL_error(L, "memfd_create: %s", strerror(errno));
+  if (ftruncate(fd, (off_t)size) != 0) {
+    int e = errno;
+    close(fd);
+    return luaL_error(L, "ftruncate: %s", strerror(e));
+  }
+  lua_pushinteger(L, fd);
+  return 1;
+}
+
+MP_API void mp_shm_open(lua_State *L) {
+  static const luaL_Reg funcs[] = {
+    {"shm_test_unsealed", shm_test_unsealed},
+    {NULL, NULL}
+  };
+  luaL_setfuncs(L, funcs, 0);
+}

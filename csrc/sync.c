@@ -353,7 +353,7 @@ static mp_sync *sync_new(lua_State *L, int k) {
   int fd;
   char name[40];
   snprintf(name, sizeof name, "mp-%s", kind_names[k]);
-  s->m = (mp_syncmem *)mp_shm_create(L, name, sizeof(mp_syncmem), &fd);
+  s->m = (mp_syncmem *)mp_shm_create(L, name, sizeof(mp_syncmem), 0, &fd);
   s->fd = fd;
   s->size = sizeof(mp_syncmem);
   s->m->magic = SEG_MAGIC;
@@ -929,17 +929,21 @@ static int sync_from_fd(lua_State *L) {
   int k = luaL_checkoption(L, 1, NULL, opts);
   int fd = (int)luaL_checkinteger(L, 2);
   size_t size = 0;
+  const char *why = NULL;
   mp_sync *s;
+  mp_syncmem *m;
   lua_settop(L, 3);
   s = sync_push(L, k);
-  mp_syncmem *m = (mp_syncmem *)mp_shm_map(fd, &size);
-  if (m == NULL || size < sizeof(mp_syncmem) || m->magic != SEG_MAGIC ||
-      m->kind != (uint32_t)k) {
-    int e = errno;
-    if (m != NULL) mp_shm_unmap(m, size);
+  m = (mp_syncmem *)mp_shm_map(fd, sizeof(mp_syncmem), &size, &why);
+  if (m != NULL && (m->magic != SEG_MAGIC || m->kind != (uint32_t)k)) {
+    mp_shm_unmap(m, size);
+    m = NULL;
+    why = "not such an object";
+  }
+  if (m == NULL) {
     close(fd);
-    return luaL_error(L, "cannot map %s from fd %d: %s", kind_names[k], fd,
-                      m == NULL ? strerror(e) : "not such an object");
+    return mp_raise(L, "SerializationError", "cannot map %s from fd %d: %s",
+                    kind_names[k], fd, why);
   }
   s->m = m;
   s->size = size;

@@ -160,6 +160,62 @@ describe("Listener", function()
     l:close()
   end)
 
+  -- The attack this guards against: a local peer without the key sends an
+  -- Array (or Queue) handle, whose memfd it then truncates, and the
+  -- receiver's first read of the memory died of SIGBUS.
+  local function refuses_handle(kind, make)
+    local path = H.tmpname("sock")
+    local l <close> = mp.Listener(path)
+    local p = mp.Process{ target = function()
+      local c = mp.Client(path)
+      local h = make()
+      c:send(h)
+      c:send("plain value")
+      c:recv(10)                         -- the parent has looked at both
+    end }
+    p:start()
+    local c <close> = assert(l:accept(10))
+    collectgarbage(); collectgarbage()   -- no earlier garbage closes an fd meanwhile
+    local before = #H.fds()              -- nothing read from c yet: no fd came
+    local ok, err = pcall(c.recv, c, 10)
+    assert.is_false(ok)
+    assert.is_true(mp.SerializationError:is(err))
+    assert.truthy(err.message:find("handles (" .. kind .. ") are refused from a peer " ..
+                                   "that proved no authkey", 1, true))
+    assert.are.equal(before, #H.fds())   -- the memfd that came was closed
+    assert.are.equal("plain value", c:recv(10))
+    c:send("done")
+    assert.are.equal(0, p:join(10))
+  end
+
+  it("refuses an Array handle from a peer that proved no key (regression: SIGBUS " ..
+     "after the peer truncated the Array's memfd)", function()
+    refuses_handle("Array", function() return mp.RawArray("int32", { 1, 2, 3 }) end)
+  end)
+
+  it("refuses a Queue handle from a peer that proved no key (regression: SIGBUS " ..
+     "after the peer truncated the Queue's memfd)", function()
+    refuses_handle("Queue", function() return mp.Queue() end)
+  end)
+
+  it("accepts handles from a peer that proved the key", function()
+    local path = H.tmpname("sock")
+    local l <close> = mp.Listener(path, { authkey = "k3y" })
+    local a <close> = mp.RawArray("int32", { 5, 6 })
+    local p = mp.Process{ target = function()
+      local c = mp.Client(path, { authkey = "k3y" })
+      c:send(a)
+      c:recv(10)
+    end }
+    p:start()
+    local c <close> = assert(l:accept(10))
+    local b <close> = c:recv(10)
+    b[2] = 60
+    assert.are.equal(60, a[2])
+    c:send("done")
+    assert.are.equal(0, p:join(10))
+  end)
+
   it("authenticates both sides with an authkey, then trusts functions", function()
     local l = mp.Listener("127.0.0.1:0", { authkey = "s3cret" })
     local p = mp.Process{ target = function(addr)

@@ -2,6 +2,7 @@
 -- ranges, bounds, locks, lifecycle, sharing across processes and as handles.
 local H = require "helpers"
 local mp = require "multiprocessing"
+local core = require "multiprocessing.core"
 
 local spawn, join = H.start, H.finish   -- a child running fn(...); join, kill, close
 
@@ -307,6 +308,75 @@ describe("Value and Array as handles", function()
     t[1]:close(); t[2]:close()
     v:get_lock():close()
     a:close(); b:close()
+  end)
+end)
+
+describe("shared memory segments", function()
+  H.leakcheck()
+
+  -- A child that holds obj's segment (fd) opens it through /proc with
+  -- O_TRUNC, as a hostile process could, then reads: the segment must have
+  -- kept its size (exit 0). Unsealed, the truncation worked and the read
+  -- died of SIGBUS (exit -7): in a child, so busted itself survives.
+  local function truncate_then_read(fd, read)
+    return join(spawn(function()
+      local f = io.open("/proc/self/fd/" .. fd, "w")
+      if f then f:close() end
+      local ok = read()
+      return f == nil and ok and 0 or 3
+    end), 10)
+  end
+
+  it("cannot be truncated by a process that holds them (regression: SIGBUS in " ..
+     "the next read of an Array, a Value or a Lock)", function()
+    local a <close> = mp.RawArray("int32", { 11, 22, 33 })
+    assert.are.equal(0, truncate_then_read(a:fileno(), function() return a[3] == 33 end))
+    assert.are.same({ 11, 22, 33 }, a:totable())
+    local v <close> = mp.Value("double", 2.5)    -- its element is in its lock's segment
+    assert.are.equal(0, truncate_then_read(v:fileno(), function() return v.value == 2.5 end))
+    assert.are.equal(2.5, v.value)
+    v:get_lock():close()
+    local lock <close> = mp.Lock()
+    assert.are.equal(0, truncate_then_read(lock:fileno(), function()
+      return lock:acquire(0) and (lock:release() or true)
+    end))
+    assert.is_true(lock:acquire(0))
+    lock:release()
+  end)
+
+  it("are refused as a received handle when not sealed against shrinking", function()
+    local a <close> = mp.RawArray("int32", { 1, 2, 3 })
+    local s, fds = mp.dumps(a)
+    -- a forged segment: the same bytes in a memfd that may still shrink
+    local forged <close> = core._fdbox(core.shm_test_unsealed(0))
+    local src = assert(io.open("/proc/self/fd/" .. fds[1], "rb"))
+    local dst = assert(io.open("/proc/self/fd/" .. forged:fileno(), "r+b"))
+    dst:write(src:read("a"))
+    src:close(); dst:close()
+    local ok, err = pcall(mp.loads, s, { fds = { forged:fileno() } })
+    assert.is_false(ok)
+    assert.is_true(mp.SerializationError:is(err))
+    assert.truthy(err.message:find("not sealed against shrinking", 1, true), err.message)
+    -- the same bytes in the sealed segment are accepted
+    local b <close> = mp.loads(s, { fds = fds })
+    assert.are.same({ 1, 2, 3 }, b:totable())
+  end)
+
+  it("are refused as a received handle when smaller than their header says", function()
+    local a <close> = mp.RawArray("int32", 4)
+    local s, fds = mp.dumps(a)
+    -- the header (csrc/sharedctypes.c: magic, code, esize, isarray, then
+    -- the count as a u64 at byte 16) now claims a million elements
+    local f = assert(io.open("/proc/self/fd/" .. fds[1], "r+b"))
+    f:seek("set", 16)
+    f:write(string.pack("<I8", 1000000))
+    f:close()
+    local ok, err = pcall(mp.loads, s, { fds = fds })
+    assert.is_false(ok)
+    assert.is_true(mp.SerializationError:is(err))
+    assert.truthy(err.message:find("Array", 1, true), err.message)
+    a[4] = 9                                     -- the sender's view is its own
+    assert.are.equal(9, a[4])
   end)
 end)
 

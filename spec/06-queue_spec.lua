@@ -667,3 +667,126 @@ describe("Queue under every start method", function()
     end)
   end
 end)
+
+describe("Queue's shared memory", function()
+  H.leakcheck()
+
+  -- The segment's memfd (a queue's handle carries it, then its eventfd).
+  local function memfd(q)
+    local _, fds = mp.dumps(q)
+    return fds[1]
+  end
+
+  -- Write u64 values into the segment through the file, as any process
+  -- holding it can. The header's layout (csrc/queue.c, qshm): the
+  -- committed state begins at byte 24 with cap, head, tail, wrap and
+  -- nitems; the ring (records of a u64 length, a u32 type, ...) at 4096.
+  local CAP, HEAD, TAIL, WRAP, NITEMS, RING = 24, 32, 40, 48, 56, 4096
+  local function poke(q, t)
+    local f = assert(io.open("/proc/self/fd/" .. memfd(q), "r+b"))
+    for off, v in pairs(t) do
+      f:seek("set", off)
+      f:write(string.pack("<I8", v))
+    end
+    f:close()
+  end
+
+  it("cannot be truncated by a process that holds it (regression: SIGBUS in the " ..
+     "next get)", function()
+    local q <close> = mp.Queue()
+    q:put("kept")
+    local p = H.start(function()
+      local f = io.open("/proc/self/fd/" .. memfd(q), "w")   -- O_TRUNC
+      if f then f:close() end
+      local v = q:get(0)
+      return f == nil and v == "kept" and 0 or 3
+    end)
+    assert.are.equal(0, H.finish(p, 10))
+    q:put("still")
+    assert.are.equal("still", q:get(0))
+  end)
+
+  it("grows again after a drain gave its pages back (the segment cannot shrink)", function()
+    local q <close> = mp.Queue()
+    local base = q:_stats().cap
+    local big = string.rep("b", 32 << 20)
+    assert.is_true(q:put(big))
+    assert.is_true(q:get(10) == big)
+    assert.are.equal(base, q:_stats().cap)
+    local mid = string.rep("m", base)      -- more than the base ring: it grows
+    assert.is_true(q:put(mid))
+    assert.is_true(q:_stats().cap > base)
+    assert.is_true(q:get(10) == mid)
+  end)
+
+  it("is refused as a received handle when not sealed against shrinking", function()
+    local q <close> = mp.Queue()
+    q:put("x")
+    local s, fds = mp.dumps(q)
+    local forged <close> = core._fdbox(core.shm_test_unsealed(0))
+    local src = assert(io.open("/proc/self/fd/" .. fds[1], "rb"))
+    local dst = assert(io.open("/proc/self/fd/" .. forged:fileno(), "r+b"))
+    dst:write(src:read("a"))
+    src:close(); dst:close()
+    local ok, err = pcall(mp.loads, s, { fds = { forged:fileno(), fds[2] } })
+    assert.is_false(ok)
+    assert.is_true(mp.SerializationError:is(err))
+    assert.truthy(err.message:find("not sealed against shrinking", 1, true), err.message)
+    assert.are.equal("x", q:get(0))
+  end)
+
+  -- Corrupt the state of a queue in a child, then call op there: it must
+  -- raise ProcessError saying the shared state is corrupt, twice (so the
+  -- lock was let go), rather than read or write out of the ring (before,
+  -- the child died of SIGSEGV or SIGBUS).
+  local function corrupt_then(state, op, maxsize)
+    return H.finish(H.start(function()
+      local q <close> = mp.Queue(maxsize)
+      q:put("x")
+      poke(q, state)
+      for _ = 1, 2 do
+        local ok, err = pcall(op, q)
+        if ok or not mp.ProcessError:is(err) or
+           not err.message:find("shared state is corrupt", 1, true) then
+          io.stderr:write(tostring(err), "\n")
+          return 3
+        end
+      end
+      return 0
+    end), 10)
+  end
+
+  it("raises in get when the head is beyond the ring (regression: SIGSEGV)", function()
+    assert.are.equal(0, corrupt_then({ [HEAD] = 1 << 40 }, function(q) return q:get(0) end))
+  end)
+
+  it("raises in get when the capacity is beyond the segment (regression: SIGBUS)", function()
+    assert.are.equal(0, corrupt_then({ [CAP] = 1 << 30, [HEAD] = 1 << 29,
+                                       [TAIL] = (1 << 29) + 64 },
+                                     function(q) return q:get(0) end))
+  end)
+
+  it("raises in put when the wrapped run points beyond the ring (regression: SIGSEGV)", function()
+    -- bounded, so that put writes itself rather than through its feeder
+    assert.are.equal(0, corrupt_then({ [WRAP] = 1 << 40, [HEAD] = 1 << 40, [TAIL] = 1 << 39,
+                                       [NITEMS] = 3 },
+                                     function(q) return q:put("y") end, 10))
+  end)
+
+  it("lets a producer whose feeder holds items exit when the state is corrupt " ..
+     "(regression: SIGSEGV in the exit's flush)", function()
+    assert.are.equal(0, H.finish(H.start(function()
+      local q = mp.Queue()
+      q:put("x")
+      -- more than 4 MiB queued by the state's account: the next put waits
+      -- in the feeder, which the exit path then writes at once
+      poke(q, { [WRAP] = 1 << 40, [HEAD] = 1 << 40, [TAIL] = 1 << 39, [NITEMS] = 3 })
+      q:put("y")
+      return 0
+    end), 10))
+  end)
+
+  it("raises in get when a record's length is beyond the ring", function()
+    assert.are.equal(0, corrupt_then({ [RING] = 1 << 50 }, function(q) return q:get(0) end))
+  end)
+end)

@@ -102,7 +102,8 @@ end
 -- sides prove they know it before anything is decoded: each sends the other
 -- a random challenge and checks the HMAC-SHA256 of it (as Python does).
 -- A connection whose peer has not proved a key is untrusted: it never loads
--- functions (bytecode) from it, and handshake messages are size-bounded.
+-- functions (bytecode) from it nor rebuilds handles (their fds: memory the
+-- peer could truncate), and handshake messages are size-bounded.
 
 local CHALLENGE, WELCOME, FAILURE = "#CHALLENGE#", "#WELCOME#", "#FAILURE#"
 local HANDSHAKE_TIMEOUT, HANDSHAKE_MAX = 30, 256
