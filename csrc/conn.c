@@ -18,6 +18,7 @@
 
 #include <errno.h>
 #include <fcntl.h>
+#include <limits.h>
 #include <poll.h>
 #include <stdlib.h>
 #include <string.h>
@@ -651,6 +652,13 @@ static int core_poll(lua_State *L) {
   return 1;
 }
 
+/* core._fd_is_open(n) -> boolean: n is an open file descriptor (poll()
+   skips a negative one and reports a closed one as ready) */
+static int core_fd_is_open(lua_State *L) {
+  lua_Integer fd = luaL_checkinteger(L, 1);
+  lua_pushboolean(L, fd >= 0 && fd <= INT_MAX && fcntl((int)fd, F_GETFD) != -1);
+  return 1;
+}
 
 /* ---- Listener and client sockets ----------------------------------- */
 
@@ -880,6 +888,7 @@ MP_API void mp_conn_open(lua_State *L) {
     {"Pipe", conn_pipe},
     {"conn_from_fd", conn_from_fd},
     {"poll", core_poll},
+    {"_fd_is_open", core_fd_is_open},
     {"listen", core_listen},
     {"connect", core_connect},
     {NULL, NULL}

@@ -9,7 +9,8 @@ local errors = require "multiprocessing.errors"
 
 local type, ipairs, error, getmetatable, tostring =
       type, ipairs, error, getmetatable, tostring
-local monotonic, poll = core.monotonic, core.poll
+local mathtype = math.type
+local monotonic, poll, fd_is_open = core.monotonic, core.poll, core._fd_is_open
 
 local M = {}
 local exports = {}
@@ -43,7 +44,13 @@ local function ended(p) return not p:is_alive() end
 -- gets fd -1 and is confirmed every BLIND_SLICE seconds instead.
 local function fd_of(o, i)
   local t = type(o)
-  if t == "number" then return o end
+  if t == "number" then
+    if mathtype(o) ~= "integer" or not fd_is_open(o) then
+      error("bad argument #1 to 'wait' (objects[" .. i ..
+            "] is not an open file descriptor: " .. tostring(o) .. ")", 3)
+    end
+    return o
+  end
   local cls = classname(o)
   if cls == "multiprocessing.Connection" then
     return o:fileno(), o:_buffered()
