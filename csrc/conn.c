@@ -697,6 +697,18 @@ static int unix_addr(lua_State *L, const char *path, struct sockaddr_un *sa) {
   return (int)(offsetof(struct sockaddr_un, sun_path) + n + 1);
 }
 
+/* The port at index i: getaddrinfo takes a number past 65535 and uses it
+   modulo 65536, so a numeric port out of range raises here. */
+static const char *check_port(lua_State *L, int i) {
+  const char *port = luaL_checkstring(L, i), *p;
+  unsigned long v = 0;
+  for (p = port; *p >= '0' && *p <= '9'; p++)
+    if (v <= 65535) v = v * 10 + (unsigned long)(*p - '0');
+  if (*p == '\0' && p != port && v > 65535)
+    luaL_argerror(L, i, lua_pushfstring(L, "port %s out of range 0..65535", port));
+  return port;
+}
+
 /* Resolve host:port; pushes nothing. Raises with gai_strerror. */
 static struct addrinfo *resolve(lua_State *L, const char *host, const char *port,
                                 int passive) {
@@ -734,7 +746,7 @@ static int core_listen(lua_State *L) {
     memcpy(l->path, sa.sun_path, sizeof l->path);
     l->unixsock = 1;
   } else {
-    const char *port = luaL_checkstring(L, 2);
+    const char *port = check_port(L, 2);
     struct addrinfo *res = resolve(L, host, port, 1), *ai;
     for (ai = res; ai; ai = ai->ai_next) {
       int one = 1;
@@ -819,7 +831,7 @@ static int core_connect(lua_State *L) {
       return luaL_error(L, "cannot connect to '%s': %s", host, strerror(e));
     }
   } else {
-    const char *port = luaL_checkstring(L, 2);
+    const char *port = check_port(L, 2);
     struct addrinfo *res = resolve(L, host, port, 0), *ai;
     for (ai = res; ai; ai = ai->ai_next) {
       fd = socket(ai->ai_family, ai->ai_socktype | SOCK_CLOEXEC, ai->ai_protocol);

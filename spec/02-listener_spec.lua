@@ -38,6 +38,22 @@ describe("Listener and Client arguments", function()
     assert.has_error(function() mp.Listener(string.rep("x", 200)) end)
   end)
 
+  it("raise on a port out of range (getaddrinfo would take it modulo 65536)", function()
+    for _, f in ipairs({ "Listener", "Client" }) do
+      local ok, err = pcall(mp[f], "127.0.0.1:99999")
+      assert.is_false(ok)
+      assert.matches("bad argument #1 to '" .. f .. "' (port 99999 out of range 0..65535)", err, 1, true)
+      ok, err = pcall(mp[f], "[::1]:65536")
+      assert.is_false(ok)
+      assert.matches("port 65536 out of range", err, 1, true)
+    end
+    assert.has_error(function() core.listen("127.0.0.1", "70000") end)
+    assert.has_error(function() core.connect("127.0.0.1", "123456789012345678901234") end)
+    local l = mp.Listener("127.0.0.1:00000")       -- leading zeros: port 0
+    assert.truthy(l.address:match("^127%.0%.0%.1:%d+$"))
+    l:close()
+  end)
+
   it("raise when nothing listens", function()
     local l = mp.Listener("127.0.0.1:0")
     local addr = l.address

@@ -7,8 +7,8 @@
 local core = require "multiprocessing.core"
 local errors = require "multiprocessing.errors"
 
-local type, ipairs, error, getmetatable, tostring =
-      type, ipairs, error, getmetatable, tostring
+local type, ipairs, error, getmetatable, tostring, tonumber =
+      type, ipairs, error, getmetatable, tostring, tonumber
 local mathtype = math.type
 local monotonic, poll, fd_is_open = core.monotonic, core.poll, core._fd_is_open
 
@@ -123,6 +123,9 @@ local function parse_address(address, fname)
   end
   local host, port = address:match("^(.*):(%d+)$")
   if host then
+    if tonumber(port) > 65535 then
+      error("bad argument #1 to '" .. fname .. "' (port " .. port .. " out of range 0..65535)", 3)
+    end
     host = host:match("^%[(.*)%]$") or host
     return host, port
   end
