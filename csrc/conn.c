@@ -21,6 +21,7 @@
 
 #include <errno.h>
 #include <fcntl.h>
+#include <limits.h>
 #include <poll.h>
 #include <stdlib.h>
 #include <string.h>
@@ -655,6 +656,13 @@ static int core_poll(lua_State *L) {
   return 1;
 }
 
+/* core._fd_is_open(n) -> boolean: n is an open file descriptor (poll()
+   skips a negative one and reports a closed one as ready) */
+static int core_fd_is_open(lua_State *L) {
+  lua_Integer fd = luaL_checkinteger(L, 1);
+  lua_pushboolean(L, fd >= 0 && fd <= INT_MAX && fcntl((int)fd, F_GETFD) != -1);
+  return 1;
+}
 
 /* ---- Listener and client sockets ----------------------------------- */
 
@@ -691,6 +699,18 @@ static int unix_addr(lua_State *L, const char *path, struct sockaddr_un *sa) {
                       (int)sizeof sa->sun_path - 1);
   memcpy(sa->sun_path, path, n);
   return (int)(offsetof(struct sockaddr_un, sun_path) + n + 1);
+}
+
+/* The port at index i: getaddrinfo takes a number past 65535 and uses it
+   modulo 65536, so a numeric port out of range raises here. */
+static const char *check_port(lua_State *L, int i) {
+  const char *port = luaL_checkstring(L, i), *p;
+  unsigned long v = 0;
+  for (p = port; *p >= '0' && *p <= '9'; p++)
+    if (v <= 65535) v = v * 10 + (unsigned long)(*p - '0');
+  if (*p == '\0' && p != port && v > 65535)
+    luaL_argerror(L, i, lua_pushfstring(L, "port %s out of range 0..65535", port));
+  return port;
 }
 
 /* Resolve host:port; pushes nothing. Raises with gai_strerror. */
@@ -730,7 +750,7 @@ static int core_listen(lua_State *L) {
     memcpy(l->path, sa.sun_path, sizeof l->path);
     l->unixsock = 1;
   } else {
-    const char *port = luaL_checkstring(L, 2);
+    const char *port = check_port(L, 2);
     struct addrinfo *res = resolve(L, host, port, 1), *ai;
     for (ai = res; ai; ai = ai->ai_next) {
       int one = 1;
@@ -815,7 +835,7 @@ static int core_connect(lua_State *L) {
       return luaL_error(L, "cannot connect to '%s': %s", host, strerror(e));
     }
   } else {
-    const char *port = luaL_checkstring(L, 2);
+    const char *port = check_port(L, 2);
     struct addrinfo *res = resolve(L, host, port, 0), *ai;
     for (ai = res; ai; ai = ai->ai_next) {
       fd = socket(ai->ai_family, ai->ai_socktype | SOCK_CLOEXEC, ai->ai_protocol);
@@ -884,6 +904,7 @@ MP_API void mp_conn_open(lua_State *L) {
     {"Pipe", conn_pipe},
     {"conn_from_fd", conn_from_fd},
     {"poll", core_poll},
+    {"_fd_is_open", core_fd_is_open},
     {"listen", core_listen},
     {"connect", core_connect},
     {NULL, NULL}

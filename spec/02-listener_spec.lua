@@ -85,6 +85,22 @@ describe("Listener and Client arguments", function()
     assert.has_error(function() mp.Listener(string.rep("x", 200)) end)
   end)
 
+  it("raise on a port out of range (getaddrinfo would take it modulo 65536)", function()
+    for _, f in ipairs({ "Listener", "Client" }) do
+      local ok, err = pcall(mp[f], "127.0.0.1:99999")
+      assert.is_false(ok)
+      assert.matches("bad argument #1 to '" .. f .. "' (port 99999 out of range 0..65535)", err, 1, true)
+      ok, err = pcall(mp[f], "[::1]:65536")
+      assert.is_false(ok)
+      assert.matches("port 65536 out of range", err, 1, true)
+    end
+    assert.has_error(function() core.listen("127.0.0.1", "70000") end)
+    assert.has_error(function() core.connect("127.0.0.1", "123456789012345678901234") end)
+    local l = mp.Listener("127.0.0.1:00000")       -- leading zeros: port 0
+    assert.truthy(l.address:match("^127%.0%.0%.1:%d+$"))
+    l:close()
+  end)
+
   it("raise when nothing listens", function()
     local l = mp.Listener("127.0.0.1:0")
     local addr = l.address
@@ -256,3 +272,158 @@ describe("Listener", function()
     c1:close(); c2:close(); x:close(); y:close(); l:close()
   end)
 end)
+
+-- Handshakes run side by side inside accept: a peer that connects and says
+-- nothing (or too little) must not hold up one that proves the key.
+local conn_mod = require "multiprocessing.connection"
+
+-- A peer that connects and never writes, on the client side in this process.
+local function raw_connect(addr)
+  local host, port = addr:match("^(.*):(%d+)$")
+  if host then return core.connect(host, port) end
+  return core.connect(addr)
+end
+
+-- A child that connects with the key, sends msg and waits for a reply.
+local function good_client(addr, key, msg)
+  return H.start(function()
+    local c = mp.Client(addr, { authkey = key })
+    c:send(msg)
+    c:recv(10)
+    c:close()
+  end)
+end
+
+for _, tr in ipairs({ { "TCP", function() return "127.0.0.1:0" end },
+                      { "a Unix socket", function() return H.tmpname("sock") end } }) do
+  local name, new_address = tr[1], tr[2]
+
+  describe("Authenticated Listener over " .. name, function()
+    H.leakcheck()
+
+    it("accepts a good client that comes after a silent peer", function()
+      local l = mp.Listener(new_address(), { authkey = "k" })
+      local silent = raw_connect(l.address)
+      local p = good_client(l.address, "k", "after the silent one")
+      local c = assert(l:accept(5))
+      assert.are.equal("after the silent one", c:recv(5))
+      c:send("bye")
+      assert.are.equal(0, H.finish(p, 10))
+      -- the silent peer was sent its challenge and is still pending
+      assert.matches("^#CHALLENGE#", silent:recv_bytes(5))
+      assert.are.same({ nil, "timeout" }, { silent:recv_bytes(0) })
+      c:close(); silent:close(); l:close()
+    end)
+
+    it("keeps a bounded set of pending handshakes, dropping the oldest", function()
+      local bound = conn_mod.HANDSHAKE_PENDING
+      local l = mp.Listener(new_address(), { authkey = "k" })
+      local silent = {}
+      for i = 1, bound + 6 do silent[i] = raw_connect(l.address) end
+      local p = good_client(l.address, "k", "after the crowd")
+      local fds0 = H.fd_count()
+      local c = assert(l:accept(5))
+      assert.are.equal("after the crowd", c:recv(5))
+      -- bound - 1 silent peers and the good one: no more accepted fds
+      assert.is_true(H.wait_until(function() return H.fd_count() <= fds0 + bound end, 2))
+      c:send("bye")
+      assert.are.equal(0, H.finish(p, 10))
+      -- the 7 oldest (6 for the crowd, 1 for the good client) were closed
+      for i = 1, 7 do
+        assert.matches("^#CHALLENGE#", silent[i]:recv_bytes(5))
+        assert.are.same({ nil, "closed" }, { silent[i]:recv_bytes(5) })
+      end
+      for i = 8, bound + 6 do
+        assert.matches("^#CHALLENGE#", silent[i]:recv_bytes(5))
+        assert.are.same({ nil, "timeout" }, { silent[i]:recv_bytes(0) })
+      end
+      for _, s in ipairs(silent) do s:close() end
+      c:close(); l:close()
+    end)
+
+    it("raises AuthenticationError for a wrong key and accepts the good client next", function()
+      -- this process plays the good peer step by step, so that its
+      -- handshake is half done when the wrong one fails, whatever the order
+      local l = mp.Listener(new_address(), { authkey = "k" })
+      local good = raw_connect(l.address)
+      assert.are.same({ nil, "timeout" }, { l:accept(0.5) })        -- challenged, pending
+      local challenge = good:recv_bytes(5)
+      good:send_bytes(core.hmac_sha256("k", challenge))
+      local wrong = raw_connect(l.address)
+      wrong:send_bytes(string.rep("x", 32))     -- a wrong answer, sent ahead
+      local ok, err = pcall(l.accept, l, 5)
+      assert.is_false(ok)
+      assert.is_true(mp.AuthenticationError:is(err), tostring(err))
+      assert.are.equal("digest received was wrong", err.message)
+      assert.matches("^#CHALLENGE#", wrong:recv_bytes(5))
+      assert.are.equal("#FAILURE#", wrong:recv_bytes(5))
+      assert.are.same({ nil, "closed" }, { wrong:recv_bytes(5) })
+      -- the good peer's own challenge, and its welcome sent ahead
+      local mine = "#CHALLENGE#" .. core.random_bytes(32)
+      good:send_bytes(mine)
+      good:send_bytes("#WELCOME#")
+      local c = assert(l:accept(5))
+      assert.are.equal("#WELCOME#", good:recv_bytes(5))
+      assert.are.equal(core.hmac_sha256("k", mine), good:recv_bytes(5))
+      c:send("trusted now")
+      assert.are.equal("trusted now", good:recv(5))
+      c:close(); good:close(); wrong:close(); l:close()
+    end)
+
+    it("closes a handshake that ran out of time and goes on", function()
+      local saved = conn_mod.HANDSHAKE_TIMEOUT
+      finally(function() conn_mod.HANDSHAKE_TIMEOUT = saved end)
+      conn_mod.HANDSHAKE_TIMEOUT = 0.2
+      local l = mp.Listener(new_address(), { authkey = "k" })
+      local silent = raw_connect(l.address)
+      assert.are.same({ nil, "timeout" }, { l:accept(1) })   -- no raise
+      assert.matches("^#CHALLENGE#", silent:recv_bytes(5))
+      assert.are.same({ nil, "closed" }, { silent:recv_bytes(5) })
+      local p = good_client(l.address, "k", "still served")
+      local c = assert(l:accept(5))
+      assert.are.equal("still served", c:recv(5))
+      c:send("bye")
+      assert.are.equal(0, H.finish(p, 10))
+      c:close(); silent:close(); l:close()
+    end)
+
+    it("closes its pending handshakes when closed or collected", function()
+      collectgarbage("stop")
+      finally(function() collectgarbage("restart") end)
+      local fds0 = H.fd_count()
+      local function open_fds(n)
+        return H.wait_until(function() return H.fd_count() == fds0 + n end, 2)
+      end
+      local l = mp.Listener(new_address(), { authkey = "k" })
+      local silent = { raw_connect(l.address), raw_connect(l.address), raw_connect(l.address) }
+      assert.are.same({ nil, "timeout" }, { l:accept(0.5) })
+      assert.is_true(open_fds(7))             -- the listener, 3 peers, 3 pending
+      l:close()
+      assert.is_true(open_fds(3))
+      for _, s in ipairs(silent) do
+        assert.matches("^#CHALLENGE#", s:recv_bytes(5))
+        assert.are.same({ nil, "closed" }, { s:recv_bytes(5) })
+      end
+      l = mp.Listener(new_address(), { authkey = "k" })
+      silent[4] = raw_connect(l.address)
+      assert.are.same({ nil, "timeout" }, { l:accept(0.5) })
+      assert.is_true(open_fds(6))
+      l = nil   -- luacheck: ignore 311
+      collectgarbage("restart")
+      collectgarbage(); collectgarbage()
+      assert.is_true(open_fds(4))
+      for _, s in ipairs(silent) do s:close() end
+      assert.is_true(open_fds(0))
+    end)
+
+    it("raises on a bad timeout", function()
+      local l = mp.Listener(new_address(), { authkey = "k" })
+      for _, bad in ipairs({ -1, "x", 0 / 0 }) do
+        assert.error_matches(function() l:accept(bad) end,
+                             "bad argument #1 to 'accept' (timeout must be a number >= 0)", 1, true)
+      end
+      l:close()
+      assert.has_error(function() l:accept(0) end, "listener is closed")
+    end)
+  end)
+end

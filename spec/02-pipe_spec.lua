@@ -281,6 +281,22 @@ describe("mp.wait", function()
     assert.has_error(function() mp.wait({}, -1) end)
   end)
 
+  it("raises on a number that is not an open file descriptor", function()
+    local a, b = mp.Pipe()
+    a:send_bytes("x")
+    for _, bad in ipairs({ -1, 99999, 1.5, 1 << 40, 2^40 }) do
+      local ok, err = pcall(mp.wait, { b, bad }, 0)
+      assert.is_false(ok)
+      assert.matches("bad argument #1 to 'wait' (objects[2] is not an open file descriptor: " .. tostring(bad) .. ")",
+                     err, 1, true)
+    end
+    local fd = b:fileno()
+    b:close()
+    assert.error_matches(function() mp.wait({ fd }, 0) end,
+                         "bad argument #1 to 'wait' (objects[1] is not an open file descriptor: " .. fd .. ")", 1, true)
+    a:close()
+  end)
+
   it("returns an empty list on timeout", function()
     local a, b = mp.Pipe()
     assert.are.same({}, mp.wait({ a, b }, 0.02))

@@ -30,6 +30,14 @@ function H.fds()
   return f
 end
 
+-- How many fds this process has open: the least of a few looks, since a
+-- look may also catch the ends of popen's own pipe while it starts ls.
+function H.fd_count()
+  local n = math.huge
+  for _ = 1, 3 do n = math.min(n, #H.fds()) end
+  return n
+end
+
 -- Pids of live (non-zombie) processes whose parent is this process (or
 -- the process pid), ignoring the helper commands this file itself runs.
 function H.children(pid)

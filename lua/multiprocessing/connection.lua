@@ -7,9 +7,12 @@
 local core = require "multiprocessing.core"
 local errors = require "multiprocessing.errors"
 
-local type, ipairs, error, getmetatable, tostring =
-      type, ipairs, error, getmetatable, tostring
-local monotonic, poll = core.monotonic, core.poll
+local type, ipairs, error, getmetatable, tostring, tonumber, pairs, setmetatable =
+      type, ipairs, error, getmetatable, tostring, tonumber, pairs, setmetatable
+local mathtype = math.type
+local create, resume, status, yield =
+      coroutine.create, coroutine.resume, coroutine.status, coroutine.yield
+local monotonic, poll, fd_is_open = core.monotonic, core.poll, core._fd_is_open
 
 local M = {}
 local exports = {}
@@ -43,7 +46,13 @@ local function ended(p) return not p:is_alive() end
 -- gets fd -1 and is confirmed every BLIND_SLICE seconds instead.
 local function fd_of(o, i)
   local t = type(o)
-  if t == "number" then return o end
+  if t == "number" then
+    if mathtype(o) ~= "integer" or not fd_is_open(o) then
+      error("bad argument #1 to 'wait' (objects[" .. i ..
+            "] is not an open file descriptor: " .. tostring(o) .. ")", 3)
+    end
+    return o
+  end
   local cls = classname(o)
   if cls == "multiprocessing.Connection" then
     return o:fileno(), o:_buffered()
@@ -104,11 +113,26 @@ end
 -- A connection whose peer has not proved a key is untrusted: it never loads
 -- functions (bytecode) from it nor rebuilds handles (their fds: memory the
 -- peer could truncate), and handshake messages are size-bounded.
+--
+-- A Listener with an authkey runs its handshakes side by side inside
+-- accept, so that a peer that connects and says nothing cannot hold up the
+-- next one: each accepted connection gets a coroutine that yields whenever
+-- the peer's next message is not all there (conn.c keeps what came), and
+-- accept polls the listening socket and every pending connection. At most
+-- HANDSHAKE_PENDING handshakes are pending per Listener (a new connection
+-- drops the oldest), each for HANDSHAKE_TIMEOUT seconds from its accept;
+-- one that runs out of time is closed without a word (its peer proved
+-- nothing), one that fails raises AuthenticationError from accept. The
+-- server's handshake messages are tiny and go to a fresh socket buffer, so
+-- its sends never block. The Client blocks in its own handshake, bounded by
+-- HANDSHAKE_TIMEOUT.
 
 local CHALLENGE, WELCOME, FAILURE = "#CHALLENGE#", "#WELCOME#", "#FAILURE#"
-local HANDSHAKE_TIMEOUT, HANDSHAKE_MAX = 30, 256
+local HANDSHAKE_MAX = 256
+M.HANDSHAKE_TIMEOUT = 30     -- in M, read at each use: a spec may shorten it
+M.HANDSHAKE_PENDING = 64
 local hmac, random_bytes, equal_digest = core.hmac_sha256, core.random_bytes, core.equal_digest
-local pcall = pcall
+local pcall, remove = pcall, table.remove
 
 local function parse_address(address, fname)
   if type(address) ~= "string" or address == "" then
@@ -117,6 +141,9 @@ local function parse_address(address, fname)
   end
   local host, port = address:match("^(.*):(%d+)$")
   if host then
+    if tonumber(port) > 65535 then
+      error("bad argument #1 to '" .. fname .. "' (port " .. port .. " out of range 0..65535)", 3)
+    end
     host = host:match("^%[(.*)%]$") or host
     return host, port
   end
@@ -140,16 +167,28 @@ local function check_opts(opts, fname, allowed)
   return opts
 end
 
-local function recv_small(c)
-  local ok, msg = pcall(c._recv_bytes_max, c, HANDSHAKE_TIMEOUT, HANDSHAKE_MAX)
+-- A handshake receives with recv(c) -> the peer's next message, or nil when
+-- none came (closed, timed out, too long, corrupt). The Client waits for it;
+-- the Listener's coroutines yield until it is all there.
+local function recv_waiting(c)
+  local ok, msg = pcall(c._recv_bytes_max, c, M.HANDSHAKE_TIMEOUT, HANDSHAKE_MAX)
   if ok then return msg end
   return nil
 end
 
-local function deliver_challenge(c, key)
+local function recv_yielding(c)
+  while true do
+    local ok, msg, why = pcall(c._recv_bytes_max, c, 0, HANDSHAKE_MAX)
+    if not ok then return nil end
+    if msg or why ~= "timeout" then return msg end
+    yield()
+  end
+end
+
+local function deliver_challenge(c, key, recv)
   local msg = CHALLENGE .. random_bytes(32)
   c:send_bytes(msg)
-  local answer = recv_small(c)
+  local answer = recv(c)
   if answer and equal_digest(answer, hmac(key, msg)) then
     c:send_bytes(WELCOME)
     return true
@@ -158,34 +197,26 @@ local function deliver_challenge(c, key)
   return false, answer and "digest received was wrong" or "no answer to the challenge"
 end
 
-local function answer_challenge(c, key)
-  local msg = recv_small(c)
+local function answer_challenge(c, key, recv)
+  local msg = recv(c)
   if not msg or msg:sub(1, #CHALLENGE) ~= CHALLENGE then
     return false, "the peer sent no challenge (does it use an authkey?)"
   end
   c:send_bytes(hmac(key, msg))
-  if recv_small(c) ~= WELCOME then return false, "digest sent was rejected" end
+  if recv(c) ~= WELCOME then return false, "digest sent was rejected" end
   return true
 end
 
-local function authenticate(c, key, server)
-  local ok, why
-  if server then
-    ok, why = deliver_challenge(c, key)
-    if ok then ok, why = answer_challenge(c, key) end
-  else
-    ok, why = answer_challenge(c, key)
-    if ok then ok, why = deliver_challenge(c, key) end
-  end
-  if not ok then
-    c:close()
-    error(errors.new("AuthenticationError", why), 3)
-  end
-  c:_set_trusted(true)
-  return c
+-- The Listener's side, run in a coroutine: -> true | false, why
+local function server_handshake(c, key)
+  local ok, why = deliver_challenge(c, key, recv_yielding)
+  if ok then ok, why = answer_challenge(c, key, recv_yielding) end
+  return ok, why
 end
 
 local authkeys = setmetatable({}, { __mode = "k" })
+-- per Listener, its pending handshakes, oldest first: {c=, co=, deadline=}
+local pendings = setmetatable({}, { __mode = "k" })
 local Lmethods, Lmt = core.Listener_methods, core.Listener_mt
 
 -- mp.Listener(address [, {authkey=s, backlog=n}]) -> Listener
@@ -193,19 +224,103 @@ function exports.Listener(address, opts)
   local host, port = parse_address(address, "Listener")
   opts = check_opts(opts, "Listener", { authkey = true, backlog = true })
   local l = core.listen(host, port, opts.backlog)
-  authkeys[l] = opts.authkey
+  if opts.authkey then
+    authkeys[l] = opts.authkey
+    pendings[l] = {}
+  end
   return l
 end
 
--- l:accept([timeout]) -> Connection | nil, "timeout"; raises
--- AuthenticationError when the peer does not prove the authkey
-function Lmethods.accept(self, timeout)
-  local c, why = self:_accept(timeout)
-  if not c then return nil, why end
-  local key = authkeys[self]
-  if key then return authenticate(c, key, true) end
-  return c
+local function forget(list, h)
+  for i = 1, #list do
+    if list[i] == h then remove(list, i) break end
+  end
+  h.gone = true
 end
+
+-- Run h's handshake as far as what has come allows: its connection when it
+-- is done (now trusted), nothing while it waits; raises AuthenticationError
+-- when it failed.
+local function advance(list, h, key)
+  local ok, done, why = resume(h.co, h.c, key)
+  if ok and status(h.co) == "suspended" then return nil end
+  forget(list, h)
+  if ok and done then
+    h.c:_set_trusted(true)
+    return h.c
+  end
+  h.c:close()
+  if not ok then error(done, 0) end       -- a bug in the handshake itself
+  error(errors.new("AuthenticationError", why), 0)
+end
+
+local function check_timeout(timeout)
+  if timeout ~= nil and (type(timeout) ~= "number" or not (timeout >= 0)) then
+    error("bad argument #1 to 'accept' (timeout must be a number >= 0)", 3)
+  end
+end
+
+-- l:accept([timeout]) -> Connection | nil, "timeout"; raises
+-- AuthenticationError when a peer fails to prove the authkey (the other
+-- pending handshakes stay for the next accept)
+function Lmethods.accept(self, timeout)
+  check_timeout(timeout)
+  local key = authkeys[self]
+  if not key then return self:_accept(timeout) end
+  local lfd, list = self:fileno(), pendings[self]
+  local deadline = timeout and monotonic() + timeout
+  while true do
+    local now, wake = monotonic(), deadline
+    for i = #list, 1, -1 do
+      local h = list[i]
+      if h.deadline <= now then
+        remove(list, i)
+        h.gone = true
+        h.c:close()
+      elseif not wake or h.deadline < wake then
+        wake = h.deadline
+      end
+    end
+    local fds, polled = { lfd }, {}
+    for i, h in ipairs(list) do fds[i + 1], polled[i + 1] = h.c:fileno(), h end
+    local hits = poll(fds, wake and (wake > now and wake - now or 0))
+    for _, i in ipairs(hits) do
+      local h = polled[i]
+      if i == 1 then                      -- a new connection: challenge it
+        local c, why, errno = self:_accept(0)
+        if c then
+          if #list >= M.HANDSHAKE_PENDING then
+            local oldest = remove(list, 1)
+            oldest.gone = true
+            oldest.c:close()
+          end
+          h = { c = c, co = create(server_handshake),
+                deadline = monotonic() + M.HANDSHAKE_TIMEOUT }
+          list[#list + 1] = h
+        elseif why ~= "timeout" then
+          return nil, why, errno
+        end
+      end
+      if h and not h.gone then
+        local c = advance(list, h, key)
+        if c then return c end
+      end
+    end
+    if deadline and monotonic() >= deadline then return nil, "timeout" end
+  end
+end
+
+-- l:close(): closes the pending handshakes too; may be called twice
+local c_close = Lmethods.close
+function Lmethods.close(self)
+  local list = pendings[self]
+  if list then
+    for i = #list, 1, -1 do list[i].c:close(); list[i] = nil end
+  end
+  c_close(self)
+end
+Lmt.__gc = Lmethods.close
+Lmt.__close = Lmethods.close
 
 Lmt.__index = function(self, k)
   local m = Lmethods[k]
@@ -226,12 +341,21 @@ Lmt.__tostring = function(self)
   return "<Listener(" .. self.address .. ")>"
 end
 
--- mp.Client(address [, {authkey=s}]) -> Connection
+-- mp.Client(address [, {authkey=s}]) -> Connection; raises
+-- AuthenticationError when the keys differ
 function exports.Client(address, opts)
   local host, port = parse_address(address, "Client")
   opts = check_opts(opts, "Client", { authkey = true })
   local c = core.connect(host, port)
-  if opts.authkey then return authenticate(c, opts.authkey, false) end
+  local key = opts.authkey
+  if not key then return c end
+  local ok, why = answer_challenge(c, key, recv_waiting)
+  if ok then ok, why = deliver_challenge(c, key, recv_waiting) end
+  if not ok then
+    c:close()
+    error(errors.new("AuthenticationError", why), 2)
+  end
+  c:_set_trusted(true)
   return c
 end
 
