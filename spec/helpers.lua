@@ -148,4 +148,17 @@ function H.run_lua(src, timeout)
   return out:gsub("exit:%d+\n?$", ""), code
 end
 
+-- A copy of the shared-memory segment behind fd in a memfd that is not
+-- sealed (core.shm_test_unsealed): a forged handle's segment. Returns it
+-- boxed (close it, or let <close> do it).
+function H.forge_unsealed(fd)
+  local core = require "multiprocessing.core"
+  local forged = core._fdbox(core.shm_test_unsealed(0))
+  local src = assert(io.open("/proc/self/fd/" .. fd, "rb"))
+  local dst = assert(io.open("/proc/self/fd/" .. forged:fileno(), "r+b"))
+  dst:write(src:read("a"))
+  src:close(); dst:close()
+  return forged
+end
+
 return H
