@@ -6,7 +6,9 @@
  * nothing is left in /dev/shm when a process is killed, and its fd survives
  * exec, so a spawned child maps the same memory from a passed fd. Futex
  * waits use absolute CLOCK_MONOTONIC deadlines (FUTEX_WAIT_BITSET), so a
- * timeout interrupted by a signal resumes with the time that is left.
+ * timeout interrupted by a signal resumes with the time that is left. Both
+ * waits here return EINTR to the caller, which lets the signal's Lua hook
+ * run (mp_interrupted) before it sleeps again.
  */
 #include "mp.h"
 
@@ -68,10 +70,11 @@ static void abstime(double t, struct timespec *ts) {
   if (ts->tv_nsec >= 1000000000L) ts->tv_nsec = 999999999L;
 }
 
-MP_API void mp_sleep_until(double t) {
+MP_API int mp_sleep_until(double t) {
   struct timespec ts;
   abstime(t, &ts);
-  while (clock_nanosleep(CLOCK_MONOTONIC, TIMER_ABSTIME, &ts, NULL) == EINTR) {}
+  return clock_nanosleep(CLOCK_MONOTONIC, TIMER_ABSTIME, &ts, NULL) == EINTR
+         ? EINTR : 0;
 }
 
 MP_API int mp_futex_wait(uint32_t *addr, uint32_t val, double deadline) {

@@ -153,3 +153,34 @@ describe("Listener", function()
     c1:close(); c2:close(); x:close(); y:close(); l:close()
   end)
 end)
+
+-- Ctrl-C under lua5.4: SIGINT sets a hook that raises "interrupted!";
+-- accept, and the authkey handshake after it, let it run at once.
+describe("SIGINT interrupts a blocked wait", function()
+  H.leakcheck()
+  local interrupt, BOUND = H.interrupt_wait, H.INTERRUPT_BOUND
+
+  it("in Listener:accept()", function()
+    local l = mp.Listener("127.0.0.1:0")
+    local code, took = interrupt(function(ready) ready() l:accept() end)
+    assert.are.equal(1, code)
+    assert.is_true(took < BOUND, took)
+    l:close()
+  end)
+
+  it("in the authkey handshake of accept, which does not take it for a failed handshake", function()
+    local l = mp.Listener("127.0.0.1:0", { authkey = "k" })
+    local accepting <close> = mp.Event()
+    local p = H.start(function()
+      accepting:set()
+      local ok, err = pcall(l.accept, l)
+      return (not ok and err == "interrupted!") and 0 or 7
+    end)
+    assert.is_true(accepting:wait(10))
+    local c = core.connect(l.address:match("^(.*):(%d+)$"))   -- says nothing
+    H.sleep(0.2)
+    p:interrupt()
+    assert.are.equal(0, H.finish(p, 10))
+    c:close(); l:close()
+  end)
+end)

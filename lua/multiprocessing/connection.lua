@@ -139,9 +139,12 @@ local function check_opts(opts, fname, allowed)
   return opts
 end
 
+-- A bad handshake message (too long, corrupt) is a failed handshake; a
+-- signal's error (lua5.4's Ctrl-C in the wait) goes on.
 local function recv_small(c)
   local ok, msg = pcall(c._recv_bytes_max, c, HANDSHAKE_TIMEOUT, HANDSHAKE_MAX)
   if ok then return msg end
+  if core._is_interrupt(msg) then error(msg, 0) end
   return nil
 end
 

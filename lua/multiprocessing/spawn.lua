@@ -265,7 +265,24 @@ local function forkserver_start(p, prep, payload)
   cbox:close()
   local sent, err = true, nil
   if ok then sent, err = pcall(send_boot, pbox, prep, payload) else pbox:close() end
-  local rep = ok and s.conn:recv(BOOT_TIMEOUT)     -- always read: keep in step
+  -- always read the answer: keep in step. A signal's error in this wait
+  -- (Ctrl-C) comes out once the answer is read and the child attached
+  -- (the server answers within a fork's time).
+  local rep = false
+  if ok then
+    local rok
+    rok, rep = pcall(s.conn.recv, s.conn, BOOT_TIMEOUT)
+    if not rok then
+      if not core._is_interrupt(rep) then server = nil error(rep, 0) end
+      local again, rep2 = pcall(s.conn.recv, s.conn, BOOT_TIMEOUT)
+      if again and type(rep2) == "table" and rep2.pid then
+        p:_attach(rep2.pid, rep2.status, rep2.pidfd)
+      else
+        server = nil
+      end
+      error(rep, 0)
+    end
+  end
   if type(rep) ~= "table" or not rep.pid then
     server = nil
     perr("forkserver: " .. (type(rep) == "table" and tostring(rep.error)
