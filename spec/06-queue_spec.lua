@@ -756,7 +756,6 @@ describe("SIGINT interrupts a blocked wait", function()
     H.sleep(0.6)
     for _ = 1, 5 do H.sleep(0.02) core.kill(p.pid, sig) end
     q:put(42)
-    assert.are.equal(0, p:join(10))
-    p:close()
+    assert.are.equal(0, H.finish(p))
   end)
 end)
