@@ -16,6 +16,14 @@
  * stalled peer cannot hold a recv past its timeout. Without a timeout a
  * recv waits for the whole message.
  * Sends use MSG_NOSIGNAL: a closed peer is nil, "closed", never SIGPIPE.
+ *
+ * Signals: a blocking read, write, poll or accept that a signal interrupts
+ * (EINTR), or a loop about to block again after a partial transfer, lets
+ * the signal's Lua hook run (mp_interrupted; lua5.4's Ctrl-C raises
+ * "interrupted!"). When it raises, the connection stays whole: the bytes
+ * of a message that came stay buffered (a payload cut short is kept as the
+ * half-received message, as a timeout keeps it) and the unsent rest of a
+ * message that went in part is kept and goes first with the next send.
  */
 #include "mp.h"
 
@@ -54,7 +62,14 @@ typedef struct mp_conn {
   size_t plen, pgot;
   uint32_t pkind;
   mp_fdlist pfds;      /* the fds that came with it */
+  /* the rest of a message whose send a signal interrupted after its first
+     bytes had gone: sent first by the next send */
+  char *sbuf;          /* malloc'd, slen bytes, sbuf[spos .. slen) unsent */
+  size_t slen, spos;
 } mp_conn;
+
+/* A signal's hook raised (mp_interrupted): its error is on the stack. */
+#define RAISED (-3)
 
 static mp_conn *to_conn(lua_State *L, int i) {
   return (mp_conn *)luaL_checkudata(L, i, MP_CONNECTION_T);
@@ -74,6 +89,13 @@ static void drop_partial(mp_conn *c) {
   mp_fdlist_close(&c->pfds);
 }
 
+/* Forget the unsent rest of a message. */
+static void drop_unsent(mp_conn *c) {
+  free(c->sbuf);
+  c->sbuf = NULL;
+  c->slen = c->spos = 0;
+}
+
 static void conn_release(mp_conn *c) {
   if (c->fd >= 0) close(c->fd);
   c->fd = -1;
@@ -82,6 +104,7 @@ static void conn_release(mp_conn *c) {
   c->rpos = c->rlen = 0;
   mp_fdlist_close(&c->rfds);
   drop_partial(c);
+  drop_unsent(c);
 }
 
 /* Push a closed connection with its send buffer as user value. */
@@ -142,16 +165,26 @@ static void put_header(char *h, uint64_t len, uint32_t nfds, uint32_t kind) {
   memcpy(h + 12, &kind, 4);
 }
 
-/* Send the iovecs whole, the fds with the first bytes. 0, or an errno. */
-MP_API int mp_sendall(int fd, struct iovec *iov, int niov, const mp_fdlist *fds) {
+/* Send the iovecs whole, the fds with the first bytes; the iovecs are
+   advanced past what went. 0, or an errno. With L, a send that a signal
+   interrupted (EINTR), or one about to block again after a partial write,
+   lets the signal's hook run: RAISED when it raised (error pushed; *sent
+   says whether any byte went). L NULL: resumes after EINTR. */
+static int sendall(lua_State *L, int fd, struct iovec *iov, int *niovp,
+                   const mp_fdlist *fds, int *sent) {
   union {
     char buf[CMSG_SPACE(sizeof(int) * MP_MAX_FDS)];
     struct cmsghdr align;
   } u;
   struct msghdr msg;
-  int first = 1;
+  int first = 1, niov = *niovp;
+  *sent = 0;
   while (niov > 0) {
     ssize_t n;
+    if (!first && L != NULL && mp_interrupted(L)) {   /* a partial write */
+      *niovp = niov;
+      return RAISED;
+    }
     memset(&msg, 0, sizeof msg);
     msg.msg_iov = iov;
     msg.msg_iovlen = (size_t)niov;
@@ -169,10 +202,18 @@ MP_API int mp_sendall(int fd, struct iovec *iov, int niov, const mp_fdlist *fds)
     }
     n = sendmsg(fd, &msg, MSG_NOSIGNAL);
     if (n < 0) {
-      if (errno == EINTR) continue;
-      return errno;
+      if (errno != EINTR) {
+        *niovp = niov;
+        return errno;
+      }
+      if (L != NULL && mp_interrupted(L)) {
+        *niovp = niov;
+        return RAISED;
+      }
+      continue;
     }
     first = 0;
+    *sent = 1;
     while (niov > 0 && (size_t)n >= iov->iov_len) {
       n -= (ssize_t)iov->iov_len;
       iov++;
@@ -183,10 +224,58 @@ MP_API int mp_sendall(int fd, struct iovec *iov, int niov, const mp_fdlist *fds)
       iov->iov_len -= (size_t)n;
     }
   }
+  *niovp = 0;
   return 0;
 }
 
+MP_API int mp_sendall(int fd, struct iovec *iov, int niov, const mp_fdlist *fds) {
+  int sent;
+  return sendall(NULL, fd, iov, &niov, fds, &sent);
+}
+
+/* Send a message (n iovecs, the fds with its first bytes) on c: first the
+   unsent rest of an interrupted one, then this one. 0, an errno, or
+   RAISED (error pushed), when a signal's hook raised: then either nothing
+   of this message went, or the part that did not go is kept (c->sbuf) and
+   goes first with the next send. (Without memory to keep it, the stream
+   cannot be whole again: its writing side is shut, so that the peer sees
+   the message cut rather than waiting for the rest.) */
+static int conn_sendmsg(lua_State *L, mp_conn *c, struct iovec *iov, int n,
+                        const mp_fdlist *fds) {
+  int r, sent, left = n, i;
+  size_t rest = 0;
+  if (c->sbuf != NULL) {
+    struct iovec piece;
+    int one = 1;
+    piece.iov_base = c->sbuf + c->spos;
+    piece.iov_len = c->slen - c->spos;
+    r = sendall(L, c->fd, &piece, &one, NULL, &sent);
+    if (r == RAISED) {
+      c->spos = c->slen - piece.iov_len;
+      return RAISED;
+    }
+    drop_unsent(c);
+    if (r != 0) return r;
+  }
+  r = sendall(L, c->fd, iov, &left, fds, &sent);
+  if (r != RAISED || !sent) return r;
+  for (i = n - left; i < n; i++) rest += iov[i].iov_len;
+  c->sbuf = (char *)malloc(rest > 0 ? rest : 1);
+  if (c->sbuf == NULL) {
+    shutdown(c->fd, SHUT_WR);
+    return RAISED;
+  }
+  c->slen = rest;
+  c->spos = 0;
+  for (rest = 0, i = n - left; i < n; i++) {
+    memcpy(c->sbuf + rest, iov[i].iov_base, iov[i].iov_len);
+    rest += iov[i].iov_len;
+  }
+  return RAISED;
+}
+
 static int send_result(lua_State *L, int err) {
+  if (err == RAISED) return lua_error(L);
   if (err == 0) {
     lua_pushboolean(L, 1);
     return 1;
@@ -227,7 +316,7 @@ static int conn_send(lua_State *L) {
   put_header(b->data, b->len - HDR_SIZE, (uint32_t)fds.n, KIND_VALUE);
   iov.iov_base = b->data;
   iov.iov_len = b->len;
-  return send_result(L, mp_sendall(c->fd, &iov, 1, &fds));
+  return send_result(L, conn_sendmsg(L, c, &iov, 1, &fds));
 }
 
 /* c:send_bytes(s [, i [, j]]) -> true | nil, "closed" */
@@ -249,14 +338,15 @@ static int conn_send_bytes(lua_State *L) {
   iov[0].iov_len = HDR_SIZE;
   iov[1].iov_base = (char *)(uintptr_t)(s + i - 1);
   iov[1].iov_len = (size_t)(j - i + 1);
-  return send_result(L, mp_sendall(c->fd, iov, 2, NULL));
+  return send_result(L, conn_sendmsg(L, c, iov, 2, NULL));
 }
 
 /* ---- receiving ----------------------------------------------------- */
 
 /* One recvmsg of up to len bytes into p; the fds that came are added to
    fds (beyond MP_MAX_FDS closed). >0 bytes, 0 at end of stream, -1 on
-   error (errno; EAGAIN with MSG_DONTWAIT). */
+   error (errno; EAGAIN with MSG_DONTWAIT; EINTR when a signal interrupted
+   it before anything came: the caller decides whether to read again). */
 MP_API ssize_t mp_recv_fds(int fd, char *p, size_t len, int flags, mp_fdlist *fds) {
   union {
     char buf[CMSG_SPACE(sizeof(int) * MP_MAX_FDS)];
@@ -273,8 +363,7 @@ MP_API ssize_t mp_recv_fds(int fd, char *p, size_t len, int flags, mp_fdlist *fd
   msg.msg_iovlen = 1;
   msg.msg_control = u.buf;
   msg.msg_controllen = sizeof u.buf;
-  do n = recvmsg(fd, &msg, MSG_CMSG_CLOEXEC | flags);
-  while (n < 0 && errno == EINTR);
+  n = recvmsg(fd, &msg, MSG_CMSG_CLOEXEC | flags);
   if (n <= 0 || msg.msg_controllen == 0) return n;
   for (cm = CMSG_FIRSTHDR(&msg); cm; cm = CMSG_NXTHDR(&msg, cm)) {
     if (cm->cmsg_level == SOL_SOCKET && cm->cmsg_type == SCM_RIGHTS) {
@@ -289,39 +378,49 @@ MP_API ssize_t mp_recv_fds(int fd, char *p, size_t len, int flags, mp_fdlist *fd
   return n;
 }
 
-/* One read into p for c, its fds queued on c. */
-static ssize_t rawread(mp_conn *c, char *p, size_t len, int flags) {
-  ssize_t n = mp_recv_fds(c->fd, p, len, flags, &c->rfds);
-  if (n == 0) c->eof = 1;
-  return n;
+/* One read into p for c, its fds queued on c. A read that a signal
+   interrupted lets the signal's hook run (mp_interrupted) and reads again:
+   RAISED when the hook raised (error pushed). */
+static ssize_t rawread(lua_State *L, mp_conn *c, char *p, size_t len, int flags) {
+  for (;;) {
+    ssize_t n = mp_recv_fds(c->fd, p, len, flags, &c->rfds);
+    if (n == 0) c->eof = 1;
+    if (n >= 0 || errno != EINTR) return n;
+    if (mp_interrupted(L)) return RAISED;
+  }
 }
 
-/* poll() for input on c for up to ms (-1 forever), resuming after EINTR
-   (with the same ms: bounded). */
-static int poll_in(mp_conn *c, int ms) {
+/* poll() for input on c until the deadline (-1 forever): >0 ready, 0 the
+   deadline passed, -1 error, RAISED. A signal's hook may run before the
+   wait and after an EINTR, which resumes with the time that is left. */
+static int poll_in(lua_State *L, mp_conn *c, double deadline) {
   struct pollfd pfd;
   int r;
   pfd.fd = c->fd;
   pfd.events = POLLIN;
-  do r = poll(&pfd, 1, ms);
-  while (r < 0 && errno == EINTR);
-  return r;
+  for (;;) {
+    if (mp_interrupted(L)) return RAISED;
+    r = poll(&pfd, 1, mp_remaining_ms(deadline));
+    if (r >= 0 || errno != EINTR) return r;
+  }
 }
 
 /* Read without blocking into dst (holding *got of cap bytes) until it
    holds want, waiting for more up to the deadline: 1 done, 0 end of
-   stream, -1 error, -2 the deadline passed. */
-static int read_timed(mp_conn *c, char *dst, size_t *got, size_t want,
-                      size_t cap, double deadline) {
+   stream, -1 error, -2 the deadline passed, RAISED (what came is counted
+   in *got). */
+static int read_timed(lua_State *L, mp_conn *c, char *dst, size_t *got,
+                      size_t want, size_t cap, double deadline) {
   while (*got < want) {
-    ssize_t r = rawread(c, dst + *got, cap - *got, MSG_DONTWAIT);
+    ssize_t r = rawread(L, c, dst + *got, cap - *got, MSG_DONTWAIT);
     if (r > 0) {
       *got += (size_t)r;
       continue;
     }
     if (r == 0) return 0;
     if (errno != EAGAIN && errno != EWOULDBLOCK) return -1;
-    r = poll_in(c, mp_remaining_ms(deadline));
+    r = poll_in(L, c, deadline);
+    if (r == RAISED) return RAISED;
     if (r <= 0) return r < 0 ? -1 : -2;
   }
   return 1;
@@ -329,17 +428,22 @@ static int read_timed(mp_conn *c, char *dst, size_t *got, size_t want,
 
 /* Make sure at least n (<= RBUF_SIZE) bytes are buffered, within the
    deadline (-1: blocking reads). 1 ok, 0 end of stream first, -1 error,
-   -2 the deadline passed (what came stays buffered). */
-static int fill(mp_conn *c, size_t n, double deadline) {
+   -2 the deadline passed, RAISED (what came stays buffered either way). */
+static int fill(lua_State *L, mp_conn *c, size_t n, double deadline) {
+  int more = 0;
   if (c->rlen - c->rpos >= n) return 1;
   if (c->rpos > 0) {
     memmove(c->rbuf, c->rbuf + c->rpos, c->rlen - c->rpos);
     c->rlen -= c->rpos;
     c->rpos = 0;
   }
-  if (deadline >= 0) return read_timed(c, c->rbuf, &c->rlen, n, RBUF_SIZE, deadline);
+  if (deadline >= 0)
+    return read_timed(L, c, c->rbuf, &c->rlen, n, RBUF_SIZE, deadline);
   while (c->rlen < n) {
-    ssize_t r = rawread(c, c->rbuf + c->rlen, RBUF_SIZE - c->rlen, 0);
+    ssize_t r;
+    /* about to block again after a short read: a signal may have come */
+    if (more++ && mp_interrupted(L)) return RAISED;
+    r = rawread(L, c, c->rbuf + c->rlen, RBUF_SIZE - c->rlen, 0);
     if (r <= 0) return (int)r;
     c->rlen += (size_t)r;
   }
@@ -347,48 +451,58 @@ static int fill(mp_conn *c, size_t n, double deadline) {
 }
 
 /* Copy len payload bytes to dst: first what is buffered, then read the
-   rest straight into dst. */
-static int readinto(mp_conn *c, char *dst, size_t len) {
-  size_t have = c->rlen - c->rpos;
-  if (have > len) have = len;
-  memcpy(dst, c->rbuf + c->rpos, have);
-  c->rpos += have;
-  while (have < len) {
-    ssize_t r = rawread(c, dst + have, len - have, 0);
+   rest straight into dst. 1, 0 end of stream, -1 error, or RAISED with
+   *have the bytes in dst. */
+static int readinto(lua_State *L, mp_conn *c, char *dst, size_t len,
+                    size_t *have) {
+  size_t h = c->rlen - c->rpos;
+  int more = 0;
+  if (h > len) h = len;
+  memcpy(dst, c->rbuf + c->rpos, h);
+  c->rpos += h;
+  while (h < len) {
+    ssize_t r;
+    if (more++ && mp_interrupted(L)) r = RAISED;
+    else r = rawread(L, c, dst + h, len - h, 0);
+    if (r == RAISED) {
+      *have = h;
+      return RAISED;
+    }
     if (r <= 0) return (int)r;
-    have += (size_t)r;
+    h += (size_t)r;
   }
   return 1;
 }
 
-/* Is something to read there (or the end of the stream)? Waits up to ms
-   (-1 forever). 1 yes, 0 no, -1 error. Waiting forever needs no poll: the
-   read that follows blocks. Otherwise a non-blocking read comes first, so
-   a message already there costs no poll. */
-static int wait_readable(mp_conn *c, int ms) {
+/* Is something to read there (or the end of the stream)? Waits until the
+   deadline (-1 forever). 1 yes, 0 no, -1 error, RAISED. Waiting forever
+   needs no poll: the read that follows blocks. Otherwise a non-blocking
+   read comes first, so a message already there costs no poll. */
+static int wait_readable(lua_State *L, mp_conn *c, double deadline) {
   ssize_t n;
-  if (c->rlen > c->rpos || c->eof || ms < 0) return 1;
+  if (c->rlen > c->rpos || c->eof || deadline < 0) return 1;
   if (c->rpos == c->rlen) c->rpos = c->rlen = 0;
-  n = rawread(c, c->rbuf + c->rlen, RBUF_SIZE - c->rlen, MSG_DONTWAIT);
+  n = rawread(L, c, c->rbuf + c->rlen, RBUF_SIZE - c->rlen, MSG_DONTWAIT);
   if (n > 0) {
     c->rlen += (size_t)n;
     return 1;
   }
   if (n == 0) return 1;                   /* end of stream */
   if (errno != EAGAIN && errno != EWOULDBLOCK) return -1;
-  if (ms == 0) return 0;
-  return poll_in(c, ms);
+  if (mp_remaining_ms(deadline) == 0) return 0;
+  return poll_in(L, c, deadline);
 }
 
 /* Go on reading the half-received message until it is whole or the
-   deadline passes: 1 whole, 0 end of stream, -1 error, -2 deadline. */
-static int read_partial(mp_conn *c, double deadline) {
+   deadline passes: 1 whole, 0 end of stream, -1 error, -2 deadline,
+   RAISED (what came is kept). */
+static int read_partial(lua_State *L, mp_conn *c, double deadline) {
   size_t have = c->rlen - c->rpos;
   if (have > c->plen - c->pgot) have = c->plen - c->pgot;
   memcpy(c->pbuf + c->pgot, c->rbuf + c->rpos, have);
   c->rpos += have;
   c->pgot += have;
-  return read_timed(c, c->pbuf, &c->pgot, c->plen, c->plen, deadline);
+  return read_timed(L, c, c->pbuf, &c->pgot, c->plen, c->plen, deadline);
 }
 
 static mp_conn *check_readable(lua_State *L) {
@@ -437,9 +551,11 @@ static int push_partial(lua_State *L, mp_conn *c, int as_value) {
 }
 
 /* Read the rest of the half-received message within the deadline and
-   push it, or push nil, "timeout" and keep it. */
+   push it, or push nil, "timeout" and keep it; a signal's hook that
+   raises leaves it kept too. */
 static int finish_partial(lua_State *L, mp_conn *c, int as_value, double deadline) {
-  int r = read_partial(c, deadline);
+  int r = read_partial(L, c, deadline);
+  if (r == RAISED) return lua_error(L);
   if (r == -2) return ret_reason(L, "timeout");
   if (r <= 0) {
     int e = errno;
@@ -451,24 +567,51 @@ static int finish_partial(lua_State *L, mp_conn *c, int as_value, double deadlin
   return push_partial(L, c, as_value);
 }
 
+/* A blocking read of a payload was interrupted (RAISED, the error on the
+   stack): keep the message as the half-received one (have of len bytes
+   in got, which it takes when owned, else copies; its fds) so that the
+   next recv goes on with it; then raise. Without the memory for it the
+   stream cannot be resynchronized: the connection is released. */
+static int keep_partial(lua_State *L, mp_conn *c, char *got, int owned,
+                        size_t have, size_t len, uint32_t kind, mp_fdlist *fds) {
+  char *p = owned ? got : (char *)malloc(len > 0 ? len : 1);
+  if (p == NULL) {
+    mp_fdlist_close(fds);
+    conn_release(c);
+    return lua_error(L);
+  }
+  if (!owned) memcpy(p, got, have);
+  c->pbuf = p;
+  c->plen = len;
+  c->pgot = have;
+  c->pkind = kind;
+  c->pfds = *fds;
+  fds->n = 0;
+  return lua_error(L);
+}
+
 /* Receive one message: pushes the payload as a string (as_value 0) or its
    decoded value (as_value 1); returns the number of results. With a
    timeout, the whole message must come in time: a message cut by the
    timeout is kept (header and fds included) and the next recv goes on
    with it, so nothing is lost and a stalled peer cannot hold a recv past
-   its timeout. */
+   its timeout. A signal whose hook raises (lua5.4's Ctrl-C) interrupts
+   any wait here the same way: what came is kept for the next recv. */
 static int recv_message(lua_State *L, int as_value, uint64_t maxlen) {
   mp_conn *c = check_readable(L);
   double deadline = mp_deadline(mp_opttimeout(L, 2));
   uint64_t len;
   uint32_t nfds, kind;
   mp_fdlist fds;
+  size_t have = 0;
   int r;
   if (c->pbuf != NULL) return finish_partial(L, c, as_value, deadline);
-  r = wait_readable(c, mp_remaining_ms(deadline));
+  r = wait_readable(L, c, deadline);
+  if (r == RAISED) return lua_error(L);
   if (r < 0) return luaL_fileresult(L, 0, "poll");
   if (r == 0) return ret_reason(L, "timeout");
-  r = fill(c, HDR_SIZE, deadline);
+  r = fill(L, c, HDR_SIZE, deadline);
+  if (r == RAISED) return lua_error(L);   /* the header's bytes stay buffered */
   if (r == -2) return ret_reason(L, "timeout");
   if (r == 0) {
     if (c->rlen > c->rpos) return luaL_error(L, "connection closed in the middle of a message");
@@ -508,7 +651,8 @@ static int recv_message(lua_State *L, int as_value, uint64_t maxlen) {
     char *p;
     mp_fdlist_close(&fds);
     p = luaL_buffinitsize(L, &B, (size_t)len);
-    r = readinto(c, p, (size_t)len);
+    r = readinto(L, c, p, (size_t)len, &have);
+    if (r == RAISED) return keep_partial(L, c, p, 0, have, (size_t)len, kind, &fds);
     if (r <= 0) return luaL_error(L, "connection closed in the middle of a message");
     luaL_pushresultsize(&B, (size_t)len);
     return 1;
@@ -521,7 +665,14 @@ static int recv_message(lua_State *L, int as_value, uint64_t maxlen) {
   } else {
     int top = lua_gettop(L);
     mp_buf *b = mp_buf_push(L, (size_t)len);
-    if (readinto(c, b->data, (size_t)len) <= 0) {
+    r = readinto(L, c, b->data, (size_t)len, &have);
+    if (r == RAISED) {                    /* the payload's memory goes to c */
+      char *p = b->data;
+      b->data = NULL;
+      b->len = b->cap = 0;
+      return keep_partial(L, c, p, 1, have, (size_t)len, kind, &fds);
+    }
+    if (r <= 0) {
       mp_fdlist_close(&fds);
       return luaL_error(L, "connection closed in the middle of a message");
     }
@@ -558,7 +709,8 @@ static int conn__set_trusted(lua_State *L) {
 static int conn_poll(lua_State *L) {
   mp_conn *c = check_readable(L);
   double t = lua_isnoneornil(L, 2) ? 0 : mp_opttimeout(L, 2);
-  int r = wait_readable(c, mp_remaining_ms(mp_deadline(t)));
+  int r = wait_readable(L, c, mp_deadline(t));
+  if (r == RAISED) return lua_error(L);
   if (r < 0) return luaL_fileresult(L, 0, "poll");
   lua_pushboolean(L, r > 0);
   return 1;
@@ -614,6 +766,10 @@ static int conn__reduce(lua_State *L) {
   if (c->rlen > c->rpos || c->pbuf != NULL)
     return mp_raise(L, "SerializationError",
                     "cannot send a connection with unread buffered data");
+  if (c->sbuf != NULL)
+    return mp_raise(L, "SerializationError",
+                    "cannot send a connection with a message half sent "
+                    "(a signal interrupted its send; the next send finishes it)");
   lua_pushliteral(L, "Connection");
   lua_createtable(L, 2, 0);
   lua_pushboolean(L, c->readable);
@@ -625,7 +781,8 @@ static int conn__reduce(lua_State *L) {
 }
 
 /* core.poll(fds, [timeout]) -> list of the positions in fds that are
-   readable (or hung up); empty on timeout */
+   readable (or hung up); empty on timeout. A signal's hook may raise from
+   the wait (mp_interrupted); otherwise it resumes with the time left. */
 static int core_poll(lua_State *L) {
   struct pollfd stackfds[64], *pfd = stackfds;
   lua_Integer n, i, k = 0;
@@ -645,6 +802,7 @@ static int core_poll(lua_State *L) {
   for (;;) {
     r = poll(pfd, (nfds_t)n, mp_remaining_ms(deadline));
     if (r >= 0 || errno != EINTR) break;
+    if (mp_interrupted(L)) return lua_error(L);
   }
   if (r < 0) return luaL_fileresult(L, 0, "poll");
   lua_createtable(L, r, 0);
@@ -795,7 +953,8 @@ static void tune(int fd, int unixsock) {
   if (!unixsock) setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
 }
 
-/* l:_accept([timeout]) -> Connection (untrusted) | nil, "timeout" */
+/* l:_accept([timeout]) -> Connection (untrusted) | nil, "timeout"; a
+   signal's hook may raise from the wait (mp_interrupted) */
 static int listener__accept(lua_State *L) {
   mp_listener *l = check_listener(L, 1);
   double deadline = mp_deadline(mp_opttimeout(L, 2));
@@ -804,19 +963,47 @@ static int listener__accept(lua_State *L) {
   int fd, r;
   pfd.fd = l->fd;
   pfd.events = POLLIN;
-  do r = poll(&pfd, 1, mp_remaining_ms(deadline));
-  while (r < 0 && errno == EINTR);
+  for (;;) {
+    r = poll(&pfd, 1, mp_remaining_ms(deadline));
+    if (r >= 0 || errno != EINTR) break;
+    if (mp_interrupted(L)) return lua_error(L);
+  }
   if (r < 0) return luaL_fileresult(L, 0, "poll");
   if (r == 0) return ret_reason(L, "timeout");
   c = newconn(L);
-  do fd = accept4(l->fd, NULL, NULL, SOCK_CLOEXEC);
-  while (fd < 0 && errno == EINTR);
+  for (;;) {
+    fd = accept4(l->fd, NULL, NULL, SOCK_CLOEXEC);
+    if (fd >= 0 || errno != EINTR) break;
+    if (mp_interrupted(L)) return lua_error(L);
+  }
   if (fd < 0) return luaL_fileresult(L, 0, "accept");
   tune(fd, l->unixsock);
   conn_setfd(L, c, fd, 1, 1);
   c->unixsock = l->unixsock;
   c->decode_flags = MP_DECODE_UNTRUSTED;
   return 1;
+}
+
+/* connect() fd to sa. A connect that a signal interrupts goes on in the
+   background: wait for it (poll for writing), letting the signal's hook
+   run (mp_interrupted) after each interruption. 0, an errno, or RAISED. */
+static int connect_fd(lua_State *L, int fd, const struct sockaddr *sa,
+                      socklen_t len) {
+  struct pollfd pfd;
+  int err = 0, r;
+  socklen_t elen = sizeof err;
+  if (connect(fd, sa, len) == 0) return 0;
+  if (errno != EINTR) return errno;
+  pfd.fd = fd;
+  pfd.events = POLLOUT;
+  for (;;) {
+    if (mp_interrupted(L)) return RAISED;
+    r = poll(&pfd, 1, -1);
+    if (r > 0) break;
+    if (r < 0 && errno != EINTR) return errno;
+  }
+  if (getsockopt(fd, SOL_SOCKET, SO_ERROR, &err, &elen) != 0) return errno;
+  return err;
 }
 
 /* core.connect(path) or core.connect(host, port) -> Connection (untrusted) */
@@ -829,9 +1016,10 @@ static int core_connect(lua_State *L) {
     int len = unix_addr(L, host, &sa);
     fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
     if (fd < 0) return luaL_error(L, "socket: %s", strerror(errno));
-    if (connect(fd, (struct sockaddr *)&sa, (socklen_t)len) != 0) {
-      e = errno;
+    e = connect_fd(L, fd, (struct sockaddr *)&sa, (socklen_t)len);
+    if (e != 0) {
       close(fd);
+      if (e == RAISED) return lua_error(L);
       return luaL_error(L, "cannot connect to '%s': %s", host, strerror(e));
     }
   } else {
@@ -840,12 +1028,14 @@ static int core_connect(lua_State *L) {
     for (ai = res; ai; ai = ai->ai_next) {
       fd = socket(ai->ai_family, ai->ai_socktype | SOCK_CLOEXEC, ai->ai_protocol);
       if (fd < 0) { e = errno; continue; }
-      if (connect(fd, ai->ai_addr, ai->ai_addrlen) == 0) break;
-      e = errno;
+      e = connect_fd(L, fd, ai->ai_addr, ai->ai_addrlen);
+      if (e == 0) break;
       close(fd);
       fd = -1;
+      if (e == RAISED) break;
     }
     freeaddrinfo(res);
+    if (e == RAISED) return lua_error(L);
     if (fd < 0)
       return luaL_error(L, "cannot connect to '%s:%s': %s", host, port, strerror(e));
   }

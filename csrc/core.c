@@ -206,6 +206,123 @@ MP_API int mp_process_gone(int pid, uint32_t tag, uint32_t mask) {
   return (tag & mask) != 0 && (tag & mask) != ((uint32_t)start & mask);
 }
 
+/* ---- signals: let a pending hook run --------------------------------
+
+   lua5.4's SIGINT handler (lua.c, LUA_USE_POSIX) is installed with
+   sa_flags 0, so a blocking system call returns EINTR; all it does is set
+   a hook on the main thread (lua_sethook(globalL, lstop, LUA_MASKCALL |
+   LUA_MASKRET | LUA_MASKLINE | LUA_MASKCOUNT, 1)) whose function raises
+   "interrupted!" the next time Lua code runs. A wait in C that only
+   retried after EINTR never let it run. mp_interrupted lets it run: it
+   calls an empty Lua function (under lua_pcall), where the hook fires and
+   may raise. Only a hook that asks to run at the next instruction
+   (LUA_MASKCOUNT with count 1: the idiom of an asynchronous interrupt, as
+   lua.c's) is run so; a debugger's, a profiler's or a scheduler's hook is
+   left alone. In a coroutine the hook is on the main thread, not on the
+   running one: such a main-thread hook is run on the running thread for
+   the call (if it removes itself there, it is removed from the main thread
+   too, so that it raises once), then the thread's own hook is put back.
+   During a finalizer Lua runs no hook, so nothing is raised there. */
+
+#define NOOP_KEY "multiprocessing.noop"
+#define INTERRUPT_KEY "multiprocessing.interrupt"
+
+static int noop_c(lua_State *L) { (void)L; return 0; }
+
+/* Call the empty function on L under lua_pcall: LUA_OK, or an error
+   status with the error on the stack. */
+static int run_noop(lua_State *L) {
+  if (lua_getfield(L, LUA_REGISTRYINDEX, NOOP_KEY) != LUA_TFUNCTION) {
+    lua_pop(L, 1);
+    lua_pushcfunction(L, noop_c);
+  }
+  return lua_pcall(L, 0, 0, 0);
+}
+
+/* Does T's hook ask to run at the next instruction? */
+static int wants_next(lua_State *T) {
+  return lua_gethook(T) != NULL && (lua_gethookmask(T) & LUA_MASKCOUNT) &&
+         lua_gethookcount(T) == 1;
+}
+
+/* The main thread of L's state, if L is another one (a coroutine) whose
+   main thread has a hook asking to run at the next instruction. */
+static lua_State *pending_main(lua_State *L) {
+  lua_State *M;
+  if (lua_pushthread(L)) {               /* L is the main thread */
+    lua_pop(L, 1);
+    return NULL;
+  }
+  lua_pop(L, 1);
+  lua_rawgeti(L, LUA_REGISTRYINDEX, LUA_RIDX_MAINTHREAD);
+  M = lua_tothread(L, -1);
+  lua_pop(L, 1);
+  if (M == NULL || M == L || !wants_next(M) || lua_gethook(M) == lua_gethook(L))
+    return NULL;
+  return M;
+}
+
+/* The error a hook raised is on the stack: remember it (core._is_interrupt)
+   and say so. */
+static int caught(lua_State *L) {
+  lua_pushvalue(L, -1);
+  lua_setfield(L, LUA_REGISTRYINDEX, INTERRUPT_KEY);
+  return 1;
+}
+
+MP_API int mp_interrupted(lua_State *L) {
+  lua_State *M;
+  if (L == NULL || !lua_checkstack(L, 4)) return 0;
+  if (wants_next(L) && run_noop(L) != LUA_OK) return caught(L);
+  M = pending_main(L);
+  if (M != NULL) {
+    lua_Hook own = lua_gethook(L), h = lua_gethook(M);
+    int mask = lua_gethookmask(L), count = lua_gethookcount(L), st;
+    lua_sethook(L, h, lua_gethookmask(M), lua_gethookcount(M));
+    st = run_noop(L);
+    /* a hook that removed itself when it ran (lua.c's does) has done its
+       work: remove it from the main thread too, or it would raise a
+       second time there */
+    if (lua_gethook(L) != h)
+      lua_sethook(M, lua_gethook(L), lua_gethookmask(L), lua_gethookcount(L));
+    lua_sethook(L, own, mask, count);    /* this thread's own hook back */
+    if (st != LUA_OK) return caught(L);
+  }
+  return 0;
+}
+
+/* core._is_interrupt(err) -> true when err is the error a signal's hook
+   raised last in a wait (for the Lua code that must not swallow it under
+   a pcall) */
+static int core__is_interrupt(lua_State *L) {
+  luaL_checkany(L, 1);
+  lua_getfield(L, LUA_REGISTRYINDEX, INTERRUPT_KEY);
+  lua_pushboolean(L, !lua_isnil(L, -1) && lua_rawequal(L, 1, -1));
+  return 1;
+}
+
+/* Test hook: a SIGUSR1 handler that does nothing but count, installed
+   without SA_RESTART as lua.c installs its own, so that it interrupts
+   blocking calls (EINTR) and raises nothing. */
+static volatile sig_atomic_t nop_signals;
+static void nop_handler(int sig) { (void)sig; nop_signals++; }
+
+/* core._test_nop_signal([install]) -> signal number, signals caught so far
+   (specs only) */
+static int core__test_nop_signal(lua_State *L) {
+  if (lua_toboolean(L, 1)) {
+    struct sigaction sa;
+    memset(&sa, 0, sizeof sa);
+    sa.sa_handler = nop_handler;
+    sa.sa_flags = 0;
+    sigemptyset(&sa.sa_mask);
+    sigaction(SIGUSR1, &sa, NULL);
+  }
+  lua_pushinteger(L, SIGUSR1);
+  lua_pushinteger(L, (lua_Integer)nop_signals);
+  return 2;
+}
+
 /* core.monotonic() -> seconds on CLOCK_MONOTONIC */
 static int core_monotonic(lua_State *L) {
   lua_pushnumber(L, mp_now());
@@ -215,6 +332,8 @@ static int core_monotonic(lua_State *L) {
 MP_API void mp_core_open(lua_State *L) {
   static const luaL_Reg funcs[] = {
     {"monotonic", core_monotonic},
+    {"_is_interrupt", core__is_interrupt},
+    {"_test_nop_signal", core__test_nop_signal},
     {NULL, NULL}
   };
   if (luaL_newmetatable(L, MP_BUF_T)) {
@@ -224,6 +343,13 @@ MP_API void mp_core_open(lua_State *L) {
     lua_setfield(L, -2, "__close");
   }
   lua_pop(L, 1);
+  /* the empty function mp_interrupted calls (not vararg: hooks fire at
+     its first instruction) */
+  if (luaL_loadbuffer(L, "return function() end", 21, "=(multiprocessing)") == LUA_OK &&
+      lua_pcall(L, 0, 1, 0) == LUA_OK)
+    lua_setfield(L, LUA_REGISTRYINDEX, NOOP_KEY);
+  else
+    lua_pop(L, 1);
   luaL_setfuncs(L, funcs, 0);
 }
 

@@ -81,6 +81,16 @@ MP_API double mp_opttimeout(lua_State *L, int i);
 MP_API int mp_remaining_ms(double deadline);
 /* Deadline for a timeout from mp_opttimeout (-1 stays -1). */
 MP_API double mp_deadline(double timeout);
+/* Signals. A wait in C that a signal interrupted (EINTR), or that is about
+   to sleep again, calls mp_interrupted(L): it lets a hook that a signal
+   handler set to run at the next instruction run (lua5.4's SIGINT handler
+   sets one that raises "interrupted!"; see core.c). 1: the hook raised,
+   its error is pushed: the caller puts its objects in order and
+   lua_error()s; 0: nothing was raised (no such hook, a host without one,
+   or a finalizer, where hooks do not run): the wait resumes with the time
+   that is left. Cheap when no hook is set. L may be NULL (never
+   interrupted). */
+MP_API int mp_interrupted(lua_State *L);
 /* Close every fd of the list and empty it. */
 MP_API void mp_fdlist_close(mp_fdlist *l);
 /* Pid of this process, refreshed after fork (cheap). */
@@ -108,10 +118,13 @@ MP_API void mp_process_set_hook(lua_State *L, int idx, mp_child_hook hook,
 /* -- conn.c --------------------------------------------------------- */
 struct iovec;
 /* Send the iovecs whole on a socket, fds (may be NULL) with the first
-   bytes (SCM_RIGHTS), never raising SIGPIPE. 0, or an errno. */
+   bytes (SCM_RIGHTS), never raising SIGPIPE, resuming after EINTR (for
+   short writes that do not block; Connection's sends are interruptible).
+   0, or an errno. */
 MP_API int mp_sendall(int fd, struct iovec *iov, int niov, const mp_fdlist *fds);
 /* One recvmsg of up to len bytes into p, adding the fds that came to fds.
-   >0 bytes, 0 at end of stream, -1 on error (errno). */
+   >0 bytes, 0 at end of stream, -1 on error (errno; EINTR too: the caller
+   lets the signal's hook run, mp_interrupted, and reads again). */
 MP_API ssize_t mp_recv_fds(int fd, char *p, size_t len, int flags, mp_fdlist *fds);
 
 /* -- shm.c ---------------------------------------------------------- */
@@ -138,8 +151,9 @@ MP_API void mp_shm_unmap(void *p, size_t size);
 MP_API int mp_futex_wait(uint32_t *addr, uint32_t val, double deadline);
 /* Wake up to n waiters on addr; returns how many were woken. */
 MP_API int mp_futex_wake(uint32_t *addr, int n);
-/* Sleep until the absolute CLOCK_MONOTONIC time t (seconds, as mp_now). */
-MP_API void mp_sleep_until(double t);
+/* Sleep until the absolute CLOCK_MONOTONIC time t (seconds, as mp_now);
+   0, or EINTR when a signal cut the sleep short. */
+MP_API int mp_sleep_until(double t);
 
 /* -- codec.c -------------------------------------------------------- */
 #define MP_DECODE_NOFUNCS 1   /* refuse functions (untrusted source) */

@@ -551,7 +551,11 @@ static void fill_slot(lua_State *L, slot *s) {
 }
 
 /* pc:wait([timeout]) -> list of slots with news (input, end, sentinel),
-   timer_fired. Flushes every pending output first. */
+   timer_fired. Flushes every pending output first. A wait that a signal
+   interrupts lets the signal's hook run (mp_interrupted: lua5.4's Ctrl-C
+   raises "interrupted!" here, so that pool:map and every other wait of the
+   pool unwind at once; the books are whole between two waits) and
+   otherwise resumes with the time that is left. */
 static int pool_wait(lua_State *L) {
   pcore *pc = check_pcore(L, 1);
   double deadline = mp_deadline(mp_opttimeout(L, 2));
@@ -560,8 +564,12 @@ static int pool_wait(lua_State *L) {
   for (i = 0; i < pc->n; i++)
     if (pc->s[i].fd >= 0 && pc->s[i].out.len > pc->s[i].outpos)
       flush_slot(pc, &pc->s[i]);
-  do r = epoll_wait(pc->epfd, evs, 64, mp_remaining_ms(deadline));
-  while (r < 0 && errno == EINTR && mp_remaining_ms(deadline) != 0);
+  for (;;) {
+    r = epoll_wait(pc->epfd, evs, 64, mp_remaining_ms(deadline));
+    if (r >= 0 || errno != EINTR) break;
+    if (mp_interrupted(L)) return lua_error(L);
+    if (mp_remaining_ms(deadline) == 0) break;
+  }
   if (r < 0) r = 0;
   lua_createtable(L, r, 0);
   for (i = 0; i < r; i++) {

@@ -206,7 +206,10 @@ MP_API void mp_process_set_hook(lua_State *L, int idx, mp_child_hook hook,
   p->hook_i = i;
 }
 
-/* p:join([timeout]) -> exitcode | nil, "timeout" */
+/* p:join([timeout]) -> exitcode | nil, "timeout". Before each wait, and so
+   after a wait that a signal interrupted (EINTR), the signal's hook may
+   raise (mp_interrupted: lua5.4's Ctrl-C); otherwise the wait resumes with
+   the time that is left. */
 static int process_join(lua_State *L) {
   mp_process *p = check_process(L, 1);
   double deadline = mp_deadline(mp_opttimeout(L, 2));
@@ -221,6 +224,7 @@ static int process_join(lua_State *L) {
       lua_pushliteral(L, "timeout");
       return 2;
     }
+    if (mp_interrupted(L)) return lua_error(L);
     if (p->pidfd >= 0) {
       struct pollfd pfd;
       pfd.fd = p->pidfd;
@@ -520,7 +524,11 @@ static int core__recv_fd(lua_State *L) {
   ssize_t n;
   fdbox *b = push_fdbox(L);
   fds.n = 0;
-  n = mp_recv_fds(sock, &one, 1, 0, &fds);
+  for (;;) {
+    n = mp_recv_fds(sock, &one, 1, 0, &fds);
+    if (n >= 0 || errno != EINTR) break;
+    if (mp_interrupted(L)) return lua_error(L);   /* nothing came */
+  }
   if (n < 0) return luaL_fileresult(L, 0, "recvmsg");
   if (n == 0 || fds.n != 1) {
     mp_fdlist_close(&fds);

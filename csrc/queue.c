@@ -45,6 +45,12 @@
  * value raises ProcessError ("the queue's shared state is corrupt"), never
  * a read or write outside the mapping. The checks are compares: no system
  * call is added to a put or a get.
+ *
+ * Signals: get, a bounded put and join let a signal's Lua hook run before
+ * each sleep (mp_interrupted: lua5.4's Ctrl-C raises "interrupted!"),
+ * with nothing held and no sleeper announced; the queue lock (held for
+ * one copy) is not interrupted. The feeder thread blocks every signal, so
+ * that signals reach the thread whose wait must see them.
  */
 #include "mp.h"
 
@@ -404,7 +410,8 @@ static void q_wake(qshm *s, uint32_t *seq, int n) {
 }
 
 /* Sleep on seq (whose value was v) until woken or until; unannounced
-   sleepers (slot -1) look again every millisecond. */
+   sleepers (slot -1) look again every millisecond. A signal ends the
+   sleep early (EINTR): the caller looks again. */
 static void q_sleep(uint32_t *seq, uint32_t v, int slot, double until) {
   if (slot < 0) {
     double soon = mp_now() + 1e-3;
@@ -414,8 +421,11 @@ static void q_sleep(uint32_t *seq, uint32_t v, int slot, double until) {
 }
 
 /* Wait until a get (for_get) or a put may succeed, or the deadline: spin
-   a little, then announce ourselves and sleep on the sequence word. */
-static void q_wait(mp_queue *q, int for_get, double deadline) {
+   a little, then announce ourselves and sleep on the sequence word. Before
+   it sleeps, a signal's hook may raise (mp_interrupted): then it returns
+   -1 with the error pushed, having announced nothing and holding nothing;
+   else 0. */
+static int q_wait(lua_State *L, mp_queue *q, int for_get, double deadline) {
   qshm *s = q->shm;
   uint32_t *seq = for_get ? &s->not_empty : &s->not_full;
   int kind = for_get ? W_GET : W_PUT, slot;
@@ -432,22 +442,24 @@ static void q_wait(mp_queue *q, int for_get, double deadline) {
       if ((i & 7) == 0 && can_go(s, for_get)) {
         q->spin = SPIN_SECS;
         q->nspins++;
-        return;
+        return 0;
       }
       if ((i & 255) == 0) {
         double now = mp_now();
         if (now - start >= budget) break;
-        if (deadline >= 0 && now >= deadline) return;
+        if (deadline >= 0 && now >= deadline) return 0;
       }
       cpu_relax();
     }
     q->spin = 0;
   }
+  if (mp_interrupted(L)) return -1;
   q->nsleeps++;
   slot = sleeper_add(s, kind);
   v = LOAD(seq);
   if (!can_go(s, for_get)) q_sleep(seq, v, slot, deadline);
   sleeper_del(s, kind, slot);
+  return 0;
 }
 
 /* Bump the sequence word if someone sleeps on it; returns whether to wake. */
@@ -833,7 +845,7 @@ static feeder *feeder_new(lua_State *L, mp_queue *q) {
   if (!registered_atexit) registered_atexit = atexit(feeders_atexit) == 0;
   lua_newtable(L);                        /* a fresh keep table */
   lua_setiuservalue(L, 1, 1);
-  sigfillset(&all);                       /* signals go to the main thread */
+  sigfillset(&all);    /* signals go to the Lua thread, whose waits see them */
   pthread_sigmask(SIG_BLOCK, &all, &old);
   f->started = pthread_create(&f->th, NULL, feeder_main, f) == 0;
   pthread_sigmask(SIG_SETMASK, &old, NULL);
@@ -984,7 +996,9 @@ static int queue_put_t(lua_State *L, double timeout) {
     if (!can_go(s, 0)) {
       if (timeout == 0) goto full;
       if (deadline >= 0 && mp_now() >= deadline) goto timedout;
-      q_wait(q, 0, deadline);
+      /* a signal's hook that raises: nothing is held, the item (if
+         encoded) is in a boxed buffer */
+      if (q_wait(L, q, 0, deadline) < 0) return lua_error(L);
       continue;
     }
     q_lock(s);
@@ -1048,7 +1062,7 @@ static int queue_get_t(lua_State *L, double timeout) {
     if (LOAD(&s->st.nitems) == 0) {
       if (timeout == 0) goto empty;
       if (deadline >= 0 && mp_now() >= deadline) goto timedout;
-      q_wait(q, 1, deadline);
+      if (q_wait(L, q, 1, deadline) < 0) return lua_error(L);  /* nothing held */
       continue;
     }
     q_lock(s);
@@ -1325,6 +1339,7 @@ static int queue_join(lua_State *L) {
       return 1;
     }
     if (deadline >= 0 && mp_now() >= deadline) break;
+    if (mp_interrupted(L)) return lua_error(L);   /* before each sleep */
     mp_futex_wait(&s->st.unfinished, v, deadline);
   }
   lua_pushnil(L);

@@ -8,7 +8,8 @@
  * same memory from the fd passed to it (SCM_RIGHTS; the fd itself is
  * close-on-exec). Futex waits use absolute CLOCK_MONOTONIC deadlines
  * (FUTEX_WAIT_BITSET), so a timeout interrupted by a signal resumes with
- * the time that is left.
+ * the time that is left. Both waits here return EINTR to the caller, which
+ * lets the signal's Lua hook run (mp_interrupted) before it sleeps again.
  *
  * Every segment is sealed against shrinking (F_SEAL_SHRINK) as soon as it
  * has its size, and the seals are sealed (F_SEAL_SEAL): any process that
@@ -111,10 +112,11 @@ static void abstime(double t, struct timespec *ts) {
   if (ts->tv_nsec >= 1000000000L) ts->tv_nsec = 999999999L;
 }
 
-MP_API void mp_sleep_until(double t) {
+MP_API int mp_sleep_until(double t) {
   struct timespec ts;
   abstime(t, &ts);
-  while (clock_nanosleep(CLOCK_MONOTONIC, TIMER_ABSTIME, &ts, NULL) == EINTR) {}
+  return clock_nanosleep(CLOCK_MONOTONIC, TIMER_ABSTIME, &ts, NULL) == EINTR
+         ? EINTR : 0;
 }
 
 MP_API int mp_futex_wait(uint32_t *addr, uint32_t val, double deadline) {

@@ -49,6 +49,13 @@
  * The hot paths (Lock/RLock/Semaphore acquire and release) check their
  * argument inline with lua_touserdata, the block size and a magic number:
  * no registry look-up.
+ *
+ * Signals: before each sleep (a nap or a futex wait), and so after each
+ * sleep a signal cut short, a wait lets the signal's Lua hook run
+ * (mp_interrupted: lua5.4's Ctrl-C raises "interrupted!"). The error
+ * leaves nothing held and no sleeper counted; a Condition's wait takes its
+ * lock back first, a Barrier's wait withdraws its party. The internal lock
+ * (ilock) is never interrupted. The uncontended paths never look.
  */
 #include "mp.h"
 
@@ -182,8 +189,12 @@ static int take_over(mp_syncmem *m, uint64_t cur, uint64_t me) {
 }
 
 /* Acquire the lock word for me within timeout (-1 forever, 0 try).
-   Returns L_OK, L_ABANDONED, or L_BUSY (timed out / busy). */
-static int word_acquire_slow(mp_syncmem *m, uint64_t me, double timeout) {
+   Returns L_OK, L_ABANDONED, or L_BUSY (timed out / busy). With L (NULL:
+   never interrupted), a signal's hook that raises before a sleep (see
+   mp_interrupted) raises from here: nothing is held then, and this waiter
+   is no longer counted as a sleeper, so there is nothing to undo. */
+static int word_acquire_slow(mp_syncmem *m, uint64_t me, double timeout,
+                             lua_State *L) {
   double deadline;
   uint64_t cur = 0;
   uint32_t seq;
@@ -212,12 +223,15 @@ static int word_acquire_slow(mp_syncmem *m, uint64_t me, double timeout) {
     now = mp_now();
     if (deadline >= 0 && now >= deadline)
       return take_over(m, cur, me) ? L_ABANDONED : L_BUSY;
+    /* before each sleep, so that a signal that came during the last one
+       (EINTR) or while this loop ran is seen */
+    if (L != NULL && mp_interrupted(L)) lua_error(L);
     if (naps < NAPS) {
       /* A nap wants no wake (see the head of this file). */
       until = now + NAP;
       if (deadline >= 0 && deadline < until) until = deadline;
       naps++;
-      mp_sleep_until(until);
+      (void)mp_sleep_until(until);        /* EINTR: looked at above */
       continue;
     }
     until = now + CHECK_SLICE;
@@ -237,10 +251,11 @@ static int word_acquire_slow(mp_syncmem *m, uint64_t me, double timeout) {
   }
 }
 
-static inline int word_acquire(mp_syncmem *m, uint64_t me, double timeout) {
+static inline int word_acquire(mp_syncmem *m, uint64_t me, double timeout,
+                               lua_State *L) {
   uint64_t z = 0;
   if (CAS(&m->lock, &z, me)) return L_OK;
-  return word_acquire_slow(m, me, timeout);
+  return word_acquire_slow(m, me, timeout, L);
 }
 
 /* Wake one futex sleeper, unless a wake is in flight: until the woken
@@ -262,22 +277,27 @@ static inline uint64_t word_release(mp_syncmem *m) {
   return old;
 }
 
-/* Internal lock of Condition/Barrier counters (never times
-   out: its critical sections are a few instructions of C). */
+/* Internal lock of Condition/Barrier counters (never times out and is
+   never interrupted: its critical sections are a few instructions of C). */
 static void ilock(mp_syncmem *m) {
-  word_acquire(m, my_ident(), -1);
+  word_acquire(m, my_ident(), -1, NULL);
 }
 static void iunlock(mp_syncmem *m) {
   word_release(m);
 }
 
-/* Wait while *w == val until deadline, resuming after EINTR. */
-static int value_wait(mp_syncmem *m, uint32_t *w, uint32_t val,
+/* value_wait: a signal's hook raised; its error is pushed */
+#define W_RAISED (-1)
+
+/* Sleep once while *w == val until deadline: 0 woken, EAGAIN, ETIMEDOUT,
+   EINTR (the caller looks again and calls back), or W_RAISED: first, a
+   signal's hook ran and raised (mp_interrupted), and nothing slept. */
+static int value_wait(lua_State *L, mp_syncmem *m, uint32_t *w, uint32_t val,
                       double deadline) {
   int r;
+  if (mp_interrupted(L)) return W_RAISED;
   ADD(&m->vsleepers, 1);
-  do r = mp_futex_wait(w, val, deadline);
-  while (r == EINTR);
+  r = mp_futex_wait(w, val, deadline);
   SUB(&m->vsleepers, 1);
   return r;
 }
@@ -373,8 +393,9 @@ static int push_acquired(lua_State *L, int r) {
   return 1;
 }
 
-/* Acquire s (a Lock or RLock) as the calling process. */
-static inline int lock_acquire_impl(mp_sync *s, double timeout) {
+/* Acquire s (a Lock or RLock) as the calling process; a signal's hook may
+   raise from the wait (nothing held then). */
+static inline int lock_acquire_impl(mp_sync *s, double timeout, lua_State *L) {
   mp_syncmem *m = s->m;
   uint64_t me = my_ident();
   int r;
@@ -382,7 +403,7 @@ static inline int lock_acquire_impl(mp_sync *s, double timeout) {
     m->count++;
     return L_OK;
   }
-  r = word_acquire(m, me, timeout);
+  r = word_acquire(m, me, timeout, L);
   if (r != L_BUSY && s->kind == K_RLOCK) m->count = 1;
   return r;
 }
@@ -391,7 +412,7 @@ static inline int lock_acquire_impl(mp_sync *s, double timeout) {
 static int lock_acquire(lua_State *L) {
   mp_sync *s = check_sync(L, 1, M_LOCKS);
   double timeout = lua_gettop(L) < 2 ? -1 : mp_opttimeout(L, 2);
-  return push_acquired(L, lock_acquire_impl(s, timeout));
+  return push_acquired(L, lock_acquire_impl(s, timeout, L));
 }
 
 /* Release s fully or one level; raises as Python does on misuse. */
@@ -459,7 +480,8 @@ static int sem_acquire(lua_State *L) {
     v = LOAD(&m->value);
     while (v > 0)
       if (CAS(&m->value, &v, v - 1)) goto ok;
-    r = value_wait(m, &m->value, 0, deadline);
+    r = value_wait(L, m, &m->value, 0, deadline);
+    if (r == W_RAISED) return lua_error(L);   /* nothing taken */
     if (r == ETIMEDOUT) {
       v = LOAD(&m->value);
       while (v > 0)
@@ -527,8 +549,11 @@ static int event_wait(lua_State *L) {
   double deadline = opt_deadline(L, 2);
   mp_syncmem *m = s->m;
   while (LOAD(&m->value) == 0) {
+    int r;
     if (deadline >= 0 && mp_now() >= deadline) break;
-    if (value_wait(m, &m->value, 0, deadline) == ETIMEDOUT) break;
+    r = value_wait(L, m, &m->value, 0, deadline);
+    if (r == W_RAISED) return lua_error(L);
+    if (r == ETIMEDOUT) break;
   }
   lua_pushboolean(L, LOAD(&m->value) != 0);
   return 1;
@@ -550,7 +575,7 @@ static int cond_acquire(lua_State *L) {
   mp_sync *c = check_sync(L, 1, 1u << K_COND);
   double timeout = mp_opttimeout(L, 2);
   (void)c;
-  return push_acquired(L, lock_acquire_impl(cond_lock(L, 1), timeout));
+  return push_acquired(L, lock_acquire_impl(cond_lock(L, 1), timeout, L));
 }
 
 /* cond:release() */
@@ -576,14 +601,19 @@ static int try_token(mp_syncmem *m, uint32_t g0) {
 
 /* cond:wait([timeout]) -> true | false (timeout), plus "abandoned" when
    the lock, taken back, had been abandoned by a dead process. The lock is
-   released fully (an RLock at any level) and restored as it was. */
+   released fully (an RLock at any level) and restored as it was.
+   Interrupted by a signal whose hook raises (lua5.4's Ctrl-C), the wait
+   ends as Python's does on KeyboardInterrupt: the lock is taken back (an
+   RLock at its level; this wait is not interruptible) before the error
+   propagates, so the caller's cleanup (a `with`, a release) finds it held;
+   a notification that came for this waiter meanwhile goes to another. */
 static int cond_wait(lua_State *L) {
   mp_sync *c = check_sync(L, 1, 1u << K_COND);
   double deadline = opt_deadline(L, 2);
   mp_sync *lk = cond_lock(L, 1);
   mp_syncmem *m = c->m, *lm = lk->m;
   uint32_t level, seq, g0;
-  int notified = 0, r;
+  int notified = 0, raised = 0, r;
   if (LOAD(&lm->lock) != my_ident())
     return luaL_error(L, "cannot wait on un-acquired lock");
   level = lk->kind == K_RLOCK ? lm->count : 1;
@@ -596,16 +626,37 @@ static int cond_wait(lua_State *L) {
   word_release(lm);
   for (;;) {
     seq = LOAD(&m->value);
+    /* a signal first: an interrupted waiter takes no notification */
+    if (mp_interrupted(L)) { raised = 1; break; }
     if (try_token(m, g0)) { notified = 1; break; }
     if (deadline >= 0 && mp_now() >= deadline) break;
-    if (value_wait(m, &m->value, seq, deadline) == ETIMEDOUT) {
+    r = value_wait(L, m, &m->value, seq, deadline);
+    if (r == W_RAISED) { raised = 1; break; }   /* its error is pushed */
+    if (r == ETIMEDOUT) {
       if (try_token(m, g0)) notified = 1;
       break;
     }
   }
   /* take the lock back, then settle the count under the internal lock */
-  r = word_acquire(lm, my_ident(), -1);
+  r = word_acquire(lm, my_ident(), -1, NULL);
   if (lk->kind == K_RLOCK) lm->count = level;
+  if (raised) {
+    int pass = 0;
+    ilock(m);
+    if (try_token(m, g0)) {                /* notified meanwhile: pass it on */
+      if (m->waiters > 0) {
+        m->waiters--;
+        m->tokens++;
+        ADD(&m->value, 1);
+        pass = 1;
+      }
+    } else if (m->waiters > 0) {
+      m->waiters--;
+    }
+    iunlock(m);
+    if (pass) value_wake(m, &m->value, 1);
+    return lua_error(L);
+  }
   if (!notified) {
     ilock(m);
     if (try_token(m, g0)) notified = 1;
@@ -662,14 +713,16 @@ static int cond_getlock(lua_State *L) {
 
 /* ---- Barrier -------------------------------------------------------- */
 
-/* Wait for generation gen to end; 1 if it passed, 0 broken, -1 timeout. */
-static int barrier_await(mp_syncmem *m, uint32_t gen, double deadline) {
+/* Wait for generation gen to end; 1 if it passed, 0 broken, -1 timeout,
+   -2 a signal's hook raised (its error is pushed). */
+static int barrier_await(lua_State *L, mp_syncmem *m, uint32_t gen,
+                         double deadline) {
   for (;;) {
     uint32_t g = LOAD(&m->value);
     if (g != gen) return m->outcome[gen % 8] ? 0 : 1;
     if (LOAD(&m->bstate) == B_BROKEN) return 0;
     if (deadline >= 0 && mp_now() >= deadline) return -1;
-    value_wait(m, &m->value, gen, deadline);
+    if (value_wait(L, m, &m->value, gen, deadline) == W_RAISED) return -2;
   }
 }
 
@@ -690,7 +743,10 @@ static void barrier_break(mp_syncmem *m) {
 }
 
 /* b:_wait(timeout_or_nil, has_action) -> index [, true: run the action then
-   call _pass or _break] | nil, "broken" | nil, "timeout" */
+   call _pass or _break] | nil, "broken" | nil, "timeout". Interrupted by
+   a signal whose hook raises, a waiting party withdraws (as Python's
+   Barrier.wait on KeyboardInterrupt: the count drops, the barrier is not
+   broken) and the error propagates. */
 static int barrier_wait(lua_State *L) {
   mp_sync *b = check_sync(L, 1, 1u << K_BARRIER);
   double deadline = opt_deadline(L, 2);
@@ -703,7 +759,8 @@ static int barrier_wait(lua_State *L) {
     if (m->bstate != B_ACTING) break;
     gen = m->value;
     iunlock(m);                          /* the last party is in its action */
-    r = barrier_await(m, gen, deadline);
+    r = barrier_await(L, m, gen, deadline);
+    if (r == -2) return lua_error(L);     /* not counted yet */
     if (r < 0) goto timedout_unlocked;
   }
   if (m->bstate == B_BROKEN) {
@@ -727,13 +784,17 @@ static int barrier_wait(lua_State *L) {
     return 1;
   }
   iunlock(m);
-  r = barrier_await(m, gen, deadline);
+  r = barrier_await(L, m, gen, deadline);
   if (r > 0) {
     lua_pushinteger(L, index);
     return 1;
   }
   ilock(m);
   if (m->value == gen && m->bcount > 0) m->bcount--;
+  if (r == -2) {                         /* withdraw, error pushed */
+    iunlock(m);
+    return lua_error(L);
+  }
   if (r < 0 && m->value == gen) {
     barrier_break(m);
     iunlock(m);

@@ -427,3 +427,33 @@ for _, tr in ipairs({ { "TCP", function() return "127.0.0.1:0" end },
     end)
   end)
 end
+
+-- Ctrl-C under lua5.4: SIGINT sets a hook that raises "interrupted!";
+-- accept, and the authkey handshake after it, let it run at once.
+describe("SIGINT interrupts a blocked wait", function()
+  H.leakcheck()
+  local interrupt = H.interrupt_wait
+
+  it("in Listener:accept()", function()
+    local l = mp.Listener("127.0.0.1:0")
+    local code = interrupt(function(ready) ready() l:accept() end)
+    assert.are.equal(1, code)
+    l:close()
+  end)
+
+  it("in the authkey handshake of accept, which does not take it for a failed handshake", function()
+    local l = mp.Listener("127.0.0.1:0", { authkey = "k" })
+    local accepting <close> = mp.Event()
+    local p = H.start(function()
+      accepting:set()
+      local ok, err = pcall(l.accept, l)
+      return (not ok and err == "interrupted!") and 0 or 7
+    end)
+    assert.is_true(accepting:wait(10))
+    local c = core.connect(l.address:match("^(.*):(%d+)$"))   -- says nothing
+    H.sleep(0.2)
+    p:interrupt()
+    assert.are.equal(0, H.finish(p, 10))
+    c:close(); l:close()
+  end)
+end)

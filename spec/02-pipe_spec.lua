@@ -352,3 +352,119 @@ describe("mp.wait", function()
     a:close(); b:close()
   end)
 end)
+
+-- Ctrl-C under lua5.4: SIGINT sets a hook that raises "interrupted!"; a
+-- connection's wait lets it run at once, and the stream stays whole.
+describe("SIGINT interrupts a blocked wait", function()
+  H.leakcheck()
+  local interrupt = H.interrupt_wait
+  local core = require "multiprocessing.core"
+  local SIGSTOP, SIGCONT = 19, 18         -- Linux (x86, arm)
+
+  it("in Connection:recv() with nothing coming; the connection goes on", function()
+    local a, b = mp.Pipe()
+    local code = interrupt(function(ready) ready() b:recv() end)
+    assert.are.equal(1, code)
+    a:send("after")
+    assert.are.equal("after", b:recv(5))
+    a:close(); b:close()
+  end)
+
+  it("in Connection:recv(60) and Connection:poll(60)", function()
+    local a, b = mp.Pipe()
+    for _, wait in ipairs{ b.recv, b.poll } do
+      local code = interrupt(function(ready) ready() wait(b, 60) end)
+      assert.are.equal(1, code)
+    end
+    a:close(); b:close()
+  end)
+
+  it("in mp.wait() on a connection", function()
+    local a, b = mp.Pipe()
+    local code = interrupt(function(ready) ready() mp.wait({ b }) end)
+    assert.are.equal(1, code)
+    a:close(); b:close()
+  end)
+
+  it("in Connection:recv_bytes() or recv() in the middle of a message, which the next recv gets whole", function()
+    local big = string.rep("0123456789abcdef", 1 << 18)      -- 4 MiB
+    for _, how in ipairs{ { "send_bytes", "recv_bytes" }, { "send", "recv" } } do
+      local send, recv = how[1], how[2]
+      local a, b = mp.Pipe()
+      local go <close> = mp.Event()
+      local cut <close> = mp.Event()
+      -- the sender fills the socket and blocks; it is stopped there, so the
+      -- receiver, once let go, reads the start of the payload and waits for
+      -- the rest
+      local sender = H.start(function() a[send](a, big) return 0 end)
+      local receiver = H.start(function()
+        go:wait(10)
+        local ok, err = pcall(b[recv], b)
+        if ok or err ~= "interrupted!" then return 7 end
+        cut:set()
+        local s = b[recv](b, 30)
+        return s == big and 0 or 8
+      end)
+      H.sleep(0.2)
+      core.kill(sender.pid, SIGSTOP)
+      go:set()
+      H.sleep(0.2)
+      receiver:interrupt()
+      local was_cut = cut:wait(10)
+      core.kill(sender.pid, SIGCONT)            -- whatever happened
+      local rcode, scode = H.finish(receiver), H.finish(sender)
+      a:close(); b:close()
+      assert.is_true(was_cut, recv)
+      assert.are.equal(0, rcode, recv)
+      assert.are.equal(0, scode, recv)
+    end
+  end)
+
+  it("in Connection:send_bytes() in the middle of a message, whose rest goes with the next send", function()
+    local a, b = mp.Pipe()
+    local big = string.rep("0123456789abcdef", 1 << 18)      -- 4 MiB
+    local ready <close> = mp.Event()
+    local cut <close> = mp.Event()
+    local p = H.start(function()
+      ready:set()
+      local ok, err = pcall(a.send_bytes, a, big)        -- nobody reads yet
+      if ok or err ~= "interrupted!" then return 7 end
+      if pcall(mp.dumps, a) then return 9 end            -- half a message is in it
+      cut:set()
+      a:send_bytes("next")                               -- the rest first
+      return 0
+    end)
+    assert.is_true(ready:wait(10))
+    H.sleep(0.2)
+    p:interrupt()
+    assert.is_true(cut:wait(10))
+    assert.are.equal(big, b:recv_bytes(30))
+    assert.are.equal("next", b:recv_bytes(30))
+    assert.are.equal(0, H.finish(p))
+    a:close(); b:close()
+  end)
+
+  it("and a recv whose signal's handler raises nothing resumes and returns its message", function()
+    local sig = core._test_nop_signal()
+    local a, b = mp.Pipe()
+    local go <close> = mp.Event()
+    local p = H.start(function()
+      core._test_nop_signal(true)
+      go:set()
+      local t0 = core.monotonic()
+      local v, why = b:recv(0.5)           -- signals come: still times out, on time
+      local dt = core.monotonic() - t0
+      if v ~= nil or why ~= "timeout" or dt < 0.5 or dt > 3 then return 3 end
+      v = b:recv()                         -- sent after more signals
+      local _, n = core._test_nop_signal()
+      return (v == "hello" and n >= 5) and 0 or 4
+    end)
+    assert.is_true(go:wait(10))
+    for _ = 1, 5 do H.sleep(0.04) core.kill(p.pid, sig) end
+    H.sleep(0.6)
+    for _ = 1, 5 do H.sleep(0.02) core.kill(p.pid, sig) end
+    a:send("hello")
+    assert.are.equal(0, H.finish(p))
+    a:close(); b:close()
+  end)
+end)

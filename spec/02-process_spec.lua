@@ -312,3 +312,68 @@ describe("program exit", function()
     assert.is_nil(io.open("/proc/" .. dpid .. "/stat"), "daemon still running")
   end)
 end)
+
+-- Ctrl-C under lua5.4: SIGINT sets a hook that raises "interrupted!"; a
+-- join lets it run at once.
+describe("SIGINT interrupts a blocked wait", function()
+  H.leakcheck()
+  local interrupt = H.interrupt_wait
+
+  it("in Process:join() of a grandchild (which the exit path then terminates)", function()
+    local e <close> = mp.Event()
+    local code = interrupt(function(ready)
+      local g = mp.Process{ daemon = true, target = function() e:wait(60) end }
+      g:start()
+      ready()
+      g:join()
+    end)
+    assert.are.equal(1, code)
+  end)
+
+  it("in a child of the lua5.4 interpreter, whose exit path reports it and exits 1", function()
+    local out, code = H.run_lua(([[
+      package.path = %q
+      package.cpath = %q
+      local mp = require "multiprocessing"
+      local core = require "multiprocessing.core"
+      local e, ready = mp.Event(), mp.Event()
+      local p = mp.Process{ name = "waiter", target = function() ready:set() e:wait(30) end }
+      p:start()
+      ready:wait(10)
+      e:wait(0.1)
+      p:interrupt()
+      local code = p:join(10)                -- its wait is for 30 s
+      if not code then p:kill() p:join(5) end
+      io.write("code=", tostring(code), "\n")
+    ]]):format(package.path, package.cpath), 30)
+    assert.are.equal(0, code, out)
+    assert.truthy(out:find("code=1\n", 1, true), out)
+    assert.truthy(out:find("Process waiter %(pid %d+%):\ninterrupted!"), out)
+    assert.truthy(out:find("in method 'wait'", 1, true), out)
+  end)
+
+  it("and a join whose signal's handler raises nothing resumes and returns the exit code", function()
+    local sig = core._test_nop_signal()
+    local go <close> = mp.Event()
+    local e <close> = mp.Event()
+    local p = H.start(function()
+      core._test_nop_signal(true)
+      local g = mp.Process{ target = function() e:wait(30) os.exit(3) end }
+      g:start()
+      go:set()
+      local t0 = core.monotonic()
+      local c, why = g:join(0.5)           -- signals come: still times out, on time
+      local dt = core.monotonic() - t0
+      if c ~= nil or why ~= "timeout" or dt < 0.5 or dt > 3 then return 4 end
+      c = g:join()                         -- ends after more signals
+      local _, n = core._test_nop_signal()
+      return (c == 3 and n >= 5) and 0 or 5
+    end)
+    assert.is_true(go:wait(10))
+    for _ = 1, 5 do H.sleep(0.04) core.kill(p.pid, sig) end
+    H.sleep(0.6)
+    for _ = 1, 5 do H.sleep(0.02) core.kill(p.pid, sig) end
+    e:set()
+    assert.are.equal(0, H.finish(p))
+  end)
+end)

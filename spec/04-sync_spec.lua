@@ -699,3 +699,153 @@ describe("sync objects as handles", function()
     a:close(); c:close()
   end)
 end)
+
+-- Ctrl-C under lua5.4: SIGINT sets a hook that raises "interrupted!"; a
+-- wait in C lets it run at once (before, the wait went on until it ended
+-- by itself, so the child below was still waiting when joined).
+describe("SIGINT interrupts a blocked wait", function()
+  H.leakcheck()
+  local interrupt = H.interrupt_wait
+  local core = require "multiprocessing.core"
+
+  it("in Event:wait(30)", function()
+    local e <close> = mp.Event()
+    local code = interrupt(function(ready) ready() e:wait(30) end)
+    assert.are.equal(1, code)
+  end)
+
+  it("in Event:wait() inside a coroutine (the hook is on the main thread)", function()
+    local e <close> = mp.Event()
+    local code = interrupt(function(ready)
+      coroutine.wrap(function() ready() e:wait() end)()
+    end)
+    assert.are.equal(1, code)
+  end)
+
+  it("in Lock:acquire() of a lock the parent holds, which stays the parent's", function()
+    local l <close> = mp.Lock()
+    l:acquire()
+    local code = interrupt(function(ready) ready() l:acquire() end)
+    assert.are.equal(1, code)
+    assert.is_true(l:_is_mine())
+    l:release()
+    assert.is_true(l:acquire(0))
+    l:release()
+  end)
+
+  it("in RLock:acquire(60)", function()
+    local l <close> = mp.RLock()
+    l:acquire()
+    local code = interrupt(function(ready) ready() l:acquire(60) end)
+    assert.are.equal(1, code)
+    assert.are.equal(1, l:_count())
+    l:release()
+    assert.is_false(l:locked())
+  end)
+
+  it("in Semaphore:acquire(), taking nothing", function()
+    local s <close> = mp.Semaphore(0)
+    local code = interrupt(function(ready) ready() s:acquire() end)
+    assert.are.equal(1, code)
+    assert.are.equal(0, s:get_value())
+    s:release()
+    assert.is_true(s:acquire(0))
+  end)
+
+  it("in Condition:wait(), which takes the lock back (at its level) before the error propagates", function()
+    local c <close> = mp.Condition()      -- an RLock
+    local code = interrupt(function(ready)
+      c:acquire()
+      c:acquire()
+      ready()
+      local ok, err = pcall(c.wait, c)
+      -- as Python's Condition.wait on KeyboardInterrupt: the lock is held
+      -- again when the error comes out, so the caller's cleanup finds it
+      if ok or err ~= "interrupted!" or not c:_lock():_is_mine() or c:_lock():_count() ~= 2 then
+        os.exit(7)
+      end
+      c:release()
+      c:release()
+      error(err, 0)
+    end)
+    assert.are.equal(1, code)
+    assert.is_true(c:acquire(5))
+    assert.truthy(tostring(c):find("waiters=0", 1, true), tostring(c))
+    c:release()
+  end)
+
+  it("in Condition:wait(), passing on a notification it got meanwhile", function()
+    -- two waiters; one is notified and interrupted before it takes the
+    -- lock back (the parent holds it): the other one gets the notification
+    local c <close> = mp.Condition(mp.Lock())
+    local woke <close> = mp.Event()
+    local ready1 <close> = mp.Event()
+    local ready2 <close> = mp.Event()
+    local p1 = spawn(function()
+      c:acquire() ready1:set()
+      local ok, err = pcall(c.wait, c)
+      c:release()
+      return (not ok and err == "interrupted!") and 0 or 7
+    end)
+    assert.is_true(ready1:wait(10))
+    assert.is_true(c:acquire(10))        -- p1 is in its wait
+    c:release()
+    local p2 = spawn(function()
+      c:acquire() ready2:set()
+      local ok = c:wait(30)
+      c:release()
+      if ok then woke:set() end
+      return ok and 0 or 8
+    end)
+    assert.is_true(ready2:wait(10))
+    assert.is_true(c:acquire(10))        -- p2 is in its wait too
+    -- p1 came first; interrupt it while both sleep, then notify one: if
+    -- p1 still took it, it must hand it to p2
+    p1:interrupt()
+    c:notify()
+    c:release()
+    assert.are.equal(0, join(p1))
+    assert.is_true(woke:wait(10))
+    assert.are.equal(0, join(p2))
+  end)
+
+  it("in Barrier:wait(), which withdraws its party without breaking the barrier", function()
+    local b <close> = mp.Barrier(2)
+    local code = interrupt(function(ready) ready() b:wait() end)
+    assert.are.equal(1, code)
+    assert.are.equal(0, b.n_waiting)
+    assert.is_false(b.broken)
+  end)
+
+  it("and a wait whose signal's handler raises nothing resumes and ends as it would have", function()
+    -- a SIGUSR1 handler installed without SA_RESTART, as lua5.4's SIGINT
+    -- handler, that raises nothing (core._test_nop_signal): each signal
+    -- makes the wait's system call fail with EINTR; the wait goes on
+    local sig = core._test_nop_signal()
+    local e <close> = mp.Event()
+    local l <close> = mp.Lock()
+    local go <close> = mp.Event()
+    l:acquire()
+    local p = spawn(function()
+      core._test_nop_signal(true)
+      go:set()
+      local t0 = core.monotonic()
+      local got = e:wait(0.5)              -- signals come: still times out, on time
+      local dt = core.monotonic() - t0
+      if got ~= false or dt < 0.5 or dt > 3 then return 3 end
+      if not e:wait(30) then return 4 end     -- set after more signals
+      if not l:acquire(30) then return 5 end  -- released after more signals
+      l:release()
+      local _, n = core._test_nop_signal()
+      return n >= 5 and 0 or 6
+    end)
+    assert.is_true(go:wait(10))
+    for _ = 1, 5 do H.sleep(0.04) core.kill(p.pid, sig) end
+    H.sleep(0.6)
+    for _ = 1, 5 do H.sleep(0.02) core.kill(p.pid, sig) end
+    e:set()
+    for _ = 1, 5 do H.sleep(0.02) core.kill(p.pid, sig) end
+    l:release()
+    assert.are.equal(0, join(p))
+  end)
+end)

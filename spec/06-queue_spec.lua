@@ -785,5 +785,91 @@ describe("Queue's shared memory", function()
 
   it("raises in get when a record's length is beyond the ring", function()
     assert.are.equal(0, corrupt_then({ [RING] = 1 << 50 }, function(q) return q:get(0) end))
+
+-- Ctrl-C under lua5.4: SIGINT sets a hook that raises "interrupted!"; a
+-- queue's wait lets it run at once, announced as no waiter and holding
+-- nothing, so the queue goes on as before.
+describe("SIGINT interrupts a blocked wait", function()
+  H.leakcheck()
+  local interrupt = H.interrupt_wait
+
+  it("in Queue:get() of an empty queue", function()
+    local q <close> = mp.Queue()
+    local code = interrupt(function(ready) ready() q:get() end)
+    assert.are.equal(1, code)
+    assert.are.equal(0, q:_stats().get_waiters)
+    assert.is_true(q:put("after"))
+    assert.are.equal("after", q:get(5))
+  end)
+
+  it("in Queue:put() on a full bounded queue", function()
+    local q <close> = mp.Queue(1)
+    assert.is_true(q:put("first"))
+    local code = interrupt(function(ready) ready() q:put("second") end)
+    assert.are.equal(1, code)
+    assert.are.equal(0, q:_stats().put_waiters)
+    assert.are.equal(1, q:qsize())
+    assert.are.equal("first", q:get(5))
+    assert.are.equal("empty", select(2, q:get_nowait()))
+  end)
+
+  it("in JoinableQueue:join()", function()
+    local q <close> = mp.JoinableQueue()
+    q:put(1)
+    local code = interrupt(function(ready) ready() q:join() end)
+    assert.are.equal(1, code)
+    assert.are.equal(1, q:get(5))
+    q:task_done()
+    assert.is_true(q:join(5))
+  end)
+
+  it("while the process runs a queue's feeder thread (which blocks signals)", function()
+    -- items beyond 4 MiB with no consumer wait in the feeder thread; a
+    -- SIGINT handled by that thread would leave the main thread's wait
+    -- without EINTR (the thread blocks every signal; Linux also offers a
+    -- process's signal to its main thread first)
+    local q <close> = mp.Queue()
+    local e <close> = mp.Event()
+    local code = interrupt(function(ready)
+      local item = string.rep("x", 1 << 20)
+      for _ = 1, 8 do q:put(item) end
+      local f = io.popen("ls /proc/" .. core.getpid() .. "/task | wc -l")
+      local threads = tonumber(f:read("a"))
+      f:close()
+      if threads < 2 then os.exit(6) end
+      ready()
+      e:wait(60)
+    end)
+    assert.are.equal(1, code)
+    -- the exit path wrote what waited in the feeder
+    local n = 0
+    while q:get(5) do
+      n = n + 1
+      if n == 8 then break end
+    end
+    assert.are.equal(8, n)
+  end)
+
+  it("and a get whose signal's handler raises nothing resumes and returns its item", function()
+    local sig = core._test_nop_signal()
+    local q <close> = mp.Queue()
+    local go <close> = mp.Event()
+    local p = spawn(function()
+      core._test_nop_signal(true)
+      go:set()
+      local t0 = core.monotonic()
+      local v, why = q:get(0.5)            -- signals come: still times out, on time
+      local dt = core.monotonic() - t0
+      if v ~= nil or why ~= "timeout" or dt < 0.5 or dt > 3 then os.exit(3) end
+      v = q:get(30)                        -- put after more signals
+      local _, n = core._test_nop_signal()
+      os.exit(v == 42 and n >= 5 and 0 or 4)
+    end)
+    assert.is_true(go:wait(10))
+    for _ = 1, 5 do H.sleep(0.04) core.kill(p.pid, sig) end
+    H.sleep(0.6)
+    for _ = 1, 5 do H.sleep(0.02) core.kill(p.pid, sig) end
+    q:put(42)
+    assert.are.equal(0, H.finish(p))
   end)
 end)

@@ -857,3 +857,108 @@ describe("Pool workers before their first task", function()
     end)
   end)
 end)
+
+-- Ctrl-C under lua5.4: SIGINT sets a hook that raises "interrupted!". The
+-- pool's wait lets it run at once (before, it went on until a result came,
+-- and pool:map only noticed when it next looked: seconds later).
+describe("SIGINT interrupts a blocked wait", function()
+  H.leakcheck()
+  local interrupt = H.interrupt_wait
+
+  local function alive(pid)
+    local f = io.open("/proc/" .. pid .. "/stat")
+    if not f then return false end
+    local s = f:read("a")
+    f:close()
+    return s:match("^%d+ %(.-%) Z") == nil
+  end
+
+  -- SIGINT ignored by process pid (its SigIgn mask)?
+  local function ignores_sigint(pid)
+    local f = io.open("/proc/" .. pid .. "/status")
+    if not f then return nil end
+    local mask = f:read("a"):match("SigIgn:%s*(%x+)")
+    f:close()
+    return mask ~= nil and tonumber(mask:sub(-1), 16) & 2 ~= 0
+  end
+
+  it("in pool:map in the parent of the pool; no worker survives it", function()
+    local r, w = mp.Pipe(false)
+    local code = interrupt(function(ready)
+      local pool = mp.Pool(2)
+      w:send({ pool._workers[1].pid, pool._workers[2].pid })
+      ready()
+      -- tasks of 0.5 s in chunks of 40: no result comes for 20 s, far
+      -- beyond the join's 10 s (a wait that only looked at the signal when
+      -- a result came would still be waiting)
+      pool:map(function() require("multiprocessing.core").poll({}, 0.5) end,
+               (function() local t = {} for i = 1, 160 do t[i] = i end return t end)(),
+               { chunksize = 40 })
+    end, 0.3)
+    local pids = r:recv(5)
+    assert.are.equal(1, code)
+    assert.is_true(H.wait_until(function() return not alive(pids[1]) and not alive(pids[2]) end, 5))
+    r:close(); w:close()
+  end)
+
+  it("in pool:map in the main program (the workers ignore it, and are killed with the pool)", function()
+    local out, code = H.run_lua(([[
+      package.path = %q
+      package.cpath = %q
+      local mp = require "multiprocessing"
+      local core = require "multiprocessing.core"
+      local pool = mp.Pool(2)
+      io.write("workers=", pool._workers[1].pid, ",", pool._workers[2].pid, "\n")
+      io.flush()
+      -- Ctrl-C half a second into the map
+      local me = core.getpid()
+      mp.Process{ target = function() core.poll({}, 0.5) core.kill(me, 2) end }:start()
+      local t = {}
+      for i = 1, 160 do t[i] = i end
+      pool:map(function() require("multiprocessing.core").poll({}, 0.5) end, t, { chunksize = 40 })
+      print("not interrupted")
+    ]]):format(package.path, package.cpath), 10)   -- no result comes for 20 s
+    assert.are.equal(1, code, out)
+    assert.truthy(out:find("interrupted!", 1, true), out)
+    assert.is_nil(out:find("not interrupted", 1, true), out)
+    local a, b = out:match("workers=(%d+),(%d+)")
+    assert.truthy(a, out)
+    assert.is_true(H.wait_until(function() return not alive(a) and not alive(b) end, 5))
+  end)
+
+  it("not in the workers, which ignore SIGINT", function()
+    with_pool(2, function(pool)
+      local r = pool:map(function(x) return x end, { 1, 2 }, { chunksize = 1 })
+      assert.are.same({ 1, 2 }, { r[1], r[2] })
+      -- (a worker sets it first thing; one that has not run yet may not
+      -- have been scheduled)
+      assert.is_true(H.wait_until(function()
+        for _, w in pairs(pool._workers) do
+          if not ignores_sigint(w.pid) then return false end
+        end
+        return true
+      end, 5))
+    end)
+  end)
+
+  it("and a map whose signal's handler raises nothing resumes and returns every result", function()
+    local sig = core._test_nop_signal()
+    local go <close> = mp.Event()
+    local p = H.start(function()
+      core._test_nop_signal(true)
+      local pool = mp.Pool(2)
+      go:set()
+      local r = pool:map(function(x) require("multiprocessing.core").poll({}, 0.05) return x * 2 end,
+                         { 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20 },
+                         { chunksize = 1 })
+      pool:close()
+      pool:join()
+      local _, n = core._test_nop_signal()
+      for i = 1, 20 do if r[i] ~= 2 * i then return 3 end end
+      return n >= 5 and 0 or 4
+    end)
+    assert.is_true(go:wait(10))
+    for _ = 1, 10 do H.sleep(0.03) core.kill(p.pid, sig) end
+    assert.are.equal(0, H.finish(p))
+  end)
+end)

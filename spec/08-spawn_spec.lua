@@ -851,3 +851,53 @@ describe("embedding", function()
   end)
 end)
 
+
+-- Ctrl-C under lua5.4: SIGINT sets a hook that raises "interrupted!"; a
+-- forkserver start that it interrupts still reads the server's answer, so
+-- the next start is in step with the server.
+describe("SIGINT interrupts a blocked wait", function()
+  H.leakcheck()
+
+  it("in a forkserver start waiting for the server, which stays in step", function()
+    local core = require "multiprocessing.core"
+    local SIGSTOP, SIGCONT = 19, 18       -- Linux (x86, arm)
+    local info_r, info_w = mp.Pipe(false)
+    local ready <close> = mp.Event()
+    local go <close> = mp.Event()
+    local c = H.start(function()
+      local spawn = require "multiprocessing.spawn"
+      local r, w = mp.Pipe(false)
+      local function one(n)
+        return mp.Process{ target = function(conn, k) conn:send(k) end, args = { w, n },
+                           start_method = "forkserver" }
+      end
+      local p1 = one(1)
+      p1:start()
+      if r:recv(10) ~= 1 or p1:join(10) ~= 0 then return 6 end
+      info_w:send(H.children(core.getpid()))   -- the server, alone
+      ready:set()
+      go:wait(10)                              -- the server is stopped now
+      local p2 = one(2)
+      local ok, err = pcall(p2.start, p2)
+      if ok or err ~= "interrupted!" then return 7 end
+      -- the answer was read all the same: p2 runs and is ours to join
+      if p2._state ~= "started" or r:recv(10) ~= 2 or p2:join(10) ~= 0 then return 8 end
+      local p3 = one(3)
+      p3:start()
+      if r:recv(10) ~= 3 or p3:join(10) ~= 0 then return 9 end
+      spawn._forkserver_stop()
+      return 0
+    end)
+    assert.is_true(ready:wait(30))
+    local kids = info_r:recv(10)
+    assert.are.equal(1, #kids)
+    core.kill(kids[1], SIGSTOP)
+    go:set()
+    H.sleep(0.3)
+    c:interrupt()
+    H.sleep(0.2)
+    core.kill(kids[1], SIGCONT)
+    assert.are.equal(0, H.finish(c, 30))
+    info_r:close(); info_w:close()
+  end)
+end)

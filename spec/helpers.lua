@@ -131,6 +131,45 @@ function H.finish(p, timeout)
   return code
 end
 
+-- Sleep s seconds (a timed wait on a private Event: no shell).
+function H.sleep(s)
+  local mp = require "multiprocessing"
+  local e = mp.Event()
+  e:wait(s)
+  e:close()
+end
+
+-- SIGINT in a blocked wait. Start a forked child running body(ready);
+-- body calls ready() just before the wait it blocks in. Once it has, and
+-- the child has had settle seconds (default 0.1) to block, send it SIGINT
+-- (p:interrupt()) and join it for at most 10 s, less than the waits the
+-- specs block in (a wait that ignores the signal shows as nil). Returns its
+-- exit code (nil: it was still waiting; it is killed then). Under lua5.4 (which runs busted here) SIGINT sets a hook
+-- that raises "interrupted!": the child's wait must let it run. The child
+-- leaves as the library's exit path does after an error (exit hooks run,
+-- daemonic children terminated, the others joined; code 1), but only when
+-- the error is that one (else code 5; 0 if body returned), and without the
+-- path's report on stderr.
+function H.interrupt_wait(body, settle)
+  local mp = require "multiprocessing"
+  local ready = mp.Event()
+  local p = mp.Process{ target = function()
+    local ok, err = pcall(body, function() ready:set() end)
+    require("multiprocessing.process")._exit_function()
+    local interrupted = type(err) == "string" and err:find("interrupted!$") ~= nil
+    os.exit(ok and 0 or interrupted and 1 or 5, false)
+  end }
+  p:start()
+  assert(ready:wait(10), "the child did not reach its wait")
+  H.sleep(settle or 0.1)
+  p:interrupt()
+  local code = p:join(10)
+  if code == nil then p:kill(); p:join(5) end
+  p:close()
+  ready:close()
+  return code
+end
+
 -- Run Lua source in a fresh lua5.4 (with this tree on the paths) and
 -- return its output (stdout and stderr together) and its exit code.
 function H.run_lua(src, timeout)

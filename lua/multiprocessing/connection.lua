@@ -169,10 +169,12 @@ end
 
 -- A handshake receives with recv(c) -> the peer's next message, or nil when
 -- none came (closed, timed out, too long, corrupt). The Client waits for it;
--- the Listener's coroutines yield until it is all there.
+-- the Listener's coroutines yield until it is all there. A signal's error
+-- (lua5.4's Ctrl-C in the Client's wait) goes on.
 local function recv_waiting(c)
   local ok, msg = pcall(c._recv_bytes_max, c, M.HANDSHAKE_TIMEOUT, HANDSHAKE_MAX)
   if ok then return msg end
+  if core._is_interrupt(msg) then error(msg, 0) end
   return nil
 end
 

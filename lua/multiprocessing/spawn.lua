@@ -281,10 +281,27 @@ local function get_server()
   return server
 end
 
+-- Read the server's answer to a request made on s: always read it, to keep
+-- in step. A signal's error in this wait (Ctrl-C) comes out once the answer
+-- is read and the child attached (the server answers within a fork's time).
+local function read_answer(p, s)
+  local rok, rep = pcall(s.conn.recv, s.conn, BOOT_TIMEOUT)
+  if rok then return rep end
+  if not core._is_interrupt(rep) then drop_server() error(rep, 0) end
+  local again, rep2 = pcall(s.conn.recv, s.conn, BOOT_TIMEOUT)
+  if again and type(rep2) == "table" and rep2.pid then
+    p:_attach(rep2.pid, rep2.status, rep2.pidfd)
+  else
+    drop_server()
+  end
+  error(rep, 0)
+end
+
 -- The boot messages are written while the server hands the socket to a
--- child (the socket keeps them for it); then the server's answer makes p a started process.
--- A server that does not answer (killed, or dead of its own) is reaped and
--- replaced, and the start tried once more with the new one.
+-- child (the socket keeps them for it); then the server's answer makes p a
+-- started process. A server that does not answer (killed, or dead of its
+-- own) is reaped and replaced, and the start tried once more with the new
+-- one.
 local function forkserver_start(p, prep, payload)
   for _ = 1, 2 do
     local s = get_server()
@@ -293,7 +310,7 @@ local function forkserver_start(p, prep, payload)
     cbox:close()
     local sent, err = true, nil
     if ok then sent, err = pcall(send_boot, pbox, prep, payload) else pbox:close() end
-    local rep = ok and s.conn:recv(BOOT_TIMEOUT)     -- always read: keep in step
+    local rep = ok and read_answer(p, s)
     if type(rep) == "table" and rep.pid then
       p:_attach(rep.pid, rep.status, rep.pidfd)
       if not sent then error(err, 0) end   -- the child, without its messages, exits 1
