@@ -785,6 +785,8 @@ describe("Queue's shared memory", function()
 
   it("raises in get when a record's length is beyond the ring", function()
     assert.are.equal(0, corrupt_then({ [RING] = 1 << 50 }, function(q) return q:get(0) end))
+  end)
+end)
 
 -- Ctrl-C under lua5.4: SIGINT sets a hook that raises "interrupted!"; a
 -- queue's wait lets it run at once, announced as no waiter and holding
