@@ -9,8 +9,10 @@
 --   duplicated  task executions beyond one per item (the initializer gives
 --               each worker a shared array; a task adds one to its item's
 --               slot: a task is run at most once, or fails)
---   hangs       a get that did not return within BOUND seconds (the pool's
---               stats go to the log; the trial then terminates the pool)
+--   hangs       a get that did not return within BOUND seconds, or jobs
+--               still unfinished BOUND seconds after the closing close()
+--               (the pool's stats go to the log; the trial then terminates
+--               the pool)
 -- CHAOS_POOL_ROUNDS overrides the number of maps per trial.
 local mp = require "multiprocessing"
 local core = require "multiprocessing.core"
@@ -83,7 +85,25 @@ local function trial(method, k)
     end
     if hung then break end
   end
-  if hung then pool:terminate() else pool:close() end
+  if not hung then
+    -- close, and the queued tasks must be done (or failed) within BOUND
+    pool:close()
+    local deadline = lib.now() + BOUND
+    local active = 1
+    while active > 0 and lib.now() < deadline do
+      local ok, a = pcall(pool.poll, pool, 0.1)   -- (a failed restart raises)
+      if ok then active = a end
+    end
+    if active > 0 then
+      local st = pool:stats()
+      io.stderr:write(("chaos: pool %s trial %d: %d jobs still unfinished %d s after close; "
+        .. "workers=%d busy=%d queued=%d\n"):format(method, k, active, BOUND, st.workers, st.busy,
+        st.queued))
+      r.hangs = r.hangs + 1
+      hung = true
+    end
+  end
+  if hung then pool:terminate() end
   pool:join()
   counts:close(); pids:close()
   return r
