@@ -151,17 +151,37 @@ function M.trial_begin(method)
 end
 
 -- A trial's end, after it joined and closed what it made: returns leaked
--- processes (its descendants still there, zombies included: a zombie child
--- is one nobody reaped) and leaked fds. The fork server is stopped first:
--- it is the library's, started on first use, and lives until the program
--- ends. What it leaves behind counts.
+-- processes and leaked fds. Leaked processes are zombie children (ones
+-- the library never reaped: a killed fork server is one until the next
+-- start by forkserver looks at it), then, once the fork server is stopped
+-- (it is the library's, started on first use, and lives until the program
+-- ends), any descendant still there.
 function M.trial_end(t)
   collectgarbage(); collectgarbage()
+  local me = core.getpid()
+  local function zombies()
+    local z = {}
+    for _, s in ipairs(M.descendants(me)) do
+      if s.state == "Z" and s.ppid == me then z[#z + 1] = s end
+    end
+    return z
+  end
+  local z = M.settle(zombies, 0.5)
+  if #z > 0 then
+    io.stderr:write(("chaos: %s %s: %d zombie children\n"):format(arg[0], t.method, #z))
+  end
   if t.method == "forkserver" then
     require("multiprocessing.spawn")._forkserver_stop()
   end
-  local me = core.getpid()
-  local left = M.settle(function() return M.descendants(me) end, 2)
+  local seen = {}
+  for _, s in ipairs(z) do seen[s.pid] = true end
+  local left = M.settle(function()
+    local l = {}
+    for _, s in ipairs(M.descendants(me)) do
+      if not seen[s.pid] then l[#l + 1] = s end
+    end
+    return l
+  end, 2)
   M.kill_all(left)
   collectgarbage(); collectgarbage()
   local n, what = M.fds()
@@ -175,7 +195,7 @@ function M.trial_end(t)
     io.stderr:write(("chaos: %s %s: fds left open: %s\n"):format(arg[0], t.method,
       table.concat(new, ", ")))
   end
-  return #left, fds > 0 and fds or 0
+  return #z + #left, fds > 0 and fds or 0
 end
 
 -- A trial's body between the two: body() returns the counts; what it made
