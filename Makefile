@@ -4,6 +4,7 @@
 #   make test       set up, build and run the specs (last line: N passed, N failed)
 #   make examples   run every example
 #   make bench      benchmarks, side by side with Python's multiprocessing
+#   make chaos      fault and attack trials (docs/reliability.md)
 #   make fuzz       fuzz the decoder
 #   make install PREFIX=/usr/local
 LUA        ?= lua5.4
@@ -29,7 +30,7 @@ ENV  = LUA_PATH="$(CURDIR)/lua/?.lua;$(CURDIR)/lua/?/init.lua;;" \
        LUA_CPATH="$(CURDIR)/lua/?.so;;"
 DEPS = lua5.4 liblua5.4-dev lua-busted gcc make libssl-dev
 
-.PHONY: embed all run test test-asan examples bench fuzz fuzz-ci lint install clean deps spec env
+.PHONY: embed all run test test-asan examples bench chaos fuzz fuzz-ci lint install clean deps spec env
 
 all: $(SO)
 
@@ -94,13 +95,24 @@ examples: all
 bench: all
 	$(ENV) $(LUA) bench/run.lua
 
+# Fault and attack trials, not part of make test (docs/reliability.md):
+#   make chaos [ROUNDS=x] [TRIALS=n | TRIALS=family=n,...] [ONLY=families]
+#              [METHODS=fork,spawn,forkserver] [SEED=n]
+# One table at the end; exits non-zero if any trial lost, duplicated, hung,
+# crashed or leaked. The trials' stderr goes to build/chaos.log.
+chaos:
+	$(MAKE) deps DEPS="$(DEPS) lua-socket"
+	$(MAKE) all
+	$(ENV) CHAOS_ROUNDS="$(ROUNDS)" CHAOS_TRIALS="$(TRIALS)" CHAOS_ONLY="$(ONLY)" \
+	  CHAOS_METHODS="$(METHODS)" CHAOS_SEED="$(SEED)" $(LUA) chaos/run.lua
+
 install: all
 	install -d $(DESTDIR)$(LUA_LIBDIR)/multiprocessing $(DESTDIR)$(LUA_SHAREDIR)/multiprocessing
 	install -m 755 $(SO) $(DESTDIR)$(LUA_LIBDIR)/multiprocessing/core.so
 	install -m 644 $(LUASRC) $(DESTDIR)$(LUA_SHAREDIR)/multiprocessing/
 
 lint:
-	luacheck lua spec examples bench
+	luacheck lua spec examples bench chaos
 	cppcheck --quiet --enable=warning,performance,portability --error-exitcode=1 -I$(LUA_INCDIR) csrc
 
 clean:
