@@ -86,6 +86,33 @@ static int decode_status(int st) {
 
 /* A forkserver child: its exit code comes on the status pipe (EOF without
    it: the server died, and its children with it). */
+/* A forkserver child whose status pipe ended without a code: its server
+   died before it reaped it. The server's fds close before the kernel sends
+   its children their PDEATHSIG, so the child may still run for a moment,
+   and a caller that takes it for gone (a Pool handing its tasks to another
+   worker) would see work done twice. Make the end certain: SIGKILL it
+   through its pidfd (it is about to die anyway) and wait until it has
+   exited (bounded: a SIGKILLed process ends at once unless stuck in the
+   kernel). Its code: -9, or 255 (unknown) if it had ended already. */
+static int orphan_end(mp_process *p) {
+#ifdef SYS_pidfd_send_signal
+  struct pollfd pfd;
+  int r;
+  if (p->sigfd < 0) return 255;
+  pfd.fd = p->sigfd;
+  pfd.events = POLLIN;
+  pfd.revents = 0;
+  if (poll(&pfd, 1, 0) > 0) return 255;              /* it had ended */
+  if (syscall(SYS_pidfd_send_signal, p->sigfd, SIGKILL, NULL, 0) != 0) return 255;
+  do r = poll(&pfd, 1, 5000);
+  while (r < 0 && errno == EINTR);
+  return -SIGKILL;
+#else
+  (void)p;
+  return 255;
+#endif
+}
+
 static int reap_remote(mp_process *p, int block) {
   int32_t code;
   ssize_t r;
@@ -98,7 +125,7 @@ static int reap_remote(mp_process *p, int block) {
   }
   do r = read(p->pidfd, &code, sizeof code);
   while (r < 0 && errno == EINTR);
-  p->exitcode = r == (ssize_t)sizeof code ? (int)code : 255;
+  p->exitcode = r == (ssize_t)sizeof code ? (int)code : orphan_end(p);
   p->state = P_DONE;
   return 1;
 }
@@ -707,6 +734,14 @@ static int core__child_init(lua_State *L) {
 /* core._sigint(ignore): true: ignore SIGINT, keeping what it was; false:
    put back what was kept (the fork server ignores Ctrl-C, as Python's
    does; the children it forks get the interpreter's handling back). */
+/* core._test_no_pdeathsig(): specs only: this process no longer dies with
+   its parent, as a child the kernel has not yet sent its PDEATHSIG */
+static int core__test_no_pdeathsig(lua_State *L) {
+  (void)L;
+  prctl(PR_SET_PDEATHSIG, 0);
+  return 0;
+}
+
 static struct sigaction saved_sigint;
 static int sigint_saved;
 static int core__sigint(lua_State *L) {
@@ -809,6 +844,7 @@ MP_API void mp_process_open(lua_State *L) {
     {"_test_no_pidfd", core__test_no_pidfd},
     {"_child_init", core__child_init},
     {"_sigint", core__sigint},
+    {"_test_no_pdeathsig", core__test_no_pdeathsig},
     {"getcwd", core_getcwd},
     {"chdir", core_chdir},
     {"realpath", core_realpath},

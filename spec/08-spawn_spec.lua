@@ -727,6 +727,34 @@ describe("the fork server", function()
                            zombies = "0" })
   end)
 
+  it("ends a child whose server died before the join that reports it returns", function()
+    -- (regression: a Pool ran tasks twice when the server was killed: the
+    -- status pipe closes before the kernel kills the server's children, and
+    -- the worker's queued tasks went to another worker while it still ran)
+    local kv, out, code = run("forkserver", KIDS .. [[
+      local function forever(c)
+        core._test_no_pdeathsig()          -- as if its SIGKILL had not come yet
+        c:send("ready")
+        while true do core.poll({}, 1) end
+      end
+      if mp.is_main() then
+        local a, b = mp.Pipe()
+        local p = mp.Process{ target = forever, args = { b } }
+        p:start()
+        a:recv(10)
+        local pid = p.pid
+        kill_server()
+        local c = p:join(10)
+        local f = io.open("/proc/" .. pid .. "/stat")
+        local st = f and f:read("l"):match("^%d+ %(.-%) (%S)")
+        if f then f:close() end
+        print("code=" .. tostring(c), "gone=" .. tostring(st == nil or st == "Z"))
+        if st and st ~= "Z" then core.kill(pid, 9) end
+      end
+    ]], 60)
+    check(kv, out, code, { code = "-9", gone = "true" })
+  end)
+
   it("starts a Pool's workers again once it can be restarted", function()
     local kv, out, code = run("forkserver", KIDS .. [[
       local function sq(x) return x * x end
