@@ -47,7 +47,7 @@ local FAMILIES = {
   { "queues", "queues", nil, ALL, 12, 120 },
   { "locks", "locks", nil, ALL, 27, 60 },
   { "orphans", "orphans", nil, ALL, 20, 60 },
-  { "pool", "pool", nil, ALL, { fork = 60, spawn = 60, forkserver = 300 }, 250 },
+  { "pool", "pool", nil, ALL, { fork = 60, spawn = 60, forkserver = 600 }, 250 },
   { "hostile", "hostile", "bytes", { "fork" }, 10, 120 },
   { "handles", "hostile", "handles", { "fork" }, 30, 120 },
   { "handshake", "hostile", "idle", { "fork" }, 6, 120 },
