@@ -84,8 +84,6 @@ static int decode_status(int st) {
   return 255;
 }
 
-/* A forkserver child: its exit code comes on the status pipe (EOF without
-   it: the server died, and its children with it). */
 /* A forkserver child whose status pipe ended without a code: its server
    died before it reaped it. The server's fds close before the kernel sends
    its children their PDEATHSIG, so the child may still run for a moment,
@@ -113,6 +111,8 @@ static int orphan_end(mp_process *p) {
 #endif
 }
 
+/* A forkserver child: its exit code comes on the status pipe (EOF without
+   it: the server died; see orphan_end). */
 static int reap_remote(mp_process *p, int block) {
   int32_t code;
   ssize_t r;
@@ -731,9 +731,6 @@ static int core__child_init(lua_State *L) {
   return 0;
 }
 
-/* core._sigint(ignore): true: ignore SIGINT, keeping what it was; false:
-   put back what was kept (the fork server ignores Ctrl-C, as Python's
-   does; the children it forks get the interpreter's handling back). */
 /* core._test_no_pdeathsig(): specs only: this process no longer dies with
    its parent, as a child the kernel has not yet sent its PDEATHSIG */
 static int core__test_no_pdeathsig(lua_State *L) {
@@ -742,6 +739,9 @@ static int core__test_no_pdeathsig(lua_State *L) {
   return 0;
 }
 
+/* core._sigint(ignore): true: ignore SIGINT, keeping what it was; false:
+   put back what was kept (the fork server ignores Ctrl-C, as Python's
+   does; the children it forks get the interpreter's handling back). */
 static struct sigaction saved_sigint;
 static int sigint_saved;
 static int core__sigint(lua_State *L) {

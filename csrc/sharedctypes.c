@@ -225,20 +225,20 @@ static mp_shared *shared_push(lua_State *L, int isarray) {
   return s;
 }
 
-/* Map fd as a Value living in a lock's slot; 0 if fd is not that. */
-static int map_slot(mp_shared *s, int fd) {
+/* Map fd as a Value living in a lock's slot: NULL, or why it cannot. */
+static const char *map_slot(mp_shared *s, int fd) {
   size_t size = 0;
   const char *why;
   void *mem = mp_shm_map(fd, 1, &size, &why);
   int code = 0;
   char *slot;
   const ctype *t;
-  if (mem == NULL) return 0;
+  if (mem == NULL) return why;
   slot = mp_sync_slot(mem, size, &code);
   t = slot ? find_code(code) : NULL;
   if (t == NULL) {
     mp_shm_unmap(mem, size);
-    return 0;
+    return "not a lock segment with a claimed slot";
   }
   s->isarray = 0;
   s->code = t->code;
@@ -248,7 +248,7 @@ static int map_slot(mp_shared *s, int fd) {
   s->mem = mem;
   s->fd = fd;
   s->data = slot;
-  return 1;
+  return NULL;
 }
 
 /* core.shared_value_in_lock(code, lock) -> Value whose element lives in
@@ -258,15 +258,16 @@ static int shared_value_in_lock(lua_State *L) {
   const char *code = luaL_checklstring(L, 1, &len);
   const ctype *t = len == 1 ? find_code(code[0]) : NULL;
   mp_shared *s;
+  const char *why;
   int fd;
   lua_settop(L, 2);
   if (t == NULL) return luaL_argerror(L, 1, "unknown type code");
   s = shared_push(L, 0);
   fd = mp_sync_claim_slot(L, 2, t->code);
   if (fd < 0) return 0;
-  if (!map_slot(s, fd)) {
+  if ((why = map_slot(s, fd)) != NULL) {
     close(fd);
-    return luaL_error(L, "cannot map the lock's segment");
+    return luaL_error(L, "cannot map the lock's segment: %s", why);
   }
   lua_pushvalue(L, 2);
   lua_setiuservalue(L, -2, 1);
@@ -319,7 +320,7 @@ static int shared_from_fd(lua_State *L) {
   mp_shared *s;
   lua_settop(L, 2);
   s = shared_push(L, 0);
-  if (map_slot(s, fd)) {                 /* a Value in its lock's segment */
+  if (map_slot(s, fd) == NULL) {         /* a Value in its lock's segment */
     lua_pushvalue(L, 2);
     lua_setiuservalue(L, -2, 1);
     return 1;

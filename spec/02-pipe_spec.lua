@@ -445,7 +445,6 @@ describe("SIGINT interrupts a blocked wait", function()
   end)
 
   it("and a recv whose signal's handler raises nothing resumes and returns its message", function()
-    local sig = core._test_nop_signal()
     local a, b = mp.Pipe()
     local go <close> = mp.Event()
     local p = H.start(function()
@@ -459,10 +458,7 @@ describe("SIGINT interrupts a blocked wait", function()
       local _, n = core._test_nop_signal()
       return (v == "hello" and n >= 5) and 0 or 4
     end)
-    assert.is_true(go:wait(10))
-    for _ = 1, 5 do H.sleep(0.04) core.kill(p.pid, sig) end
-    H.sleep(0.6)
-    for _ = 1, 5 do H.sleep(0.02) core.kill(p.pid, sig) end
+    H.nop_signals(p, go)
     a:send("hello")
     assert.are.equal(0, H.finish(p))
     a:close(); b:close()

@@ -331,9 +331,8 @@ describe("SIGINT interrupts a blocked wait", function()
   end)
 
   it("in a child of the lua5.4 interpreter, whose exit path reports it and exits 1", function()
-    local out, code = H.run_lua(([[
-      package.path = %q
-      package.cpath = %q
+    -- (run_lua gives the program this process's module paths)
+    local out, code = H.run_lua([[
       local mp = require "multiprocessing"
       local core = require "multiprocessing.core"
       local e, ready = mp.Event(), mp.Event()
@@ -345,7 +344,7 @@ describe("SIGINT interrupts a blocked wait", function()
       local code = p:join(10)                -- its wait is for 30 s
       if not code then p:kill() p:join(5) end
       io.write("code=", tostring(code), "\n")
-    ]]):format(package.path, package.cpath), 30)
+    ]], 30)
     assert.are.equal(0, code, out)
     assert.truthy(out:find("code=1\n", 1, true), out)
     assert.truthy(out:find("Process waiter %(pid %d+%):\ninterrupted!"), out)
@@ -353,7 +352,6 @@ describe("SIGINT interrupts a blocked wait", function()
   end)
 
   it("and a join whose signal's handler raises nothing resumes and returns the exit code", function()
-    local sig = core._test_nop_signal()
     local go <close> = mp.Event()
     local e <close> = mp.Event()
     local p = H.start(function()
@@ -369,10 +367,7 @@ describe("SIGINT interrupts a blocked wait", function()
       local _, n = core._test_nop_signal()
       return (c == 3 and n >= 5) and 0 or 5
     end)
-    assert.is_true(go:wait(10))
-    for _ = 1, 5 do H.sleep(0.04) core.kill(p.pid, sig) end
-    H.sleep(0.6)
-    for _ = 1, 5 do H.sleep(0.02) core.kill(p.pid, sig) end
+    H.nop_signals(p, go)
     e:set()
     assert.are.equal(0, H.finish(p))
   end)

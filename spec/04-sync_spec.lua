@@ -839,10 +839,7 @@ describe("SIGINT interrupts a blocked wait", function()
       local _, n = core._test_nop_signal()
       return n >= 5 and 0 or 6
     end)
-    assert.is_true(go:wait(10))
-    for _ = 1, 5 do H.sleep(0.04) core.kill(p.pid, sig) end
-    H.sleep(0.6)
-    for _ = 1, 5 do H.sleep(0.02) core.kill(p.pid, sig) end
+    H.nop_signals(p, go)
     e:set()
     for _ = 1, 5 do H.sleep(0.02) core.kill(p.pid, sig) end
     l:release()

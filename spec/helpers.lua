@@ -200,4 +200,18 @@ function H.forge_unsealed(fd)
   return forged
 end
 
+-- The parent's side of a "handler that raises nothing" spec: once the
+-- child p has set go (its test handler installed, core._test_nop_signal
+-- (true), and about to wait 0.5 s with a timeout), send it the handler's
+-- signal 5 times during that wait, let the wait run out, then 5 times more
+-- during its next, untimed wait (which the caller then satisfies).
+function H.nop_signals(p, go)
+  local core = require "multiprocessing.core"
+  local sig = core._test_nop_signal()
+  assert(go:wait(10), "the child did not reach its wait")
+  for _ = 1, 5 do H.sleep(0.04) core.kill(p.pid, sig) end
+  H.sleep(0.6)
+  for _ = 1, 5 do H.sleep(0.02) core.kill(p.pid, sig) end
+end
+
 return H

@@ -256,8 +256,9 @@ local RESTART_WAIT, RESTART_MAX_WAIT, RESTART_TRIES = 0.05, 1, 5
 
 function Pool:_restart(slot)
   local ok, err = pcall(self._spawn, self, slot)
-  local vacant = self._vacant             -- slot -> { tries, err, at }, or nil
+  local vacant = self._vacant             -- slot -> { tries =, at = }, or nil
   if ok then
+    self._restarts = self._restarts + 1
     if vacant then
       vacant[slot] = nil
       if next(vacant) == nil then self._vacant = nil end
@@ -268,7 +269,7 @@ function Pool:_restart(slot)
   if not vacant then vacant = {}; self._vacant = vacant end
   local v = vacant[slot] or { tries = 0 }
   vacant[slot] = v
-  v.tries, v.err = v.tries + 1, err
+  v.tries = v.tries + 1
   v.at = monotonic() + math_min(RESTART_WAIT * 2 ^ (v.tries - 1), RESTART_MAX_WAIT)
   if self._nworkers == 0 and v.tries >= RESTART_TRIES then
     local why = type(err) == "table" and err.message or tostring(err)
@@ -278,7 +279,8 @@ function Pool:_restart(slot)
 end
 
 -- Try again the vacant slots whose back-off has run out; the seconds
--- until the next one is due (nil: none is vacant any more).
+-- until the next one is due (nil: none is vacant any more). A start that
+-- works counts in stats().restarts; failed tries do not.
 function Pool:_retry_vacant()
   local vacant, now = self._vacant, monotonic()
   for slot, v in pairs(vacant) do
@@ -286,12 +288,9 @@ function Pool:_retry_vacant()
        or (self._state ~= "running" and self._active == 0) then
       vacant[slot] = nil
     elseif v.at <= now then
-      self._restarts = self._restarts + 1
       self:_restart(slot)
     end
   end
-  vacant = self._vacant
-  if not vacant then return nil end
   local next_at
   for _, v in pairs(vacant) do
     if not next_at or v.at < next_at then next_at = v.at end
@@ -781,7 +780,6 @@ function Pool:_death(slot)
     return
   end
   if self._state == "running" or self._active > 0 then
-    self._restarts = self._restarts + 1
     self:_restart(slot)
     if self._state == "closed" and self._active == 0 then self:_exit_workers() end
   end

@@ -245,17 +245,17 @@ local server   -- { conn = Connection, proc = Process, owner = pid }
 -- still runs (it did not answer), so that no dead server stays a zombie.
 -- Its children die with it (PDEATHSIG). A server inherited from the
 -- process we were forked from is that process's: only forgotten.
+local function reap_server(proc)
+  if proc:is_alive() then proc:kill() end
+  if proc:join(5) then proc:close() end
+end
+
 local function drop_server()
   local s = server
   server = nil
   if not s or s.owner ~= core.getpid() then return end
   pcall(s.conn.close, s.conn)
-  local proc = s.proc
-  if not proc:join(0) then
-    proc:kill()
-    proc:join(5)
-  end
-  if proc:join(0) then proc:close() end
+  reap_server(s.proc)
 end
 
 local function get_server()
@@ -270,10 +270,7 @@ local function get_server()
   theirs:close()
   if not ok then
     mine:close()
-    if proc.pid then                      -- it started, then its messages failed
-      if proc:is_alive() then proc:kill() end
-      if proc:join(5) then proc:close() end
-    end
+    if proc.pid then reap_server(proc) end   -- it started, then its messages failed
     perr("forkserver: the fork server could not be started: "
          .. (type(err) == "table" and tostring(err.message) or tostring(err)), 4)
   end
