@@ -1,5 +1,5 @@
 # multiprocessing for Lua 5.4
-#   make            build multiprocessing/core.so into lua/
+#   make            build multiprocessing/core.so and auth.so into lua/
 #   make run        set up, build and run the flagship example
 #   make test       set up, build and run the specs (last line: N passed, N failed)
 #   make examples   run every example
@@ -19,11 +19,16 @@ WARN = -std=c99 -Wall -Wextra -Wshadow -Wmissing-prototypes -Wstrict-prototypes 
        -Wpointer-arith -Wcast-qual -Wundef $(WERROR)
 ALL_CFLAGS = $(CFLAGS) $(WARN) -fPIC -fvisibility=hidden -I$(LUA_INCDIR) -Icsrc
 LDFLAGS_SO = -shared
-LIBS       = -lcrypto -lm
+LIBS       = -lm
+# the authkey handshake's crypto is a module of its own (csrc/auth.c), so
+# that only a process that runs a handshake loads libcrypto
+AUTH_LIBS  = -lcrypto
 
 SRC  = $(wildcard csrc/*.c)
+CORE_SRC = $(filter-out csrc/auth.c,$(SRC))
 HDR  = $(wildcard csrc/*.h)
 SO   = lua/multiprocessing/core.so
+AUTH_SO = lua/multiprocessing/auth.so
 LUASRC = $(wildcard lua/multiprocessing/*.lua)
 BUSTED = $(LUA) /usr/bin/busted
 ENV  = LUA_PATH="$(CURDIR)/lua/?.lua;$(CURDIR)/lua/?/init.lua;;" \
@@ -32,10 +37,13 @@ DEPS = lua5.4 liblua5.4-dev lua-busted gcc make libssl-dev
 
 .PHONY: embed all run test test-asan examples bench chaos fuzz fuzz-ci lint install clean deps spec env
 
-all: $(SO)
+all: $(SO) $(AUTH_SO)
 
-$(SO): $(SRC) $(HDR)
-	$(CC) $(ALL_CFLAGS) $(LDFLAGS_SO) -o $@ $(SRC) $(LIBS)
+$(SO): $(CORE_SRC) $(HDR)
+	$(CC) $(ALL_CFLAGS) $(LDFLAGS_SO) -o $@ $(CORE_SRC) $(LIBS)
+
+$(AUTH_SO): csrc/auth.c $(HDR)
+	$(CC) $(ALL_CFLAGS) $(LDFLAGS_SO) -o $@ csrc/auth.c $(AUTH_LIBS)
 
 # Install what is missing (Debian); does nothing when all is there.
 deps:
@@ -60,17 +68,23 @@ test: deps
 	$(ENV) timeout 1800 $(BUSTED) -o spec/summary.lua spec
 
 ASAN_SO = build/asan/multiprocessing/core.so
+ASAN_AUTH_SO = build/asan/multiprocessing/auth.so
+ASAN_CFLAGS = -O1 -g -fsanitize=address,undefined -fno-omit-frame-pointer \
+       $(WARN) -fPIC -fvisibility=hidden -I$(LUA_INCDIR) -Icsrc $(LDFLAGS_SO)
 ASAN_ENV = LD_PRELOAD="$$($(CC) -print-file-name=libasan.so) $$($(CC) -print-file-name=libubsan.so)" \
        ASAN_OPTIONS=detect_leaks=0 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
        LUA_PATH="$(CURDIR)/lua/?.lua;$(CURDIR)/lua/?/init.lua;;" \
        LUA_CPATH="$(CURDIR)/build/asan/?.so;;"
 
-$(ASAN_SO): $(SRC) $(HDR)
+$(ASAN_SO): $(CORE_SRC) $(HDR)
 	@mkdir -p $(dir $@)
-	$(CC) -O1 -g -fsanitize=address,undefined -fno-omit-frame-pointer \
-	  $(WARN) -fPIC -fvisibility=hidden -I$(LUA_INCDIR) -Icsrc $(LDFLAGS_SO) -o $@ $(SRC) $(LIBS)
+	$(CC) $(ASAN_CFLAGS) -o $@ $(CORE_SRC) $(LIBS)
 
-test-asan: $(ASAN_SO)
+$(ASAN_AUTH_SO): csrc/auth.c $(HDR)
+	@mkdir -p $(dir $@)
+	$(CC) $(ASAN_CFLAGS) -o $@ csrc/auth.c $(AUTH_LIBS)
+
+test-asan: $(ASAN_SO) $(ASAN_AUTH_SO)
 	@echo "== specs under AddressSanitizer and UBSan"
 	$(ASAN_ENV) timeout 1800 $(BUSTED) --cpath="$(CURDIR)/build/asan/?.so" -o spec/summary.lua spec
 
@@ -86,7 +100,7 @@ EMBED = examples/embed/host
 embed: $(EMBED)
 $(EMBED): examples/embed/host.c $(SRC) $(HDR)
 	$(CC) $(CFLAGS) $(WARN) -I$(LUA_INCDIR) -Icsrc -o $@ examples/embed/host.c $(SRC) \
-	  -llua5.4 $(LIBS)
+	  -llua5.4 $(LIBS) $(AUTH_LIBS)
 
 examples: all
 	@for f in examples/*.lua; do echo "== $$f"; \
@@ -109,6 +123,7 @@ chaos:
 install: all
 	install -d $(DESTDIR)$(LUA_LIBDIR)/multiprocessing $(DESTDIR)$(LUA_SHAREDIR)/multiprocessing
 	install -m 755 $(SO) $(DESTDIR)$(LUA_LIBDIR)/multiprocessing/core.so
+	install -m 755 $(AUTH_SO) $(DESTDIR)$(LUA_LIBDIR)/multiprocessing/auth.so
 	install -m 644 $(LUASRC) $(DESTDIR)$(LUA_SHAREDIR)/multiprocessing/
 
 lint:
@@ -123,14 +138,14 @@ clean:
 # Findings (crash-*, leak-*) and the grown corpus go to fuzz/out/.
 FUZZ_CC      ?= clang
 FUZZ_SECONDS ?= 600
-FUZZ_LIBS    ?= -llua5.4 -lcrypto -lm
+FUZZ_LIBS    ?= -llua5.4 -lm
 FUZZ_BIN      = fuzz/out/fuzz_decode
 
-$(FUZZ_BIN): fuzz/fuzz_decode.c $(SRC) $(HDR)
+$(FUZZ_BIN): fuzz/fuzz_decode.c $(CORE_SRC) $(HDR)
 	mkdir -p fuzz/out/corpus
 	$(FUZZ_CC) -g -O1 -fsanitize=fuzzer,address,undefined \
 	  -fno-sanitize-recover=undefined -I$(LUA_INCDIR) -Icsrc \
-	  -o $@ fuzz/fuzz_decode.c $(SRC) $(FUZZ_LIBS)
+	  -o $@ fuzz/fuzz_decode.c $(CORE_SRC) $(FUZZ_LIBS)
 
 fuzz: $(FUZZ_BIN)
 	mkdir -p fuzz/out/corpus

@@ -360,7 +360,6 @@ MP_EXPORT int luaopen_multiprocessing_core(lua_State *L) {
   mp_codec_open(L);
   mp_process_open(L);
   mp_conn_open(L);
-  mp_auth_open(L);
   mp_shm_open(L);
   mp_sync_open(L);
   mp_queue_open(L);

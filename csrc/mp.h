@@ -210,7 +210,6 @@ MP_API char *mp_sync_slot(void *seg, size_t size, int *code);
 MP_API void mp_core_open(lua_State *L);
 MP_API void mp_process_open(lua_State *L);
 MP_API void mp_conn_open(lua_State *L);
-MP_API void mp_auth_open(lua_State *L);
 MP_API void mp_codec_open(lua_State *L);
 MP_API void mp_shm_open(lua_State *L);
 MP_API void mp_sync_open(lua_State *L);

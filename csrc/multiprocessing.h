@@ -32,6 +32,10 @@
 
 /* require "multiprocessing.core" */
 MP_EXPORT int luaopen_multiprocessing_core(lua_State *L);
+/* require "multiprocessing.auth": the authkey handshake's crypto (csrc/auth.c,
+   linked with libcrypto); loaded only by a process that runs a handshake.
+   A host preloads it too if its programs use authkeys. */
+MP_EXPORT int luaopen_multiprocessing_auth(lua_State *L);
 
 /* In a spawned child: new_state() (which must open the standard libraries;
    "multiprocessing.core" is preloaded here if the state does not have it),

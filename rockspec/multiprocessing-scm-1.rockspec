@@ -17,7 +17,8 @@ dependencies = {
   "lua >= 5.4, < 5.5",
 }
 -- HMAC-SHA256 and random bytes come from OpenSSL's libcrypto (3.0 or later;
--- Debian: libssl-dev).
+-- Debian: libssl-dev), in a module of their own (multiprocessing.auth), so
+-- that only a process that runs an authkey handshake loads libcrypto.
 external_dependencies = {
   OPENSSL = { header = "openssl/evp.h", library = "crypto" },
 }
@@ -38,7 +39,6 @@ build = {
     ["multiprocessing.core"] = {
       sources = {
         "csrc/core.c",
-        "csrc/auth.c",
         "csrc/codec.c",
         "csrc/conn.c",
         "csrc/pool.c",
@@ -48,9 +48,14 @@ build = {
         "csrc/shm.c",
         "csrc/sync.c",
       },
+      incdirs = { "csrc" },
+      libraries = { "m" },
+    },
+    ["multiprocessing.auth"] = {
+      sources = { "csrc/auth.c" },
       incdirs = { "csrc", "$(OPENSSL_INCDIR)" },
       libdirs = { "$(OPENSSL_LIBDIR)" },
-      libraries = { "crypto", "m" },
+      libraries = { "crypto" },
     },
   },
 }

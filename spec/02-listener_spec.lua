@@ -2,6 +2,7 @@
 local H = require "helpers"
 local mp = require "multiprocessing"
 local core = require "multiprocessing.core"
+local auth = require "multiprocessing.auth"
 
 local function hex(s)
   return (s:gsub(".", function(c) return ("%02x"):format(c:byte()) end))
@@ -10,60 +11,60 @@ end
 describe("HMAC-SHA256", function()
   it("gives the known digests", function()
     assert.are.equal("ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad",
-                     hex(core.sha256("abc")))
+                     hex(auth.sha256("abc")))
     assert.are.equal("e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855",
-                     hex(core.sha256("")))
+                     hex(auth.sha256("")))
     -- RFC 4231, test case 2
     assert.are.equal("5bdcc146bf60754e6a042426089575c75a003f089d2739839dec58b964ec3843",
-                     hex(core.hmac_sha256("Jefe", "what do ya want for nothing?")))
+                     hex(auth.hmac_sha256("Jefe", "what do ya want for nothing?")))
     -- a key longer than the block is hashed first (RFC 4231, test case 6)
     assert.are.equal("60e431591ee0b67f0d8a26aacbf5b77f8e0bc6213728c5140546040f0ee37f54",
-                     hex(core.hmac_sha256(string.rep("\170", 131),
+                     hex(auth.hmac_sha256(string.rep("\170", 131),
                        "Test Using Larger Than Block-Size Key - Hash Key First")))
   end)
 
   it("gives the RFC 4231 digests (test cases 1, 7) and takes an empty key", function()
     assert.are.equal("b0344c61d8db38535ca8afceaf0bf12b881dc200c9833da726e9376c2e32cff7",
-                     hex(core.hmac_sha256(string.rep("\11", 20), "Hi There")))
+                     hex(auth.hmac_sha256(string.rep("\11", 20), "Hi There")))
     assert.are.equal("9b09ffa71b942fcb27635fbcd5b0e944bfdc63644f0713938a7f51535c3a35e2",
-                     hex(core.hmac_sha256(string.rep("\170", 131),
+                     hex(auth.hmac_sha256(string.rep("\170", 131),
                        "This is a test using a larger than block-size key and a larger than " ..
                        "block-size data. The key needs to be hashed before being used by the " ..
                        "HMAC algorithm.")))
     assert.are.equal("b613679a0814d9ec772f95d778c35fc5ff1697c493715653c6c712144292c5ad",
-                     hex(core.hmac_sha256("", "")))
+                     hex(auth.hmac_sha256("", "")))
     -- a message longer than a block (FIPS 180-4's "a" x 1000)
     assert.are.equal("41edece42d63e8d9bf515a9ba6932e1c20cbc9f5a5d134645adb5db1b9737ea3",
-                     hex(core.sha256(string.rep("a", 1000))))
+                     hex(auth.sha256(string.rep("a", 1000))))
   end)
 
   it("compares digests", function()
-    local d = core.hmac_sha256("k", "m")
-    assert.is_true(core.equal_digest(d, core.hmac_sha256("k", "m")))
-    assert.is_false(core.equal_digest(d, core.hmac_sha256("k", "n")))
-    assert.is_false(core.equal_digest(d, d:sub(1, 31)))
-    assert.is_true(core.equal_digest("", ""))
+    local d = auth.hmac_sha256("k", "m")
+    assert.is_true(auth.equal_digest(d, auth.hmac_sha256("k", "m")))
+    assert.is_false(auth.equal_digest(d, auth.hmac_sha256("k", "n")))
+    assert.is_false(auth.equal_digest(d, d:sub(1, 31)))
+    assert.is_true(auth.equal_digest("", ""))
   end)
 
   it("draws random challenges", function()
-    assert.are.equal(32, #core.random_bytes(32))
-    assert.are_not.equal(core.random_bytes(32), core.random_bytes(32))
-    assert.are.equal("", core.random_bytes(0))
-    assert.are.equal(256, #core.random_bytes(256))
-    assert.has_error(function() core.random_bytes(257) end)
-    assert.has_error(function() core.random_bytes(-1) end)
+    assert.are.equal(32, #auth.random_bytes(32))
+    assert.are_not.equal(auth.random_bytes(32), auth.random_bytes(32))
+    assert.are.equal("", auth.random_bytes(0))
+    assert.are.equal(256, #auth.random_bytes(256))
+    assert.has_error(function() auth.random_bytes(257) end)
+    assert.has_error(function() auth.random_bytes(-1) end)
   end)
 
   it("draws different bytes in forked children than in the parent", function()
-    core.random_bytes(32) -- the parent's generator is seeded before the fork
+    auth.random_bytes(32) -- the parent's generator is seeded before the fork
     local a, b = mp.Pipe()
     local ps = {}
     for i = 1, 2 do
       ps[i] = mp.get_context("fork").Process{
-        target = function(c) c:send(core.random_bytes(32)) end, args = { b } }
+        target = function(c) c:send(auth.random_bytes(32)) end, args = { b } }
       ps[i]:start()
     end
-    local seen = { [core.random_bytes(32)] = true }
+    local seen = { [auth.random_bytes(32)] = true }
     for _ = 1, 2 do
       local r = a:recv(10)
       assert.are.equal(32, #r)
@@ -348,7 +349,7 @@ for _, tr in ipairs({ { "TCP", function() return "127.0.0.1:0" end },
       local good = raw_connect(l.address)
       assert.are.same({ nil, "timeout" }, { l:accept(0.5) })        -- challenged, pending
       local challenge = good:recv_bytes(5)
-      good:send_bytes(core.hmac_sha256("k", challenge))
+      good:send_bytes(auth.hmac_sha256("k", challenge))
       local wrong = raw_connect(l.address)
       wrong:send_bytes(string.rep("x", 32))     -- a wrong answer, sent ahead
       local ok, err = pcall(l.accept, l, 5)
@@ -359,12 +360,12 @@ for _, tr in ipairs({ { "TCP", function() return "127.0.0.1:0" end },
       assert.are.equal("#FAILURE#", wrong:recv_bytes(5))
       assert.are.same({ nil, "closed" }, { wrong:recv_bytes(5) })
       -- the good peer's own challenge, and its welcome sent ahead
-      local mine = "#CHALLENGE#" .. core.random_bytes(32)
+      local mine = "#CHALLENGE#" .. auth.random_bytes(32)
       good:send_bytes(mine)
       good:send_bytes("#WELCOME#")
       local c = assert(l:accept(5))
       assert.are.equal("#WELCOME#", good:recv_bytes(5))
-      assert.are.equal(core.hmac_sha256("k", mine), good:recv_bytes(5))
+      assert.are.equal(auth.hmac_sha256("k", mine), good:recv_bytes(5))
       c:send("trusted now")
       assert.are.equal("trusted now", good:recv(5))
       c:close(); good:close(); wrong:close(); l:close()

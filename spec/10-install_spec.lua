@@ -19,6 +19,8 @@ end
 local probe = [[
   local mp = require "multiprocessing"
   assert(package.searchpath("multiprocessing.core", package.cpath):find(os.getenv("WHERE"), 1, true))
+  assert(package.searchpath("multiprocessing.auth", package.cpath):find(os.getenv("WHERE"), 1, true))
+  assert(#require("multiprocessing.auth").hmac_sha256("k", "m") == 32)
   local a, b = mp.Pipe()
   local p = mp.Process{ target = function(c) c:send({ answer = 42 }) end, args = { b } }
   p:start()

@@ -36,6 +36,8 @@ static lua_State *new_state(void) {
   luaL_getsubtable(L, LUA_REGISTRYINDEX, LUA_PRELOAD_TABLE);
   lua_pushcfunction(L, luaopen_multiprocessing_core);
   lua_setfield(L, -2, "multiprocessing.core");
+  lua_pushcfunction(L, luaopen_multiprocessing_auth);
+  lua_setfield(L, -2, "multiprocessing.auth");
   lua_pop(L, 1);
   luaL_newlib(L, host_funcs);
   lua_setglobal(L, "host");

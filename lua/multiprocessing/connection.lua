@@ -131,7 +131,13 @@ local CHALLENGE, WELCOME, FAILURE = "#CHALLENGE#", "#WELCOME#", "#FAILURE#"
 local HANDSHAKE_MAX = 256
 M.HANDSHAKE_TIMEOUT = 30     -- in M, read at each use: a spec may shorten it
 M.HANDSHAKE_PENDING = 64
-local hmac, random_bytes, equal_digest = core.hmac_sha256, core.random_bytes, core.equal_digest
+-- the crypto (csrc/auth.c, libcrypto) is loaded on the first handshake:
+-- a process that runs none does not pay for loading libcrypto
+local auth
+local function crypto()
+  auth = auth or require "multiprocessing.auth"
+  return auth
+end
 local pcall, remove = pcall, table.remove
 
 local function parse_address(address, fname)
@@ -188,10 +194,11 @@ local function recv_yielding(c)
 end
 
 local function deliver_challenge(c, key, recv)
-  local msg = CHALLENGE .. random_bytes(32)
+  local a = crypto()
+  local msg = CHALLENGE .. a.random_bytes(32)
   c:send_bytes(msg)
   local answer = recv(c)
-  if answer and equal_digest(answer, hmac(key, msg)) then
+  if answer and a.equal_digest(answer, a.hmac_sha256(key, msg)) then
     c:send_bytes(WELCOME)
     return true
   end
@@ -204,7 +211,7 @@ local function answer_challenge(c, key, recv)
   if not msg or msg:sub(1, #CHALLENGE) ~= CHALLENGE then
     return false, "the peer sent no challenge (does it use an authkey?)"
   end
-  c:send_bytes(hmac(key, msg))
+  c:send_bytes(crypto().hmac_sha256(key, msg))
   if recv(c) ~= WELCOME then return false, "digest sent was rejected" end
   return true
 end
