@@ -131,7 +131,7 @@ lint:
 	cppcheck --quiet --enable=warning,performance,portability --error-exitcode=1 -I$(LUA_INCDIR) csrc
 
 clean:
-	rm -rf $(SO) build examples/embed/host
+	rm -rf $(SO) $(AUTH_SO) build examples/embed/host
 
 # Fuzz the codec's decoder with libFuzzer (clang, libclang-rt-*-dev):
 #   make fuzz [FUZZ_SECONDS=600]   make fuzz-ci (60 s, for CI)
