@@ -1634,12 +1634,10 @@ MP_API void mp_codec_open(lua_State *L) {
     {"register_handle", codec_register_handle},
     {NULL, NULL}
   };
-  if (luaL_newmetatable(L, MP_CODEC_FDS_T)) {
-    lua_pushcfunction(L, fdbox_close);
-    lua_setfield(L, -2, "__gc");
-    lua_pushcfunction(L, fdbox_close);
-    lua_setfield(L, -2, "__close");
-  }
+  static const luaL_Reg fds_meta[] = {
+    {"__gc", fdbox_close}, {"__close", fdbox_close}, {NULL, NULL}
+  };
+  mp_newclass(L, MP_CODEC_FDS_T, NULL, fds_meta, NULL, NULL);
   lua_pop(L, 1);
   push_env(L);
   lua_pop(L, 1);

@@ -1099,30 +1099,19 @@ MP_API void mp_conn_open(lua_State *L) {
     {"connect", core_connect},
     {NULL, NULL}
   };
-  luaL_newmetatable(L, MP_CONNECTION_T);   /* mod, mt */
-  luaL_newlib(L, conn_methods);            /* mod, mt, methods */
-  lua_pushvalue(L, -1);
-  lua_setfield(L, -4, "Connection_methods");
-  lua_pushcclosure(L, conn__index, 1);
-  lua_setfield(L, -2, "__index");
-  lua_pushcfunction(L, conn__gc);
-  lua_setfield(L, -2, "__gc");
-  lua_pushcfunction(L, conn__gc);
-  lua_setfield(L, -2, "__close");
-  lua_pushcfunction(L, conn__tostring);
-  lua_setfield(L, -2, "__tostring");
-  lua_pushcfunction(L, conn__reduce);
-  lua_setfield(L, -2, "__mp_reduce");
+  static const luaL_Reg conn_meta[] = {
+    {"__gc", conn__gc}, {"__close", conn__gc}, {"__tostring", conn__tostring},
+    {"__mp_reduce", conn__reduce}, {NULL, NULL}
+  };
+  static const luaL_Reg listener_meta[] = {
+    {"__gc", listener_close}, {"__close", listener_close}, {NULL, NULL}
+  };
+  mp_newclass(L, MP_CONNECTION_T, (const luaL_Reg *const[]){ conn_methods, NULL },
+              conn_meta, conn__index, "Connection_methods");
   lua_pop(L, 1);
-  luaL_newmetatable(L, MP_LISTENER_T);     /* mod, mt */
-  luaL_newlib(L, listener_methods);
-  lua_pushvalue(L, -1);
-  lua_setfield(L, -3, "__index");           /* mod, mt, methods */
-  lua_setfield(L, -3, "Listener_methods");  /* connection.lua adds accept */
-  lua_pushcfunction(L, listener_close);
-  lua_setfield(L, -2, "__gc");
-  lua_pushcfunction(L, listener_close);
-  lua_setfield(L, -2, "__close");
-  lua_setfield(L, -2, "Listener_mt");       /* connection.lua adds fields */
+  /* connection.lua adds accept to the methods and fields to the metatable */
+  mp_newclass(L, MP_LISTENER_T, (const luaL_Reg *const[]){ listener_methods, NULL },
+              listener_meta, NULL, "Listener_methods");
+  lua_setfield(L, -2, "Listener_mt");
   luaL_setfuncs(L, funcs, 0);
 }

@@ -323,6 +323,21 @@ static int core__test_nop_signal(lua_State *L) {
   return 2;
 }
 
+MP_API void mp_newclass(lua_State *L, const char *name, const luaL_Reg *const *methods,
+                        const luaL_Reg *meta, lua_CFunction index, const char *export) {
+  luaL_newmetatable(L, name);               /* mod, mt */
+  if (meta != NULL) luaL_setfuncs(L, meta, 0);
+  if (methods == NULL) return;
+  lua_newtable(L);                          /* mod, mt, methods */
+  for (; *methods != NULL; methods++) luaL_setfuncs(L, *methods, 0);
+  if (export != NULL) {
+    lua_pushvalue(L, -1);
+    lua_setfield(L, -4, export);
+  }
+  if (index != NULL) lua_pushcclosure(L, index, 1);
+  lua_setfield(L, -2, "__index");           /* mod, mt */
+}
+
 /* core.monotonic() -> seconds on CLOCK_MONOTONIC */
 static int core_monotonic(lua_State *L) {
   lua_pushnumber(L, mp_now());
@@ -336,12 +351,10 @@ MP_API void mp_core_open(lua_State *L) {
     {"_test_nop_signal", core__test_nop_signal},
     {NULL, NULL}
   };
-  if (luaL_newmetatable(L, MP_BUF_T)) {
-    lua_pushcfunction(L, buf__gc);
-    lua_setfield(L, -2, "__gc");
-    lua_pushcfunction(L, buf__gc);
-    lua_setfield(L, -2, "__close");
-  }
+  static const luaL_Reg buf_meta[] = {
+    {"__gc", buf__gc}, {"__close", buf__gc}, {NULL, NULL}
+  };
+  mp_newclass(L, MP_BUF_T, NULL, buf_meta, NULL, NULL);
   lua_pop(L, 1);
   /* the empty function mp_interrupted calls (not vararg: hooks fire at
      its first instruction) */
@@ -355,14 +368,14 @@ MP_API void mp_core_open(lua_State *L) {
 
 /* require "multiprocessing.core" */
 MP_EXPORT int luaopen_multiprocessing_core(lua_State *L) {
+  /* each file's opener, in order: the codec first (the others register
+     their handle kinds with it) */
+  static void (*const openers[])(lua_State *) = {
+    mp_core_open, mp_codec_open, mp_process_open, mp_conn_open, mp_shm_open,
+    mp_sync_open, mp_sharedctypes_open, mp_queue_open, mp_pool_open, NULL
+  };
+  int i;
   lua_newtable(L);
-  mp_core_open(L);
-  mp_codec_open(L);
-  mp_process_open(L);
-  mp_conn_open(L);
-  mp_shm_open(L);
-  mp_sync_open(L);
-  mp_queue_open(L);
-  mp_pool_open(L);
+  for (i = 0; openers[i] != NULL; i++) openers[i](L);
   return 1;
 }

@@ -91,6 +91,17 @@ MP_API double mp_deadline(double timeout);
    that is left. Cheap when no hook is set. L may be NULL (never
    interrupted). */
 MP_API int mp_interrupted(lua_State *L);
+/* Register a class (in the manner of LuaSocket's auxiliar_newclass): its
+   metatable is made with luaL_newmetatable(name) (so __name names it) and
+   gets the metamethods of meta; its methods, the lists of the NULL-ended
+   array methods (NULL: none), go to one table that is __index, or the
+   only upvalue of index when given (a C closure that is __index then).
+   With export, the methods table is also the module's field export, where
+   Lua modules add methods. The module table is at -1; on return the
+   metatable is pushed above it (the caller adds what is particular, then
+   pops it). */
+MP_API void mp_newclass(lua_State *L, const char *name, const luaL_Reg *const *methods,
+                        const luaL_Reg *meta, lua_CFunction index, const char *export);
 /* Close every fd of the list and empty it. */
 MP_API void mp_fdlist_close(mp_fdlist *l);
 /* Pid of this process, refreshed after fork (cheap). */
@@ -189,8 +200,6 @@ MP_API void mp_encode_named(lua_State *L, int idx, mp_buf *b, mp_fdlist *fds,
 #define MP_BARRIER_T    "multiprocessing.Barrier"
 #define MP_VALUE_T      "multiprocessing.Value"
 #define MP_ARRAY_T      "multiprocessing.Array"
-/* Value and Array; called by mp_sync_open (core.c's list is fixed). */
-MP_API void mp_sharedctypes_open(lua_State *L);
 /* A Value that makes its own lock keeps its element (8 bytes) in the lock's
    segment, beside the lock word. Claim the slot of the Lock/RLock at idx
    for type code: returns a dup of the lock's segment fd, or -1 (slot taken
@@ -213,6 +222,7 @@ MP_API void mp_conn_open(lua_State *L);
 MP_API void mp_codec_open(lua_State *L);
 MP_API void mp_shm_open(lua_State *L);
 MP_API void mp_sync_open(lua_State *L);
+MP_API void mp_sharedctypes_open(lua_State *L);   /* Value and Array */
 MP_API void mp_queue_open(lua_State *L);
 MP_API void mp_pool_open(lua_State *L);
 

@@ -1332,25 +1332,18 @@ MP_API void mp_pool_open(lua_State *L) {
     {"pool_table", pool_table},
     {NULL, NULL}
   };
-  luaL_newmetatable(L, MP_POOL_T);        /* mod, mt */
-  luaL_newlib(L, pool_methods);           /* mod, mt, methods */
-  lua_setfield(L, -2, "__index");
-  lua_pushcfunction(L, pool__gc);
-  lua_setfield(L, -2, "__gc");
-  lua_pushcfunction(L, pool__gc);
-  lua_setfield(L, -2, "__close");
+  static const luaL_Reg pool_meta[] = {
+    {"__gc", pool__gc}, {"__close", pool__gc}, {NULL, NULL}
+  };
+  static const luaL_Reg pworker_meta[] = {
+    {"__gc", pworker__gc}, {"__close", pworker__gc}, {"__tostring", pworker__tostring},
+    {"__mp_reduce", pworker__reduce}, {NULL, NULL}
+  };
+  mp_newclass(L, MP_POOL_T, (const luaL_Reg *const[]){ pool_methods, NULL },
+              pool_meta, NULL, NULL);
   lua_pop(L, 1);
-  luaL_newmetatable(L, MP_POOLWORKER_T);  /* mod, mt */
-  luaL_newlib(L, pworker_methods);
-  lua_setfield(L, -2, "__index");
-  lua_pushcfunction(L, pworker__gc);
-  lua_setfield(L, -2, "__gc");
-  lua_pushcfunction(L, pworker__gc);
-  lua_setfield(L, -2, "__close");
-  lua_pushcfunction(L, pworker__tostring);
-  lua_setfield(L, -2, "__tostring");
-  lua_pushcfunction(L, pworker__reduce);
-  lua_setfield(L, -2, "__mp_reduce");
+  mp_newclass(L, MP_POOLWORKER_T, (const luaL_Reg *const[]){ pworker_methods, NULL },
+              pworker_meta, NULL, NULL);
   lua_pop(L, 1);
   luaL_setfuncs(L, funcs, 0);
   /* the kind is known before any module is loaded (the codec opens first) */

@@ -858,32 +858,20 @@ MP_API void mp_process_open(lua_State *L) {
     {"_detach", fdbox_detach},
     {NULL, NULL}
   };
-  luaL_newmetatable(L, MP_PROCESS_T);     /* mod, mt */
-  luaL_newlib(L, process_methods);        /* mod, mt, methods */
-  lua_pushvalue(L, -1);
-  lua_setfield(L, -4, "Process_methods"); /* process.lua adds start, run */
-  lua_pushcclosure(L, process__index, 1);
-  lua_setfield(L, -2, "__index");
-  lua_pushcfunction(L, process__newindex);
-  lua_setfield(L, -2, "__newindex");
-  lua_pushcfunction(L, process__gc);
-  lua_setfield(L, -2, "__gc");
-  lua_pushcfunction(L, process__gc);
-  lua_setfield(L, -2, "__close");
-  lua_pushcfunction(L, process__tostring);
-  lua_setfield(L, -2, "__tostring");
+  static const luaL_Reg process_meta[] = {
+    {"__newindex", process__newindex}, {"__gc", process__gc}, {"__close", process__gc},
+    {"__tostring", process__tostring}, {NULL, NULL}
+  };
+  static const luaL_Reg fdbox_meta[] = {
+    {"__gc", fdbox_close}, {"__close", fdbox_close}, {"__mp_reduce", fdbox__reduce},
+    {"__tostring", fdbox__tostring}, {NULL, NULL}
+  };
+  /* process.lua adds start and run to the methods */
+  mp_newclass(L, MP_PROCESS_T, (const luaL_Reg *const[]){ process_methods, NULL },
+              process_meta, process__index, "Process_methods");
   lua_pop(L, 1);
-  luaL_newmetatable(L, MP_FDBOX_T);       /* mod, mt */
-  luaL_newlib(L, fdbox_methods);
-  lua_setfield(L, -2, "__index");
-  lua_pushcfunction(L, fdbox_close);
-  lua_setfield(L, -2, "__gc");
-  lua_pushcfunction(L, fdbox_close);
-  lua_setfield(L, -2, "__close");
-  lua_pushcfunction(L, fdbox__reduce);
-  lua_setfield(L, -2, "__mp_reduce");
-  lua_pushcfunction(L, fdbox__tostring);
-  lua_setfield(L, -2, "__tostring");
+  mp_newclass(L, MP_FDBOX_T, (const luaL_Reg *const[]){ fdbox_methods, NULL },
+              fdbox_meta, NULL, NULL);
   lua_pop(L, 1);
   luaL_setfuncs(L, funcs, 0);
 }

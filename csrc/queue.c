@@ -1475,20 +1475,16 @@ MP_API void mp_queue_open(lua_State *L) {
     {"queue_test_lock", queue_test_lock},
     {NULL, NULL}
   };
-  int k;
-  for (k = 0; k < 3; k++) {
-    luaL_newmetatable(L, kind_classes[k]);      /* mod, mt */
-    luaL_setfuncs(L, queue_meta, 0);
-    lua_newtable(L);                            /* mod, mt, methods */
-    luaL_setfuncs(L, simple_methods, 0);
-    if (k != K_SIMPLE) luaL_setfuncs(L, queue_methods, 0);
-    if (k == K_JOINABLE) luaL_setfuncs(L, joinable_methods, 0);
-    lua_pushvalue(L, -1);
-    lua_setfield(L, -4, k == K_QUEUE ? "Queue_methods"
-                      : k == K_SIMPLE ? "SimpleQueue_methods"
-                                      : "JoinableQueue_methods");
-    lua_setfield(L, -2, "__index");             /* mod, mt */
-    lua_pop(L, 1);
-  }
+  mp_newclass(L, kind_classes[K_QUEUE],
+              (const luaL_Reg *const[]){ simple_methods, queue_methods, NULL },
+              queue_meta, NULL, "Queue_methods");
+  lua_pop(L, 1);
+  mp_newclass(L, kind_classes[K_SIMPLE], (const luaL_Reg *const[]){ simple_methods, NULL },
+              queue_meta, NULL, "SimpleQueue_methods");
+  lua_pop(L, 1);
+  mp_newclass(L, kind_classes[K_JOINABLE],
+              (const luaL_Reg *const[]){ simple_methods, queue_methods, joinable_methods, NULL },
+              queue_meta, NULL, "JoinableQueue_methods");
+  lua_pop(L, 1);
   luaL_setfuncs(L, funcs, 0);
 }

@@ -530,24 +530,24 @@ static const luaL_Reg shared_methods[] = {
   {"close", shared_close}, {NULL, NULL}
 };
 
+static const luaL_Reg shared_meta[] = {
+  {"__gc", shared__gc}, {"__close", shared__gc}, {"__tostring", shared__tostring},
+  {"__mp_reduce", shared__reduce}, {NULL, NULL}
+};
+static const luaL_Reg array_only[] = { {"totable", array_totable}, {NULL, NULL} };
+static const luaL_Reg array_meta[] = {
+  {"__newindex", array__newindex}, {"__len", array__len}, {NULL, NULL}
+};
+
 static void open_class(lua_State *L, const char *tname, int isarray) {
-  luaL_newmetatable(L, tname);              /* mod, mt */
-  lua_newtable(L);                          /* mod, mt, methods */
-  luaL_setfuncs(L, shared_methods, 0);
   if (isarray) {
-    lua_pushcfunction(L, array_totable);
-    lua_setfield(L, -2, "totable");
-  }
-  lua_pushvalue(L, -1);
-  lua_setfield(L, -4, isarray ? "Array_methods" : "Value_methods");
-  if (isarray) {
-    lua_pushcclosure(L, array__index, 1);   /* mod, mt, __index */
-    lua_setfield(L, -2, "__index");
-    lua_pushcfunction(L, array__newindex);
-    lua_setfield(L, -2, "__newindex");
-    lua_pushcfunction(L, array__len);
-    lua_setfield(L, -2, "__len");
-  } else {
+    mp_newclass(L, tname, (const luaL_Reg *const[]){ shared_methods, array_only, NULL },
+                shared_meta, array__index, "Array_methods");
+    luaL_setfuncs(L, array_meta, 0);
+  } else {                                  /* __index needs the key too */
+    mp_newclass(L, tname, (const luaL_Reg *const[]){ shared_methods, NULL },
+                shared_meta, NULL, "Value_methods");
+    lua_getfield(L, -1, "__index");         /* mod, mt, methods */
     lua_pushliteral(L, "value");            /* mod, mt, methods, "value" */
     value_key = lua_tostring(L, -1);
     lua_pushcclosure(L, value__index, 2);
@@ -556,14 +556,6 @@ static void open_class(lua_State *L, const char *tname, int isarray) {
     lua_pushcclosure(L, value__newindex, 1);
     lua_setfield(L, -2, "__newindex");
   }
-  lua_pushcfunction(L, shared__gc);
-  lua_setfield(L, -2, "__gc");
-  lua_pushcfunction(L, shared__gc);
-  lua_setfield(L, -2, "__close");
-  lua_pushcfunction(L, shared__tostring);
-  lua_setfield(L, -2, "__tostring");
-  lua_pushcfunction(L, shared__reduce);
-  lua_setfield(L, -2, "__mp_reduce");
   lua_pop(L, 1);
 }
 

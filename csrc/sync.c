@@ -1045,25 +1045,16 @@ static const luaL_Reg common_methods[] = {
 /* Register class k with methods; module table at -1. core.<Kind>_methods
    is the methods table (synchronize.lua adds Lua methods to it). */
 static void open_class(lua_State *L, int k, const luaL_Reg *methods) {
-  char name[64];
-  luaL_newmetatable(L, kind_tnames[k]);     /* mod, mt */
-  lua_newtable(L);                          /* mod, mt, methods */
-  luaL_setfuncs(L, methods, 0);
-  luaL_setfuncs(L, common_methods, 0);
+  static const luaL_Reg sync_meta[] = {
+    {"__gc", sync__gc}, {"__close", sync__gc}, {"__tostring", sync__tostring},
+    {"__mp_reduce", sync__reduce}, {NULL, NULL}
+  };
+  char name[64], mtname[64];
   snprintf(name, sizeof name, "%s_methods", kind_names[k]);
-  lua_pushvalue(L, -1);
-  lua_setfield(L, -4, name);
-  lua_setfield(L, -2, "__index");           /* mod, mt */
-  lua_pushcfunction(L, sync__gc);
-  lua_setfield(L, -2, "__gc");
-  lua_pushcfunction(L, sync__gc);
-  lua_setfield(L, -2, "__close");
-  lua_pushcfunction(L, sync__tostring);
-  lua_setfield(L, -2, "__tostring");
-  lua_pushcfunction(L, sync__reduce);
-  lua_setfield(L, -2, "__mp_reduce");
-  snprintf(name, sizeof name, "%s_mt", kind_names[k]);
-  lua_setfield(L, -2, name);                /* mod */
+  snprintf(mtname, sizeof mtname, "%s_mt", kind_names[k]);
+  mp_newclass(L, kind_tnames[k], (const luaL_Reg *const[]){ methods, common_methods, NULL },
+              sync_meta, NULL, name);
+  lua_setfield(L, -2, mtname);              /* mod */
 }
 
 /* ---- the Value slot (sharedctypes.c) --------------------------------- */
@@ -1113,5 +1104,4 @@ MP_API void mp_sync_open(lua_State *L) {
   open_class(L, K_EVENT, event_methods);
   open_class(L, K_BARRIER, barrier_methods);
   luaL_setfuncs(L, funcs, 0);
-  mp_sharedctypes_open(L);
 }
