@@ -61,7 +61,7 @@ typedef struct mp_buf {
   size_t len, cap;
 } mp_buf;
 
-/* -- core.c --------------------------------------------------------- */
+/* -- ground.c ------------------------------------------------------- */
 /* Raise an error object {type=, message=} made by multiprocessing.errors. */
 MP_API int mp_raise(lua_State *L, const char *type, const char *fmt, ...);
 /* Push an error object without raising it. */
@@ -84,7 +84,7 @@ MP_API double mp_deadline(double timeout);
 /* Signals. A wait in C that a signal interrupted (EINTR), or that is about
    to sleep again, calls mp_interrupted(L): it lets a hook that a signal
    handler set to run at the next instruction run (lua5.4's SIGINT handler
-   sets one that raises "interrupted!"; see core.c). 1: the hook raised,
+   sets one that raises "interrupted!"; see ground.c). 1: the hook raised,
    its error is pushed: the caller puts its objects in order and
    lua_error()s; 0: nothing was raised (no such hook, a host without one,
    or a finalizer, where hooks do not run): the wait resumes with the time
@@ -216,7 +216,7 @@ MP_API char *mp_sync_slot(void *seg, size_t size, int *code);
 
 /* -- *_open: each file registers its classes and adds its functions to the
    module table at the top of the stack. */
-MP_API void mp_core_open(lua_State *L);
+MP_API void mp_ground_open(lua_State *L);
 MP_API void mp_process_open(lua_State *L);
 MP_API void mp_conn_open(lua_State *L);
 MP_API void mp_codec_open(lua_State *L);

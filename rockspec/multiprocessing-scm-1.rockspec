@@ -39,6 +39,7 @@ build = {
     ["multiprocessing.core"] = {
       sources = {
         "csrc/core.c",
+        "csrc/ground.c",
         "csrc/codec.c",
         "csrc/conn.c",
         "csrc/pool.c",
