@@ -306,7 +306,7 @@ static int core__is_interrupt(lua_State *L) {
 static volatile sig_atomic_t nop_signals;
 static void nop_handler(int sig) { (void)sig; nop_signals++; }
 
-/* core._test_nop_signal([install]) -> signal number, signals caught so far
+/* core._test.nop_signal([install]) -> signal number, signals caught so far
    (specs only) */
 static int core__test_nop_signal(lua_State *L) {
   if (lua_toboolean(L, 1)) {
@@ -337,6 +337,12 @@ MP_API void mp_newclass(lua_State *L, const char *name, const luaL_Reg *const *m
   lua_setfield(L, -2, "__index");           /* mod, mt */
 }
 
+MP_API void mp_add_tests(lua_State *L, const luaL_Reg *tests) {
+  luaL_getsubtable(L, -1, "_test");         /* mod, _test */
+  luaL_setfuncs(L, tests, 0);
+  lua_pop(L, 1);
+}
+
 /* core.monotonic() -> seconds on CLOCK_MONOTONIC */
 static int core_monotonic(lua_State *L) {
   lua_pushnumber(L, mp_now());
@@ -347,11 +353,13 @@ MP_API void mp_ground_open(lua_State *L) {
   static const luaL_Reg funcs[] = {
     {"monotonic", core_monotonic},
     {"_is_interrupt", core__is_interrupt},
-    {"_test_nop_signal", core__test_nop_signal},
     {NULL, NULL}
   };
   static const luaL_Reg buf_meta[] = {
     {"__gc", buf__gc}, {"__close", buf__gc}, {NULL, NULL}
+  };
+  static const luaL_Reg tests[] = {
+    {"nop_signal", core__test_nop_signal}, {NULL, NULL}
   };
   mp_newclass(L, MP_BUF_T, NULL, buf_meta, NULL, NULL);
   lua_pop(L, 1);
@@ -363,4 +371,5 @@ MP_API void mp_ground_open(lua_State *L) {
   else
     lua_pop(L, 1);
   luaL_setfuncs(L, funcs, 0);
+  mp_add_tests(L, tests);
 }

@@ -102,6 +102,9 @@ MP_API int mp_interrupted(lua_State *L);
    pops it). */
 MP_API void mp_newclass(lua_State *L, const char *name, const luaL_Reg *const *methods,
                         const luaL_Reg *meta, lua_CFunction index, const char *export);
+/* Add the functions of tests to core._test, the one table of the specs'
+   test switches (made on first use; the module table at -1). */
+MP_API void mp_add_tests(lua_State *L, const luaL_Reg *tests);
 /* Close every fd of the list and empty it. */
 MP_API void mp_fdlist_close(mp_fdlist *l);
 /* Pid of this process, refreshed after fork (cheap). */

@@ -436,7 +436,7 @@ static int core_kill(lua_State *L) {
   return 1;
 }
 
-/* core._test_no_pidfd(on): processes started from now on get no pidfd, as
+/* core._test.no_pidfd(on): processes started from now on get no pidfd, as
    under a kernel older than 5.3 or valgrind (specs only) */
 static int core__test_no_pidfd(lua_State *L) {
   no_pidfd = lua_toboolean(L, 1);
@@ -731,7 +731,7 @@ static int core__child_init(lua_State *L) {
   return 0;
 }
 
-/* core._test_no_pdeathsig(): specs only: this process no longer dies with
+/* core._test.no_pdeathsig(): specs only: this process no longer dies with
    its parent, as a child the kernel has not yet sent its PDEATHSIG */
 static int core__test_no_pdeathsig(lua_State *L) {
   (void)L;
@@ -826,6 +826,11 @@ static const luaL_Reg process_methods[] = {
 };
 
 MP_API void mp_process_open(lua_State *L) {
+  static const luaL_Reg tests[] = {
+    {"no_pidfd", core__test_no_pidfd},
+    {"no_pdeathsig", core__test_no_pdeathsig},
+    {NULL, NULL}
+  };
   static const luaL_Reg funcs[] = {
     {"process_new", process_new},
     {"_exit", core__exit},
@@ -841,10 +846,8 @@ MP_API void mp_process_open(lua_State *L) {
     {"_recv_fd", core__recv_fd},
     {"_dup", core__dup},
     {"_status_write", core__status_write},
-    {"_test_no_pidfd", core__test_no_pidfd},
     {"_child_init", core__child_init},
     {"_sigint", core__sigint},
-    {"_test_no_pdeathsig", core__test_no_pdeathsig},
     {"getcwd", core_getcwd},
     {"chdir", core_chdir},
     {"realpath", core_realpath},
@@ -874,6 +877,7 @@ MP_API void mp_process_open(lua_State *L) {
               fdbox_meta, NULL, NULL);
   lua_pop(L, 1);
   luaL_setfuncs(L, funcs, 0);
+  mp_add_tests(L, tests);
 }
 
 /* ---- embedding ------------------------------------------------------ */

@@ -1382,13 +1382,13 @@ static int queue__reduce(lua_State *L) {
   return 4;
 }
 
-/* core.queue_test_crash(stage): see crash_stage (specs only) */
+/* core._test.queue_crash(stage): see crash_stage (specs only) */
 static int queue_test_crash(lua_State *L) {
   crash_stage = (int)luaL_checkinteger(L, 1);
   return 0;
 }
 
-/* core.queue_test_lock(q [, "held" | "reused"]): take the queue's lock
+/* core._test.queue_lock(q [, "held" | "reused"]): take the queue's lock
    and keep it (specs only: the caller is a child about to be killed). With
    "reused", the lock then names the caller's pid with another start time:
    an owner that died and whose pid this live process got. */
@@ -1466,13 +1466,16 @@ static const luaL_Reg queue_meta[] = {
 };
 
 MP_API void mp_queue_open(lua_State *L) {
+  static const luaL_Reg tests[] = {
+    {"queue_crash", queue_test_crash},
+    {"queue_lock", queue_test_lock},
+    {NULL, NULL}
+  };
   static const luaL_Reg funcs[] = {
     {"queue_new", queue_new},
     {"queue_from_fds", queue_from_fds},
     {"queue_flush_all", queue_flush_all},
     {"queue_set_exit_hook", queue_set_exit_hook},
-    {"queue_test_crash", queue_test_crash},
-    {"queue_test_lock", queue_test_lock},
     {NULL, NULL}
   };
   mp_newclass(L, kind_classes[K_QUEUE],
@@ -1487,4 +1490,5 @@ MP_API void mp_queue_open(lua_State *L) {
               queue_meta, NULL, "JoinableQueue_methods");
   lua_pop(L, 1);
   luaL_setfuncs(L, funcs, 0);
+  mp_add_tests(L, tests);
 }

@@ -138,7 +138,7 @@ MP_API int mp_futex_wake(uint32_t *addr, int n) {
   return (int)syscall(SYS_futex, addr, FUTEX_WAKE, n, NULL, NULL, 0);
 }
 
-/* core.shm_test_unsealed(size) -> fd of a new memfd of size bytes (zeros)
+/* core._test.shm_unsealed(size) -> fd of a new memfd of size bytes (zeros)
    that is not sealed (specs only: a forged segment, which a received
    handle must refuse) */
 static int shm_test_unsealed(lua_State *L) {
@@ -157,9 +157,9 @@ static int shm_test_unsealed(lua_State *L) {
 }
 
 MP_API void mp_shm_open(lua_State *L) {
-  static const luaL_Reg funcs[] = {
-    {"shm_test_unsealed", shm_test_unsealed},
+  static const luaL_Reg tests[] = {
+    {"shm_unsealed", shm_test_unsealed},
     {NULL, NULL}
   };
-  luaL_setfuncs(L, funcs, 0);
+  mp_add_tests(L, tests);
 }

@@ -1078,7 +1078,7 @@ MP_API int mp_sync_claim_slot(lua_State *L, int idx, int code) {
   return fd;
 }
 
-/* core.sync_test_reused(lock): make the lock held by this process's pid
+/* core._test.sync_reused(lock): make the lock held by this process's pid
    with another start time: an owner that died and whose pid this live
    process got (specs only). */
 static int sync_test_reused(lua_State *L) {
@@ -1090,10 +1090,13 @@ static int sync_test_reused(lua_State *L) {
 }
 
 MP_API void mp_sync_open(lua_State *L) {
+  static const luaL_Reg tests[] = {
+    {"sync_reused", sync_test_reused},
+    {NULL, NULL}
+  };
   static const luaL_Reg funcs[] = {
     {"sync_new", sync_new_l},
     {"sync_from_fd", sync_from_fd},
-    {"sync_test_reused", sync_test_reused},
     {NULL, NULL}
   };
   open_class(L, K_LOCK, lock_methods);
@@ -1104,4 +1107,5 @@ MP_API void mp_sync_open(lua_State *L) {
   open_class(L, K_EVENT, event_methods);
   open_class(L, K_BARRIER, barrier_methods);
   luaL_setfuncs(L, funcs, 0);
+  mp_add_tests(L, tests);
 }

@@ -320,14 +320,14 @@ describe("mp.wait", function()
 
   it("waits for a process that has no pidfd (old kernels, valgrind)", function()
     local core = require "multiprocessing.core"
-    core._test_no_pidfd(true)
+    core._test.no_pidfd(true)
     local go <close> = mp.Event()
     local ok, p = pcall(function()
       local q = mp.Process{ target = function() go:wait(10) end }
       q:start()
       return q
     end)
-    core._test_no_pidfd(false)
+    core._test.no_pidfd(false)
     assert.is_true(ok, p)
     assert.is_nil(p.sentinel)
     assert.are.same({}, mp.wait({ p }, 0.1))     -- still running
@@ -448,14 +448,14 @@ describe("SIGINT interrupts a blocked wait", function()
     local a, b = mp.Pipe()
     local go <close> = mp.Event()
     local p = H.start(function()
-      core._test_nop_signal(true)
+      core._test.nop_signal(true)
       go:set()
       local t0 = core.monotonic()
       local v, why = b:recv(0.5)           -- signals come: still times out, on time
       local dt = core.monotonic() - t0
       if v ~= nil or why ~= "timeout" or dt < 0.5 or dt > 3 then return 3 end
       v = b:recv()                         -- sent after more signals
-      local _, n = core._test_nop_signal()
+      local _, n = core._test.nop_signal()
       return (v == "hello" and n >= 5) and 0 or 4
     end)
     H.nop_signals(p, go)

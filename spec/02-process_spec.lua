@@ -355,7 +355,7 @@ describe("SIGINT interrupts a blocked wait", function()
     local go <close> = mp.Event()
     local e <close> = mp.Event()
     local p = H.start(function()
-      core._test_nop_signal(true)
+      core._test.nop_signal(true)
       local g = mp.Process{ target = function() e:wait(30) os.exit(3) end }
       g:start()
       go:set()
@@ -364,7 +364,7 @@ describe("SIGINT interrupts a blocked wait", function()
       local dt = core.monotonic() - t0
       if c ~= nil or why ~= "timeout" or dt < 0.5 or dt > 3 then return 4 end
       c = g:join()                         -- ends after more signals
-      local _, n = core._test_nop_signal()
+      local _, n = core._test.nop_signal()
       return (c == 3 and n >= 5) and 0 or 5
     end)
     H.nop_signals(p, go)

@@ -162,7 +162,7 @@ describe("Lock", function()
 
   it("is recovered when its dead holder's pid now names another process", function()
     local l <close> = mp.Lock()
-    require("multiprocessing.core").sync_test_reused(l)   -- our pid, another start time
+    require("multiprocessing.core")._test.sync_reused(l)   -- our pid, another start time
     local p = spawn(function()
       local ok, why = l:acquire(10)
       return ok and why == "abandoned" and 0 or 3
@@ -819,15 +819,15 @@ describe("SIGINT interrupts a blocked wait", function()
 
   it("and a wait whose signal's handler raises nothing resumes and ends as it would have", function()
     -- a SIGUSR1 handler installed without SA_RESTART, as lua5.4's SIGINT
-    -- handler, that raises nothing (core._test_nop_signal): each signal
+    -- handler, that raises nothing (core._test.nop_signal): each signal
     -- makes the wait's system call fail with EINTR; the wait goes on
-    local sig = core._test_nop_signal()
+    local sig = core._test.nop_signal()
     local e <close> = mp.Event()
     local l <close> = mp.Lock()
     local go <close> = mp.Event()
     l:acquire()
     local p = spawn(function()
-      core._test_nop_signal(true)
+      core._test.nop_signal(true)
       go:set()
       local t0 = core.monotonic()
       local got = e:wait(0.5)              -- signals come: still times out, on time
@@ -836,7 +836,7 @@ describe("SIGINT interrupts a blocked wait", function()
       if not e:wait(30) then return 4 end     -- set after more signals
       if not l:acquire(30) then return 5 end  -- released after more signals
       l:release()
-      local _, n = core._test_nop_signal()
+      local _, n = core._test.nop_signal()
       return n >= 5 and 0 or 6
     end)
     H.nop_signals(p, go)

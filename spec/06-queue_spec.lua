@@ -453,7 +453,7 @@ describe("Queue across processes", function()
     q:put("before")
     local hold <close> = mp.Queue()
     local p = spawn(function(qq, r, h)
-      core.queue_test_lock(qq)
+      core._test.queue_lock(qq)
       r:put(true)
       h:get(30)                                 -- sleeps holding qq's lock
     end, q, ready, hold)
@@ -468,7 +468,7 @@ describe("Queue across processes", function()
 
   it("takes the lock over when its owner's pid now names another process", function()
     local q <close> = mp.Queue()
-    core.queue_test_lock(q, "reused")        -- our pid, another start time
+    core._test.queue_lock(q, "reused")        -- our pid, another start time
     local p = spawn(function(qq) return qq:put("x", 10) and 0 or 3 end, q)
     assert.are.equal(0, p:join(10))
     assert.are.equal("x", q:get(10))
@@ -476,7 +476,7 @@ describe("Queue across processes", function()
 
   it("never takes the lock from a live owner", function()
     local q <close> = mp.Queue()
-    core.queue_test_lock(q)                  -- held by this live process
+    core._test.queue_lock(q)                  -- held by this live process
     local p = spawn(function(qq) qq:put("x", 10) end, q)
     assert.is_nil(p:join(0.5))               -- still waiting for the lock
     p:kill()
@@ -487,7 +487,7 @@ describe("Queue across processes", function()
     local q <close> = mp.Queue()
     q:put(1)
     local p = spawn(function(qq)
-      core.queue_test_crash(1)                  -- die after copying, before commit
+      core._test.queue_crash(1)                  -- die after copying, before commit
       qq:put(string.rep("h", 1 << 20))
     end, q)
     assert.are.equal(9, p:join(10))
@@ -501,7 +501,7 @@ describe("Queue across processes", function()
   it("completes the put of a producer killed after its journal was written", function()
     local q <close> = mp.Queue()
     local p = spawn(function(qq)
-      core.queue_test_crash(2)                  -- die inside the commit
+      core._test.queue_crash(2)                  -- die inside the commit
       qq:put("journaled")
     end, q)
     assert.are.equal(9, p:join(10))
@@ -856,14 +856,14 @@ describe("SIGINT interrupts a blocked wait", function()
     local q <close> = mp.Queue()
     local go <close> = mp.Event()
     local p = spawn(function()
-      core._test_nop_signal(true)
+      core._test.nop_signal(true)
       go:set()
       local t0 = core.monotonic()
       local v, why = q:get(0.5)            -- signals come: still times out, on time
       local dt = core.monotonic() - t0
       if v ~= nil or why ~= "timeout" or dt < 0.5 or dt > 3 then os.exit(3) end
       v = q:get(30)                        -- put after more signals
-      local _, n = core._test_nop_signal()
+      local _, n = core._test.nop_signal()
       os.exit(v == 42 and n >= 5 and 0 or 4)
     end)
     H.nop_signals(p, go)

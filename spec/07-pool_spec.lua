@@ -941,10 +941,10 @@ describe("SIGINT interrupts a blocked wait", function()
   end)
 
   it("and a map whose signal's handler raises nothing resumes and returns every result", function()
-    local sig = core._test_nop_signal()
+    local sig = core._test.nop_signal()
     local go <close> = mp.Event()
     local p = H.start(function()
-      core._test_nop_signal(true)
+      core._test.nop_signal(true)
       local pool = mp.Pool(2)
       go:set()
       local r = pool:map(function(x) require("multiprocessing.core").poll({}, 0.05) return x * 2 end,
@@ -952,7 +952,7 @@ describe("SIGINT interrupts a blocked wait", function()
                          { chunksize = 1 })
       pool:close()
       pool:join()
-      local _, n = core._test_nop_signal()
+      local _, n = core._test.nop_signal()
       for i = 1, 20 do if r[i] ~= 2 * i then return 3 end end
       return n >= 5 and 0 or 4
     end)

@@ -733,7 +733,7 @@ describe("the fork server", function()
     -- the worker's queued tasks went to another worker while it still ran)
     local kv, out, code = run("forkserver", KIDS .. [[
       local function forever(c)
-        core._test_no_pdeathsig()          -- as if its SIGKILL had not come yet
+        core._test.no_pdeathsig()          -- as if its SIGKILL had not come yet
         c:send("ready")
         while true do core.poll({}, 1) end
       end

@@ -188,11 +188,11 @@ function H.run_lua(src, timeout)
 end
 
 -- A copy of the shared-memory segment behind fd in a memfd that is not
--- sealed (core.shm_test_unsealed): a forged handle's segment. Returns it
+-- sealed (core._test.shm_unsealed): a forged handle's segment. Returns it
 -- boxed (close it, or let <close> do it).
 function H.forge_unsealed(fd)
   local core = require "multiprocessing.core"
-  local forged = core._fdbox(core.shm_test_unsealed(0))
+  local forged = core._fdbox(core._test.shm_unsealed(0))
   local src = assert(io.open("/proc/self/fd/" .. fd, "rb"))
   local dst = assert(io.open("/proc/self/fd/" .. forged:fileno(), "r+b"))
   dst:write(src:read("a"))
@@ -201,13 +201,13 @@ function H.forge_unsealed(fd)
 end
 
 -- The parent's side of a "handler that raises nothing" spec: once the
--- child p has set go (its test handler installed, core._test_nop_signal
+-- child p has set go (its test handler installed, core._test.nop_signal
 -- (true), and about to wait 0.5 s with a timeout), send it the handler's
 -- signal 5 times during that wait, let the wait run out, then 5 times more
 -- during its next, untimed wait (which the caller then satisfies).
 function H.nop_signals(p, go)
   local core = require "multiprocessing.core"
-  local sig = core._test_nop_signal()
+  local sig = core._test.nop_signal()
   assert(go:wait(10), "the child did not reach its wait")
   for _ = 1, 5 do H.sleep(0.04) core.kill(p.pid, sig) end
   H.sleep(0.6)
