@@ -25,6 +25,7 @@ external_dependencies = {
 build = {
   type = "builtin",
   modules = {
+    ["multiprocessing.check"] = "lua/multiprocessing/check.lua",
     ["multiprocessing.codec"] = "lua/multiprocessing/codec.lua",
     ["multiprocessing.connection"] = "lua/multiprocessing/connection.lua",
     ["multiprocessing.context"] = "lua/multiprocessing/context.lua",

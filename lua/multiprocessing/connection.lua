@@ -6,9 +6,11 @@
 
 local core = require "multiprocessing.core"
 local errors = require "multiprocessing.errors"
+local check = require "multiprocessing.check"
 
-local type, ipairs, error, getmetatable, tostring, tonumber, pairs, setmetatable =
-      type, ipairs, error, getmetatable, tostring, tonumber, pairs, setmetatable
+local type, ipairs, error, tostring, tonumber, setmetatable =
+      type, ipairs, error, tostring, tonumber, setmetatable
+local argerror = check.argerror
 local mathtype = math.type
 local create, resume, status, yield =
       coroutine.create, coroutine.resume, coroutine.status, coroutine.yield
@@ -20,9 +22,7 @@ M.exports = exports
 
 -- mp.Pipe([duplex=true]) -> c1, c2 (duplex=false: c1 receives, c2 sends)
 function exports.Pipe(duplex)
-  if duplex ~= nil and type(duplex) ~= "boolean" then
-    error("bad argument #1 to 'Pipe' (boolean expected, got " .. type(duplex) .. ")", 2)
-  end
+  check.type(duplex, "boolean", 1, "Pipe")
   return core.Pipe(duplex)
 end
 
@@ -30,11 +30,6 @@ if core.register_handle then
   core.register_handle("Connection", function(state, fd)
     return core.conn_from_fd(fd, state[1], state[2])
   end)
-end
-
-local function classname(o)
-  local mt = getmetatable(o)
-  return type(mt) == "table" and mt.__name or nil
 end
 
 local BLIND_SLICE = 0.02
@@ -48,36 +43,33 @@ local function fd_of(o, i)
   local t = type(o)
   if t == "number" then
     if mathtype(o) ~= "integer" or not fd_is_open(o) then
-      error("bad argument #1 to 'wait' (objects[" .. i ..
-            "] is not an open file descriptor: " .. tostring(o) .. ")", 3)
+      argerror(1, "wait", "objects[" .. i .. "] is not an open file descriptor: "
+               .. tostring(o), 3)
     end
     return o
   end
-  local cls = classname(o)
+  local cls = check.typename(o)
   if cls == "multiprocessing.Connection" then
     return o:fileno(), o:_buffered()
   elseif cls == "multiprocessing.Process" then
     local s = o.sentinel
     if s then return s end
     if o._state == "started" then return -1, ended(o), ended end
-    error("bad argument #1 to 'wait' (objects[" .. i ..
-          "] is a process that is not started or is closed)", 3)
+    argerror(1, "wait", "objects[" .. i .. "] is a process that is not started or is closed", 3)
   elseif (t == "table" or t == "userdata") and o.fileno then
     local confirm = o._ready
     return o:fileno(), confirm and confirm(o), confirm
   end
-  error("bad argument #1 to 'wait' (objects[" .. i .. "] is not waitable: " .. tostring(o) .. ")", 3)
+  argerror(1, "wait", "objects[" .. i .. "] is not waitable: " .. tostring(o), 3)
 end
 
 -- mp.wait(objects [, timeout]) -> list of the objects ready to read or
 -- finished; an empty list on timeout
 function exports.wait(objects, timeout)
   if type(objects) ~= "table" then
-    error("bad argument #1 to 'wait' (table expected, got " .. type(objects) .. ")", 2)
+    argerror(1, "wait", "table expected, got " .. check.typename(objects))
   end
-  if timeout ~= nil and (type(timeout) ~= "number" or timeout < 0) then
-    error("bad argument #2 to 'wait' (timeout must be a number >= 0)", 2)
-  end
+  check.timeout(timeout, 2, "wait")
   local fds, confirms, ready, blind = {}, {}, {}, {}
   for i, o in ipairs(objects) do
     local fd, now, confirm = fd_of(o, i)
@@ -140,15 +132,17 @@ local function crypto()
 end
 local pcall, remove = pcall, table.remove
 
+-- (the levels: as error() in parse_address and check_opts, whose callers
+-- are the public functions)
 local function parse_address(address, fname)
   if type(address) ~= "string" or address == "" then
-    error("bad argument #1 to '" .. fname .. "' (address string expected, got " ..
-          type(address) .. ")", 3)
+    argerror(1, fname, "address string expected, got " ..
+             (address == "" and "empty string" or check.typename(address)), 3)
   end
   local host, port = address:match("^(.*):(%d+)$")
   if host then
     if tonumber(port) > 65535 then
-      error("bad argument #1 to '" .. fname .. "' (port " .. port .. " out of range 0..65535)", 3)
+      argerror(1, fname, "port " .. port .. " out of range 0..65535", 3)
     end
     host = host:match("^%[(.*)%]$") or host
     return host, port
@@ -157,18 +151,10 @@ local function parse_address(address, fname)
 end
 
 local function check_opts(opts, fname, allowed)
-  if opts == nil then return {} end
-  if type(opts) ~= "table" then
-    error("bad argument #2 to '" .. fname .. "' (table expected, got " .. type(opts) .. ")", 3)
-  end
-  for k in pairs(opts) do
-    if not allowed[k] then error(fname .. ": unknown option '" .. tostring(k) .. "'", 3) end
-  end
-  if opts.authkey ~= nil and (type(opts.authkey) ~= "string" or opts.authkey == "") then
-    error(fname .. ": 'authkey' must be a non-empty string", 3)
-  end
-  if opts.backlog ~= nil and (math.type(opts.backlog) ~= "integer" or opts.backlog < 1) then
-    error(fname .. ": 'backlog' must be a positive integer", 3)
+  opts = check.options(opts, 2, fname, allowed, 3)
+  if opts.authkey == "" then argerror(2, fname, "'authkey' must be a non-empty string", 3) end
+  if allowed.backlog then
+    return opts, check.integer(opts.backlog, 2, fname, "'backlog'", 1, nil, 3)
   end
   return opts
 end
@@ -231,8 +217,9 @@ local Lmethods, Lmt = core.Listener_methods, core.Listener_mt
 -- mp.Listener(address [, {authkey=s, backlog=n}]) -> Listener
 function exports.Listener(address, opts)
   local host, port = parse_address(address, "Listener")
-  opts = check_opts(opts, "Listener", { authkey = true, backlog = true })
-  local l = core.listen(host, port, opts.backlog)
+  local backlog
+  opts, backlog = check_opts(opts, "Listener", { authkey = "string", backlog = true })
+  local l = core.listen(host, port, backlog)
   if opts.authkey then
     authkeys[l] = opts.authkey
     pendings[l] = {}
@@ -263,17 +250,11 @@ local function advance(list, h, key)
   error(errors.new("AuthenticationError", why), 0)
 end
 
-local function check_timeout(timeout)
-  if timeout ~= nil and (type(timeout) ~= "number" or not (timeout >= 0)) then
-    error("bad argument #1 to 'accept' (timeout must be a number >= 0)", 3)
-  end
-end
-
 -- l:accept([timeout]) -> Connection | nil, "timeout"; raises
 -- AuthenticationError when a peer fails to prove the authkey (the other
 -- pending handshakes stay for the next accept)
 function Lmethods.accept(self, timeout)
-  check_timeout(timeout)
+  check.timeout(timeout, 1, "accept")
   local key = authkeys[self]
   if not key then return self:_accept(timeout) end
   local lfd, list = self:fileno(), pendings[self]
@@ -354,7 +335,7 @@ end
 -- AuthenticationError when the keys differ
 function exports.Client(address, opts)
   local host, port = parse_address(address, "Client")
-  opts = check_opts(opts, "Client", { authkey = true })
+  opts = check_opts(opts, "Client", { authkey = "string" })
   local c = core.connect(host, port)
   local key = opts.authkey
   if not key then return c end

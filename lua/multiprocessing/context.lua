@@ -8,23 +8,21 @@
 
 local process = require "multiprocessing.process"
 local errors = require "multiprocessing.errors"
+local check = require "multiprocessing.check"
 
-local type, error, pairs, tostring, setmetatable, require =
-      type, error, pairs, tostring, setmetatable, require
+local pairs, setmetatable, require = pairs, setmetatable, require
 
 local M = {}
 local exports = {}
 M.exports = exports
 
-local ALL = { "fork", "spawn", "forkserver" }
-local METHODS = process.METHODS
+local ALL = process.START_METHODS
 local explicitly_set = false
 
+-- (level: as error() in the public function)
 local function check_method(m, fname, level)
-  if not METHODS[m] then
-    error("bad argument #1 to '" .. fname .. "' (start method must be \"fork\", "
-          .. "\"spawn\" or \"forkserver\", got " .. tostring(m) .. ")", level + 1)
-  end
+  if m == nil then check.argerror(1, fname, "start method expected, got nil", level + 1) end
+  check.choice(m, ALL, 1, fname, "start method", level + 1)
 end
 
 -- mp.set_start_method(m [, force]): once; force=true changes it again
@@ -36,8 +34,8 @@ function exports.set_start_method(m, force)
   end
   check_method(m, "set_start_method", 2)
   if explicitly_set and not force then
-    error(errors.new("ProcessError", "the start method has already been set to \""
-          .. process._default_method() .. "\" (pass force=true to change it)"), 2)
+    errors.raise("ProcessError", "the start method has already been set to \""
+                 .. process._default_method() .. "\" (pass force=true to change it)", 2)
   end
   process._set_default_method(m)
   explicitly_set = true
@@ -78,9 +76,7 @@ local contexts = {}
 
 local function bind_process(m)
   return function(opts)
-    if opts ~= nil and type(opts) ~= "table" then
-      error("bad argument #1 to 'Process' (table expected, got " .. type(opts) .. ")", 2)
-    end
+    check.type(opts, "table", 1, "Process")
     local o = {}
     for k, v in pairs(opts or {}) do o[k] = v end
     if o.start_method == nil then o.start_method = m end

@@ -5,8 +5,8 @@
 -- (TimeoutError is a ProcessError); Class:is(err) tests membership.
 -- Errors cross processes as plain data and are rebuilt here by type name.
 
-local setmetatable, getmetatable, type, tostring, rawget =
-      setmetatable, getmetatable, type, tostring, rawget
+local setmetatable, getmetatable, type, tostring, rawget, pairs, error =
+      setmetatable, getmetatable, type, tostring, rawget, pairs, error
 local concat = table.concat
 
 local M = {}
@@ -74,6 +74,13 @@ function M.new(typename, message, fields)
   local e = new(c or Error, message, fields)
   e.type = typename
   return e
+end
+
+-- errors.raise(type, message [, level [, fields]]): raise errors.new's
+-- object; level as error() would take it in the caller (default 1: the
+-- caller's own line)
+function M.raise(typename, message, level, fields)
+  error(M.new(typename, message, fields), (level or 1) + 1)
 end
 
 -- errors.from_data(t) -> error object rebuilt from its fields (as sent by

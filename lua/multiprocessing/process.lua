@@ -12,6 +12,7 @@
 
 local core = require "multiprocessing.core"
 local errors = require "multiprocessing.errors"
+local check = require "multiprocessing.check"
 
 local type, error, pairs, tostring, setmetatable, xpcall, pcall =
       type, error, pairs, tostring, setmetatable, xpcall, pcall
@@ -29,8 +30,9 @@ local hooks = {}           -- exit hooks, run in order
 local current, parent      -- current process object, parent descriptor
 local spawned_child = false
 local default_method = "fork"  -- set by multiprocessing.context
+local START_METHODS = { "fork", "spawn", "forkserver" }   -- the list, in order
 local METHODS = { fork = true, spawn = true, forkserver = true }
-M.METHODS = METHODS
+M.METHODS, M.START_METHODS = METHODS, START_METHODS
 
 -- The main process as seen by current_process() in it.
 local MainProcess = setmetatable({
@@ -41,40 +43,13 @@ local MainProcess = setmetatable({
   __tostring = function() return "<_MainProcess(MainProcess, started)>" end,
 })
 
+local PROCESS_OPTS = { target = "callable", args = "table", name = "string",
+                       daemon = "boolean", run = "function", start_method = true }
+
+-- (level 3: the caller of mp.Process)
 local function check_opts(opts)
-  if opts == nil then return {} end
-  if type(opts) ~= "table" then
-    error("bad argument #1 to 'Process' (table expected, got " .. type(opts) .. ")", 3)
-  end
-  for k in pairs(opts) do
-    if k ~= "target" and k ~= "args" and k ~= "name" and k ~= "daemon"
-       and k ~= "run" and k ~= "start_method" then
-      error("Process: unknown option '" .. tostring(k) .. "'", 3)
-    end
-  end
-  if opts.target ~= nil and type(opts.target) ~= "function" then
-    local mt = getmetatable(opts.target)
-    if not (mt and mt.__call) then
-      error("Process: 'target' must be a function (got " .. type(opts.target) .. ")", 3)
-    end
-  end
-  if opts.args ~= nil and type(opts.args) ~= "table" then
-    error("Process: 'args' must be a table (got " .. type(opts.args) .. ")", 3)
-  end
-  if opts.name ~= nil and type(opts.name) ~= "string" then
-    error("Process: 'name' must be a string (got " .. type(opts.name) .. ")", 3)
-  end
-  if opts.daemon ~= nil and type(opts.daemon) ~= "boolean" then
-    error("Process: 'daemon' must be a boolean (got " .. type(opts.daemon) .. ")", 3)
-  end
-  if opts.run ~= nil and type(opts.run) ~= "function" then
-    error("Process: 'run' must be a function (got " .. type(opts.run) .. ")", 3)
-  end
-  local m = opts.start_method
-  if m ~= nil and not METHODS[m] then
-    error("Process: 'start_method' must be \"fork\", \"spawn\" or \"forkserver\" (got "
-          .. tostring(m) .. ")", 3)
-  end
+  opts = check.options(opts, 1, "Process", PROCESS_OPTS, 3)
+  check.choice(opts.start_method, START_METHODS, 1, "Process", "'start_method'", 3)
   return opts
 end
 
@@ -199,11 +174,11 @@ end
 local function start_all(list, level)
   if M._start_guard then M._start_guard() end
   if current and current.daemon then
-    error(errors.new("ProcessError", "daemonic processes are not allowed to have children"), level + 1)
+    errors.raise("ProcessError", "daemonic processes are not allowed to have children", level + 1)
   end
   for i = 1, #list do
     if list[i]._state ~= "initial" then
-      error(errors.new("ProcessError", "cannot start a process twice"), level + 1)
+      errors.raise("ProcessError", "cannot start a process twice", level + 1)
     end
   end
   local me = current or MainProcess

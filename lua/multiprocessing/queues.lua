@@ -5,50 +5,33 @@
 -- the handle kind so that a queue can travel to a spawned child.
 
 local core = require "multiprocessing.core"
+local check = require "multiprocessing.check"
 
-local type, error, select, tostring, math_type =
-      type, error, select, tostring, math.type
+local select, pcall, require = select, pcall, require
 
 local M = {}
 local exports = {}
 M.exports = exports
 
-local function check_maxsize(fname, maxsize, nargs)
-  if nargs > 1 then
-    error("bad argument #2 to '" .. fname .. "' (no value expected)", 3)
-  end
-  if maxsize == nil then return 0 end
-  if math_type(maxsize) ~= "integer" then
-    if type(maxsize) == "number" and maxsize == maxsize // 1 and maxsize >= 0
-       and maxsize < 2^53 then
-      return maxsize // 1 | 0
-    end
-    error("bad argument #1 to '" .. fname .. "' (maxsize must be an integer >= 0, got "
-          .. (type(maxsize) == "number" and tostring(maxsize) or type(maxsize)) .. ")", 3)
-  end
-  if maxsize < 0 then
-    error("bad argument #1 to '" .. fname .. "' (maxsize must be an integer >= 0, got "
-          .. maxsize .. ")", 3)
-  end
-  return maxsize
+-- the maxsize argument of fname (level 3: the caller of fname)
+local function maxsize(fname, ...)
+  check.nargs(select("#", ...), 1, fname, 3)
+  return check.integer((...), 1, fname, "maxsize", 0, nil, 3) or 0
 end
 
 -- mp.Queue([maxsize]) -> Queue (maxsize 0 or nil: unbounded)
 function exports.Queue(...)
-  return core.queue_new(check_maxsize("Queue", (...), select("#", ...)), "Queue")
+  return core.queue_new(maxsize("Queue", ...), "Queue")
 end
 
 -- mp.JoinableQueue([maxsize]) -> JoinableQueue
 function exports.JoinableQueue(...)
-  return core.queue_new(check_maxsize("JoinableQueue", (...), select("#", ...)),
-                        "JoinableQueue")
+  return core.queue_new(maxsize("JoinableQueue", ...), "JoinableQueue")
 end
 
 -- mp.SimpleQueue() -> SimpleQueue (put, get, empty, close)
 function exports.SimpleQueue(...)
-  if select("#", ...) > 0 then
-    error("bad argument #1 to 'SimpleQueue' (no value expected)", 2)
-  end
+  check.nargs(select("#", ...), 0, "SimpleQueue")
   return core.queue_new(0, "SimpleQueue")
 end
 

@@ -7,19 +7,20 @@
 
 local core = require "multiprocessing.core"
 local sync = require "multiprocessing.synchronize"
+local check = require "multiprocessing.check"
 
-local type, error, pairs, pcall, tostring, getmetatable, math_type =
-      type, error, pairs, pcall, tostring, getmetatable, math.type
+local type, pcall, tostring, math_type =
+      type, pcall, tostring, math.type
 local byte = string.byte
+local argerror = check.argerror
 
 local M = {}
 local exports = {}
 M.exports = exports
 
--- level counts from the function that calls argerror
-local function argerror(n, fname, msg, level)
-  error("bad argument #" .. n .. " to '" .. fname .. "' (" .. msg .. ")", (level or 3) + 1)
-end
+-- The levels below count as error() does in the function that raises:
+-- exports.X -> check_opts, new_value, new_array (3: the user's line) ->
+-- ctype, fill (4).
 
 local function ctype(t, fname)
   if type(t) ~= "string" then
@@ -35,20 +36,12 @@ local function ctype(t, fname)
 end
 
 local function check_opts(opts, fname)
-  if opts == nil then return true end
-  if type(opts) ~= "table" then
-    argerror(3, fname, "options table expected, got " .. type(opts), 3)
-  end
-  for k in pairs(opts) do
-    if k ~= "lock" then argerror(3, fname, "unknown option '" .. tostring(k) .. "'", 3) end
-  end
-  local lock = opts.lock
+  local lock = check.options(opts, 3, fname, { lock = true }, 3).lock
   if lock == nil or lock == true then return true end
   if lock == false then return false end
   if not sync.is_lock(lock) then
-    local mt = getmetatable(lock)
     argerror(3, fname, "'lock' must be a boolean, a Lock or an RLock, got " ..
-             (type(mt) == "table" and mt.__name or type(lock)), 3)
+             check.typename(lock), 3)
   end
   return lock
 end
@@ -71,7 +64,7 @@ local function fill(obj, fname, items, n, what)
   if not ok then
     obj:close()
     local msg = type(err) == "string" and err:gsub("^[^:]*:%d+: ", "") or tostring(err)
-    error("bad argument #2 to '" .. fname .. "' (" .. what .. " " .. i .. ": " .. msg .. ")", 4)
+    argerror(2, fname, what .. " " .. i .. ": " .. msg, 4)
   end
 end
 
@@ -91,7 +84,7 @@ local function new_value(fname, t, init, lock)
     if not ok then
       v:close()
       local msg = type(err) == "string" and err:gsub("^[^:]*:%d+: ", "") or tostring(err)
-      argerror(2, fname, msg)
+      argerror(2, fname, msg, 3)
     end
   end
   return v
@@ -104,11 +97,11 @@ local function new_array(fname, t, init, lock)
   local ti = type(init)
   local n
   if math_type(init) == "integer" then
-    if init < 0 then argerror(2, fname, "size must be >= 0, got " .. init) end
+    if init < 0 then argerror(2, fname, "size must be >= 0, got " .. init, 3) end
     local _, name, size = core.ctype(code)
     if init >= MAX_BYTES // size then
       argerror(2, fname, ("size %d too large: at most %d items of %s (1 TiB of shared memory)")
-               :format(init, MAX_BYTES // size - 1, name))
+               :format(init, MAX_BYTES // size - 1, name), 3)
     end
     return core.shared_new(code, init, true, lock)
   elseif ti == "table" then
@@ -124,7 +117,7 @@ local function new_array(fname, t, init, lock)
     return a
   end
   argerror(2, fname, "size or list expected, got " ..
-           (ti == "number" and tostring(init) or ti))
+           (ti == "number" and tostring(init) or ti), 3)
 end
 
 -- mp.Value(type, [init [, {lock=true}]])

@@ -7,107 +7,72 @@
 -- registers how each kind is rebuilt from a handle (codec).
 
 local core = require "multiprocessing.core"
+local check = require "multiprocessing.check"
 
-local type, error, tostring, pcall, select, getmetatable, ipairs =
-      type, error, tostring, pcall, select, getmetatable, ipairs
-local math_type, tointeger = math.type, math.tointeger
+local error, pcall, select, ipairs = error, pcall, select, ipairs
 local pack, unpack = table.pack, table.unpack
 local monotonic = core.monotonic
+local callable, typename = check.callable, check.typename
 
 local M = {}
 local exports = {}
 M.exports = exports
 
--- level counts from the function that calls argerror
-local function argerror(n, fname, msg, level)
-  error("bad argument #" .. n .. " to '" .. fname .. "' (" .. msg .. ")", (level or 2) + 1)
-end
-
-local function check_count(v, n, fname, default, min)
-  if v == nil then return default end
-  if math_type(v) ~= "integer" then
-    if type(v) == "number" and v == v and v % 1 == 0 then
-      v = tointeger(v)
-    else
-      argerror(n, fname, "integer expected, got " ..
-               (type(v) == "number" and tostring(v) or type(v)), 3)
-    end
-  end
-  if v < min or v > 0x7fffffff then
-    argerror(n, fname, "must be in " .. min .. "..2147483647, got " .. v, 3)
-  end
-  return v
-end
-
-local function callable(f)
-  if type(f) == "function" then return true end
-  local mt = getmetatable(f)
-  return type(mt) == "table" and mt.__call ~= nil
-end
-
-local function classname(o)
-  local mt = getmetatable(o)
-  return type(mt) == "table" and mt.__name or nil
-end
+local COUNT_MAX = 0x7fffffff     -- csrc/sync.c's bound on counts and parties
 
 -- M.is_lock(x) -> true if x is a Lock or RLock
 function M.is_lock(x)
-  local n = classname(x)
+  local n = typename(x)
   return n == "multiprocessing.Lock" or n == "multiprocessing.RLock"
 end
 
 -- mp.Lock() / mp.RLock()
 function exports.Lock(...)
-  if select("#", ...) > 0 then argerror(1, "Lock", "no arguments expected") end
+  check.nargs(select("#", ...), 0, "Lock")
   return core.sync_new("Lock")
 end
 function exports.RLock(...)
-  if select("#", ...) > 0 then argerror(1, "RLock", "no arguments expected") end
+  check.nargs(select("#", ...), 0, "RLock")
   return core.sync_new("RLock")
 end
 
 -- mp.Semaphore([n=1]) / mp.BoundedSemaphore([n=1])
 function exports.Semaphore(n)
-  return core.sync_new("Semaphore", check_count(n, 1, "Semaphore", 1, 0))
+  n = check.integer(n, 1, "Semaphore", "value", 0, COUNT_MAX) or 1
+  return core.sync_new("Semaphore", n)
 end
 function exports.BoundedSemaphore(n)
-  return core.sync_new("BoundedSemaphore", check_count(n, 1, "BoundedSemaphore", 1, 0))
+  n = check.integer(n, 1, "BoundedSemaphore", "value", 0, COUNT_MAX) or 1
+  return core.sync_new("BoundedSemaphore", n)
 end
 
 -- mp.Condition([lock]): lock defaults to a new RLock
 function exports.Condition(lock)
   if lock == nil then lock = core.sync_new("RLock")
   elseif not M.is_lock(lock) then
-    argerror(1, "Condition", "Lock or RLock expected, got " ..
-             (classname(lock) or type(lock)))
+    check.argerror(1, "Condition", "Lock or RLock expected, got " .. typename(lock))
   end
   return core.sync_new("Condition", 0, lock)
 end
 
 -- mp.Event()
 function exports.Event(...)
-  if select("#", ...) > 0 then argerror(1, "Event", "no arguments expected") end
+  check.nargs(select("#", ...), 0, "Event")
   return core.sync_new("Event")
 end
 
 -- mp.Barrier(parties [, action [, timeout]])
 function exports.Barrier(parties, action, timeout)
-  parties = check_count(parties, 1, "Barrier", nil, 1)
-  if parties == nil then argerror(1, "Barrier", "number of parties expected") end
-  if action ~= nil and not callable(action) then
-    argerror(2, "Barrier", "function expected, got " .. type(action))
-  end
-  if timeout ~= nil and (type(timeout) ~= "number" or not (timeout >= 0)) then
-    argerror(3, "Barrier", "timeout must be a number >= 0")
-  end
+  if parties == nil then check.argerror(1, "Barrier", "number of parties expected") end
+  parties = check.integer(parties, 1, "Barrier", "parties", 1, COUNT_MAX)
+  check.type(action, "callable", 2, "Barrier", "action")
+  check.timeout(timeout, 3, "Barrier")
   return core.sync_new("Barrier", parties, { action = action, timeout = timeout })
 end
 
 -- obj:with(fn, ...) -> fn's results, run holding obj; released even on error
 local function with(self, fn, ...)
-  if not callable(fn) then
-    error("bad argument #1 to 'with' (function expected, got " .. type(fn) .. ")", 2)
-  end
+  if not callable(fn) then check.argerror(1, "with", "function expected, got " .. typename(fn)) end
   self:acquire()
   local r = pack(pcall(fn, ...))
   self:release()
@@ -124,11 +89,9 @@ local cond = core.Condition_methods
 -- cond:wait_for(pred [, timeout]) -> the predicate's last value
 function cond.wait_for(self, pred, timeout)
   if not callable(pred) then
-    error("bad argument #1 to 'wait_for' (function expected, got " .. type(pred) .. ")", 2)
+    check.argerror(1, "wait_for", "function expected, got " .. typename(pred))
   end
-  if timeout ~= nil and (type(timeout) ~= "number" or not (timeout >= 0)) then
-    error("bad argument #2 to 'wait_for' (timeout must be a number >= 0)", 2)
-  end
+  check.timeout(timeout, 2, "wait_for")
   local result = pred()
   local deadline = timeout and monotonic() + timeout
   while not result do
