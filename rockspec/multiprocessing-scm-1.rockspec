@@ -30,6 +30,7 @@ build = {
     ["multiprocessing.connection"] = "lua/multiprocessing/connection.lua",
     ["multiprocessing.context"] = "lua/multiprocessing/context.lua",
     ["multiprocessing.errors"] = "lua/multiprocessing/errors.lua",
+    ["multiprocessing.forkserver"] = "lua/multiprocessing/forkserver.lua",
     ["multiprocessing"] = "lua/multiprocessing/init.lua",
     ["multiprocessing.pool"] = "lua/multiprocessing/pool.lua",
     ["multiprocessing.process"] = "lua/multiprocessing/process.lua",
