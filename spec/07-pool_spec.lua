@@ -47,7 +47,8 @@ describe("Pool arguments", function()
       local ok, err = pcall(function() return mp.Pool(arg) end)
       assert.is_false(ok)
       err = tostring(err)
-      assert.truthy(err:find("Pool: 'processes' must be an integer in 1..4096 (got 100000)", 1, true), err)
+      assert.truthy(err:find("bad argument #1 to 'Pool' ('processes' must be an integer in 1..4096, got 100000)",
+                             1, true), err)
       assert.is_nil(err:find("pool_new", 1, true))
       assert.is_nil(err:find("pool.lua", 1, true))
     end

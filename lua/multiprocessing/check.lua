@@ -106,6 +106,15 @@ function M.integer(v, n, fname, what, min, max, level)
   return i
 end
 
+-- check.number(v, n, fname, what, min [, level]) -> v: a number >= min,
+-- not NaN (nil passes)
+function M.number(v, n, fname, what, min, level)
+  if v ~= nil and not (type(v) == "number" and v >= min) then
+    argerror(n, fname, wrong(what, "number >= " .. min, v), (level or 2) + 1)
+  end
+  return v
+end
+
 -- check.positive(v, n, fname, what [, level]) -> v: a number > 0 (nil passes)
 function M.positive(v, n, fname, what, level)
   if v ~= nil and not (type(v) == "number" and v > 0) then

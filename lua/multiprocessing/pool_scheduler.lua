@@ -1,0 +1,498 @@
+-- multiprocessing.pool_scheduler: a Pool's books, the jobs and their
+-- chunks, and the loop that moves them (docs/design.md, decisions 6, 7).
+--
+-- Methods of the Pool (pool.lua installs them). Work is cut into chunks,
+-- each sent to one chosen worker over that worker's own channel
+-- (csrc/pool.c). A chunk is one record,
+--
+--   { seq =, job =, first =, n = [, deadline =, timedout = true] }
+--
+-- (seq: the number the worker's shared page names it by; items
+-- first..first+n-1 of job), held in its worker's FIFO (w.fifo[w.head ..
+-- w.tail-1]) from its send until its result is read or its worker dies:
+-- a worker answers its chunks in the order it got them. A chunk with a
+-- deadline (apply_async's timeout) is also a key of pool._timed.
+--
+-- A job (pool.lua's _submit makes it) is a table with: mode ("apply",
+-- "map", "imap", "imapu"), fnid/fnbytes (its function), star, chunksize,
+-- list and total (a list input) or iter, items, consumed, window,
+-- exhausted (an iterator input), cursor (next item to hand out), retry
+-- (ranges handed out again), results, errs, ndone, nfail, first_err,
+-- done, and for imap_unordered order/ohead/otail (the finished positions
+-- in order).
+--
+-- Pipelining: a worker holds one chunk until the function's time per item
+-- is known; fast functions then get chunks worth about QUEUED_US of work
+-- in flight per worker, 4 to 64 of them (so chunksize 1 is cheap), slow
+-- ones 1 or 2 (so a long task never queues behind another while a worker
+-- is free).
+--
+-- No threads (decision 7): the pool moves only in _step, which the
+-- program's calls into it run (get, wait, map, the imap iterators, poll,
+-- join); callbacks run at the end of a step.
+
+local errors = require "multiprocessing.errors"
+local core = require "multiprocessing.core"
+
+local type, pairs, tostring, pcall = type, pairs, tostring, pcall
+local math_huge, math_min, math_max = math.huge, math.min, math.max
+local monotonic = core.monotonic
+
+local Pool = {}             -- the methods this module gives the Pool
+
+local MAXFN = 256           -- cached functions before the caches are cleared
+local FAST_US = 1000        -- a chunk this quick may be deeply pipelined
+local MEDIUM_US = 100000
+-- A fast function's worker holds chunks worth about this much work (4 to
+-- 64 chunks): enough to stay busy while the parent reads results, and no
+-- more, since every queued chunk is buffer memory that must be touched
+-- (page faults measured as the larger part of a first big map's cost).
+local QUEUED_US = 200
+-- An iterator input is read no further ahead of the consumer than this
+-- many items (an abandoned imap over an endless iterator stops there).
+local WINDOW_MIN = 256
+
+-- A task's error, as a worker sent it (errors.to_data), raised in the
+-- parent as a RemoteError (decision 9).
+local function remote_error(data)
+  if type(data) ~= "table" then
+    return errors.new("RemoteError", tostring(data))
+  end
+  return errors.new("RemoteError", data.message,
+                    { traceback = data.traceback, pid = data.pid,
+                      remote_type = data.type })
+end
+
+-- ---- jobs ----------------------------------------------------------------
+
+local function has_work(job)
+  if job.retry[1] then return true end
+  if job.list then return job.cursor <= job.total end
+  return not job.exhausted and job.cursor - 1 - job.consumed < job.window
+end
+
+-- Next range of up to maxn items of job: first, n (nil when none now).
+local function take_chunk(job, maxn)
+  local r = job.retry
+  local k = #r
+  if k > 0 then
+    local first, n = r[k][1], r[k][2]
+    if n > maxn then
+      r[k][1], r[k][2] = first + maxn, n - maxn
+      return first, maxn
+    end
+    r[k] = nil
+    return first, n
+  end
+  local want = math_min(job.chunksize, maxn)
+  local first = job.cursor
+  if job.list then
+    local n = math_min(want, job.total - first + 1)
+    if n <= 0 then return nil end
+    job.cursor = first + n
+    return first, n
+  end
+  if job.exhausted then return nil end
+  want = math_min(want, job.window - (first - 1 - job.consumed))
+  if want <= 0 then return nil end
+  local items, iter, n = job.items, job.iter, 0
+  while n < want do
+    local ok, v = pcall(iter)
+    if not ok then
+      job.exhausted = true
+      job.total = first + n - 1
+      job.iter_error = v
+      break
+    end
+    if v == nil then
+      job.exhausted = true
+      job.total = first + n - 1
+      break
+    end
+    items[first + n] = v
+    n = n + 1
+  end
+  job.cursor = first + n
+  if n == 0 then return nil end
+  return first, n
+end
+
+-- pool:_fn_id(fnbytes) -> the number workers know the function by; the
+-- caches (ours, the workers') are cleared once MAXFN are known
+function Pool:_fn_id(fnbytes)
+  local fnid = self._fnids[fnbytes]
+  if fnid then return fnid end
+  if self._fncount >= MAXFN then
+    self._fnids, self._fncount, self._ewma = {}, 0, {}
+    for slot, w in pairs(self._workers) do
+      self._pc:ctl(slot, "clear")
+      w.sent = {}
+    end
+  end
+  self._nfn = self._nfn + 1
+  fnid = self._nfn
+  self._fnids[fnbytes] = fnid
+  self._fncount = self._fncount + 1
+  return fnid
+end
+
+-- pool:_add_job(job): take job in and start handing it out
+function Pool:_add_job(job)
+  if job.iter then job.window = math_max(WINDOW_MIN, 4 * self._n * job.chunksize) end
+  self._active = self._active + 1
+  self._unfinished[job] = true
+  self:_queue_job(job)
+  if job.total == 0 then self:_check_done(job) end
+  self:_dispatch()
+  self._pc:flush()
+end
+
+-- The consumer of an imap took one more result: read further ahead.
+function Pool:_consumed(job)
+  if job.consumed then
+    job.consumed = job.consumed + 1
+    if has_work(job) and not job.queued and not job.done then self:_queue_job(job) end
+  end
+end
+
+function Pool:_queue_job(job)
+  if not job.queued then
+    job.queued = true
+    local t = self._jobtail                -- not #: the head of the list has holes
+    self._jobs[t] = job
+    self._jobtail = t + 1
+  end
+end
+
+-- The first queued job with work to hand out (finished heads are dropped).
+function Pool:_head_job()
+  local jobs, h = self._jobs, self._jobhead
+  while true do
+    local job = jobs[h]
+    if not job then
+      if h > 1 then self._jobs, self._jobhead, self._jobtail = {}, 1, 1 end
+      return nil
+    end
+    if has_work(job) then self._jobhead = h return job end
+    job.queued = false
+    jobs[h] = nil
+    h = h + 1
+    self._jobhead = h
+    if job.list == nil and job.exhausted then self:_check_done(job) end
+  end
+end
+
+-- ---- dispatch ------------------------------------------------------------
+
+-- Chunks a worker may hold for job (1 until the function's speed is known).
+function Pool:_depth(job)
+  local per = self._ewma[job.fnid]
+  if not per then return job.mode == "map" and 2 or 1 end
+  local est = per * job.chunksize
+  if est < FAST_US then
+    return est > 0 and math_max(4, math_min(64, QUEUED_US // est)) or 64
+  end
+  if est < MEDIUM_US then return 2 end
+  return 1
+end
+
+-- Send items first..first+n-1 of job to slot's worker w as one chunk.
+function Pool:_send(slot, w, job, first, n)
+  local pc = self._pc
+  local seq = self._seq + 1
+  self._seq = seq
+  local fnid = job.fnid
+  if not w.sent[fnid] then
+    pc:def(slot, fnid, job.fnbytes)
+    w.sent[fnid] = true
+  end
+  local ok, err = pcall(pc.task, pc, slot, seq, fnid, job.star,
+                        job.list or job.items, first, first + n - 1)
+  if not ok then                       -- an item could not be serialized
+    if type(err) ~= "table" then err = errors.new("SerializationError", tostring(err)) end
+    self:_fail_range(job, first, n, err)
+    return
+  end
+  local chunk = { seq = seq, job = job, first = first, n = n }
+  w.fifo[w.tail] = chunk
+  w.tail = w.tail + 1
+  w.inflight = w.inflight + 1
+  w.items = w.items + n
+  if job.timeout then
+    chunk.deadline = monotonic() + job.timeout
+    self._timed[chunk] = slot
+    self._ntimed = self._ntimed + 1
+    w.exclusive = chunk
+    self:_arm()
+  end
+end
+
+function Pool:_dispatch()
+  if self._state == "terminated" or self._broken then return end
+  local job = self:_head_job()
+  if not job then return end
+  local n, workers, maxtasks = self._n, self._workers, self._maxtasks
+  local start = self._rr
+  for i = 1, n do
+    local slot = (start + i - 1) % n + 1
+    local w = workers[slot]
+    while w and not w.exclusive and not w.retiring do
+      job = self:_head_job()
+      if not job then self._rr = slot return end
+      local maxn = math_huge
+      if maxtasks then
+        maxn = maxtasks - w.items
+        if maxn <= 0 then break end
+      end
+      if job.timeout then
+        if w.inflight > 0 then break end
+        maxn = 1
+      elseif w.inflight >= self:_depth(job) then
+        break
+      end
+      local first, cnt = take_chunk(job, maxn)
+      if first then self:_send(slot, w, job, first, cnt)
+      else self:_check_done(job) end
+    end
+  end
+  self._rr = start % n + 1
+end
+
+-- ---- results -------------------------------------------------------------
+
+function Pool:_fail_item(job, pos, err)
+  if job.errs[pos] == nil then
+    job.errs[pos] = err
+    job.nfail = job.nfail + 1
+    self._failed = self._failed + 1
+    if not job.first_err or pos < job.first_err_pos then
+      job.first_err, job.first_err_pos = err, pos
+    end
+    if job.order then job.order[job.otail] = pos; job.otail = job.otail + 1 end
+  end
+end
+
+-- Items first..first+n-1 of job are done, failed with err.
+function Pool:_fail_range(job, first, n, err)
+  for i = first, first + n - 1 do self:_fail_item(job, i, err) end
+  if job.items then
+    for i = first, first + n - 1 do job.items[i] = nil end
+  end
+  job.ndone = job.ndone + n
+  self._done = self._done + n
+  self:_check_done(job)
+end
+
+function Pool:_check_done(job)
+  if job.done then return end
+  if job.total and job.ndone >= job.total and not has_work(job) then
+    job.done = true
+    self._active = self._active - 1
+    self._unfinished[job] = nil
+    if job.iter_error and not job.first_err then
+      job.first_err = job.iter_error
+      job.first_err_pos = math_huge
+    end
+    if job.mode == "map" then job.results.n = job.total end
+    if job.first_err then
+      if job.error_callback then self:_later(job.error_callback, job.first_err) end
+    elseif job.callback then
+      self:_later(job.callback, job)
+    end
+    if job.progress and not job.progress_dirty then
+      job.progress_dirty = true
+      self:_later(false, job)
+    end
+    if self._state == "closed" and self._active == 0 then self:_exit_workers() end
+  end
+end
+
+-- The result frame of w's oldest chunk (n items, us microseconds of work).
+function Pool:_result(slot, w, n, us)
+  local h = w.head
+  local chunk = w.fifo[h]
+  w.fifo[h] = nil
+  w.head = h + 1
+  w.inflight = w.inflight - 1
+  if w.exclusive == chunk then w.exclusive = nil end
+  if self._timed[chunk] then
+    self._timed[chunk] = nil
+    self._ntimed = self._ntimed - 1
+  end
+  local job, first = chunk.job, chunk.first
+  if not job then return end              -- aborted
+  local ok, nerr, errs = pcall(self._pc.take, self._pc, slot, job.results, first, job.packed)
+  if not ok then
+    local e = type(nerr) == "table" and nerr or errors.new("SerializationError", tostring(nerr))
+    for i = first, first + n - 1 do self:_fail_item(job, i, e) end
+  elseif nerr > 0 then
+    for k, data in pairs(errs) do self:_fail_item(job, first + k - 1, remote_error(data)) end
+  end
+  local per = us / n
+  local e = self._ewma[job.fnid]
+  self._ewma[job.fnid] = e and (e * 0.7 + per * 0.3) or per
+  if job.items then
+    local items = job.items
+    for i = first, first + n - 1 do items[i] = nil end
+  end
+  if job.order then
+    local order, errs2, t = job.order, job.errs, job.otail
+    for i = first, first + n - 1 do
+      if errs2[i] == nil then order[t] = i; t = t + 1 end
+    end
+    job.otail = t
+  end
+  job.ndone = job.ndone + n
+  self._done = self._done + n
+  if job.progress and not job.progress_dirty then
+    job.progress_dirty = true
+    self:_later(false, job)
+  end
+  self:_check_done(job)
+end
+
+-- Read every whole frame slot's channel holds.
+function Pool:_drain(slot)
+  local pc, w = self._pc, self._workers[slot]
+  if not w then return end
+  while true do
+    local kind, data, n, us = pc:next(slot)
+    if not kind then return end
+    if kind == "result" then self:_result(slot, w, n, us)
+    elseif kind == "retire" then w.retiring = true
+    elseif kind == "initfail" then
+      local e = remote_error(data)
+      e.message = "Pool initializer failed: " .. tostring(e.message)
+      self:_break(e)
+      return
+    end
+  end
+end
+
+-- The chunks dead worker w held (started, finished: the last chunks it
+-- began and ended, from the shared page; code: its exit code). The one it
+-- was running fails with WorkerLostError (TimeoutError if the parent
+-- killed it for its deadline), those it finished without sending their
+-- results fail too (no task runs twice), those it never started are
+-- handed out again.
+function Pool:_lost_chunks(w, code, started, finished)
+  for i = w.head, w.tail - 1 do
+    local chunk = w.fifo[i]
+    local job, seq = chunk.job, chunk.seq
+    if job then
+      local err
+      local who = { pid = w.pid, exitcode = code }
+      if chunk.timedout then
+        err = errors.new("TimeoutError", ("task timed out after %g s; its worker (pid %d) "
+                         .. "was killed and replaced"):format(job.timeout, w.pid), who)
+      elseif seq == started and seq > finished then
+        err = errors.new("WorkerLostError", ("worker (pid %d) died with exit code %d "
+                         .. "while running this task"):format(w.pid, code), who)
+      elseif seq <= finished then        -- done, but its result was held back
+        err = errors.new("WorkerLostError", ("worker (pid %d) died with exit code %d "
+                         .. "before sending this task's result"):format(w.pid, code), who)
+      end
+      if self._timed[chunk] then
+        self._timed[chunk] = nil
+        self._ntimed = self._ntimed - 1
+      end
+      if err then
+        self:_fail_range(job, chunk.first, chunk.n, err)
+      else                                 -- never started: hand it out again
+        local r = job.retry
+        r[#r + 1] = { chunk.first, chunk.n }
+        self:_queue_job(job)
+      end
+    end
+  end
+end
+
+-- Fail every unfinished job with err (terminate, broken pool).
+function Pool:_abort(err)
+  for job in pairs(self._unfinished) do
+    job.retry, job.cursor = {}, (job.total or job.cursor) + 1
+    job.exhausted = true
+    if not job.total then job.total = job.ndone end
+    job.first_err = job.first_err or err
+    job.first_err_pos = job.first_err_pos or 0
+    job.aborted = err
+    job.done = true
+    self._unfinished[job] = nil
+  end
+  self._active = 0
+  for _, w in pairs(self._workers) do     -- results still to come are dropped
+    for i = w.head, w.tail - 1 do w.fifo[i].job = nil end
+  end
+  self._timed, self._ntimed = {}, 0
+  self._jobs, self._jobhead, self._jobtail = {}, 1, 1
+end
+
+-- ---- deadlines -----------------------------------------------------------
+
+-- Arm the pool's timer at the nearest deadline of a chunk not yet killed.
+function Pool:_arm()
+  local best
+  for chunk in pairs(self._timed) do
+    local d = chunk.deadline
+    if not chunk.timedout and (not best or d < best) then best = d end
+  end
+  if best then self._pc:timer(math_max(best - monotonic(), 1e-6))
+  else self._pc:timer(nil) end
+end
+
+-- Kill the worker of each chunk whose deadline passed (its death fails
+-- the chunk with TimeoutError), then arm the timer again.
+function Pool:_check_deadlines()
+  local now = monotonic()
+  for chunk, slot in pairs(self._timed) do
+    if chunk.deadline <= now and not chunk.timedout then
+      chunk.timedout = true
+      local w = self._workers[slot]
+      if w then w.proc:kill() end
+    end
+  end
+  self:_arm()
+end
+
+-- ---- the loop ------------------------------------------------------------
+
+-- One round: hand out work, wait up to timeout for news, take it in.
+function Pool:_step(timeout)
+  local pc = self._pc
+  if self._state == "terminated" or self._state == "joined" then return end
+  if self._vacant then
+    local due = self:_retry_vacant()
+    if due and (not timeout or due < timeout) then timeout = due end
+  end
+  self:_dispatch()
+  local slots, timer = pc:wait(timeout)
+  local workers = self._workers
+  for i = 1, #slots do self:_drain(slots[i]) end
+  for i = 1, #slots do
+    local slot = slots[i]
+    if workers[slot] and self._state ~= "terminated" then
+      local ended, dead = pc:state(slot)
+      if ended or dead then self:_death(slot) end
+    end
+  end
+  if (timer or self._ntimed > 0) and self._state ~= "terminated" then self:_check_deadlines() end
+  self:_dispatch()
+  if self._cbhead < self._cbtail then self:_run_callbacks() end
+end
+
+-- Run steps until pred() or the deadline; true when pred() held.
+function Pool:_until(pred, timeout)
+  local deadline = timeout and monotonic() + timeout
+  while not pred() do
+    if self._state == "terminated" or self._state == "joined" then return pred() end
+    local left
+    if deadline then
+      left = deadline - monotonic()
+      if left <= 0 then return false end
+    end
+    self:_step(left)
+  end
+  return true
+end
+
+return { methods = Pool }
