@@ -47,9 +47,10 @@ end
 
 local typename, callable = M.typename, M.callable
 
--- How a wrong value shows in a message.
-local function shown(v)
-  if type(v) == "number" then return tostring(v) end
+-- How a wrong value shows in a message: a number as itself (unless only
+-- its type was wrong), anything else as its type.
+local function shown(v, by_type)
+  if type(v) == "number" and not by_type then return tostring(v) end
   return typename(v)
 end
 
@@ -58,9 +59,10 @@ local function article(desc)
 end
 
 -- "what must be a desc, got v", or "desc expected, got v" without what
-local function wrong(what, desc, v)
-  if what then return what .. " must be " .. article(desc) .. ", got " .. shown(v) end
-  return desc .. " expected, got " .. shown(v)
+-- (by_type: desc is a type, so v shows as its type)
+local function wrong(what, desc, v, by_type)
+  if what then return what .. " must be " .. article(desc) .. ", got " .. shown(v, by_type) end
+  return desc .. " expected, got " .. shown(v, by_type)
 end
 
 -- check.argerror(n, fname, msg [, level]): raise
@@ -88,7 +90,7 @@ end
 -- check.type(v, tname, n, fname [, what [, level]]) -> v; nil passes
 function M.type(v, tname, n, fname, what, level)
   if v ~= nil and not has_type(v, tname) then
-    argerror(n, fname, wrong(what, tname, v), (level or 2) + 1)
+    argerror(n, fname, wrong(what, tname, v, true), (level or 2) + 1)
   end
   return v
 end
@@ -154,14 +156,14 @@ function M.options(opts, n, fname, allowed, level)
   level = (level or 2) + 1
   if opts == nil then return NONE end
   if type(opts) ~= "table" then
-    argerror(n, fname, wrong(nil, "table", opts), level)
+    argerror(n, fname, wrong(nil, "table", opts, true), level)
   end
   for k, v in pairs(opts) do
     local want = allowed[k]
     if not want then
       argerror(n, fname, "unknown option '" .. tostring(k) .. "'", level)
     elseif want ~= true and not has_type(v, want) then
-      argerror(n, fname, wrong("'" .. k .. "'", want, v), level)
+      argerror(n, fname, wrong("'" .. k .. "'", want, v, true), level)
     end
   end
   return opts

@@ -247,7 +247,7 @@ local function advance(list, h, key)
   end
   h.c:close()
   if not ok then error(done, 0) end       -- a bug in the handshake itself
-  error(errors.new("AuthenticationError", why), 0)
+  errors.raise("AuthenticationError", why, 0)
 end
 
 -- l:accept([timeout]) -> Connection | nil, "timeout"; raises
@@ -343,7 +343,7 @@ function exports.Client(address, opts)
   if ok then ok, why = deliver_challenge(c, key, recv_waiting) end
   if not ok then
     c:close()
-    error(errors.new("AuthenticationError", why), 2)
+    errors.raise("AuthenticationError", why, 2)
   end
   c:_set_trusted(true)
   return c

@@ -77,10 +77,11 @@ function M.new(typename, message, fields)
 end
 
 -- errors.raise(type, message [, level [, fields]]): raise errors.new's
--- object; level as error() would take it in the caller (default 1: the
--- caller's own line)
+-- object; level as error() would take it in the caller (an error object
+-- gets no position, but a message handler may look at the level)
 function M.raise(typename, message, level, fields)
-  error(M.new(typename, message, fields), (level or 1) + 1)
+  level = level or 1
+  error(M.new(typename, message, fields), level > 0 and level + 1 or 0)
 end
 
 -- errors.from_data(t) -> error object rebuilt from its fields (as sent by

@@ -20,7 +20,8 @@ M.exports = exports
 
 -- The levels below count as error() does in the function that raises:
 -- exports.X -> check_opts, new_value, new_array (3: the user's line) ->
--- ctype, fill (4).
+-- ctype, fill (4). So exports.X never tail-calls them (a tail call would
+-- drop its frame).
 
 local function ctype(t, fname)
   if type(t) ~= "string" then
@@ -122,22 +123,26 @@ end
 
 -- mp.Value(type, [init [, {lock=true}]])
 function exports.Value(t, init, opts)
-  return new_value("Value", t, init, check_opts(opts, "Value"))
+  local v = new_value("Value", t, init, check_opts(opts, "Value"))
+  return v
 end
 
 -- mp.RawValue(type, [init])
 function exports.RawValue(t, init)
-  return new_value("RawValue", t, init, false)
+  local v = new_value("RawValue", t, init, false)
+  return v
 end
 
 -- mp.Array(type, size_or_list [, {lock=true}])
 function exports.Array(t, init, opts)
-  return new_array("Array", t, init, make_lock(check_opts(opts, "Array")))
+  local a = new_array("Array", t, init, make_lock(check_opts(opts, "Array")))
+  return a
 end
 
 -- mp.RawArray(type, size_or_list)
 function exports.RawArray(t, init)
-  return new_array("RawArray", t, init, false)
+  local a = new_array("RawArray", t, init, false)
+  return a
 end
 
 if core.register_handle then
