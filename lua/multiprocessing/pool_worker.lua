@@ -3,9 +3,10 @@
 --
 -- A forked worker inherits its Pool and starts in forked_main; a spawned
 -- or forkserver worker starts in spawned_main with a plain table (its
--- PoolWorker handle and the initializer, through the codec). Both travel
--- or are called by name from this small module, so a spawned worker never
--- loads the pool's parent side (docs/design.md, decisions 6 and 10).
+-- PoolWorker handle and the initializer, through the codec). spawned_main
+-- travels by name (a field of this module), so such a worker loads this
+-- small module and never the pool's parent side (docs/design.md,
+-- decisions 6 and 10).
 -- A task's error goes back to the parent as data (errors.to_data), with
 -- the traceback of the task's own frames (decision 9).
 
