@@ -1,8 +1,13 @@
-/* pingpong.c: the baseline for bench/queues.lua's "pingpong" case: two
-   processes bounce one byte through two pipes; prints round trips/s.
-   usage: pingpong N */
+/* pingpong.c: the floor of a round trip between two processes: one byte
+   each way, n times; prints round trips/s.
+   usage: pingpong N [socket]
+   default: two pipes (bench/queues.lua's queue_pingpong);
+   socket:  one AF_UNIX socketpair, as a duplex Pipe and the pool's worker
+            channels use (bench/process.lua, bench/pool.lua). */
 #include <stdio.h>
 #include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
 #include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
@@ -15,11 +20,19 @@ static double now(void) {
 
 int main(int argc, char **argv) {
   long n = argc > 1 ? atol(argv[1]) : 100000, i;
-  int a[2], b[2];
+  int sock = argc > 2 && strcmp(argv[2], "socket") == 0;
+  int a[2], b[2];                 /* parent writes a[1], reads b[0] */
   char c = 'x';
   double t0;
   pid_t pid;
-  if (pipe(a) != 0 || pipe(b) != 0) return 1;
+  if (sock) {
+    int sv[2];
+    if (socketpair(AF_UNIX, SOCK_STREAM, 0, sv) != 0) return 1;
+    a[1] = b[0] = sv[0];          /* the parent's end */
+    a[0] = b[1] = sv[1];          /* the child's end */
+  } else if (pipe(a) != 0 || pipe(b) != 0) {
+    return 1;
+  }
   pid = fork();
   if (pid < 0) return 1;
   if (pid == 0) {

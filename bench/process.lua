@@ -10,9 +10,13 @@ emit("fork_start_join", "lua-mp", rate(300, function(n)
     p:start(); p:join(); p:close()
   end
 end), "ops/s")
--- the floor: fork, _exit and waitpid in C (bench/forkjoin.c)
+-- the floors: fork, _exit and waitpid in C (bench/forkjoin.c), and the
+-- same from a C program holding a Lua state with this library loaded
+-- (bench/forkjoin_lua.c): what any Lua process pays to fork
 local floor = bench.c_rate("forkjoin", "300 1")
 if floor then emit("fork_start_join", "c-fork", floor, "ops/s") end
+floor = bench.c_rate("forkjoin_lua", "300", bench.LUA_CFLAGS)
+if floor then emit("fork_start_join", "c-fork-lua", floor, "ops/s") end
 
 -- An echo child: values (recv/send) or raw bytes, until "stop".
 local function with_echo(bytes, f)
@@ -37,6 +41,9 @@ with_echo(false, function(a)
     for i = 1, n do a:send(i); a:recv() end
   end), "ops/s")
 end)
+-- the floor: one byte each way over a socketpair, in C (bench/pingpong.c)
+floor = bench.c_rate("pingpong", "100000 socket")
+if floor then emit("pipe_rtt_small", "c-socketpair", floor, "ops/s") end
 
 with_echo(true, function(a)
   local mib = string.rep("x", 1 << 20)

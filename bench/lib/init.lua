@@ -19,12 +19,14 @@ function M.rate(n, f, warm)
   return n / (clock() - t0)
 end
 
--- Build the C program bench/<name>.c and run it with args; returns the
--- number it prints (nil when no C compiler is there).
-function M.c_rate(name, args)
+-- Build the C program bench/<name>.c (with extra compiler flags cflags)
+-- and run it with args; returns the number it prints (nil when no C
+-- compiler is there).
+function M.c_rate(name, args, cflags)
   local exe = os.tmpname()
   local rate
-  if os.execute("cc -O2 -o " .. exe .. " bench/" .. name .. ".c 2>/dev/null") then
+  if os.execute("cc -O2 -o " .. exe .. " bench/" .. name .. ".c " .. (cflags or "")
+                .. " 2>/dev/null") then
     local f = io.popen(exe .. " " .. args)
     rate = tonumber(f:read("l"))
     f:close()
@@ -32,5 +34,8 @@ function M.c_rate(name, args)
   os.remove(exe)
   return rate
 end
+
+-- The flags that link a C program with Lua 5.4 (bench/forkjoin_lua.c).
+M.LUA_CFLAGS = "-I/usr/include/lua5.4 -llua5.4"
 
 return M

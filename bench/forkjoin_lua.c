@@ -1,0 +1,40 @@
+/* forkjoin_lua.c: the floor for bench/process.lua's fork_start_join with
+   the weight a Lua program has: a Lua state with the standard libraries
+   and this library loaded (LUA_PATH/LUA_CPATH as make bench sets them),
+   then N times: fork a child that _exits at once, waitpid it.
+   Prints cycles/s. usage: forkjoin_lua N */
+#include <lauxlib.h>
+#include <lua.h>
+#include <lualib.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+
+static double now(void) {
+  struct timespec ts;
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
+}
+
+int main(int argc, char **argv) {
+  long n = argc > 1 ? atol(argv[1]) : 300, i;
+  double t0;
+  lua_State *L = luaL_newstate();
+  luaL_openlibs(L);
+  if (luaL_dostring(L, "require 'multiprocessing'") != LUA_OK) {
+    fprintf(stderr, "%s\n", lua_tostring(L, -1));
+    return 1;
+  }
+  t0 = now();
+  for (i = 0; i < n; i++) {
+    pid_t pid = fork();
+    if (pid < 0) return 1;
+    if (pid == 0) _exit(0);
+    waitpid(pid, NULL, 0);
+  }
+  printf("%.1f\n", (double)n / (now() - t0));
+  lua_close(L);
+  return 0;
+}
