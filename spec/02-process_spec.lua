@@ -372,3 +372,56 @@ describe("SIGINT interrupts a blocked wait", function()
     assert.are.equal(0, H.finish(p))
   end)
 end)
+
+describe("Process details", function()
+  H.leakcheck()
+
+  it("p.ident is the pid, nil before start", function()
+    local p = mp.Process{ target = function() end }
+    assert.is_nil(p.ident)
+    p:start()
+    assert.are.equal(p.pid, p.ident)
+    assert.are.equal(0, p:join(30))
+    assert.are.equal(core.getpid(), mp.current_process().ident)
+  end)
+
+  it("authkey: 32 random bytes of the main process, the same in children "
+     .. "under every start method; a key set before start is the child's", function()
+    local out, code = H.run_lua([[
+      local mp = require "multiprocessing"
+      local key = mp.current_process().authkey
+      local function same(k) os.exit(mp.current_process().authkey == k and 0 or 7) end
+      if mp.is_main() then
+        assert(type(key) == "string" and #key == 32)
+        assert(mp.current_process().authkey == key)          -- made once
+        for _, m in ipairs{"fork", "spawn", "forkserver"} do
+          local p = mp.get_context(m).Process{target = same, args = {key}}
+          assert(p.authkey == key)
+          p:start()
+          assert(p:join(30) == 0, m)
+        end
+        local p = mp.Process{target = same, args = {"another key"}}
+        p.authkey = "another key"
+        p:start()
+        assert(p:join(30) == 0, "set key")
+        local pool = mp.Pool(1)
+        assert(pool:apply(function() return mp.current_process().authkey end) == key)
+        pool:close(); pool:join()
+        require("multiprocessing.spawn")._forkserver_stop()
+        print("ok")
+      end
+    ]], 60)
+    assert.are.equal(0, code, out)
+    assert.are.equal("ok\n", out)
+    -- another program has another key
+    local k1 = H.run_lua([[io.write(require("multiprocessing").current_process().authkey)]])
+    local k2 = H.run_lua([[io.write(require("multiprocessing").current_process().authkey)]])
+    assert.are.equal(32, #k1)
+    assert.are_not.equal(k1, k2)
+  end)
+
+  it("freeze_support and allow_connection_pickling are accepted", function()
+    assert.is_nil(mp.freeze_support())
+    assert.is_nil(mp.allow_connection_pickling())
+  end)
+end)

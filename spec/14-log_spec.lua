@@ -74,11 +74,18 @@ describe("logging", function()
     assert.are.equal(0, code)
     local n, counts = 0, {}
     for l in out:gmatch("[^\n]*\n") do
+      -- the children's records, and the library's own about them
       local name, i = l:match("^%[INFO/(Process%-%d+) %d+%] (%d) %d+ x+\n$")
-      assert.truthy(name, "a mangled line: " .. l:sub(1, 80))
-      assert.are.equal(300, #l:match("(x+)\n$"))
-      counts[i] = (counts[i] or 0) + 1
-      n = n + 1
+      if name then
+        assert.are.equal(300, #l:match("(x+)\n$"))
+        counts[i] = (counts[i] or 0) + 1
+        n = n + 1
+      else
+        assert.truthy(l:match("^%[INFO/MainProcess %d+%] process Process%-%d ") and
+                      (l:match(" started %(pid %d+, fork%)\n$") or
+                       l:match(" exited with code 0\n$")),
+                      "a mangled line: " .. l:sub(1, 80))
+      end
     end
     assert.are.equal(800, n)
     for i = 1, 4 do assert.are.equal(200, counts[tostring(i)]) end
@@ -91,7 +98,7 @@ describe("logging", function()
       if mp.is_main() then
         mp.log_to_stderr("INFO")
         local ctx = mp.get_context("spawn")
-        local p = ctx:Process{target = child}
+        local p = ctx.Process{target = child}
         p:start()
         assert(p:join(30) == 0)
       end
@@ -121,6 +128,41 @@ describe("logging", function()
     ]])
     assert.are.equal(0, code, out)
     assert.are.equal("INFO:n=5,ERROR:bad\ntrue\n", out)
+  end)
+
+  it("records process starts and exits, pool worker deaths, replacements "
+     .. "and timeout kills, and the fork server's start and stop", function()
+    local out, code = H.run_lua([[
+      local mp = require "multiprocessing"
+      if mp.is_main() then
+        mp.log_to_stderr("INFO")
+        local p = mp.Process{target = function() end, name = "quick"}
+        p:start(); assert(p:join(30) == 0)
+        p = mp.Process{target = function() while true do end end,
+                       name = "doomed"}
+        p:start(); p:kill(); assert(p:join(30) == -9)
+        local pool = mp.Pool(1)
+        local r = pool:apply_async(function() while true do end end, {}, {timeout = 0.1})
+        assert(not pcall(r.get, r, 30))
+        pool:close(); pool:join()
+        p = mp.get_context("forkserver").Process{target = function() end, name = "served"}
+        p:start(); assert(p:join(30) == 0)
+        require("multiprocessing.spawn")._forkserver_stop()
+      end
+    ]], 60)
+    assert.are.equal(0, code, out)
+    local want = {
+      "%[INFO/MainProcess %d+%] process quick started %(pid %d+, fork%)\n",
+      "%[INFO/MainProcess %d+%] process quick %(pid %d+%) exited with code 0\n",
+      "%[INFO/MainProcess %d+%] process doomed %(pid %d+%) ended by signal 9\n",
+      "%[WARN/MainProcess %d+%] pool worker 1 %(pid %d+%) killed: a task ran past its "
+        .. "timeout of 0.1 s\n",
+      "%[INFO/MainProcess %d+%] pool worker 1 %(pid %d+%) killed by signal 9; replacing it\n",
+      "%[INFO/MainProcess %d+%] fork server started %(pid %d+%)\n",
+      "%[INFO/MainProcess %d+%] process served started %(pid %d+, forkserver%)\n",
+      "%[INFO/MainProcess %d+%] fork server %(pid %d+%) stopped, exit code 0\n",
+    }
+    for _, pat in ipairs(want) do assert.matches(pat, out) end
   end)
 
   it("set_logger refuses what is not a logger", function()

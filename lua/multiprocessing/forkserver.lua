@@ -15,6 +15,7 @@
 
 local core = require "multiprocessing.core"
 local errors = require "multiprocessing.errors"
+local log = require "multiprocessing.log"
 local process = require "multiprocessing.process"
 local spawn = require "multiprocessing.spawn"
 
@@ -36,7 +37,12 @@ local server   -- { conn = Connection, proc = Process, owner = pid }
 -- process we were forked from is that process's: only forgotten.
 local function reap_server(proc)
   if proc:is_alive() then proc:kill() end
-  if proc:join(5) then proc:close() end
+  local code = proc:join(5)
+  if code then proc:close() end
+  if log.enabled("INFO") then
+    log.info("fork server (pid %s) stopped%s", tostring(proc.pid),
+             code and (", exit code " .. code) or "")
+  end
 end
 
 local function drop_server()
@@ -64,6 +70,7 @@ local function get_server()
                  .. (type(err) == "table" and tostring(err.message) or tostring(err)), 3)
   end
   server = { conn = mine, proc = proc, owner = me }
+  if log.enabled("INFO") then log.info("fork server started (pid %d)", proc.pid) end
   return server
 end
 

@@ -33,6 +33,7 @@
 
 local errors = require "multiprocessing.errors"
 local core = require "multiprocessing.core"
+local log = require "multiprocessing.log"
 
 local type, pairs, tostring, pcall = type, pairs, tostring, pcall
 local math_huge, math_min, math_max = math.huge, math.min, math.max
@@ -448,7 +449,13 @@ function Pool:_check_deadlines()
     if chunk.deadline <= now and not chunk.timedout then
       chunk.timedout = true
       local w = self._workers[slot]
-      if w then w.proc:kill() end
+      if w then
+        if log.enabled("WARN") then
+          log.warn("pool worker %d (pid %d) killed: a task ran past its timeout of %g s",
+                   slot, w.pid, chunk.job.timeout or 0)
+        end
+        w.proc:kill()
+      end
     end
   end
   self:_arm()

@@ -19,6 +19,7 @@
 
 local core = require "multiprocessing.core"
 local errors = require "multiprocessing.errors"
+local log = require "multiprocessing.log"
 local process = require "multiprocessing.process"
 local worker = require "multiprocessing.pool_worker"
 
@@ -101,6 +102,10 @@ function Pool:_restart(slot)
     return
   end
   self._pc:close_slot(slot)               -- the channel opened for it
+  if log.enabled("WARN") then
+    log.warn("pool worker %d could not be started: %s", slot,
+             type(err) == "table" and err.message or tostring(err))
+  end
   if not vacant then vacant = {}; self._vacant = vacant end
   local v = vacant[slot] or { tries = 0 }
   vacant[slot] = v
@@ -153,6 +158,11 @@ function Pool:_death(slot)
   p:close()
   self:_lost_chunks(w, code, started, finished)
   if self._state == "terminated" or self._broken then return end
+  if log.enabled("INFO") and not (w.exit_sent or w.retiring) then
+    log.info("pool worker %d (pid %d) %s; %s", slot, w.pid,
+             code < 0 and ("killed by signal " .. -code) or ("exited with code " .. code),
+             (self._state == "running" or self._active > 0) and "replacing it" or "not replaced")
+  end
   -- A worker that left on its own before it was ready would be followed by
   -- replacements that fail the same way (an initializer that calls
   -- os.exit; under spawn and forkserver an entry chunk that raises, e.g.

@@ -12,6 +12,7 @@
 
 local core = require "multiprocessing.core"
 local errors = require "multiprocessing.errors"
+local log = require "multiprocessing.log"
 local check = require "multiprocessing.check"
 
 local type, error, pairs, tostring, setmetatable, xpcall, pcall =
@@ -34,12 +35,29 @@ local START_METHODS = { "fork", "spawn", "forkserver" }   -- the list, in order
 local METHODS = { fork = true, spawn = true, forkserver = true }
 M.METHODS, M.START_METHODS = METHODS, START_METHODS
 
+-- The process's authkey: 32 random bytes, made by the main process the
+-- first time a process is made or the key is asked for (before any child
+-- exists, so every child inherits the same), as Python's.
+local function new_authkey()
+  local f = assert(io.open("/dev/urandom", "rb"))
+  local key = f:read(32)
+  f:close()
+  return key
+end
+
 -- The main process as seen by current_process() in it.
 local MainProcess = setmetatable({
   name = "MainProcess", daemon = false, exitcode = nil,
   is_alive = function() return true end,
 }, {
-  __index = function(_, k) if k == "pid" or k == "ident" then return core.getpid() end end,
+  __index = function(t, k)
+    if k == "pid" or k == "ident" then return core.getpid() end
+    if k == "authkey" then
+      local key = new_authkey()
+      rawset(t, "authkey", key)
+      return key
+    end
+  end,
   __tostring = function() return "<_MainProcess(MainProcess, started)>" end,
 })
 
@@ -60,6 +78,7 @@ end
 -- Pool's workers), counted as mp.Process counts them
 function M._new(fields)
   counter = counter + 1
+  if fields.authkey == nil then fields.authkey = (current or MainProcess).authkey end
   return core.process_new(fields)
 end
 
@@ -72,6 +91,7 @@ function exports.Process(opts)
     name = opts.name or ("Process-" .. counter),
     daemon = opts.daemon,
     run = opts.run,
+    authkey = (current or MainProcess).authkey,
     _method = opts.start_method,
   }
   if fields.daemon == nil then
@@ -141,6 +161,7 @@ local function bootstrap(self, ppid, pname, not_os_parent)
                  "):\n", tostring(err), "\n")
   end
   exit_function()
+  if log.enabled("DEBUG") then log.debug("process exiting with exit code %d", code) end
   return code       -- _fork's child side flushes and _exits with it
 end
 M._child_main = bootstrap
@@ -160,6 +181,13 @@ local c_join = methods.join
 function methods.join(self, timeout)
   local code, why = c_join(self, timeout)
   if code then
+    if children[self] and log.enabled("INFO") then
+      if code < 0 then
+        log.info("process %s (pid %d) ended by signal %d", self.name, self.pid, -code)
+      else
+        log.info("process %s (pid %d) exited with code %d", self.name, self.pid, code)
+      end
+    end
     children[self] = nil
     return code
   end
@@ -205,6 +233,12 @@ local function start_all(list, level)
   end
   for i = 1, n do children[list[i]] = true end
   if n > 0 then arm_exit_guard() end
+  if log.enabled("INFO") then
+    for i = 1, n do
+      local p = list[i]
+      log.info("process %s started (pid %d, %s)", p.name, p.pid, p._method or default_method)
+    end
+  end
   if not ok then error(err, 0) end
 end
 
@@ -233,6 +267,12 @@ function exports.active_children()
 end
 
 exports.cpu_count = core.cpu_count
+
+-- mp.freeze_support(), mp.allow_connection_pickling(): accepted and do
+-- nothing, for code ported from Python (there is nothing to freeze, and
+-- connections always travel as handles)
+function exports.freeze_support() end
+function exports.allow_connection_pickling() end
 
 -- mp.is_main() -> false in a spawned child (which re-runs the entry chunk)
 function exports.is_main() return not spawned_child end

@@ -200,6 +200,7 @@ function M._prep_message(ppid, pname, main, with_lib)
     arg = args, main = main, ppid = ppid, pname = pname,
     exe = executable, preload = preload, method = process._default_method(),
     lib = with_lib and library_bytecode() or nil,
+    log = require("multiprocessing.log").config(),
   }
 end
 
@@ -295,6 +296,7 @@ function M._run_child(conn, prep, why)
   if package.cpath ~= prep.cpath then package.cpath = prep.cpath end
   if prep.cwd then core.chdir(prep.cwd) end
   require "multiprocessing"            -- every handle kind can be rebuilt
+  require("multiprocessing.log").configure(prep.log)
   if process.exports.is_main() then process._set_spawned_child(true) end
   if prep.exe and executable ~= prep.exe then executable = prep.exe end
   if process.METHODS[prep.method] and process._default_method() ~= prep.method then
