@@ -23,27 +23,36 @@ LIBS       = -lm
 # the authkey handshake's crypto is a module of its own (csrc/auth.c), so
 # that only a process that runs a handshake loads libcrypto
 AUTH_LIBS  = -lcrypto
+# the cluster pool's Redis client is a module of its own too (csrc/redis/,
+# outside the core's wildcard), so that only a cluster program loads hiredis
+REDIS_LIBS = -lhiredis
 
 SRC  = $(wildcard csrc/*.c)
 CORE_SRC = $(filter-out csrc/auth.c,$(SRC))
 HDR  = $(wildcard csrc/*.h)
 SO   = lua/multiprocessing/core.so
 AUTH_SO = lua/multiprocessing/auth.so
+REDIS_SO = lua/multiprocessing/redis.so
+REDIS_SRC = csrc/redis/redis.c
 LUASRC = $(wildcard lua/multiprocessing/*.lua)
+CLUSTERSRC = $(wildcard lua/multiprocessing/cluster/*.lua)
 BUSTED = $(LUA) /usr/bin/busted
 ENV  = LUA_PATH="$(CURDIR)/lua/?.lua;$(CURDIR)/lua/?/init.lua;;" \
        LUA_CPATH="$(CURDIR)/lua/?.so;;"
-DEPS = lua5.4 liblua5.4-dev lua-busted gcc make libssl-dev
+DEPS = lua5.4 liblua5.4-dev lua-busted gcc make libssl-dev redis-server libhiredis-dev
 
-.PHONY: embed all run test test-asan examples bench chaos fuzz fuzz-ci lint install clean deps spec env
+.PHONY: embed all run run-cluster test test-asan examples bench chaos fuzz fuzz-ci lint install clean deps spec env
 
-all: $(SO) $(AUTH_SO)
+all: $(SO) $(AUTH_SO) $(REDIS_SO)
 
 $(SO): $(CORE_SRC) $(HDR)
 	$(CC) $(ALL_CFLAGS) $(LDFLAGS_SO) -o $@ $(CORE_SRC) $(LIBS)
 
 $(AUTH_SO): csrc/auth.c $(HDR)
 	$(CC) $(ALL_CFLAGS) $(LDFLAGS_SO) -o $@ csrc/auth.c $(AUTH_LIBS)
+
+$(REDIS_SO): $(REDIS_SRC)
+	$(CC) $(ALL_CFLAGS) $(LDFLAGS_SO) -o $@ $(REDIS_SRC) $(REDIS_LIBS)
 
 # Install what is missing (Debian); does nothing when all is there.
 deps:
@@ -69,6 +78,7 @@ test: deps
 
 ASAN_SO = build/asan/multiprocessing/core.so
 ASAN_AUTH_SO = build/asan/multiprocessing/auth.so
+ASAN_REDIS_SO = build/asan/multiprocessing/redis.so
 ASAN_CFLAGS = -O1 -g -fsanitize=address,undefined -fno-omit-frame-pointer \
        $(WARN) -fPIC -fvisibility=hidden -I$(LUA_INCDIR) -Icsrc $(LDFLAGS_SO)
 ASAN_ENV = LD_PRELOAD="$$($(CC) -print-file-name=libasan.so) $$($(CC) -print-file-name=libubsan.so)" \
@@ -84,7 +94,11 @@ $(ASAN_AUTH_SO): csrc/auth.c $(HDR)
 	@mkdir -p $(dir $@)
 	$(CC) $(ASAN_CFLAGS) -o $@ csrc/auth.c $(AUTH_LIBS)
 
-test-asan: $(ASAN_SO) $(ASAN_AUTH_SO)
+$(ASAN_REDIS_SO): $(REDIS_SRC)
+	@mkdir -p $(dir $@)
+	$(CC) $(ASAN_CFLAGS) -o $@ $(REDIS_SRC) $(REDIS_LIBS)
+
+test-asan: $(ASAN_SO) $(ASAN_AUTH_SO) $(ASAN_REDIS_SO)
 	@echo "== specs under AddressSanitizer and UBSan"
 	$(ASAN_ENV) timeout 1800 $(BUSTED) --cpath="$(CURDIR)/build/asan/?.so" -o spec/summary.lua spec
 
@@ -124,14 +138,18 @@ install: all
 	install -d $(DESTDIR)$(LUA_LIBDIR)/multiprocessing $(DESTDIR)$(LUA_SHAREDIR)/multiprocessing
 	install -m 755 $(SO) $(DESTDIR)$(LUA_LIBDIR)/multiprocessing/core.so
 	install -m 755 $(AUTH_SO) $(DESTDIR)$(LUA_LIBDIR)/multiprocessing/auth.so
+	install -m 755 $(REDIS_SO) $(DESTDIR)$(LUA_LIBDIR)/multiprocessing/redis.so
 	install -m 644 $(LUASRC) $(DESTDIR)$(LUA_SHAREDIR)/multiprocessing/
+	install -d $(DESTDIR)$(LUA_SHAREDIR)/multiprocessing/cluster $(DESTDIR)$(PREFIX)/bin
+	install -m 644 $(CLUSTERSRC) $(DESTDIR)$(LUA_SHAREDIR)/multiprocessing/cluster/
+	install -m 755 bin/mp-worker $(DESTDIR)$(PREFIX)/bin/mp-worker
 
 lint:
 	luacheck lua spec examples bench chaos
 	cppcheck --quiet --enable=warning,performance,portability --error-exitcode=1 -I$(LUA_INCDIR) csrc
 
 clean:
-	rm -rf $(SO) $(AUTH_SO) build examples/embed/host
+	rm -rf $(SO) $(AUTH_SO) $(REDIS_SO) build examples/embed/host
 
 # Fuzz the codec's decoder with libFuzzer (clang, libclang-rt-*-dev):
 #   make fuzz [FUZZ_SECONDS=600]   make fuzz-ci (60 s, for CI)
