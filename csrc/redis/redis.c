@@ -25,6 +25,7 @@
 #endif
 #include <errno.h>
 #include <poll.h>
+#include <signal.h>
 #include <string.h>
 #include <sys/time.h>
 #include <time.h>
@@ -230,14 +231,37 @@ static int redis_append(lua_State *L) {
   return 1;
 }
 
+/* Send what is queued. hiredis writes with write(2): a peer that closed
+   would raise SIGPIPE and kill the program, so SIGPIPE is blocked while it
+   writes and a SIGPIPE it caused is taken off the pending set (the error
+   comes back as EPIPE). Returns 0, or -1 on an I/O error. */
+static int write_all(Redis *r) {
+  sigset_t pipe, old;
+  int done = 0, rc = 0, was_pending;
+  sigemptyset(&pipe);
+  sigaddset(&pipe, SIGPIPE);
+  {
+    sigset_t pend;
+    sigpending(&pend);
+    was_pending = sigismember(&pend, SIGPIPE);
+  }
+  pthread_sigmask(SIG_BLOCK, &pipe, &old);
+  while (!done && rc == 0)
+    if (redisBufferWrite(r->c, &done) != REDIS_OK) rc = -1;
+  if (!was_pending) {
+    struct timespec zero = { 0, 0 };
+    while (sigtimedwait(&pipe, NULL, &zero) == SIGPIPE) {}
+  }
+  pthread_sigmask(SIG_SETMASK, &old, NULL);
+  return rc;
+}
+
 /* Read one reply, waiting at most timeout seconds (< 0: the command
    timeout). Returns 1 with *rep set, 0 on timeout, -1 on an I/O error. */
 static int read_reply(Redis *r, double timeout, redisReply **rep) {
   double deadline = timeout >= 0 ? now() + timeout : -1;
-  int done = 0;
   void *out = NULL;
-  while (!done)
-    if (redisBufferWrite(r->c, &done) != REDIS_OK) return -1;
+  if (write_all(r) != 0) return -1;
   for (;;) {
     struct pollfd pfd;
     int ms, n;

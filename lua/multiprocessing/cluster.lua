@@ -20,7 +20,7 @@ local worker = require "multiprocessing.cluster.worker"
 
 local type, tostring, tonumber, pairs, ipairs, error, setmetatable, pcall =
       type, tostring, tonumber, pairs, ipairs, error, setmetatable, pcall
-local pack, unpack = table.pack, table.unpack
+local unpack = table.unpack
 local monotonic = core.monotonic
 local math_min, math_max, math_ceil = math.min, math.max, math.ceil
 
@@ -128,7 +128,8 @@ function Pool:_deliver(msg)
       if err then
         if i == 0 then job.errs[pos] = err end
       else
-        job.results[pos] = job.mode == "map" and msg.r[i + 1] or pack(msg.r[i + 1])
+        local r = msg.r[i + 1]
+        if job.mode == "map" then job.results[pos] = r[1] else job.results[pos] = r end
       end
       if not err or i == 0 then job.order[#job.order + 1] = pos end
     end
@@ -211,9 +212,12 @@ local function new_result(job) return setmetatable({ _job = job }, AsyncResult) 
 -- pool:apply_async(fn, args [, {callback=, error_callback=, timeout=}]) -> AsyncResult
 function Pool:apply_async(fn, args, opts)
   self:_own(2)
-  if type(fn) ~= "function" then error("bad argument #1 to 'apply_async' (function expected)", 2) end
-  if args ~= nil and type(args) ~= "table" then error("bad argument #2 to 'apply_async' (table expected)", 2) end
-  if opts ~= nil and type(opts) ~= "table" then error("bad argument #3 to 'apply_async' (table expected)", 2) end
+  local function bad(i, what)
+    error(("bad argument #%d to 'apply_async' (%s expected)"):format(i, what), 3)
+  end
+  if type(fn) ~= "function" then bad(1, "function") end
+  if args ~= nil and type(args) ~= "table" then bad(2, "table") end
+  if opts ~= nil and type(opts) ~= "table" then bad(3, "table") end
   local job = new_job(self, "apply", 1, opts)
   local cmds = {}
   self:_add(job, 1, 1, { mode = "apply", fn = fn, args = args or {},
@@ -231,7 +235,9 @@ function Pool:_map(mode, fn, xs, star, opts, level)
   self:_own(level + 1)
   if type(fn) ~= "function" then error("bad argument #1 (function expected)", level + 1) end
   if type(opts) == "number" then opts = { chunksize = opts } end
-  if opts ~= nil and type(opts) ~= "table" then error("bad argument #3 (chunksize or table expected)", level + 1) end
+  if opts ~= nil and type(opts) ~= "table" then
+    error("bad argument #3 (chunksize or table expected)", level + 1)
+  end
   local list = xs
   if type(xs) == "function" then                -- an iterator is read now
     list = {}

@@ -142,19 +142,33 @@ function M.serve(o)
     if not held[id] then nheld = nheld + 1 end
     held[id] = { lease = task.lease, renew_at = monotonic() + task.lease / 3000 }
     if deliveries and deliveries > 1 + (task.max_retries or 2) then
-      return publish(id, task.c, f.t, ttl, { t = task.t, err = errors.to_data(errors.new("WorkerLostError",
-        ("task lost %d times; its last worker, %s, stopped renewing its lease"):format(deliveries - 1, last),
-        { worker = last })) })
+      local d = errors.to_data(errors.new("WorkerLostError",
+        ("task lost %d times; its last worker was %s"):format(deliveries - 1, last)))
+      d.worker = last
+      return publish(id, task.c, f.t, ttl, { t = task.t, err = d })
     end
     local function ok(...) publish(id, task.c, f.t, ttl, { t = task.t, r = pack(...) }) end
-    local function fail(err) publish(id, task.c, f.t, ttl, { t = task.t, err = errors.to_data(err) }) end
+    local function fail(err)
+      if errors.WorkerLostError:is(err) and held[id] then
+        -- the process running it died: not a result but a lost delivery;
+        -- stop renewing, and the task is taken again once its lease ends
+        -- (here or elsewhere), up to max_retries times
+        log("lost task", id, tostring(err.message))
+        held[id] = nil; nheld = nheld - 1
+        return
+      end
+      publish(id, task.c, f.t, ttl, { t = task.t, err = errors.to_data(err) })
+    end
     local good, err = pcall(function()
       if task.mode == "apply" then
         pool:apply_async(task.fn, task.args, { callback = ok, error_callback = fail, timeout = task.timeout })
       else
-        local f2 = task.star and pool.starmap_async or pool.map_async
-        f2(pool, task.fn, task.args, { callback = function(list)
-          publish(id, task.c, f.t, ttl, { t = task.t, r = list })
+        -- each item's results, all of them (imap gives them all), packed
+        local fn = task.fn
+        local each = task.star and function(a) return pack(fn(unpack(a, 1, a.n or #a))) end
+                     or function(x) return pack(fn(x)) end
+        pool:map_async(each, task.args, { callback = function(rs)
+          publish(id, task.c, f.t, ttl, { t = task.t, r = rs })
         end, error_callback = fail })
       end
     end)
@@ -190,7 +204,7 @@ function M.serve(o)
     if type(pend) ~= "table" then return end
     for _, p in ipairs(pend) do
       local id, holder, idle, count = p[1], p[2], p[3], p[4]
-      if holder ~= me and not held[id] then
+      if not held[id] then
         local ent = wc:call("XRANGE", keys.tasks, id, id)
         local f = ent and ent[1] and wire.fields(ent[1][2]) or {}
         local lease = tonumber(f.l) or 10000
