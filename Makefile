@@ -69,6 +69,22 @@ run: deps
 	$(MAKE) all
 	$(ENV) $(LUA) examples/primes_pool.lua $(N)
 
+# The primes example across two worker "machines" (mp-worker processes,
+# each in a session of its own) on a Redis started here on a Unix socket;
+# prints which machine counted how many ranges, then stops them all.
+run-cluster: deps
+	$(MAKE) all
+	@d=$$(mktemp -d); trap 'for f in $$d/*.pid; do [ -f $$f ] && /bin/kill -s INT -- -$$(cat $$f) 2>/dev/null; done; \
+	  sleep 1; redis-cli -s $$d/s shutdown nosave >/dev/null 2>&1; rm -rf $$d' EXIT; \
+	redis-server --port 0 --unixsocket $$d/s --dir $$d --save '' --appendonly no \
+	  --daemonize yes --pidfile $$d/redis.pidfile --logfile $$d/log || exit 1; \
+	head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n' > $$d/key; \
+	for m in alpha beta; do \
+	  MP_MACHINE=$$m $(ENV) setsid -f sh -c "echo \$$\$$ > $$d/$$m.pid; exec $(LUA) bin/mp-worker \
+	    --redis unix://$$d/s --queue primes --processes 1 --authkey-file $$d/key --machine $$m"; \
+	done; \
+	MP_REDIS=unix://$$d/s MP_AUTHKEY=$$(cat $$d/key) $(ENV) $(LUA) examples/cluster/primes.lua $(N)
+
 # The specs run twice: first against a build with AddressSanitizer and
 # UndefinedBehaviorSanitizer (children too), then against the real build;
 # the last line is the real build's "N passed, N failed".
