@@ -21,10 +21,17 @@ dependencies = {
 -- that only a process that runs an authkey handshake loads libcrypto.
 external_dependencies = {
   OPENSSL = { header = "openssl/evp.h", library = "crypto" },
+  -- the cluster pool's Redis client (multiprocessing.redis); Debian:
+  -- libhiredis-dev (0.14: no TLS)
+  HIREDIS = { header = "hiredis/hiredis.h", library = "hiredis" },
 }
 build = {
   type = "builtin",
   modules = {
+    ["multiprocessing.cluster"] = "lua/multiprocessing/cluster.lua",
+    ["multiprocessing.cluster.conn"] = "lua/multiprocessing/cluster/conn.lua",
+    ["multiprocessing.cluster.wire"] = "lua/multiprocessing/cluster/wire.lua",
+    ["multiprocessing.cluster.worker"] = "lua/multiprocessing/cluster/worker.lua",
     ["multiprocessing.codec"] = "lua/multiprocessing/codec.lua",
     ["multiprocessing.connection"] = "lua/multiprocessing/connection.lua",
     ["multiprocessing.context"] = "lua/multiprocessing/context.lua",
@@ -58,5 +65,14 @@ build = {
       libdirs = { "$(OPENSSL_LIBDIR)" },
       libraries = { "crypto" },
     },
+    ["multiprocessing.redis"] = {
+      sources = { "csrc/redis/redis.c" },
+      incdirs = { "$(HIREDIS_INCDIR)" },
+      libdirs = { "$(HIREDIS_LIBDIR)" },
+      libraries = { "hiredis" },
+    },
+  },
+  install = {
+    bin = { ["mp-worker"] = "bin/mp-worker" },
   },
 }
