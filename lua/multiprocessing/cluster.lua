@@ -370,7 +370,13 @@ function Pool:terminate()
   self._tasks, self._ntasks = {}, 0
 end
 Pool.__close = Pool.terminate
-Pool.__gc = Pool.terminate
+
+-- __gc: never blocks on the network: the connections are closed and the
+-- result stream left to expire (result_ttl)
+function Pool.__gc(self)
+  if self._wc then self._wc:close() end
+  if self._rc then self._rc:close() end
+end
 
 function Pool.__tostring(self)
   return ("<cluster.Pool(%s, %s)>"):format(self._keys.tasks, self._state)
