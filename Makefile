@@ -23,27 +23,36 @@ LIBS       = -lm
 # the authkey handshake's crypto is a module of its own (csrc/auth.c), so
 # that only a process that runs a handshake loads libcrypto
 AUTH_LIBS  = -lcrypto
+# the cluster pool's Redis client is a module of its own too (csrc/redis/,
+# outside the core's wildcard), so that only a cluster program loads hiredis
+REDIS_LIBS = -lhiredis
 
 SRC  = $(wildcard csrc/*.c)
 CORE_SRC = $(filter-out csrc/auth.c,$(SRC))
 HDR  = $(wildcard csrc/*.h)
 SO   = lua/multiprocessing/core.so
 AUTH_SO = lua/multiprocessing/auth.so
+REDIS_SO = lua/multiprocessing/redis.so
+REDIS_SRC = csrc/redis/redis.c
 LUASRC = $(wildcard lua/multiprocessing/*.lua)
+CLUSTERSRC = $(wildcard lua/multiprocessing/cluster/*.lua)
 BUSTED = $(LUA) /usr/bin/busted
 ENV  = LUA_PATH="$(CURDIR)/lua/?.lua;$(CURDIR)/lua/?/init.lua;;" \
        LUA_CPATH="$(CURDIR)/lua/?.so;;"
-DEPS = lua5.4 liblua5.4-dev lua-busted gcc make libssl-dev
+DEPS = lua5.4 liblua5.4-dev lua-busted gcc make libssl-dev redis-server libhiredis-dev
 
-.PHONY: embed all run test test-asan examples bench chaos fuzz fuzz-ci lint install clean deps spec env
+.PHONY: embed all run run-cluster test test-asan examples bench chaos fuzz fuzz-ci lint install clean deps spec env
 
-all: $(SO) $(AUTH_SO)
+all: $(SO) $(AUTH_SO) $(REDIS_SO)
 
 $(SO): $(CORE_SRC) $(HDR)
 	$(CC) $(ALL_CFLAGS) $(LDFLAGS_SO) -o $@ $(CORE_SRC) $(LIBS)
 
 $(AUTH_SO): csrc/auth.c $(HDR)
 	$(CC) $(ALL_CFLAGS) $(LDFLAGS_SO) -o $@ csrc/auth.c $(AUTH_LIBS)
+
+$(REDIS_SO): $(REDIS_SRC)
+	$(CC) $(ALL_CFLAGS) $(LDFLAGS_SO) -o $@ $(REDIS_SRC) $(REDIS_LIBS)
 
 # Install what is missing (Debian); does nothing when all is there.
 deps:
@@ -60,6 +69,22 @@ run: deps
 	$(MAKE) all
 	$(ENV) $(LUA) examples/primes_pool.lua $(N)
 
+# The primes example across two worker "machines" (mp-worker processes,
+# each in a session of its own) on a Redis started here on a Unix socket;
+# prints which machine counted how many ranges, then stops them all.
+run-cluster: deps
+	$(MAKE) all
+	@d=$$(mktemp -d); trap 'for f in $$d/*.pid; do [ -f $$f ] && /bin/kill -s INT -- -$$(cat $$f) 2>/dev/null; done; \
+	  sleep 1; redis-cli -s $$d/s shutdown nosave >/dev/null 2>&1; rm -rf $$d' EXIT; \
+	redis-server --port 0 --unixsocket $$d/s --dir $$d --save '' --appendonly no \
+	  --daemonize yes --pidfile $$d/redis.pidfile --logfile $$d/log || exit 1; \
+	head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n' > $$d/key; \
+	for m in alpha beta; do \
+	  MP_MACHINE=$$m $(ENV) setsid -f sh -c "echo \$$\$$ > $$d/$$m.pid; exec $(LUA) bin/mp-worker \
+	    --redis unix://$$d/s --queue primes --processes 1 --authkey-file $$d/key --machine $$m"; \
+	done; \
+	MP_REDIS=unix://$$d/s MP_AUTHKEY=$$(cat $$d/key) $(ENV) $(LUA) examples/cluster/primes.lua $(N)
+
 # The specs run twice: first against a build with AddressSanitizer and
 # UndefinedBehaviorSanitizer (children too), then against the real build;
 # the last line is the real build's "N passed, N failed".
@@ -69,6 +94,7 @@ test: deps
 
 ASAN_SO = build/asan/multiprocessing/core.so
 ASAN_AUTH_SO = build/asan/multiprocessing/auth.so
+ASAN_REDIS_SO = build/asan/multiprocessing/redis.so
 ASAN_CFLAGS = -O1 -g -fsanitize=address,undefined -fno-omit-frame-pointer \
        $(WARN) -fPIC -fvisibility=hidden -I$(LUA_INCDIR) -Icsrc $(LDFLAGS_SO)
 ASAN_ENV = LD_PRELOAD="$$($(CC) -print-file-name=libasan.so) $$($(CC) -print-file-name=libubsan.so)" \
@@ -84,7 +110,11 @@ $(ASAN_AUTH_SO): csrc/auth.c $(HDR)
 	@mkdir -p $(dir $@)
 	$(CC) $(ASAN_CFLAGS) -o $@ csrc/auth.c $(AUTH_LIBS)
 
-test-asan: $(ASAN_SO) $(ASAN_AUTH_SO)
+$(ASAN_REDIS_SO): $(REDIS_SRC)
+	@mkdir -p $(dir $@)
+	$(CC) $(ASAN_CFLAGS) -o $@ $(REDIS_SRC) $(REDIS_LIBS)
+
+test-asan: $(ASAN_SO) $(ASAN_AUTH_SO) $(ASAN_REDIS_SO)
 	@echo "== specs under AddressSanitizer and UBSan"
 	$(ASAN_ENV) timeout 1800 $(BUSTED) --cpath="$(CURDIR)/build/asan/?.so" -o spec/summary.lua spec
 
@@ -124,14 +154,18 @@ install: all
 	install -d $(DESTDIR)$(LUA_LIBDIR)/multiprocessing $(DESTDIR)$(LUA_SHAREDIR)/multiprocessing
 	install -m 755 $(SO) $(DESTDIR)$(LUA_LIBDIR)/multiprocessing/core.so
 	install -m 755 $(AUTH_SO) $(DESTDIR)$(LUA_LIBDIR)/multiprocessing/auth.so
+	install -m 755 $(REDIS_SO) $(DESTDIR)$(LUA_LIBDIR)/multiprocessing/redis.so
 	install -m 644 $(LUASRC) $(DESTDIR)$(LUA_SHAREDIR)/multiprocessing/
+	install -d $(DESTDIR)$(LUA_SHAREDIR)/multiprocessing/cluster $(DESTDIR)$(PREFIX)/bin
+	install -m 644 $(CLUSTERSRC) $(DESTDIR)$(LUA_SHAREDIR)/multiprocessing/cluster/
+	install -m 755 bin/mp-worker $(DESTDIR)$(PREFIX)/bin/mp-worker
 
 lint:
 	luacheck lua spec examples bench chaos
 	cppcheck --quiet --enable=warning,performance,portability --error-exitcode=1 -I$(LUA_INCDIR) csrc
 
 clean:
-	rm -rf $(SO) $(AUTH_SO) build examples/embed/host
+	rm -rf $(SO) $(AUTH_SO) $(REDIS_SO) build examples/embed/host
 
 # Fuzz the codec's decoder with libFuzzer (clang, libclang-rt-*-dev):
 #   make fuzz [FUZZ_SECONDS=600]   make fuzz-ci (60 s, for CI)

@@ -21,14 +21,22 @@ dependencies = {
 -- that only a process that runs an authkey handshake loads libcrypto.
 external_dependencies = {
   OPENSSL = { header = "openssl/evp.h", library = "crypto" },
+  -- the cluster pool's Redis client (multiprocessing.redis); Debian:
+  -- libhiredis-dev (0.14: no TLS)
+  HIREDIS = { header = "hiredis/hiredis.h", library = "hiredis" },
 }
 build = {
   type = "builtin",
   modules = {
     ["multiprocessing.check"] = "lua/multiprocessing/check.lua",
+    ["multiprocessing.cluster"] = "lua/multiprocessing/cluster.lua",
+    ["multiprocessing.cluster.conn"] = "lua/multiprocessing/cluster/conn.lua",
+    ["multiprocessing.cluster.wire"] = "lua/multiprocessing/cluster/wire.lua",
+    ["multiprocessing.cluster.worker"] = "lua/multiprocessing/cluster/worker.lua",
     ["multiprocessing.codec"] = "lua/multiprocessing/codec.lua",
     ["multiprocessing.connection"] = "lua/multiprocessing/connection.lua",
     ["multiprocessing.context"] = "lua/multiprocessing/context.lua",
+    ["multiprocessing.log"] = "lua/multiprocessing/log.lua",
     ["multiprocessing.errors"] = "lua/multiprocessing/errors.lua",
     ["multiprocessing.forkserver"] = "lua/multiprocessing/forkserver.lua",
     ["multiprocessing"] = "lua/multiprocessing/init.lua",
@@ -64,5 +72,14 @@ build = {
       libdirs = { "$(OPENSSL_LIBDIR)" },
       libraries = { "crypto" },
     },
+    ["multiprocessing.redis"] = {
+      sources = { "csrc/redis/redis.c" },
+      incdirs = { "$(HIREDIS_INCDIR)" },
+      libdirs = { "$(HIREDIS_LIBDIR)" },
+      libraries = { "hiredis" },
+    },
+  },
+  install = {
+    bin = { ["mp-worker"] = "bin/mp-worker" },
   },
 }

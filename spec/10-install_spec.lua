@@ -71,7 +71,7 @@ describe("installation", function()
       return
     end
     local dir, tree = H.tmpname("src"), H.tmpname("tree")
-    local out, code = sh(("mkdir -p %s && cp -r lua csrc rockspec %s/ && cd %s && " ..
+    local out, code = sh(("mkdir -p %s && cp -r lua csrc bin rockspec %s/ && cd %s && " ..
       "luarocks --lua-version 5.4 make --tree %s rockspec/multiprocessing-scm-1.rockspec")
       :format(dir, dir, dir, tree))
     assert.are.equal(0, code, out)

@@ -1,0 +1,277 @@
+-- multiprocessing.cluster.worker: cluster.serve, the worker side of the
+-- cluster pool (docs/cluster.md).
+--
+-- One loop per machine (or per serve call): a local mp.Pool runs the
+-- tasks; the loop waits on two things at once, a blocking XREADGROUP on one
+-- Redis connection and the pool's fd, and does the rest (results, XACK,
+-- lease renewals, reclaims, heartbeats) on a second connection, pipelined.
+-- It reads no more tasks than it has room for (2 per process), so a
+-- machine never hoards tasks others could run.
+--
+-- Leases: every task this worker holds (running or waiting for a process)
+-- is re-claimed with XCLAIM ... JUSTID, which resets its idle time, every
+-- lease/3. A task whose idle time passed its lease was held by a worker
+-- that died or lost Redis: XPENDING (with IDLE) names its last holder and
+-- its delivery count, and XCLAIM with that min-idle takes it atomically
+-- (one worker wins). XAUTOCLAIM would do the taking in one call, but its
+-- reply gives neither the last holder nor the delivery count, and both are
+-- needed to fail the task with a WorkerLostError naming the holder once it
+-- was delivered 1 + max_retries times.
+
+local mp = require "multiprocessing"
+local core = require "multiprocessing.core"
+local errors = require "multiprocessing.errors"
+local conn = require "multiprocessing.cluster.conn"
+local wire = require "multiprocessing.cluster.wire"
+
+local type, tostring, tonumber, pairs, ipairs, error, pcall =
+      type, tostring, tonumber, pairs, ipairs, error, pcall
+local pack, unpack = table.pack, table.unpack
+local monotonic = core.monotonic
+local math_min, math_max = math.min, math.max
+
+local M = {}
+
+-- The last worker out of an idle queue removes its stream (and group) and
+-- its key check: nothing stays in Redis once a queue is not served. Atomic
+-- (a script), so that a task added meanwhile is not lost; a later XADD
+-- makes the stream again and a worker's NOGROUP makes the group again.
+local LAST_OUT = [[
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+if redis.call('XLEN', KEYS[1]) ~= 0 then return 0 end
+for _, g in ipairs(redis.call('XINFO', 'GROUPS', KEYS[1])) do
+  for i = 1, #g, 2 do
+    if (g[i] == 'consumers' or g[i] == 'pending') and g[i + 1] ~= 0 then return 0 end
+  end
+end
+redis.call('DEL', KEYS[1], KEYS[2])
+return 1
+]]
+
+local function hostname()
+  local f = io.open("/proc/sys/kernel/hostname")
+  local h = f and f:read("l")
+  if f then f:close() end
+  return h or "localhost"
+end
+
+local function opt(o, k, kind, default, level)
+  local v = o[k]
+  if v == nil then return default end
+  if type(v) ~= kind then
+    error(("bad option '%s' (%s expected, got %s)"):format(k, kind, type(v)), level + 1)
+  end
+  return v
+end
+
+local KNOWN = { redis = true, queue = true, processes = true, authkey = true,
+  machine = true, heartbeat = true, block = true, stop = true, ready = true,
+  initializer = true, initargs = true, maxtasksperchild = true, verbose = true }
+
+-- cluster.serve{redis=, queue=, authkey=, processes=, machine=, heartbeat=,
+-- stop=fn, ready=fn, ...}: serve the queue until stop() returns true (or
+-- forever); returns the number of tasks done
+function M.serve(o)
+  if type(o) ~= "table" then error("bad argument #1 to 'serve' (table expected)", 2) end
+  for k in pairs(o) do
+    if not KNOWN[k] then error("bad argument #1 to 'serve' (unknown option '" .. tostring(k) .. "')", 2) end
+  end
+  local url = opt(o, "redis", "string", nil, 2)
+  local queue = opt(o, "queue", "string", nil, 2)
+  local authkey = opt(o, "authkey", "string", nil, 2)
+  if not url or not queue or not authkey then
+    error("bad argument #1 to 'serve' (redis, queue and authkey are required)", 2)
+  end
+  local nproc = opt(o, "processes", "number", mp.cpu_count(), 2)
+  local machine = opt(o, "machine", "string", hostname(), 2)
+  local hb_every = opt(o, "heartbeat", "number", 1, 2)
+  local stop = opt(o, "stop", "function", function() return false end, 2)
+  local verbose = o.verbose
+  local keys = wire.keys(queue)
+  local me = machine .. "/" .. core.getpid()
+  local wc = conn.new(url)                -- commands
+  local rc = conn.new(url)                -- the blocking read
+  wire.check_key(wc, keys, authkey, 2)
+  local r, e = wc:call("XGROUP", "CREATE", keys.tasks, wire.GROUP, "0", "MKSTREAM")
+  if not r and not tostring(e):find("BUSYGROUP") then error("XGROUP CREATE: " .. tostring(e), 2) end
+
+  local pool = mp.Pool{ processes = nproc, initializer = o.initializer, initargs = o.initargs,
+                        maxtasksperchild = o.maxtasksperchild }
+  local room = 2 * nproc
+  local held, nheld = {}, 0               -- entry id -> {lease=ms, renew_at=}
+  local out = {}                          -- commands to send, pipelined
+  local done = 0
+  local function log(...)
+    if verbose then io.stderr:write(me, ": ", table.concat({...}, " "), "\n") end
+  end
+
+  local function release(id)
+    if held[id] then held[id] = nil; nheld = nheld - 1 end
+    out[#out + 1] = { "XACK", keys.tasks, wire.GROUP, id }
+    out[#out + 1] = { "XDEL", keys.tasks, id }
+  end
+
+  local function publish(id, client, t, ttl, msg)
+    local m = mp.dumps(msg)
+    local rkey = keys.result(client)
+    out[#out + 1] = { "XADD", rkey, "*", "t", t, "m", m, "s", wire.sign(authkey, m) }
+    out[#out + 1] = { "PEXPIRE", rkey, ttl }
+    release(id)
+    done = done + 1
+  end
+
+  local function refuse(id, f, why)
+    log("refused task", id, why)
+    if f.c and f.t then
+      local rkey = keys.result(f.c)
+      out[#out + 1] = { "XADD", rkey, "*", "t", f.t, "refused", why }
+      out[#out + 1] = { "PEXPIRE", rkey, 60000 }
+    end
+    release(id)
+  end
+
+  -- a task entry read or claimed: check, decode, hand to the pool
+  local function take(id, list, deliveries, last)
+    local f = wire.fields(list)
+    local task, why = wire.decode(authkey, f.m, f.s)
+    if not task then return refuse(id, f, why) end
+    if type(task) ~= "table" or task.c ~= f.c or tostring(task.t) ~= f.t then
+      return refuse(id, f, "fields do not match the signed message")
+    end
+    local ttl = task.ttl or 60000
+    if not held[id] then nheld = nheld + 1 end
+    held[id] = { lease = task.lease, renew_at = monotonic() + task.lease / 3000 }
+    if deliveries and deliveries > 1 + (task.max_retries or 2) then
+      local d = errors.to_data(errors.new("WorkerLostError",
+        ("task lost %d times; its last worker was %s"):format(deliveries - 1, last)))
+      d.worker = last
+      return publish(id, task.c, f.t, ttl, { t = task.t, err = d })
+    end
+    local function ok(...) publish(id, task.c, f.t, ttl, { t = task.t, r = pack(...) }) end
+    local function fail(err)
+      if errors.WorkerLostError:is(err) and held[id] then
+        -- the process running it died: not a result but a lost delivery;
+        -- stop renewing, and the task is taken again once its lease ends
+        -- (here or elsewhere), up to max_retries times
+        log("lost task", id, tostring(err.message))
+        held[id] = nil; nheld = nheld - 1
+        return
+      end
+      publish(id, task.c, f.t, ttl, { t = task.t, err = errors.to_data(err) })
+    end
+    local good, err = pcall(function()
+      if task.mode == "apply" then
+        pool:apply_async(task.fn, task.args, { callback = ok, error_callback = fail, timeout = task.timeout })
+      else
+        -- each item's results, all of them (imap gives them all), packed
+        local fn = task.fn
+        local each = task.star and function(a) return pack(fn(unpack(a, 1, a.n or #a))) end
+                     or function(x) return pack(fn(x)) end
+        pool:map_async(each, task.args, { callback = function(rs)
+          publish(id, task.c, f.t, ttl, { t = task.t, r = rs })
+        end, error_callback = fail })
+      end
+    end)
+    if not good then fail(err) end
+  end
+
+  local function flush()
+    if #out == 0 then return end
+    local cmds = out
+    out = {}
+    local replies = wc:pipeline(cmds)
+    for i, rep in ipairs(replies) do
+      if rep[1] == nil and rep[2] then log(cmds[i][1], "failed:", tostring(rep[2])) end
+    end
+  end
+
+  local function renew(now)
+    local ids = {}
+    for id, h in pairs(held) do
+      if now >= h.renew_at then ids[#ids + 1] = id; h.renew_at = now + h.lease / 3000 end
+    end
+    if #ids > 0 then
+      -- JUSTID: the renewal neither reads the entries nor counts a delivery
+      ids[#ids + 1] = "JUSTID"
+      wc:call("XCLAIM", keys.tasks, wire.GROUP, me, 0, unpack(ids, 1, #ids))
+    end
+  end
+
+  -- take over tasks whose lease ran out (their holder died)
+  local function reclaim()
+    if nheld >= room then return end
+    local pend = wc:call("XPENDING", keys.tasks, wire.GROUP, "IDLE", 1000, "-", "+", room - nheld)
+    if type(pend) ~= "table" then return end
+    for _, p in ipairs(pend) do
+      local id, holder, idle, count = p[1], p[2], p[3], p[4]
+      if not held[id] then
+        local ent = wc:call("XRANGE", keys.tasks, id, id)
+        local f = ent and ent[1] and wire.fields(ent[1][2]) or {}
+        local lease = tonumber(f.l) or 10000
+        if idle >= lease then
+          local got = wc:call("XCLAIM", keys.tasks, wire.GROUP, me, lease, id)
+          if type(got) == "table" and got[1] then
+            log("took over", id, "from", holder, "delivery", count + 1)
+            take(id, got[1][2], count + 1, holder)
+          end
+        end
+      end
+    end
+  end
+
+  local function heartbeat()
+    wc:pipeline{ { "SET", keys.hb .. me, tostring(nproc), "PX", math.floor(hb_every * 3000) },
+                 { "EXPIRE", keys.key, wire.KEY_TTL } }
+  end
+
+  local reading = false
+  local next_hb, next_claim = 0, monotonic() + 0.5
+  if o.ready then heartbeat(); next_hb = monotonic() + hb_every; o.ready() end
+  local ok, err = pcall(function()
+    while not stop() do
+      local now = monotonic()
+      if now >= next_hb then heartbeat(); next_hb = now + hb_every end
+      renew(now)
+      if now >= next_claim then reclaim(); next_claim = now + 1 end
+      flush()
+      if not reading and nheld < room then
+        rc:send("XREADGROUP", "GROUP", wire.GROUP, me, "COUNT", room - nheld, "BLOCK", 1000,
+                "STREAMS", keys.tasks, ">")
+        reading = true
+      end
+      local wait = math_max(0, math_min(next_hb, next_claim) - monotonic())
+      local fds = { pool:fileno() }
+      if reading then fds[2] = rc:fileno() end
+      core.poll(fds, math_min(wait, 0.25))
+      pool:poll(0)
+      if reading then
+        local rep, why = rc:poll(0)
+        if rep ~= nil or why ~= "timeout" then
+          reading = false
+          if type(rep) == "table" then
+            for _, entry in ipairs(rep[1][2]) do take(entry[1], entry[2]) end
+          elseif why == "reset" or (why and why:find("NOGROUP")) then
+            wc:call("XGROUP", "CREATE", keys.tasks, wire.GROUP, "0", "MKSTREAM")
+          end
+        end
+      end
+      flush()
+    end
+  end)
+  pool:terminate()
+  if wc.c and not wc.c:closed() then
+    -- a consumer's pending entries go with it: delete it only when it
+    -- holds none (the tasks it held are taken over when their leases end)
+    local cmds = { { "DEL", keys.hb .. me } }
+    if nheld == 0 then
+      cmds[2] = { "XGROUP", "DELCONSUMER", keys.tasks, wire.GROUP, me }
+      cmds[3] = { "EVAL", LAST_OUT, 2, keys.tasks, keys.key }
+    end
+    pcall(wc.pipeline, wc, cmds)
+  end
+  wc:close(); rc:close()
+  if not ok then error(err, 0) end
+  return done
+end
+
+return M

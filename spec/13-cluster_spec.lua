@@ -1,0 +1,476 @@
+-- The cluster pool (docs/cluster.md): the Redis C module, the Pool API
+-- against a local Pool's results, and one spec per row of the failure
+-- table. Each block starts its own redis-server on a temporary Unix socket
+-- and stops it; "machines" are bin/mp-worker processes, each the leader of
+-- its own session and process group (setsid), killed as whole groups.
+local helpers = require "spec.helpers"
+local mp = require "multiprocessing"
+local core = require "multiprocessing.core"
+
+local have_redis = os.execute("command -v redis-server >/dev/null 2>&1")
+  and pcall(require, "multiprocessing.redis")
+if not have_redis then
+  describe("cluster", function()
+    it("needs redis-server and the redis module", function()
+      pending("redis-server or multiprocessing.redis missing (make deps; make)")
+    end)
+  end)
+  return
+end
+
+local cluster = require "multiprocessing.cluster"
+local redis = require "multiprocessing.redis"
+
+local function sh(cmd)
+  local p = io.popen(cmd .. " 2>&1")
+  local out = p:read("a")
+  p:close()
+  return out
+end
+
+-- A redis-server of our own: {dir=, sock=, url=, cli=}; aof: append-only
+-- file (fsync always) in its directory.
+local function start_redis(aof, dir)
+  dir = dir or helpers.tmpname("redis")
+  os.execute("mkdir -p " .. dir)
+  local sock = dir .. "/s"
+  local cmd = ("redis-server --port 0 --unixsocket %s --dir %s --save '' --daemonize yes " ..
+               "--pidfile %s/pid --logfile %s/log --appendonly %s --appendfsync always")
+              :format(sock, dir, dir, dir, aof and "yes" or "no")
+  assert(os.execute(cmd))
+  local r = { dir = dir, sock = sock, url = "unix://" .. sock }
+  assert(helpers.wait_until(function()
+    local c = redis.connect{ path = sock, timeout = 2 }
+    if c and c:command("PING") == "PONG" then c:close() return true end
+    if c then c:close() end
+    return false
+  end, 10), "redis-server did not start")
+  function r.cli()
+    return assert(redis.connect{ path = sock, timeout = 5 })
+  end
+  function r.stop(keep)
+    local f = io.open(dir .. "/pid")
+    local pid = f and tonumber(f:read("l"))
+    if f then f:close() end
+    if pid then
+      core.kill(pid, 15)
+      helpers.wait_until(function() return not io.open("/proc/" .. pid .. "/stat") end, 10)
+    end
+    if not keep then os.execute("rm -rf " .. dir) end
+  end
+  return r
+end
+
+local here = sh("pwd"):gsub("\n$", "")
+local keyfiles = {}
+local function remove_keyfiles()
+  for k, path in pairs(keyfiles) do os.remove(path); keyfiles[k] = nil end
+end
+local function keyfile(key)
+  if not keyfiles[key] then
+    keyfiles[key] = helpers.tmpname("key")
+    local f = assert(io.open(keyfiles[key], "w")); f:write(key); f:close()
+  end
+  return keyfiles[key]
+end
+
+-- Start a machine: bin/mp-worker in a session of its own. Returns
+-- {pgid=, log=}.
+local function machine(rs, name, o)
+  o = o or {}
+  local log = helpers.tmpname("machine-" .. name)
+  local pidf = log .. ".pid"
+  local cmd = ("LUA_PATH=%q LUA_CPATH=%q setsid -f sh -c 'echo $$ > %s; exec lua5.4 %s/bin/mp-worker " ..
+               "--redis %s --queue %s --processes %d --authkey-file %s --machine %s --verbose' >%s 2>&1")
+              :format(package.path, package.cpath, pidf, here, rs.url, o.queue or "q",
+                      o.processes or 2, keyfile(o.authkey or "k"), name, log)
+  assert(os.execute(cmd))
+  local m = { log = log, name = name }
+  assert(helpers.wait_until(function()
+    local f = io.open(pidf)
+    m.pgid = f and tonumber(f:read("l"))
+    if f then f:close() end
+    return m.pgid
+  end, 5))
+  function m.kill(sig)
+    os.execute(("/bin/kill -s %s -- -%d 2>/dev/null"):format(sig or "KILL", m.pgid))
+  end
+  function m.alive()
+    return os.execute(("/bin/kill -0 -- -%d 2>/dev/null"):format(m.pgid)) == true
+  end
+  function m.stop()                         -- Ctrl-C: a clean stop
+    if m.alive() then core.kill(m.pgid, 2) end
+    if not helpers.wait_until(function() return not m.alive() end, 10) then m.kill() end
+    helpers.wait_until(function() return not m.alive() end, 5)
+    os.remove(pidf); os.remove(log)
+  end
+  function m.output()
+    local f = io.open(log)
+    local s = f and f:read("a") or ""
+    if f then f:close() end
+    return s
+  end
+  return m
+end
+
+-- Wait until the queue's heartbeats show n workers.
+local function wait_workers(rs, n, queue)
+  local wire = require "multiprocessing.cluster.wire"
+  local conn = require "multiprocessing.cluster.conn"
+  local c = conn.new(rs.url)
+  local ok = helpers.wait_until(function()
+    local _, w = wire.alive(c, wire.keys(queue or "q"))
+    return w >= n
+  end, 15)
+  c:close()
+  return ok
+end
+
+local function keys(rs)
+  local c = rs.cli()
+  local k = c:command("KEYS", "*")
+  c:close()
+  table.sort(k)
+  return k
+end
+
+describe("multiprocessing.redis", function()
+  local rs
+  setup(function() rs = start_redis() end)
+  teardown(function() rs.stop() end)
+
+  it("sends any bytes and converts replies", function()
+    local c = rs.cli()
+    assert.equal("OK", c:command("SET", "k\0x", "v\0\1\255"))
+    assert.equal("v\0\1\255", c:command("GET", "k\0x"))
+    assert.is_nil(c:command("GET", "nokey"))
+    assert.equal(2, c:command("RPUSH", "l", 1, 2.5))
+    local t = c:command("MGET", "k\0x", "nokey")
+    assert.same({ "v\0\1\255", false, n = 2 }, t)
+    local r, msg, kind = c:command("NOSUCHCOMMAND")
+    assert.is_nil(r); assert.matches("unknown command", msg); assert.equal("error", kind)
+    c:command("DEL", "k\0x", "l")
+    c:close()
+  end)
+
+  it("pipelines and bounds a wait", function()
+    local c = rs.cli()
+    c:append("INCR", "n"):append("INCR", "n")
+    assert.equal(2, c:pending())
+    assert.equal(1, c:recv()); assert.equal(2, c:recv(1))
+    c:append("BLPOP", "empty", 1)
+    assert.same({ nil, "timeout" }, { c:recv(0.05) })
+    assert.is_nil(c:recv(5))                 -- BLPOP's own timeout: a nil reply
+    assert.error_matches(function() c:recv() end, "no reply is expected")
+    c:command("DEL", "n")
+    c:close()
+  end)
+
+  it("reports a failed connection, and a closed one raises", function()
+    local c, err = redis.connect{ path = "/nonexistent/sock" }
+    assert.is_nil(c); assert.matches("No such file", err)
+    c, err = redis.connect{ host = "127.0.0.1", port = 1 }
+    assert.is_nil(c); assert.matches("refused", err)
+    assert.error_matches(function() redis.connect{ port = 0 } end, "port")
+    c = rs.cli()
+    assert.matches("^<Redis%(fd %d+%)>$", tostring(c))
+    c:close(); c:close()
+    assert.equal("<Redis(closed)>", tostring(c))
+    assert.error_matches(function() c:command("PING") end, "closed")
+    local d = rs.cli(); d = nil            -- luacheck: ignore (left to __gc)
+    collectgarbage(); collectgarbage()
+  end)
+
+  it("reports a connection that broke as io, and closes it", function()
+    local c = rs.cli()
+    local killer = rs.cli()
+    local id = c:command("CLIENT", "ID")
+    killer:command("CLIENT", "KILL", "ID", id)
+    killer:close()
+    local r, _, kind = c:command("PING")
+    assert.is_nil(r); assert.equal("io", kind)
+    assert.is_true(c:closed())
+  end)
+
+  it("parses URLs and refuses rediss://", function()
+    local conn = require "multiprocessing.cluster.conn"
+    assert.same({ host = "10.0.0.5", port = 6380, db = 2, user = "u", password = "p@ss" },
+                conn.parse("redis://u:p%40ss@10.0.0.5:6380/2"))
+    assert.same({ host = "h", port = 6379, password = "pw" }, conn.parse("redis://pw@h"))
+    assert.same({ path = "/tmp/x.sock", db = 3 }, conn.parse("unix:///tmp/x.sock?db=3"))
+    assert.error_matches(function() conn.parse("rediss://h") end, "TLS")
+    assert.error_matches(function() conn.parse("http://h") end, "bad redis URL")
+  end)
+end)
+
+describe("cluster.Pool", function()
+  local rs, m1, m2
+  setup(function()
+    rs = start_redis()
+    m1 = machine(rs, "m1")
+    m2 = machine(rs, "m2")
+    assert(wait_workers(rs, 4), "machines did not start")
+  end)
+  teardown(function()
+    m1.stop(); m2.stop()
+    rs.stop()
+    remove_keyfiles()
+  end)
+  helpers.leakcheck()
+
+  it("gives the local Pool's results (closures with upvalues)", function()
+    local base, tag = 100, "t"
+    local function f(x) return x + base, tag .. x end
+    local xs = {}
+    for i = 1, 50 do xs[i] = i end
+    local lp <close> = mp.Pool(2)
+    local pool <close> = cluster.Pool{ redis = rs.url, queue = "q", authkey = "k" }
+    assert.same({ lp:apply(f, { 7 }) }, { pool:apply(f, { 7 }) })
+    assert.same(lp:map(f, xs), pool:map(f, xs))
+    assert.same(lp:map(f, xs, 7), pool:map(f, xs, 7))
+    assert.same(lp:starmap(math.max, { { 1, 5 }, { 9, 2 } }), pool:starmap(math.max, { { 1, 5 }, { 9, 2 } }))
+    local a, b = {}, {}
+    for i, v, w in lp:imap(f, xs, 3) do a[#a + 1] = { i, v, w } end
+    for i, v, w in pool:imap(f, xs, 3) do b[#b + 1] = { i, v, w } end
+    assert.same(a, b)
+    local seen = {}
+    for i, v in pool:imap_unordered(f, xs, 4) do seen[i] = v end
+    for i = 1, 50 do assert.equal(i + base, seen[i]) end
+    assert.same(pool:map(f, {}), lp:map(f, {}))
+    local got
+    local r = pool:map_async(f, { 1, 2 }, { callback = function(l) got = l end })
+    assert.same({ 101, 102, n = 2 }, r:get(10))
+    assert.same({ 101, 102, n = 2 }, got)
+    assert.equal(9, pool:submit(function(x) return x * x end, { 3 }):get(10))
+    local r2 = pool:apply_async(function() return nil, 2 end)
+    assert.is_true(r2:wait(10)); assert.is_true(r2:successful())
+    assert.same({ nil, 2 }, { r2:get() })
+    pool:close(); pool:join()
+    assert.error_matches(function() pool:apply(f, { 1 }) end, "not running")
+  end)
+
+  it("raises a task's error as the local Pool does", function()
+    local pool <close> = cluster.Pool{ redis = rs.url, queue = "q", authkey = "k" }
+    local ok, e = pcall(pool.apply, pool, function() error("boom") end)
+    assert.is_false(ok)
+    assert.is_true(mp.RemoteError:is(e))
+    assert.matches("boom", e.message)
+    local errd
+    local r = pool:apply_async(function() error({ code = 1 }) end, {}, { error_callback = function(x) errd = x end })
+    assert.has_error(function() r:get(10) end)
+    assert.is_true(mp.RemoteError:is(errd))
+    ok, e = pcall(pool.map, pool, function(x) if x == 5 then error("five") end return x end,
+                  { 1, 2, 3, 4, 5, 6 }, 2)
+    assert.is_false(ok); assert.matches("five", e.message)
+    assert.error_matches(function() pool:apply(42) end, "function expected")
+    assert.error_matches(function() cluster.Pool{ redis = rs.url, queue = "q", authkey = "k", nope = 1 } end,
+                         "unknown option 'nope'")
+    pool:close(); pool:join()
+  end)
+
+  it("kills a task past its timeout, and its machine goes on", function()
+    local pool <close> = cluster.Pool{ redis = rs.url, queue = "q", authkey = "k" }
+    local r = pool:apply_async(function() while true do end end, {}, { timeout = 0.5 })
+    local ok, e = pcall(r.get, r, 20)
+    assert.is_false(ok)
+    assert.is_true(mp.TimeoutError:is(e))
+    assert.equal(5, pool:apply(function(x) return x end, { 5 }))
+    pool:close(); pool:join()
+  end)
+
+  it("sends each result to its own client, once", function()
+    local p1 <close> = cluster.Pool{ redis = rs.url, queue = "q", authkey = "k" }
+    local p2 <close> = cluster.Pool{ redis = rs.url, queue = "q", authkey = "k" }
+    local r1 = p1:map_async(function(x) return "a" .. x end, { 1, 2, 3, 4 }, 1)
+    local r2 = p2:map_async(function(x) return "b" .. x end, { 1, 2, 3, 4 }, 1)
+    assert.same({ "b1", "b2", "b3", "b4", n = 4 }, r2:get(20))
+    assert.same({ "a1", "a2", "a3", "a4", n = 4 }, r1:get(20))
+    -- a second, correctly signed result for a task already done: dropped
+    local wire = require "multiprocessing.cluster.wire"
+    local c = rs.cli()
+    local m = mp.dumps({ t = 1, r = { "forged", n = 1 } })
+    c:command("XADD", p1._rkey, "*", "t", 1, "m", m, "s", wire.sign("k", m))
+    c:close()
+    local r3 = p1:apply_async(function() return "fresh" end)
+    assert.equal("fresh", r3:get(20))
+    assert.equal(5, p1:stats().done)
+    p1:close(); p1:join(); p2:close(); p2:join()
+  end)
+
+  it("counts machines and workers from their heartbeats", function()
+    local pool <close> = cluster.Pool{ redis = rs.url, queue = "q", authkey = "k" }
+    local st = pool:stats()
+    assert.equal(2, st.machines); assert.equal(4, st.workers)
+    pool:map(function(x) return x end, { 1, 2, 3 }, 1)
+    local done, total, workers = pool:progress()
+    assert.equal(3, done); assert.equal(3, total); assert.equal(4, workers)
+    pool:close(); pool:join()
+  end)
+end)
+
+-- One row of docs/cluster.md's failure table per spec below.
+describe("cluster failures", function()
+  local rs
+  before_each(function() rs = start_redis() end)
+  after_each(function() rs.stop(); remove_keyfiles() end)
+
+  it("a machine killed mid-task: another takes the task after its lease", function()
+    local m1 = machine(rs, "m1", { processes = 1 })
+    assert(wait_workers(rs, 1))
+    local pool <close> = cluster.Pool{ redis = rs.url, queue = "q", authkey = "k", lease = 1 }
+    local flag = helpers.tmpname("started")
+    local r = pool:apply_async(function(path)
+      local f = io.open(path, "a"); f:write("x"); f:close()
+      local t = os.time() + 1 while os.time() <= t do end  -- busy a second or two
+      return "done"
+    end, { flag })
+    assert(helpers.wait_until(function() return io.open(flag) ~= nil end, 15))
+    m1.kill()                                 -- the whole machine, at once
+    local m2 = machine(rs, "m2", { processes = 1 })
+    assert.equal("done", r:get(30))
+    local f = io.open(flag); local runs = #f:read("a"); f:close()
+    assert.equal(2, runs)                     -- ran again, reached the client once
+    assert.equal(1, pool:stats().done)
+    os.remove(flag)
+    pool:close(); pool:join()
+    m2.stop(); m1.stop()
+  end)
+
+  it("a task that kills its worker each time fails with WorkerLostError after max_retries", function()
+    local m1 = machine(rs, "m1", { processes = 1 })
+    assert(wait_workers(rs, 1))
+    local pool <close> = cluster.Pool{ redis = rs.url, queue = "q", authkey = "k", lease = 1, max_retries = 1 }
+    local ok, e = pcall(pool.apply, pool, function() os.exit(3) end)
+    assert.is_false(ok)
+    assert.is_true(mp.WorkerLostError:is(e))
+    assert.matches("lost 2 times", e.message)
+    assert.matches("m1/%d+", e.worker)
+    assert.equal(4, pool:apply(function() return 4 end))   -- the machine still serves
+    pool:close(); pool:join()
+    m1.stop()
+  end)
+
+  it("a client with the wrong key fails fast with AuthenticationError", function()
+    local m1 = machine(rs, "m1", { processes = 1 })
+    assert(wait_workers(rs, 1))
+    local ok, e = pcall(cluster.Pool, { redis = rs.url, queue = "q", authkey = "wrong" })
+    assert.is_false(ok); assert.is_true(mp.AuthenticationError:is(e))
+    m1.stop()
+  end)
+
+  it("a worker with the wrong key fails fast with AuthenticationError", function()
+    local pool <close> = cluster.Pool{ redis = rs.url, queue = "q", authkey = "k" }
+    local bad = machine(rs, "bad", { processes = 1, authkey = "wrong" })
+    assert(helpers.wait_until(function() return not bad.alive() end, 10))
+    assert.matches("AuthenticationError", bad.output())
+    bad.stop()
+    pool:close(); pool:join()
+  end)
+
+  it("a worker refuses an unsigned or forged task before decoding it", function()
+    local m1 = machine(rs, "m1", { processes = 1 })
+    assert(wait_workers(rs, 1))
+    local pool <close> = cluster.Pool{ redis = rs.url, queue = "q", authkey = "k" }
+    local marker = helpers.tmpname("pwned")
+    local evil = mp.dumps({ c = pool._client, t = 999, mode = "apply", args = {}, lease = 1000,
+      fn = function() local f = io.open(marker, "w") f:write("x") f:close() end })
+    local c = rs.cli()
+    c:command("XADD", "mp:{q}:tasks", "*", "c", pool._client, "t", 999, "l", 1000, "m", evil, "s", "bogus")
+    c:command("XADD", "mp:{q}:tasks", "*", "c", pool._client, "t", 998, "l", 1000, "m", evil)
+    -- a forged result to the client: dropped and counted
+    c:command("XADD", pool._rkey, "*", "t", 1, "m", mp.dumps({ t = 1, r = { "x", n = 1 } }), "s", "bad")
+    c:close()
+    assert.equal("ok", pool:apply(function() return "ok" end))
+    assert(helpers.wait_until(function() return m1.output():find("refused task.*refused task") end, 10))
+    assert.is_nil(io.open(marker))
+    assert.equal(1, pool:stats().refused)
+    pool:close(); pool:join()
+    m1.stop()
+  end)
+
+  it("a task sent with a key the workers do not share fails with AuthenticationError", function()
+    local m1 = machine(rs, "m1", { processes = 1 })
+    assert(wait_workers(rs, 1))
+    -- the key check expired: the client could not tell at start
+    local c = rs.cli(); c:command("DEL", "mp:{q}:key"); c:close()
+    local pool <close> = cluster.Pool{ redis = rs.url, queue = "q", authkey = "other" }
+    local r = pool:apply_async(function() return 1 end)
+    local ok, e = pcall(r.get, r, 15)
+    assert.is_false(ok); assert.is_true(mp.AuthenticationError:is(e))
+    pool:terminate()
+    m1.stop()
+  end)
+
+  it("no live worker: stats and progress show it and get(timeout) returns", function()
+    local pool <close> = cluster.Pool{ redis = rs.url, queue = "q", authkey = "k" }
+    local r = pool:apply_async(function() return 1 end)
+    assert.same({ nil, "timeout" }, { r:get(0.3) })
+    local st = pool:stats()
+    assert.equal(0, st.machines); assert.equal(0, st.workers); assert.equal(1, st.queued)
+    local done, total, workers = pool:progress()
+    assert.equal(0, done); assert.equal(1, total); assert.equal(0, workers)
+    -- a machine comes: the task runs
+    local m1 = machine(rs, "m1", { processes = 1 })
+    assert.equal(1, r:get(20))
+    pool:close(); pool:join()
+    m1.stop()
+  end)
+
+  it("a finished map leaves no keys; the last worker out leaves none at all", function()
+    local m1 = machine(rs, "m1", { processes = 2 })
+    assert(wait_workers(rs, 2))
+    local pool = cluster.Pool{ redis = rs.url, queue = "q", authkey = "k" }
+    pool:map(function(x) return x end, { 1, 2, 3, 4, 5 }, 1)
+    pool:close(); pool:join()
+    local k = keys(rs)
+    assert.equal(3, #k)                       -- the queue's own: heartbeat, key check, stream
+    assert.matches("^mp:{q}:hb:m1/", k[1]); assert.equal("mp:{q}:key", k[2]); assert.equal("mp:{q}:tasks", k[3])
+    local c = rs.cli()
+    assert.equal(0, c:command("XLEN", "mp:{q}:tasks"))
+    c:close()
+    m1.stop()
+    assert.same({ n = 0 }, keys(rs))
+  end)
+
+  it("a client that dies leaves its result stream to expire", function()
+    local m1 = machine(rs, "m1", { processes = 1 })
+    assert(wait_workers(rs, 1))
+    local p = helpers.start(function(url)
+      local pool = cluster.Pool{ redis = url, queue = "q", authkey = "k", result_ttl = 1 }
+      pool:apply_async(function() return 1 end)
+      core.poll({}, 60)                         -- killed while it waits
+    end, rs.url)
+    assert(helpers.wait_until(function()
+      for _, k in ipairs(keys(rs)) do if k:find(":r:") then return true end end
+    end, 15), "no result stream")
+    p:kill(); helpers.finish(p)
+    assert(helpers.wait_until(function()
+      for _, k in ipairs(keys(rs)) do if k:find(":r:") then return false end end
+      return true
+    end, 10), "the result stream did not expire")
+    m1.stop()
+  end)
+
+  it("a Redis restart (append-only file) mid-map loses nothing", function()
+    rs.stop()
+    rs = start_redis(true)
+    local m1 = machine(rs, "m1", { processes = 2 })
+    assert(wait_workers(rs, 2))
+    local pool <close> = cluster.Pool{ redis = rs.url, queue = "q", authkey = "k" }
+    local xs = {}
+    for i = 1, 40 do xs[i] = i end
+    local r = pool:map_async(function(x)
+      local t = require("multiprocessing.core").monotonic() + 0.05
+      while require("multiprocessing.core").monotonic() < t do end
+      return x * 2
+    end, xs, 1)
+    assert.is_nil((r:get(0.3)))
+    rs.stop(true)                             -- keep its directory: the AOF
+    rs = start_redis(true, rs.dir)
+    local out = r:get(60)
+    assert.equal(40, out.n)
+    for i = 1, 40 do assert.equal(2 * i, out[i]) end
+    pool:close(); pool:join()
+    m1.stop()
+  end)
+end)
