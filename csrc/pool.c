@@ -1280,12 +1280,6 @@ static int pool_table(lua_State *L) {
   return 1;
 }
 
-/* core.isatty(fd) -> boolean */
-static int core_isatty(lua_State *L) {
-  lua_pushboolean(L, isatty((int)luaL_checkinteger(L, 1)));
-  return 1;
-}
-
 static int pool__gc(lua_State *L) {
   pcore_release(to_pcore(L, 1));
   return 0;
@@ -1328,7 +1322,6 @@ MP_API void mp_pool_open(lua_State *L) {
     {"pool_new", pool_new},
     {"pool_dumpfn", pool_dumpfn},
     {"_pool_runner", pool_runner},
-    {"isatty", core_isatty},
     {"pool_table", pool_table},
     {NULL, NULL}
   };
