@@ -246,6 +246,24 @@ MP_API void mp_encode_named(lua_State *L, int idx, mp_buf *b, mp_fdlist *fds,
 #define MP_CODEC_MAXDEPTH 200
 /* mp_decode sets fds->n to 0: the fds are its own from then on. */
 
+/* -- codec_scalar.c: the codec's fast path for one scalar ------------- */
+/* Append the scalar at idx (nil, boolean, number, string) as a whole codec
+   message that mp_decode reads: 1; 0 (nothing appended) for any other
+   type. */
+MP_API int mp_encode_scalar(lua_State *L, int idx, mp_buf *b);
+/* Push the value of the message p[0 .. len) if it is one well-formed
+   scalar: 1; else 0, nothing pushed: the caller hands it to mp_decode. */
+MP_API int mp_decode_scalar(lua_State *L, const char *p, size_t len);
+/* One value without the message header, in the codec's tags: append the
+   scalar at idx (1; 0 if it is none) / an integer / a float / a string. */
+MP_API int mp_scalar_put(lua_State *L, mp_buf *b, int idx);
+MP_API void mp_scalar_put_int(lua_State *L, mp_buf *b, lua_Integer i);
+MP_API void mp_scalar_put_float(lua_State *L, mp_buf *b, lua_Number x);
+MP_API void mp_scalar_put_str(lua_State *L, mp_buf *b, const char *s, size_t n);
+/* Push the scalar value at p (< end); the position after it, or NULL (nothing
+   pushed) when p holds no well-formed scalar. */
+MP_API const char *mp_scalar_get(lua_State *L, const char *p, const char *end);
+
 /* -- sync.c, sharedctypes.c ----------------------------------------- */
 #define MP_LOCK_T       "multiprocessing.Lock"
 #define MP_RLOCK_T      "multiprocessing.RLock"
@@ -264,7 +282,7 @@ MP_API void mp_encode_named(lua_State *L, int idx, mp_buf *b, mp_fdlist *fds,
 MP_API int mp_sync_claim_slot(lua_State *L, int idx, int code);
 MP_API char *mp_sync_slot(void *seg, size_t size, int *code);
 
-/* -- pool.c --------------------------------------------------------- */
+/* -- pool.c, pool_worker.c (and pool.h, what only they share) -------- */
 /* The parent's side of a Pool: worker channels, epoll set, timer, shm. */
 #define MP_POOL_T       "multiprocessing.PoolCore"
 /* A worker's end of a pool (spawn, forkserver workers): a handle. */
@@ -284,5 +302,6 @@ MP_API void mp_sync_open(lua_State *L);
 MP_API void mp_sharedctypes_open(lua_State *L);   /* Value and Array */
 MP_API void mp_queue_open(lua_State *L);
 MP_API void mp_pool_open(lua_State *L);
+MP_API void mp_pool_worker_open(lua_State *L);     /* after mp_pool_open */
 
 #endif
