@@ -26,6 +26,15 @@ enum { T_NIL, T_FALSE, T_TRUE, T_INT, T_FLOAT, T_STR };
 
 static inline size_t cs_put_varint(unsigned char *w, uint64_t v) {
   size_t n = 0;
+  if (v < 0x4000) {                      /* the common short ones, unrolled */
+    if (v < 0x80) {
+      w[0] = (unsigned char)v;
+      return 1;
+    }
+    w[0] = (unsigned char)(v | 0x80);
+    w[1] = (unsigned char)(v >> 7);
+    return 2;
+  }
   while (v >= 0x80) {
     w[n++] = (unsigned char)(v | 0x80);
     v >>= 7;

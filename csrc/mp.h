@@ -12,7 +12,10 @@
  *   - codec: mp_encode()/mp_decode() turn a Lua value into a message and
  *     back; a message may carry file descriptors (handles), collected in an
  *     mp_fdlist that the transport sends beside the bytes (SCM_RIGHTS) or,
- *     under fork, that the receiver already has.
+ *     under fork, that the receiver already has. mp_encode_scalar()/
+ *     mp_decode_scalar() (codec_scalar.c) are its fast path for one scalar.
+ *   - frames: every stream (a Connection, a pool channel) carries wire.c's
+ *     frames, sent by its one send loop, mp_sendv().
  *   - handles: a userdata whose metatable has __mp_reduce travels as a
  *     handle (see codec.c); each kind is rebuilt by the function a Lua
  *     module registered with core.register_handle(kind, rebuild).

@@ -15,7 +15,8 @@
  *   RETIRE   the worker leaves after this (memory limit)
  *   INITFAIL the error value (the initializer raised)
  * A value is u32 length, then a codec message: scalars by the codec's
- * fast path (codec_scalar.c), anything else by mp_encode (no handles).
+ * fast path (codec_scalar.h, inline here), anything else by mp_encode
+ * (no handles).
  */
 #ifndef MP_POOL_H
 #define MP_POOL_H
@@ -89,7 +90,7 @@ static inline void pool_frame_close(mp_buf *b, size_t at, uint32_t kind) {
 
 /* Append the value at idx, of type t (lua_type), as u32 length + codec
    message (the pool's hottest path: inline). */
-static inline void pool_put_value(lua_State *L, mp_buf *b, int idx, int t) {
+static inline __attribute__((always_inline)) void pool_put_value(lua_State *L, mp_buf *b, int idx, int t) {
   size_t at = b->len;
   if (idx < 0) idx = lua_absindex(L, idx);
   if (b->cap - b->len < 4 + 16) mp_buf_reserve(L, b, 4 + 16);  /* a number's room */
@@ -105,7 +106,7 @@ static inline void pool_put_value(lua_State *L, mp_buf *b, int idx, int t) {
 
 /* Push the value at p (< end); the position after it. Raises on a
    malformed one. */
-static inline const char *pool_get_value(lua_State *L, const char *p,
+static inline __attribute__((always_inline)) const char *pool_get_value(lua_State *L, const char *p,
                                          const char *end) {
   uint32_t n;
   lua_Integer i;
