@@ -3,8 +3,8 @@
  * (multiprocessing.h): in a spawned child (argv is `exe -e "<bootstrap
  * chunk>"`, the chunk beginning with MP_SPAWN_MARK) it makes the host's
  * own Lua state, preloads multiprocessing.core in it if the host did not,
- * and runs the bootstrap, which leaves through core._exit (decision 8);
- * in any other process it returns -1 at once.
+ * and runs the bootstrap, which leaves through core._exit (docs/design.md,
+ * decision 8); in any other process it returns -1 at once.
  */
 #include "mp.h"
 #include "multiprocessing.h"

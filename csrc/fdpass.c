@@ -1,12 +1,12 @@
 /*
  * fdpass.c: file descriptors as values, and passing them between
- * processes: FdBox (MP_FDBOX_T), a handle owning one fd, which the codec
- * sends with SCM_RIGHTS (decision 1); the socketpairs and pipes the spawn
- * and forkserver machinery is made of (spawn.lua), given as boxes so that
- * a raise leaks nothing; one byte carrying one fd (core._send_fd,
- * _recv_fd: how the fork server hands a request to the child it forked
- * ahead, decision 8); and the forkserver's status pipe, on which it
- * writes a child's 4-byte exit code (decision 5).
+ * processes (docs/design.md, decisions 1, 5 and 8): FdBox (MP_FDBOX_T),
+ * a handle owning one fd, which the codec sends with SCM_RIGHTS; the
+ * socketpairs and pipes the spawn and forkserver machinery is made of
+ * (spawn.lua), given as boxes so that a raise leaks nothing; one byte
+ * carrying one fd (core._send_fd, _recv_fd: how the fork server hands a
+ * request to the child it forked ahead); and the forkserver's status
+ * pipe, on which it writes a child's 4-byte exit code.
  *
  * process.c takes fds out of boxes (mp_fdbox_fd, mp_fdbox_take); the
  * sends and receives are wire.c's.

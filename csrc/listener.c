@@ -7,7 +7,7 @@
  * TCP_NODELAY and cannot carry handles.
  *
  * A Listener records the pid that bound it: only that process unlinks its
- * socket path (decision 4). A wait for a connection, or a connect, that a
+ * socket path (docs/design.md, decision 4). A wait for a connection, or a connect, that a
  * signal interrupts lets the signal's Lua hook run (mp_interrupted).
  */
 #include "mp.h"

@@ -1,11 +1,12 @@
 /*
  * osutil.c: the thin wrappers of system calls the Lua modules need and
  * that belong to no class: pids and the child's exit (core._exit, which
- * leaves without running anything of the parent's: decision 4), CPUs,
- * kill, waiting on raw fds (core.poll, for mp.wait), SIGINT while a fork
- * server runs, a spawned child's first call (core._child_init), the
- * allocator settled before forks (decision 10), and paths and files for
- * spawn.lua (cwd, realpath, the executable, a file's identity).
+ * leaves without running anything of the parent's: docs/design.md,
+ * decision 4), CPUs, kill, waiting on raw fds (core.poll, for mp.wait),
+ * SIGINT while a fork server runs, a spawned child's first call
+ * (core._child_init), the allocator settled before forks (decision 10),
+ * and paths and files for spawn.lua (cwd, realpath, the executable, a
+ * file's identity).
  *
  * Failures that a caller can handle return nil, "call: strerror", errno
  * (luaL_fileresult); misuse raises.
