@@ -287,7 +287,7 @@ static int pool_task(lua_State *L) {
       put_u32(L, &s->out, (uint32_t)argc);
       for (j = 1; j <= argc; j++) {
         lua_rawgeti(L, 9, j);
-        pool_put_value(L, &s->out, 10, lua_type(L, 10));
+        pool_put_value(L, &s->out, 10, -1);
         lua_pop(L, 1);
       }
     }

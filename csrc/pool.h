@@ -88,15 +88,17 @@ static inline void pool_frame_close(mp_buf *b, size_t at, uint32_t kind) {
   mp_frame_put(b->data + at, b->len - at - MP_FRAME_HDR, 0, kind);
 }
 
-/* Append the value at idx, of type t (lua_type), as u32 length + codec
-   message (the pool's hottest path: inline). */
+/* Append the value at idx, of type t (lua_type, or -1: not known yet),
+   as u32 length + codec message (the pool's hottest path: inline; an
+   integer costs no lua_type). */
 static inline __attribute__((always_inline)) void pool_put_value(lua_State *L, mp_buf *b, int idx, int t) {
   size_t at = b->len;
   if (idx < 0) idx = lua_absindex(L, idx);
   if (b->cap - b->len < 4 + 16) mp_buf_reserve(L, b, 4 + 16);  /* a number's room */
-  if (t == LUA_TNUMBER && lua_isinteger(L, idx))
+  if ((t == LUA_TNUMBER || t < 0) && lua_isinteger(L, idx))
     b->len += 4 + cs_msg_int((unsigned char *)b->data + at + 4, lua_tointeger(L, idx));
   else {
+    if (t < 0) t = lua_type(L, idx);
     b->len += 4;
     if (!cs_encode(L, idx, t, b)) mp_encode(L, idx, b, NULL);
   }

@@ -58,7 +58,7 @@ static void send_initfail(lua_State *L, int fd, int idx) {
   idx = lua_absindex(L, idx);
   b = mp_buf_push(L, 256);
   at = pool_frame_open(L, b);
-  pool_put_value(L, b, idx, lua_type(L, idx));
+  pool_put_value(L, b, idx, -1);
   pool_frame_close(b, at, MP_FRAME_INITFAIL);
   if (fd >= 0) send_buf(fd, b);
   lua_pop(L, 1);
@@ -99,7 +99,7 @@ static int pool_runner(lua_State *L) {
     w[0] = 0;                                    /* ok */
     pool_wr_u32(w + 1, (uint32_t)nres);
     c->out->len += 5;
-    for (i = 3; i <= nres + 2; i++) pool_put_value(L, c->out, i, lua_type(L, i));
+    for (i = 3; i <= nres + 2; i++) pool_put_value(L, c->out, i, -1);
   }
   return 0;
 }
@@ -149,7 +149,7 @@ static double run_chunk(lua_State *L, wloop *w, const char *p, size_t len) {
       w->out->len = c.item_start;
       *mp_buf_reserve(L, w->out, 1) = 1;           /* failed */
       w->out->len++;
-      pool_put_value(L, w->out, -1, lua_type(L, -1));
+      pool_put_value(L, w->out, -1, -1);
       lua_pop(L, 1);
       if (c.k == 0) break;                         /* corrupt: give up */
     }
