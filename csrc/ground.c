@@ -2,7 +2,7 @@
  * ground.c: the small services every C file uses, calling nothing above
  * them: error objects, boxed byte buffers, monotonic time and timeouts, fd
  * lists, the cached pid and process identity (pid plus start time), the
- * interrupt point of waits (mp_interrupted) and the class-registration
+ * "nil, reason" return, the interrupt point of waits (mp_interrupted) and the class-registration
  * helper (mp_newclass). See docs/design.md, "The layers".
  *
  * Error objects are built by the Lua module multiprocessing.errors (pure
@@ -41,6 +41,12 @@ MP_API void mp_pusherror(lua_State *L, const char *type, const char *fmt, ...) {
   va_end(ap);
 }
 
+MP_API int mp_reason(lua_State *L, const char *why) {
+  lua_pushnil(L);
+  lua_pushstring(L, why);
+  return 2;
+}
+
 MP_API int mp_raise(lua_State *L, const char *type, const char *fmt, ...) {
   va_list ap;
   va_start(ap, fmt);
@@ -51,11 +57,14 @@ MP_API int mp_raise(lua_State *L, const char *type, const char *fmt, ...) {
 
 /* ---- boxed buffers ------------------------------------------------- */
 
-static int buf__gc(lua_State *L) {
-  mp_buf *b = (mp_buf *)luaL_checkudata(L, 1, MP_BUF_T);
+MP_API void mp_buf_free(mp_buf *b) {
   free(b->data);
   b->data = NULL;
   b->len = b->cap = 0;
+}
+
+static int buf__gc(lua_State *L) {
+  mp_buf_free((mp_buf *)luaL_checkudata(L, 1, MP_BUF_T));
   return 0;
 }
 
@@ -129,7 +138,6 @@ MP_API int mp_getpid(void) {
   if (cached_pid == 0) cached_pid = (int)getpid();
   return cached_pid;
 }
-MP_API void mp_setpid(int pid);
 MP_API void mp_setpid(int pid) { cached_pid = pid; }
 
 /* ---- process identity: pid plus start time -------------------------- */

@@ -12,7 +12,10 @@
  *   - codec: mp_encode()/mp_decode() turn a Lua value into a message and
  *     back; a message may carry file descriptors (handles), collected in an
  *     mp_fdlist that the transport sends beside the bytes (SCM_RIGHTS) or,
- *     under fork, that the receiver already has.
+ *     under fork, that the receiver already has. mp_encode_scalar()/
+ *     mp_decode_scalar() (codec_scalar.c) are its fast path for one scalar.
+ *   - frames: every stream (a Connection, a pool channel) carries wire.c's
+ *     frames, sent by its one send loop, mp_sendv().
  *   - handles: a userdata whose metatable has __mp_reduce travels as a
  *     handle (see codec.c); each kind is rebuilt by the function a Lua
  *     module registered with core.register_handle(kind, rebuild).
@@ -66,11 +69,16 @@ typedef struct mp_buf {
 MP_API int mp_raise(lua_State *L, const char *type, const char *fmt, ...);
 /* Push an error object without raising it. */
 MP_API void mp_pusherror(lua_State *L, const char *type, const char *fmt, ...);
+/* An expected outcome: push nil, why; returns 2 (return mp_reason(L, "timeout")). */
+MP_API int mp_reason(lua_State *L, const char *why);
 /* Push a new boxed buffer and return it; freed by __gc/__close. */
 MP_API mp_buf *mp_buf_push(lua_State *L, size_t cap);
 /* Make room for n more bytes; raises on out of memory. Returns write pointer. */
 MP_API char *mp_buf_reserve(lua_State *L, mp_buf *b, size_t n);
 MP_API void mp_buf_add(lua_State *L, mp_buf *b, const void *p, size_t n);
+/* Free a buffer's bytes and empty it (what its __gc does; also for an
+   mp_buf embedded in another object). */
+MP_API void mp_buf_free(mp_buf *b);
 /* Absolute CLOCK_MONOTONIC time in seconds. */
 MP_API double mp_now(void);
 /* Timeout argument at index i: nil -> -1 (forever), number >= 0 -> seconds.
@@ -109,6 +117,8 @@ MP_API void mp_add_tests(lua_State *L, const luaL_Reg *tests);
 MP_API void mp_fdlist_close(mp_fdlist *l);
 /* Pid of this process, refreshed after fork (cheap). */
 MP_API int mp_getpid(void);
+/* Set the cached pid: a forked child, first thing (process.c). */
+MP_API void mp_setpid(int pid);
 /* This process's start time (clock ticks since boot, low 32 bits), read
    once per process from /proc; 0 when /proc cannot be trusted (missing, or
    mounted from another pid namespace). With the pid it names a process
@@ -129,17 +139,63 @@ typedef void (*mp_child_hook)(void *arg, int i);
 MP_API void mp_process_set_hook(lua_State *L, int idx, mp_child_hook hook,
                                 void *arg, int i);
 
-/* -- conn.c --------------------------------------------------------- */
+/* -- fdpass.c: FdBox ------------------------------------------------ */
+/* The fd of the FdBox at i (raises if it is not an open one). */
+MP_API int mp_fdbox_fd(lua_State *L, int i);
+/* Take the fd out of the FdBox at i, now the caller's; the box is closed. */
+MP_API int mp_fdbox_take(lua_State *L, int i);
+
+/* -- wire.c: the one frame of every stream, and the socket I/O -------- */
+/* A frame: a 16-byte header (payload length u64, number of fds u32 that
+   ride with its first bytes, kind u32), then the payload. */
+#define MP_FRAME_HDR 16
+/* The kinds of every stream in one list, so that none is misread. */
+enum {
+  MP_FRAME_BYTES, MP_FRAME_VALUE,   /* Connection: raw bytes, a codec message */
+  /* a pool channel (pool.c, pool_worker.c; docs/pool.md), to a worker: */
+  MP_FRAME_DEF, MP_FRAME_TASK, MP_FRAME_CLEAR, MP_FRAME_EXIT,
+  /* and from it: */
+  MP_FRAME_RESULT, MP_FRAME_RETIRE, MP_FRAME_INITFAIL
+};
+typedef struct mp_frame {
+  uint64_t len;
+  uint32_t nfds, kind;
+} mp_frame;
+/* Write a header at h (MP_FRAME_HDR bytes) / read the one at h. */
+MP_API void mp_frame_put(char *h, uint64_t len, uint32_t nfds, uint32_t kind);
+MP_API void mp_frame_get(const char *h, mp_frame *f);
+/* What a send or a wait returns when a signal's hook raised
+   (mp_interrupted): its error is pushed. Not an errno. */
+#define MP_RAISED (-3)
 struct iovec;
-/* Send the iovecs whole on a socket, fds (may be NULL) with the first
-   bytes (SCM_RIGHTS), never raising SIGPIPE, resuming after EINTR (for
-   short writes that do not block; Connection's sends are interruptible).
-   0, or an errno. */
+/* The one send loop: send the iovecs whole on a socket, fds (may be NULL)
+   with the first bytes (SCM_RIGHTS), MSG_NOSIGNAL | flags; the iovecs are
+   advanced past what went and *niov is what is left. 0, an errno (EAGAIN
+   with MSG_DONTWAIT when the socket is full), or MP_RAISED: with L, a send
+   that a signal interrupted (EINTR), or one about to block again after a
+   partial write, lets the signal's hook run (*sent says whether any byte
+   went). L NULL: resumes after EINTR. */
+MP_API int mp_sendv(lua_State *L, int fd, struct iovec *iov, int *niov,
+                    const mp_fdlist *fds, int flags, int *sent);
+/* mp_sendv without L and flags, for short writes that do not block
+   (Connection's own sends are interruptible). 0, or an errno. */
 MP_API int mp_sendall(int fd, struct iovec *iov, int niov, const mp_fdlist *fds);
-/* One recvmsg of up to len bytes into p, adding the fds that came to fds.
-   >0 bytes, 0 at end of stream, -1 on error (errno; EINTR too: the caller
-   lets the signal's hook run, mp_interrupted, and reads again). */
+/* One recvmsg of up to len bytes into p, adding the fds that came to fds
+   (beyond MP_MAX_FDS closed). >0 bytes, 0 at end of stream, -1 on error
+   (errno; EAGAIN with MSG_DONTWAIT; EINTR too: the caller lets the
+   signal's hook run, mp_interrupted, and reads again). */
 MP_API ssize_t mp_recv_fds(int fd, char *p, size_t len, int flags, mp_fdlist *fds);
+
+/* -- conn.c: Connection -------------------------------------------- */
+typedef struct mp_conn mp_conn;
+/* Push a closed Connection; its socket comes with mp_conn_setfd, so that
+   a raise in between leaks nothing. */
+MP_API mp_conn *mp_conn_push(lua_State *L);
+/* Give c the socket fd, owned from here (closed if this raises):
+   readable, writable, unixsock (it can carry fds), trusted (0: decodes
+   with MP_DECODE_UNTRUSTED until connection.lua's challenge passes). */
+MP_API void mp_conn_setfd(lua_State *L, mp_conn *c, int fd, int readable,
+                          int writable, int unixsock, int trusted);
 
 /* -- shm.c ---------------------------------------------------------- */
 /* Create a memfd segment of size bytes (zero-filled), mapped shared; its fd
@@ -193,6 +249,24 @@ MP_API void mp_encode_named(lua_State *L, int idx, mp_buf *b, mp_fdlist *fds,
 #define MP_CODEC_MAXDEPTH 200
 /* mp_decode sets fds->n to 0: the fds are its own from then on. */
 
+/* -- codec_scalar.c: the codec's fast path for one scalar ------------- */
+/* Append the scalar at idx (nil, boolean, number, string) as a whole codec
+   message that mp_decode reads: 1; 0 (nothing appended) for any other
+   type. */
+MP_API int mp_encode_scalar(lua_State *L, int idx, mp_buf *b);
+/* Push the value of the message p[0 .. len) if it is one well-formed
+   scalar: 1; else 0, nothing pushed: the caller hands it to mp_decode. */
+MP_API int mp_decode_scalar(lua_State *L, const char *p, size_t len);
+/* One value without the message header, in the codec's tags: append the
+   scalar at idx (1; 0 if it is none) / an integer / a float / a string. */
+MP_API int mp_scalar_put(lua_State *L, mp_buf *b, int idx);
+MP_API void mp_scalar_put_int(lua_State *L, mp_buf *b, lua_Integer i);
+MP_API void mp_scalar_put_float(lua_State *L, mp_buf *b, lua_Number x);
+MP_API void mp_scalar_put_str(lua_State *L, mp_buf *b, const char *s, size_t n);
+/* Push the scalar value at p (< end); the position after it, or NULL (nothing
+   pushed) when p holds no well-formed scalar. */
+MP_API const char *mp_scalar_get(lua_State *L, const char *p, const char *end);
+
 /* -- sync.c, sharedctypes.c ----------------------------------------- */
 #define MP_LOCK_T       "multiprocessing.Lock"
 #define MP_RLOCK_T      "multiprocessing.RLock"
@@ -211,7 +285,7 @@ MP_API void mp_encode_named(lua_State *L, int idx, mp_buf *b, mp_fdlist *fds,
 MP_API int mp_sync_claim_slot(lua_State *L, int idx, int code);
 MP_API char *mp_sync_slot(void *seg, size_t size, int *code);
 
-/* -- pool.c --------------------------------------------------------- */
+/* -- pool.c, pool_worker.c (and pool.h, what only they share) -------- */
 /* The parent's side of a Pool: worker channels, epoll set, timer, shm. */
 #define MP_POOL_T       "multiprocessing.PoolCore"
 /* A worker's end of a pool (spawn, forkserver workers): a handle. */
@@ -220,13 +294,17 @@ MP_API char *mp_sync_slot(void *seg, size_t size, int *code);
 /* -- *_open: each file registers its classes and adds its functions to the
    module table at the top of the stack. */
 MP_API void mp_ground_open(lua_State *L);
+MP_API void mp_osutil_open(lua_State *L);
+MP_API void mp_fdpass_open(lua_State *L);
 MP_API void mp_process_open(lua_State *L);
 MP_API void mp_conn_open(lua_State *L);
+MP_API void mp_listener_open(lua_State *L);
 MP_API void mp_codec_open(lua_State *L);
 MP_API void mp_shm_open(lua_State *L);
 MP_API void mp_sync_open(lua_State *L);
 MP_API void mp_sharedctypes_open(lua_State *L);   /* Value and Array */
 MP_API void mp_queue_open(lua_State *L);
 MP_API void mp_pool_open(lua_State *L);
+MP_API void mp_pool_worker_open(lua_State *L);     /* after mp_pool_open */
 
 #endif

@@ -1,6 +1,7 @@
 /*
- * process.c: the Process class under fork: start, exit status, sentinels,
- * signals, and the one exit path of a child.
+ * process.c: the Process class: start (fork, posix_spawn, or a forkserver
+ * child attached), exit status, sentinels, signals, and the C side of the
+ * one exit path of a forked child.
  *
  * A Process is a userdata (mp_process) whose user value is a Lua table of
  * its Lua-side fields (name, target, args, daemon, an overriding run, and
@@ -22,33 +23,27 @@
  * not ours: the server sends its pid, a pidfd (for signals, race-free) and
  * the read end of a status pipe on which the server writes the exit code
  * (4 bytes) once it reaped the child; that pipe is the sentinel
- * (p:_attach). FdBox is a one-fd handle for passing such fds around.
+ * (p:_attach); such fds come in FdBoxes (fdpass.c). The OS helpers the
+ * Lua side of starting needs are osutil.c's; hosts' spawned children
+ * enter through embed.c.
  */
 #include "mp.h"
-#include "multiprocessing.h"
 
 #include <errno.h>
 #include <fcntl.h>
-#include <limits.h>
 #include <poll.h>
-#include <sched.h>
 #include <signal.h>
 #include <spawn.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/prctl.h>
-#include <sys/socket.h>
-#include <sys/stat.h>
 #include <sys/syscall.h>
 #include <sys/types.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
-MP_API void mp_setpid(int pid);
 extern char **environ;
-
-#define MP_FDBOX_T "multiprocessing.FdBox"
 
 enum { P_INITIAL, P_STARTED, P_DONE, P_CLOSED };
 static const char *const state_names[] = {"initial", "started", "stopped",
@@ -246,11 +241,7 @@ static int process_join(lua_State *L) {
     return luaL_error(L, "can only join a child process");
   while (!reap(p, 0)) {
     int ms = mp_remaining_ms(deadline);
-    if (ms == 0) {
-      lua_pushnil(L);
-      lua_pushliteral(L, "timeout");
-      return 2;
-    }
+    if (ms == 0) return mp_reason(L, "timeout");
     if (mp_interrupted(L)) return lua_error(L);
     if (p->pidfd >= 0) {
       struct pollfd pfd;
@@ -395,236 +386,11 @@ static int process__newindex(lua_State *L) {
   return 0;
 }
 
-/* core._exit(code): flush C and Lua buffers, then leave without running
-   anything of the parent's (no atexit, no __gc). */
-static int core__exit(lua_State *L) {
-  int code = (int)luaL_optinteger(L, 1, 0);
-  fflush(NULL);
-  _exit(code & 0xff);
-  return 0;
-}
-
-static int core_getpid(lua_State *L) {
-  lua_pushinteger(L, mp_getpid());
-  return 1;
-}
-
-static int core_getppid(lua_State *L) {
-  lua_pushinteger(L, (lua_Integer)getppid());
-  return 1;
-}
-
-/* core.cpu_count() -> CPUs this process may run on */
-static int core_cpu_count(lua_State *L) {
-  long n = 0;
-#ifdef CPU_COUNT
-  cpu_set_t set;
-  if (sched_getaffinity(0, sizeof set, &set) == 0) n = CPU_COUNT(&set);
-#endif
-  if (n <= 0) n = sysconf(_SC_NPROCESSORS_ONLN);
-  lua_pushinteger(L, n > 0 ? n : 1);
-  return 1;
-}
-
-/* core.kill(pid, sig): for the pool's supervision and specs */
-static int core_kill(lua_State *L) {
-  int pid = (int)luaL_checkinteger(L, 1);
-  int sig = (int)luaL_optinteger(L, 2, SIGTERM);
-  luaL_argcheck(L, pid > 0, 1, "pid must be positive");
-  if (kill(pid, sig) != 0) return luaL_fileresult(L, 0, "kill");
-  lua_pushboolean(L, 1);
-  return 1;
-}
-
 /* core._test.no_pidfd(on): processes started from now on get no pidfd, as
    under a kernel older than 5.3 or valgrind (specs only) */
 static int core__test_no_pidfd(lua_State *L) {
   no_pidfd = lua_toboolean(L, 1);
   return 0;
-}
-
-/* ---- FdBox: one fd as a handle ------------------------------------ */
-
-typedef struct fdbox { int fd; } fdbox;
-
-static fdbox *to_fdbox(lua_State *L, int i) {
-  return (fdbox *)luaL_checkudata(L, i, MP_FDBOX_T);
-}
-
-static fdbox *check_fdbox(lua_State *L, int i) {
-  fdbox *b = to_fdbox(L, i);
-  if (b->fd < 0) luaL_error(L, "fd box is closed");
-  return b;
-}
-
-/* Push a closed box; the caller stores its fd once it has one. */
-static fdbox *push_fdbox(lua_State *L) {
-  fdbox *b = (fdbox *)lua_newuserdatauv(L, sizeof(fdbox), 0);
-  b->fd = -1;
-  luaL_setmetatable(L, MP_FDBOX_T);
-  return b;
-}
-
-/* core._fdbox(fd) -> FdBox owning fd */
-static int fdbox_new(lua_State *L) {
-  int fd = (int)luaL_checkinteger(L, 1);
-  luaL_argcheck(L, fd >= 0, 1, "bad file descriptor");
-  push_fdbox(L)->fd = fd;
-  return 1;
-}
-
-/* box:fileno() -> fd */
-static int fdbox_fileno(lua_State *L) {
-  lua_pushinteger(L, check_fdbox(L, 1)->fd);
-  return 1;
-}
-
-/* box:_detach() -> fd, now the caller's to close */
-static int fdbox_detach(lua_State *L) {
-  fdbox *b = check_fdbox(L, 1);
-  lua_pushinteger(L, b->fd);
-  b->fd = -1;
-  return 1;
-}
-
-static int fdbox_close(lua_State *L) {
-  fdbox *b = to_fdbox(L, 1);
-  if (b->fd >= 0) close(b->fd);
-  b->fd = -1;
-  return 0;
-}
-
-/* __mp_reduce(box) -> "FdBox", {}, fd */
-static int fdbox__reduce(lua_State *L) {
-  fdbox *b = check_fdbox(L, 1);
-  lua_pushliteral(L, "FdBox");
-  lua_newtable(L);
-  lua_pushinteger(L, b->fd);
-  return 3;
-}
-
-static int fdbox__tostring(lua_State *L) {
-  fdbox *b = to_fdbox(L, 1);
-  if (b->fd < 0) lua_pushliteral(L, "<FdBox(closed)>");
-  else lua_pushfstring(L, "<FdBox(%d)>", b->fd);
-  return 1;
-}
-
-/* core._socketpair() -> box, box (Unix stream sockets, close-on-exec) */
-static int core__socketpair(lua_State *L) {
-  int sv[2];
-  fdbox *a = push_fdbox(L), *b = push_fdbox(L);
-  if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv) != 0)
-    return luaL_error(L, "socketpair: %s", strerror(errno));
-  a->fd = sv[0];
-  b->fd = sv[1];
-  return 2;
-}
-
-/* core._send_fd(sockbox, box) -> true | nil, msg: one byte on the unix
-   socket carrying box's fd; the fork server hands a request to its child
-   forked ahead this way */
-static int core__send_fd(lua_State *L) {
-  int sock = check_fdbox(L, 1)->fd, e;
-  char one = 1;
-  struct iovec iov;
-  mp_fdlist fds;
-  fds.n = 1;
-  fds.fd[0] = check_fdbox(L, 2)->fd;
-  iov.iov_base = &one;
-  iov.iov_len = 1;
-  e = mp_sendall(sock, &iov, 1, &fds);
-  if (e != 0) {
-    errno = e;
-    return luaL_fileresult(L, 0, "sendmsg");
-  }
-  lua_pushboolean(L, 1);
-  return 1;
-}
-
-/* core._recv_fd(sockbox) -> box | nil: the fd one byte carried (see
-   _send_fd), waiting for it; nil at the end of the stream */
-static int core__recv_fd(lua_State *L) {
-  int sock = check_fdbox(L, 1)->fd;
-  char one;
-  mp_fdlist fds;
-  ssize_t n;
-  fdbox *b = push_fdbox(L);
-  fds.n = 0;
-  for (;;) {
-    n = mp_recv_fds(sock, &one, 1, 0, &fds);
-    if (n >= 0 || errno != EINTR) break;
-    if (mp_interrupted(L)) return lua_error(L);   /* nothing came */
-  }
-  if (n < 0) return luaL_fileresult(L, 0, "recvmsg");
-  if (n == 0 || fds.n != 1) {
-    mp_fdlist_close(&fds);
-    lua_pushnil(L);
-    return 1;
-  }
-  b->fd = fds.fd[0];
-  return 1;
-}
-
-/* core._malloc_settle(): have the C allocator merge its small free
-   chunks now (glibc does so at the first large request). The fork server
-   settles before each fork, and process._start_all before forking several
-   (a Pool's workers), so that the children do not: merging writes to the
-   header of every free chunk, and a forked child copies each page it
-   writes. */
-static int core__malloc_settle(lua_State *L) {
-  void *(*volatile alloc)(size_t) = malloc;   /* a call the compiler keeps */
-  (void)L;
-  free(alloc(64 * 1024));
-  return 0;
-}
-
-/* core._pipe() -> rbox, wbox (close-on-exec) */
-static int core__pipe(lua_State *L) {
-  int fds[2];
-  fdbox *r = push_fdbox(L), *w = push_fdbox(L);
-  if (pipe2(fds, O_CLOEXEC) != 0)
-    return luaL_error(L, "pipe: %s", strerror(errno));
-  r->fd = fds[0];
-  w->fd = fds[1];
-  return 2;
-}
-
-/* core._dup(fd) -> box holding a close-on-exec copy */
-static int core__dup(lua_State *L) {
-  int fd = (int)luaL_checkinteger(L, 1);
-  fdbox *b = push_fdbox(L);
-  b->fd = fcntl(fd, F_DUPFD_CLOEXEC, 3);
-  if (b->fd < 0) return luaL_error(L, "dup: %s", strerror(errno));
-  return 1;
-}
-
-/* Write an exit code on a status pipe whose reader may be gone: EPIPE,
-   never SIGPIPE (which would kill the fork server), whatever the process
-   does with SIGPIPE. */
-static int write_code(int fd, int32_t code) {
-  sigset_t sigpipe, old;
-  ssize_t r;
-  sigemptyset(&sigpipe);
-  sigaddset(&sigpipe, SIGPIPE);
-  sigprocmask(SIG_BLOCK, &sigpipe, &old);
-  do r = write(fd, &code, sizeof code);
-  while (r < 0 && errno == EINTR);
-  if (r < 0 && errno == EPIPE && !sigismember(&old, SIGPIPE)) {
-    struct timespec zero = {0, 0};
-    int e = errno;
-    while (sigtimedwait(&sigpipe, NULL, &zero) < 0 && errno == EINTR) {}
-    errno = e;
-  }
-  sigprocmask(SIG_SETMASK, &old, NULL);
-  return r == (ssize_t)sizeof code;
-}
-
-/* core._status_write(wbox, code): the forkserver tells an exit code */
-static int core__status_write(lua_State *L) {
-  fdbox *b = check_fdbox(L, 1);
-  lua_pushboolean(L, write_code(b->fd, (int32_t)luaL_checkinteger(L, 2)));
-  return 1;
 }
 
 /* ---- spawn and forkserver ------------------------------------------ */
@@ -641,7 +407,7 @@ static int process__spawn(lua_State *L) {
   posix_spawnattr_t attr;
   sigset_t none;
   luaL_checktype(L, 3, LUA_TTABLE);
-  cfd = check_fdbox(L, 4)->fd;
+  cfd = mp_fdbox_fd(L, 4);
   if (p->state != P_INITIAL)
     return mp_raise(L, "ProcessError", "cannot start a process twice");
   n = luaL_len(L, 3);
@@ -684,19 +450,16 @@ static int process__spawn(lua_State *L) {
 static int process__attach(lua_State *L) {
   mp_process *p = check_process(L, 1);
   int pid = (int)luaL_checkinteger(L, 2);
-  fdbox *st = check_fdbox(L, 3);
-  fdbox *sg = lua_isnoneornil(L, 4) ? NULL : check_fdbox(L, 4);
+  int sig = !lua_isnoneornil(L, 4);
+  mp_fdbox_fd(L, 3);                      /* both open, before taking any */
+  if (sig) mp_fdbox_fd(L, 4);
   if (p->state != P_INITIAL)
     return mp_raise(L, "ProcessError", "cannot start a process twice");
   luaL_argcheck(L, pid > 0, 2, "pid must be positive");
   p->pid = pid;
   p->remote = 1;
-  p->pidfd = st->fd;
-  st->fd = -1;
-  if (sg) {
-    p->sigfd = sg->fd;
-    sg->fd = -1;
-  }
+  p->pidfd = mp_fdbox_take(L, 3);
+  if (sig) p->sigfd = mp_fdbox_take(L, 4);
   p->owner = mp_getpid();
   p->state = P_STARTED;
   return 0;
@@ -719,97 +482,6 @@ static int process__fields(lua_State *L) {
   return 1;
 }
 
-/* core._child_init(ppid, fd): first thing in a spawned child: die with the
-   parent (and leave at once if it is gone already), keep fd from the
-   children this one will start. */
-static int core__child_init(lua_State *L) {
-  int ppid = (int)luaL_checkinteger(L, 1);
-  int fd = (int)luaL_checkinteger(L, 2);
-  prctl(PR_SET_PDEATHSIG, SIGKILL);
-  if (getppid() != ppid) _exit(1);
-  fcntl(fd, F_SETFD, FD_CLOEXEC);
-  return 0;
-}
-
-/* core._test.no_pdeathsig(): specs only: this process no longer dies with
-   its parent, as a child the kernel has not yet sent its PDEATHSIG */
-static int core__test_no_pdeathsig(lua_State *L) {
-  (void)L;
-  prctl(PR_SET_PDEATHSIG, 0);
-  return 0;
-}
-
-/* core._sigint(ignore): true: ignore SIGINT, keeping what it was; false:
-   put back what was kept (the fork server ignores Ctrl-C, as Python's
-   does; the children it forks get the interpreter's handling back). */
-static struct sigaction saved_sigint;
-static int sigint_saved;
-static int core__sigint(lua_State *L) {
-  if (lua_toboolean(L, 1)) {
-    struct sigaction ign;
-    memset(&ign, 0, sizeof ign);
-    ign.sa_handler = SIG_IGN;
-    sigemptyset(&ign.sa_mask);
-    if (sigaction(SIGINT, &ign, &saved_sigint) == 0) sigint_saved = 1;
-  } else if (sigint_saved) {
-    sigaction(SIGINT, &saved_sigint, NULL);
-    sigint_saved = 0;
-  }
-  return 0;
-}
-
-/* core.getcwd() -> path */
-static int core_getcwd(lua_State *L) {
-  char buf[PATH_MAX];
-  if (getcwd(buf, sizeof buf) == NULL) return luaL_fileresult(L, 0, "getcwd");
-  lua_pushstring(L, buf);
-  return 1;
-}
-
-/* core.chdir(path) -> true | nil, msg */
-static int core_chdir(lua_State *L) {
-  const char *path = luaL_checkstring(L, 1);
-  if (chdir(path) != 0) return luaL_fileresult(L, 0, path);
-  lua_pushboolean(L, 1);
-  return 1;
-}
-
-/* core._file_id(path) -> string | nil: the file's device, inode, size,
-   and modification and change times (as bytes, to compare); a file
-   written since has another */
-static int core__file_id(lua_State *L) {
-  struct stat st;
-  int64_t id[7];
-  if (stat(luaL_checkstring(L, 1), &st) != 0) return 0;
-  id[0] = (int64_t)st.st_dev;
-  id[1] = (int64_t)st.st_ino;
-  id[2] = (int64_t)st.st_size;
-  id[3] = (int64_t)st.st_mtim.tv_sec;
-  id[4] = (int64_t)st.st_mtim.tv_nsec;
-  id[5] = (int64_t)st.st_ctim.tv_sec;
-  id[6] = (int64_t)st.st_ctim.tv_nsec;
-  lua_pushlstring(L, (const char *)id, sizeof id);
-  return 1;
-}
-
-/* core.realpath(path) -> absolute path | nil, msg */
-static int core_realpath(lua_State *L) {
-  const char *path = luaL_checkstring(L, 1);
-  char buf[PATH_MAX];
-  if (realpath(path, buf) == NULL) return luaL_fileresult(L, 0, path);
-  lua_pushstring(L, buf);
-  return 1;
-}
-
-/* core.exepath() -> the running executable's path | nil */
-static int core_exepath(lua_State *L) {
-  char buf[PATH_MAX];
-  ssize_t n = readlink("/proc/self/exe", buf, sizeof buf - 1);
-  if (n <= 0) return 0;
-  lua_pushlstring(L, buf, (size_t)n);
-  return 1;
-}
-
 static const luaL_Reg process_methods[] = {
   {"_fork", process__fork},
   {"_spawn", process__spawn},
@@ -828,87 +500,21 @@ static const luaL_Reg process_methods[] = {
 MP_API void mp_process_open(lua_State *L) {
   static const luaL_Reg tests[] = {
     {"no_pidfd", core__test_no_pidfd},
-    {"no_pdeathsig", core__test_no_pdeathsig},
     {NULL, NULL}
   };
   static const luaL_Reg funcs[] = {
     {"process_new", process_new},
-    {"_exit", core__exit},
-    {"getpid", core_getpid},
-    {"getppid", core_getppid},
-    {"cpu_count", core_cpu_count},
-    {"kill", core_kill},
-    {"_fdbox", fdbox_new},
-    {"_socketpair", core__socketpair},
-    {"_pipe", core__pipe},
-    {"_malloc_settle", core__malloc_settle},
-    {"_send_fd", core__send_fd},
-    {"_recv_fd", core__recv_fd},
-    {"_dup", core__dup},
-    {"_status_write", core__status_write},
-    {"_child_init", core__child_init},
-    {"_sigint", core__sigint},
-    {"getcwd", core_getcwd},
-    {"chdir", core_chdir},
-    {"realpath", core_realpath},
-    {"_file_id", core__file_id},
-    {"exepath", core_exepath},
-    {NULL, NULL}
-  };
-  static const luaL_Reg fdbox_methods[] = {
-    {"fileno", fdbox_fileno},
-    {"close", fdbox_close},
-    {"_detach", fdbox_detach},
     {NULL, NULL}
   };
   static const luaL_Reg process_meta[] = {
     {"__newindex", process__newindex}, {"__gc", process__gc}, {"__close", process__gc},
     {"__tostring", process__tostring}, {NULL, NULL}
   };
-  static const luaL_Reg fdbox_meta[] = {
-    {"__gc", fdbox_close}, {"__close", fdbox_close}, {"__mp_reduce", fdbox__reduce},
-    {"__tostring", fdbox__tostring}, {NULL, NULL}
-  };
   /* process.lua adds start and run to the methods */
   mp_newclass(L, MP_PROCESS_T, (const luaL_Reg *const[]){ process_methods, NULL },
               process_meta, process__index, "Process_methods");
-  lua_pop(L, 1);
-  mp_newclass(L, MP_FDBOX_T, (const luaL_Reg *const[]){ fdbox_methods, NULL },
-              fdbox_meta, NULL, NULL);
   lua_pop(L, 1);
   luaL_setfuncs(L, funcs, 0);
   mp_add_tests(L, tests);
 }
 
-/* ---- embedding ------------------------------------------------------ */
-
-MP_EXPORT int mp_child_main(int argc, char **argv,
-                            lua_State *(*new_state)(void)) {
-  lua_State *L;
-  int code = 1;
-  if (argc < 3 || argv == NULL || argv[1] == NULL || argv[2] == NULL ||
-      strcmp(argv[1], "-e") != 0 ||
-      strncmp(argv[2], MP_SPAWN_MARK, sizeof MP_SPAWN_MARK - 1) != 0)
-    return -1;
-  L = new_state ? new_state() : NULL;
-  if (L == NULL) {
-    fprintf(stderr, "multiprocessing: spawned child %d: no Lua state\n",
-            (int)getpid());
-    return 1;
-  }
-  luaL_getsubtable(L, LUA_REGISTRYINDEX, LUA_PRELOAD_TABLE);
-  if (lua_getfield(L, -1, "multiprocessing.core") == LUA_TNIL) {
-    lua_pushcfunction(L, luaopen_multiprocessing_core);
-    lua_setfield(L, -3, "multiprocessing.core");
-  }
-  lua_pop(L, 2);
-  if (luaL_dostring(L, argv[2]) != LUA_OK) {
-    const char *msg = lua_tostring(L, -1);
-    fprintf(stderr, "multiprocessing: spawned child %d: %s\n", (int)getpid(),
-            msg ? msg : "(error object)");
-  } else {
-    code = 0;
-  }
-  lua_close(L);
-  return code;
-}

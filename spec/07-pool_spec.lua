@@ -123,6 +123,37 @@ describe("Pool arguments", function()
     end)
   end)
 
+  it("carries every kind of value both ways, scalars at the codec's size boundaries too", function()
+    local nan = 0 / 0
+    local values = { 0, 1, 127, 128, 16383, 16384, (1 << 20) - 1, 1 << 20, -1, -64, -65,
+                     -(1 << 20), math.maxinteger, math.mininteger, 2.0, -0.0, 1.5, 1e300,
+                     math.huge, -math.huge, "", "x", string.rep("s", 31), string.rep("l", 32),
+                     "a\0b", string.rep("z", 70000), true, false, { 1, "two", { three = 3 } } }
+    local function same(a, b)
+      if type(a) == "table" then return type(b) == "table" and a[1] == b[1] and a[2] == b[2]
+                                        and b[3].three == 3 end
+      return math.type(a) == math.type(b) and (a == b and (a ~= 0 or 1 / a == 1 / b))
+    end
+    with_pool(2, function(pool)
+      for _, chunksize in ipairs({ 1, 7 }) do
+        local r = pool:map(function(v) return v end, values, chunksize)
+        for i, v in ipairs(values) do assert.is_true(same(v, r[i]), "map item " .. i) end
+      end
+      for i, v in ipairs(values) do
+        local a, b, c, d = pool:apply(function(x) return nil, x, false, nil end, { v })
+        assert.is_nil(a)
+        assert.is_true(same(v, b), "apply item " .. i)
+        assert.is_false(c)
+        assert.is_nil(d)
+      end
+      local got = pool:apply(function(x) return x end, { nan })
+      assert.is_true(got ~= got)
+      local s = pool:starmap(function(...) return select("#", ...), ... end,
+                             { { 1, nil, 3, n = 3 }, { n = 0 }, { "x", 2.5 } })
+      assert.are.same({ 3, 0, 2, n = 3 }, s)
+    end)
+  end)
+
   it("raises SerializationError for arguments that cannot travel", function()
     with_pool(1, function(pool)
       local ok, err = pcall(pool.apply_async, pool, function(f) return f end, { io.stdout })

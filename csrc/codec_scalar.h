@@ -1,0 +1,224 @@
+/*
+ * codec_scalar.h: the codec's format for one scalar (nil, a boolean, a
+ * number, a string), as inline functions: the one definition of those
+ * bytes outside codec.c's encoder and decoder (whose format they are:
+ * codec.c's header lists the tags), for the paths that run once per
+ * value (codec_scalar.c's mp_encode_scalar and mp_decode_scalar, the
+ * pool's task and result items), where a call per value is measurable.
+ * cs_put writes a value, or a whole message (the codec's header, then
+ * the value); cs_get reads a value and refuses (NULL, nothing pushed)
+ * what is not one well-formed scalar; cs_encode and cs_decode are the
+ * whole-message forms.
+ */
+#ifndef MP_CODEC_SCALAR_H
+#define MP_CODEC_SCALAR_H
+
+#include "mp.h"
+
+#include <string.h>
+
+/* codec.c's format */
+#define CODEC_VERSION 1
+enum { T_NIL, T_FALSE, T_TRUE, T_INT, T_FLOAT, T_STR };
+#define T_SHORTSTR 0x40
+#define SHORTSTR_MAX 31
+#define T_FIXINT 0x80
+
+static inline size_t cs_put_varint(unsigned char *w, uint64_t v) {
+  size_t n = 0;
+  if (v < 0x4000) {                      /* the common short ones, unrolled */
+    if (v < 0x80) {
+      w[0] = (unsigned char)v;
+      return 1;
+    }
+    w[0] = (unsigned char)(v | 0x80);
+    w[1] = (unsigned char)(v >> 7);
+    return 2;
+  }
+  while (v >= 0x80) {
+    w[n++] = (unsigned char)(v | 0x80);
+    v >>= 7;
+  }
+  w[n++] = (unsigned char)v;
+  return n;
+}
+
+/* The varint at *p (< end), advancing *p; 0 when it is cut or longer
+   than 64 bits (as codec.c's rd_varint refuses it). */
+static inline int cs_get_varint(const unsigned char **p, const unsigned char *end,
+                             uint64_t *v) {
+  const unsigned char *q = *p;
+  uint64_t x = 0;
+  int shift;
+  for (shift = 0; shift <= 63; shift += 7) {
+    unsigned c;
+    if (q >= end) return 0;
+    c = *q++;
+    x |= (uint64_t)(c & 0x7f) << shift;
+    if (c < 0x80) {
+      if (shift == 63 && c > 1) return 0;
+      *v = x;
+      *p = q;
+      return 1;
+    }
+  }
+  return 0;
+}
+
+/* Write one value at w, which has room for 11 bytes (n + 11 for a
+   string); the bytes written. */
+static inline size_t cs_wr_int(unsigned char *w, lua_Integer i) {
+  uint64_t u = (uint64_t)i;
+  if (i >= 0 && i < 0x80) {
+    w[0] = (unsigned char)(T_FIXINT | (int)i);
+    return 1;
+  }
+  w[0] = T_INT;
+  return 1 + cs_put_varint(w + 1, (u << 1) ^ (i < 0 ? ~(uint64_t)0 : 0));
+}
+
+static inline size_t cs_wr_float(unsigned char *w, lua_Number x) {
+  double d = (double)x;
+  uint64_t u;
+  int j;
+  memcpy(&u, &d, 8);
+  w[0] = T_FLOAT;
+  for (j = 0; j < 8; j++) w[1 + j] = (unsigned char)(u >> (8 * j));   /* LE */
+  return 9;
+}
+
+static inline size_t cs_wr_str(unsigned char *w, const char *s, size_t n) {
+  size_t k;
+  if (n <= SHORTSTR_MAX) {
+    w[0] = (unsigned char)(T_SHORTSTR + n);
+    memcpy(w + 1, s, n);
+    return 1 + n;
+  }
+  w[0] = T_STR;
+  k = 1 + cs_put_varint(w + 1, n);
+  memcpy(w + k, s, n);
+  return k + n;
+}
+
+/* Append the scalar at idx, of type t, to b, as a whole message (after
+   the codec's header) when msg: 1; 0 (nothing appended) when t is no
+   scalar type. */
+static inline int cs_put(lua_State *L, mp_buf *b, int idx, int t, int msg) {
+  unsigned char *w;
+  size_t n = 0, h = msg ? 2 : 0;
+  const char *s = NULL;
+  if (t == LUA_TSTRING) s = lua_tolstring(L, idx, &n);
+  else if (t != LUA_TNUMBER && t != LUA_TNIL && t != LUA_TBOOLEAN) return 0;
+  if (b->cap - b->len < h + n + 11) mp_buf_reserve(L, b, h + n + 11);
+  w = (unsigned char *)b->data + b->len;
+  if (msg) {
+    w[0] = CODEC_VERSION;
+    w[1] = 0;                            /* flags: no references */
+  }
+  w += h;
+  switch (t) {
+  case LUA_TNUMBER:
+    n = lua_isinteger(L, idx) ? cs_wr_int(w, lua_tointeger(L, idx))
+                              : cs_wr_float(w, lua_tonumber(L, idx));
+    break;
+  case LUA_TSTRING: n = cs_wr_str(w, s, n); break;
+  case LUA_TNIL: w[0] = T_NIL; n = 1; break;
+  default: w[0] = lua_toboolean(L, idx) ? T_TRUE : T_FALSE; n = 1; break;
+  }
+  b->len += h + n;
+  return 1;
+}
+
+static inline const char *cs_get(lua_State *L, const char *p, const char *end) {
+  const unsigned char *q = (const unsigned char *)p, *e = (const unsigned char *)end;
+  unsigned tag;
+  uint64_t v;
+  if (q >= e) return NULL;
+  tag = *q++;
+  if (tag >= T_FIXINT) {
+    lua_pushinteger(L, (lua_Integer)(tag - T_FIXINT));
+  } else if (tag == T_INT) {                   /* the next most common */
+    if (!cs_get_varint(&q, e, &v)) return NULL;
+    lua_pushinteger(L, (lua_Integer)((v >> 1) ^ (~(v & 1) + 1)));
+  } else if (tag >= T_SHORTSTR && tag <= T_SHORTSTR + SHORTSTR_MAX) {
+    size_t n = tag - T_SHORTSTR;
+    if ((size_t)(e - q) < n) return NULL;
+    lua_pushlstring(L, (const char *)q, n);
+    q += n;
+  } else {
+    switch (tag) {
+    case T_NIL: lua_pushnil(L); break;
+    case T_FALSE: lua_pushboolean(L, 0); break;
+    case T_TRUE: lua_pushboolean(L, 1); break;
+    case T_FLOAT: {
+      double x;
+      int j;
+      if (e - q < 8) return NULL;
+      for (v = 0, j = 0; j < 8; j++) v |= (uint64_t)q[j] << (8 * j);
+      memcpy(&x, &v, 8);
+      lua_pushnumber(L, (lua_Number)x);
+      q += 8;
+      break;
+    }
+    case T_STR:
+      if (!cs_get_varint(&q, e, &v) || v > (uint64_t)(e - q)) return NULL;
+      lua_pushlstring(L, (const char *)q, (size_t)v);
+      q += v;
+      break;
+    default:
+      return NULL;                       /* not a scalar */
+    }
+  }
+  return (const char *)q;
+}
+
+/* An integer as a whole message, at w (room for 13 bytes): the bytes
+   written. The commonest value of all, so small enough to inline. */
+static inline size_t cs_msg_int(unsigned char *w, lua_Integer i) {
+  w[0] = CODEC_VERSION;
+  w[1] = 0;
+  return 2 + cs_wr_int(w + 2, i);
+}
+
+/* Is p[0 .. len) a message of one integer of at most 3 varint bytes
+   (|i| < 2^20)? Then *i is it: 1; else 0 (cs_decode's then). */
+static inline int cs_msg_getint(const char *p, size_t len, lua_Integer *i) {
+  const unsigned char *q = (const unsigned char *)p;
+  uint64_t v;
+  if (len < 3 || q[0] != CODEC_VERSION || q[1] != 0) return 0;
+  if (len == 3 && q[2] >= T_FIXINT) {
+    *i = (lua_Integer)(q[2] - T_FIXINT);
+    return 1;
+  }
+  if (q[2] != T_INT) return 0;
+  if (len == 4 && q[3] < 0x80) v = q[3];
+  else if (len == 5 && q[3] >= 0x80 && q[4] < 0x80 && q[4] != 0)
+    v = (uint64_t)(q[3] & 0x7f) | (uint64_t)q[4] << 7;
+  else if (len == 6 && q[3] >= 0x80 && q[4] >= 0x80 && q[5] < 0x80)
+    v = (uint64_t)(q[3] & 0x7f) | (uint64_t)(q[4] & 0x7f) << 7 | (uint64_t)q[5] << 14;
+  else return 0;
+  *i = (lua_Integer)((v >> 1) ^ (~(v & 1) + 1));
+  return 1;
+}
+
+/* Append the scalar at idx, of type t (lua_type), as a whole codec
+   message: 1; 0 (nothing appended) when it is none. */
+static inline int cs_encode(lua_State *L, int idx, int t, mp_buf *b) {
+  return cs_put(L, b, idx, t, 1);
+}
+
+/* Push the value of the message p[0 .. len) if it is one well-formed
+   scalar: 1; else 0, nothing pushed (mp_decode's then). */
+static inline int cs_decode(lua_State *L, const char *p, size_t len) {
+  const char *q;
+  if (len < 3 || p[0] != CODEC_VERSION || p[1] != 0) return 0;
+  q = cs_get(L, p + 2, p + len);
+  if (q == NULL) return 0;
+  if (q != p + len) {                    /* more after it: mp_decode's */
+    lua_pop(L, 1);
+    return 0;
+  }
+  return 1;
+}
+
+#endif
