@@ -40,6 +40,7 @@ build = {
       sources = {
         "csrc/core.c",
         "csrc/ground.c",
+        "csrc/lock.c",
         "csrc/codec.c",
         "csrc/conn.c",
         "csrc/pool.c",
@@ -48,6 +49,7 @@ build = {
         "csrc/sharedctypes.c",
         "csrc/shm.c",
         "csrc/sync.c",
+        "csrc/sync_cond.c",
       },
       incdirs = { "csrc" },
       libraries = { "m" },
