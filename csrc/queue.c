@@ -53,6 +53,7 @@
  * that signals reach the thread whose wait must see them.
  */
 #include "mp.h"
+#include "lock.h"
 
 #include <errno.h>
 #include <pthread.h>
@@ -81,20 +82,8 @@
                                            state (no call it makes sets it) */
 #define SPIN_SECS   50e-6             /* longest spin before a futex sleep */
 #define SPIN_PROBE  10e-6             /* spin of a probe after a failure */
-#define LOCK_WAITERS 0x80000000u
 #define NSLEEPERS   64                  /* processes announced asleep at once */
 #define MAGIC       0x4d505131u         /* "MPQ1" */
-
-#if defined(__x86_64__) || defined(__i386__)
-#define cpu_relax() __builtin_ia32_pause()
-#elif defined(__aarch64__)
-#define cpu_relax() __asm__ __volatile__("yield" ::: "memory")
-#else
-#define cpu_relax() ((void)0)
-#endif
-
-#define LOAD(p)      __atomic_load_n((p), __ATOMIC_SEQ_CST)
-#define ADD(p, n)    __atomic_fetch_add((p), (n), __ATOMIC_SEQ_CST)
 
 /* what a sleeper waits for: an item, room (bounded put), room (feeder) */
 enum { W_GET, W_PUT, W_FEED };
@@ -119,11 +108,11 @@ typedef struct qstate {
 } qstate;
 
 typedef struct qshm {
-  uint32_t lock;        /* 0, or owner_id() | LOCK_WAITERS */
+  mp_lock lock;         /* the robust lock (lock.h) */
+  qstate st;            /* committed state (at byte 24, beside the lock) */
   uint32_t jvalid;      /* the journal holds a state to apply */
-  uint32_t magic, kind;
+  uint32_t magic, kind, pad0;
   uint64_t maxsize;     /* 0: unbounded */
-  qstate st;            /* committed state */
   qstate jr;            /* journal */
   char pad1[64];
   uint32_t not_empty;   /* futex sequence words, bumped when waiters */
@@ -174,73 +163,24 @@ static void feeder_finish(mp_queue *q, int mode);
 
 /* ---- lock and journal --------------------------------------------- */
 
-/* The lock's owner word: pid (22 bits, Linux's largest pid_max) and the
-   low 9 bits of the owner's start time, so that a reused pid is seldom
-   taken for a live owner. */
-#define OWNER_PID   0x003fffffu
-#define OWNER_SHIFT 22
-#define OWNER_TAG   0x1ffu
-
-static uint32_t owner_id(void) {
-  return ((uint32_t)mp_getpid() & OWNER_PID) |
-         ((mp_start_tag() & OWNER_TAG) << OWNER_SHIFT);
-}
-
-static int owner_dead(uint32_t w) {
-  return mp_process_gone((int)(w & OWNER_PID), (w >> OWNER_SHIFT) & OWNER_TAG,
-                         OWNER_TAG);
-}
-
 static void q_replay(qshm *s) {
-  if (__atomic_load_n(&s->jvalid, __ATOMIC_ACQUIRE)) {
+  if (mp_atomic_load_acquire(&s->jvalid)) {
     s->st = s->jr;
-    __atomic_store_n(&s->jvalid, 0, __ATOMIC_SEQ_CST);
+    mp_atomic_store(&s->jvalid, 0);
   }
 }
 
+/* Take the queue's lock (waiting as long as it takes, never interrupted:
+   it is held for one copy), then finish a commit that a holder killed
+   inside it left in the journal. A dead holder's lock is taken over
+   (lock.h); the journal makes that safe. */
 static void q_lock(qshm *s) {
-  uint32_t me = owner_id(), v = 0;
-  int i;
-  if (__atomic_compare_exchange_n(&s->lock, &v, me, 0, __ATOMIC_ACQUIRE,
-                                  __ATOMIC_RELAXED))
-    goto locked;
-  for (i = 0; i < 200; i++) {
-    cpu_relax();
-    v = 0;
-    if (__atomic_load_n(&s->lock, __ATOMIC_RELAXED) == 0 &&
-        __atomic_compare_exchange_n(&s->lock, &v, me, 0, __ATOMIC_ACQUIRE,
-                                    __ATOMIC_RELAXED))
-      goto locked;
-  }
-  for (;;) {
-    v = __atomic_load_n(&s->lock, __ATOMIC_RELAXED);
-    if (v == 0) {
-      /* others may sleep too: keep the waiters bit */
-      if (__atomic_compare_exchange_n(&s->lock, &v, me | LOCK_WAITERS, 0,
-                                      __ATOMIC_ACQUIRE, __ATOMIC_RELAXED))
-        goto locked;
-      continue;
-    }
-    if (!(v & LOCK_WAITERS)) {
-      uint32_t w = v | LOCK_WAITERS;
-      if (!__atomic_compare_exchange_n(&s->lock, &v, w, 0, __ATOMIC_RELAXED,
-                                       __ATOMIC_RELAXED))
-        continue;
-      v = w;
-    }
-    if (mp_futex_wait(&s->lock, v, mp_now() + 0.02) == ETIMEDOUT &&
-        (v & ~LOCK_WAITERS) != me && owner_dead(v & ~LOCK_WAITERS) &&
-        __atomic_compare_exchange_n(&s->lock, &v, me | LOCK_WAITERS, 0,
-                                    __ATOMIC_ACQUIRE, __ATOMIC_RELAXED))
-      goto locked;                        /* the owner died holding it */
-  }
-locked:
+  mp_lock_acquire(&s->lock, mp_lock_self(), -1, NULL);
   q_replay(s);
 }
 
 static void q_unlock(qshm *s) {
-  if (__atomic_exchange_n(&s->lock, 0, __ATOMIC_RELEASE) & LOCK_WAITERS)
-    mp_futex_wake(&s->lock, 1);
+  mp_lock_release(&s->lock);
 }
 
 /* Specs only: make the next put of this process die (_exit) after writing
@@ -251,10 +191,10 @@ static int crash_stage;
 static void q_commit(qshm *s, const qstate *ns) {
   if (crash_stage == 1) _exit(9);
   s->jr = *ns;
-  __atomic_store_n(&s->jvalid, 1, __ATOMIC_SEQ_CST);
+  mp_atomic_store(&s->jvalid, 1);
   if (crash_stage == 2) _exit(9);
   s->st = *ns;
-  __atomic_store_n(&s->jvalid, 0, __ATOMIC_SEQ_CST);
+  mp_atomic_store(&s->jvalid, 0);
 }
 
 /* Can st, a copy of the state read from shared memory, be followed without
@@ -361,7 +301,7 @@ static int q_reserve(mp_queue *q, qstate *st, uint64_t n, uint64_t *off) {
 /* ---- waiting ------------------------------------------------------ */
 
 static int can_go(qshm *s, int for_get) {
-  uint64_t n = LOAD(&s->st.nitems);
+  uint64_t n = mp_atomic_load(&s->st.nitems);
   return for_get ? n > 0 : (s->maxsize == 0 || n < s->maxsize);
 }
 
@@ -374,10 +314,9 @@ static int sleeper_add(qshm *s, int k) {
   int i;
   for (i = 0; i < NSLEEPERS; i++) {
     uint32_t z = 0;
-    if (LOAD(&s->sleeper[i]) == 0 &&
-        __atomic_compare_exchange_n(&s->sleeper[i], &z, me, 0,
-                                    __ATOMIC_SEQ_CST, __ATOMIC_RELAXED)) {
-      __atomic_fetch_or(&s->sleeping[k], (uint64_t)1 << i, __ATOMIC_SEQ_CST);
+    if (mp_atomic_load(&s->sleeper[i]) == 0 &&
+        mp_atomic_cas(&s->sleeper[i], &z, me)) {
+      mp_atomic_fetch_or(&s->sleeping[k], (uint64_t)1 << i);
       return i;
     }
   }
@@ -386,8 +325,8 @@ static int sleeper_add(qshm *s, int k) {
 
 static void sleeper_del(qshm *s, int k, int i) {
   if (i < 0) return;
-  __atomic_fetch_and(&s->sleeping[k], ~((uint64_t)1 << i), __ATOMIC_SEQ_CST);
-  __atomic_store_n(&s->sleeper[i], 0, __ATOMIC_SEQ_CST);
+  mp_atomic_fetch_and(&s->sleeping[k], ~((uint64_t)1 << i));
+  mp_atomic_store(&s->sleeper[i], 0);
 }
 
 /* Wake up to n sleepers on seq. A wake that finds nobody although someone
@@ -396,15 +335,13 @@ static void sleeper_del(qshm *s, int k, int i) {
 static void q_wake(qshm *s, uint32_t *seq, int n) {
   int i;
   if (mp_futex_wake(seq, n) > 0) return;
-  if ((ADD(&s->misses, 1) & 63) != 63) return;
+  if ((mp_atomic_add_fetch(&s->misses, 1) & 63) != 0) return;
   for (i = 0; i < NSLEEPERS; i++) {
-    uint32_t v = LOAD(&s->sleeper[i]);
+    uint32_t v = mp_atomic_load(&s->sleeper[i]);
     if (v != 0 && (v >> 30) <= W_FEED &&
         mp_process_gone((int)(v & 0x3fffffffu), 0, 0)) {
-      __atomic_fetch_and(&s->sleeping[v >> 30], ~((uint64_t)1 << i),
-                         __ATOMIC_SEQ_CST);
-      __atomic_compare_exchange_n(&s->sleeper[i], &v, 0, 0,
-                                  __ATOMIC_SEQ_CST, __ATOMIC_RELAXED);
+      mp_atomic_fetch_and(&s->sleeping[v >> 30], ~((uint64_t)1 << i));
+      mp_atomic_cas(&s->sleeper[i], &v, 0);
     }
   }
 }
@@ -449,14 +386,14 @@ static int q_wait(lua_State *L, mp_queue *q, int for_get, double deadline) {
         if (now - start >= budget) break;
         if (deadline >= 0 && now >= deadline) return 0;
       }
-      cpu_relax();
+      mp_cpu_relax();
     }
     q->spin = 0;
   }
   if (mp_interrupted(L)) return -1;
   q->nsleeps++;
   slot = sleeper_add(s, kind);
-  v = LOAD(seq);
+  v = mp_atomic_load(seq);
   if (!can_go(s, for_get)) q_sleep(seq, v, slot, deadline);
   sleeper_del(s, kind, slot);
   return 0;
@@ -464,9 +401,9 @@ static int q_wait(lua_State *L, mp_queue *q, int for_get, double deadline) {
 
 /* Bump the sequence word if someone sleeps on it; returns whether to wake. */
 static int q_signal(uint32_t *seq, uint64_t *sleeping) {
-  __atomic_thread_fence(__ATOMIC_SEQ_CST);
-  if (LOAD(sleeping) == 0) return 0;
-  ADD(seq, 1);
+  mp_atomic_fence();
+  if (mp_atomic_load(sleeping) == 0) return 0;
+  mp_atomic_fetch_add(seq, 1);
   return 1;
 }
 
@@ -512,7 +449,7 @@ static void queue_release(mp_queue *q, int mode) {
   if (q->shm != NULL) feeder_finish(q, mode);
   if (q->shm != NULL) {
     if (q->watching == mp_getpid())
-      __atomic_fetch_sub(&q->shm->watchers, 1, __ATOMIC_SEQ_CST);
+      mp_atomic_fetch_sub(&q->shm->watchers, 1);
     mp_shm_unmap(q->shm, HDR_BYTES);
     q->shm = NULL;
   }
@@ -612,7 +549,7 @@ static int q_write(mp_queue *q, qstate *st, uint32_t type, const char *p,
   st->nitems++;
   if (count_task) st->unfinished++;
   q_commit(s, st);
-  if (st->nitems == 1 && LOAD(&s->watchers) > 0) efd_set(q->efd);
+  if (st->nitems == 1 && mp_atomic_load(&s->watchers) > 0) efd_set(q->efd);
   *wake = q_signal(&s->not_empty, &s->sleeping[W_GET]);
   return 0;
 }
@@ -662,7 +599,7 @@ static int feed_some(mp_queue *q, feeder *f, pnode **v, int cnt, int mode,
                      int *written) {
   qshm *s = q->shm;
   pnode *n = v[0];
-  uint64_t seen = LOAD(&s->ngets);
+  uint64_t seen = mp_atomic_load(&s->ngets);
   double idle_since = mp_now();
   for (;;) {
     qstate st;
@@ -680,12 +617,12 @@ static int feed_some(mp_queue *q, feeder *f, pnode **v, int cnt, int mode,
         if (now - idle_since >= DRAIN_IDLE) goto write;  /* nobody takes */
       }
       slot = sleeper_add(s, W_FEED);
-      seq = LOAD(&s->not_full);
+      seq = mp_atomic_load(&s->not_full);
       q_unlock(s);
       q_sleep(&s->not_full, seq, slot,
               mp_now() + (mode == FEED_DRAIN ? DRAIN_IDLE / 4 : 0.02));
       sleeper_del(s, W_FEED, slot);
-      if (mode == FEED_WAIT && __atomic_load_n(&f->stop, __ATOMIC_ACQUIRE))
+      if (mode == FEED_WAIT && mp_atomic_load_acquire(&f->stop))
         return -1;
       continue;
     }
@@ -749,7 +686,7 @@ static void feeder_finish(mp_queue *q, int mode) {
   if (f == NULL) { q->feeder = NULL; return; }
   if (f->started) {
     pthread_mutex_lock(&f->mu);
-    __atomic_store_n(&f->stop, 1, __ATOMIC_RELEASE);
+    mp_atomic_store(&f->stop, 1);
     pthread_cond_signal(&f->cv);
     pthread_mutex_unlock(&f->mu);
     pthread_join(f->th, NULL);
@@ -1059,7 +996,7 @@ static int queue_get_t(lua_State *L, double timeout) {
     uint64_t len, run, oldcap;
     uint32_t type;
     int err, wake_put, wake_get, shrink = 0, pushed = 0;
-    if (LOAD(&s->st.nitems) == 0) {
+    if (mp_atomic_load(&s->st.nitems) == 0) {
       if (timeout == 0) goto empty;
       if (deadline >= 0 && mp_now() >= deadline) goto timedout;
       if (q_wait(L, q, 1, deadline) < 0) return lua_error(L);  /* nothing held */
@@ -1142,7 +1079,7 @@ static int queue_get_t(lua_State *L, double timeout) {
                 (off_t)(HDR_BYTES + BASE_CAP), (off_t)(oldcap - BASE_CAP));
       q_remap(q, BASE_CAP);
     }
-    if (st.nitems == 0 && LOAD(&s->watchers) > 0) efd_clear(q->efd);
+    if (st.nitems == 0 && mp_atomic_load(&s->watchers) > 0) efd_clear(q->efd);
     wake_put = q_signal(&s->not_full, &s->sleeping[W_PUT]);
     /* feeders wait for room; wake them when half of it is free, so that
        they write in batches rather than one item per get */
@@ -1229,7 +1166,7 @@ static int queue_get_nowait(lua_State *L) {
 static int queue_qsize(lua_State *L) {
   mp_queue *q = check_queue(L, 1);
   feeder_tidy(L, q);
-  lua_pushinteger(L, (lua_Integer)LOAD(&q->shm->st.nitems));
+  lua_pushinteger(L, (lua_Integer)mp_atomic_load(&q->shm->st.nitems));
   return 1;
 }
 
@@ -1237,7 +1174,7 @@ static int queue_qsize(lua_State *L) {
 static int queue_empty(lua_State *L) {
   mp_queue *q = check_queue(L, 1);
   feeder_tidy(L, q);
-  lua_pushboolean(L, LOAD(&q->shm->st.nitems) == 0);
+  lua_pushboolean(L, mp_atomic_load(&q->shm->st.nitems) == 0);
   return 1;
 }
 
@@ -1254,7 +1191,7 @@ static int queue_fileno(lua_State *L) {
   qshm *s = q->shm;
   if (q->watching != mp_getpid()) {
     q_lock(s);
-    ADD(&s->watchers, 1);
+    mp_atomic_fetch_add(&s->watchers, 1);
     q->watching = mp_getpid();
     efd_clear(q->efd);
     if (s->st.nitems > 0) efd_set(q->efd);
@@ -1270,8 +1207,8 @@ static int queue_fileno(lua_State *L) {
 static int queue__ready(lua_State *L) {
   mp_queue *q = check_queue(L, 1);
   qshm *s = q->shm;
-  int ready = LOAD(&s->st.nitems) > 0;
-  if (!ready && LOAD(&s->watchers) > 0) {
+  int ready = mp_atomic_load(&s->st.nitems) > 0;
+  if (!ready && mp_atomic_load(&s->watchers) > 0) {
     q_lock(s);
     if (s->st.nitems == 0) efd_clear(q->efd);
     else ready = 1;
@@ -1333,7 +1270,7 @@ static int queue_join(lua_State *L) {
   double deadline = mp_deadline(mp_opttimeout(L, 2));
   qshm *s = q->shm;
   for (;;) {
-    uint32_t v = LOAD(&s->st.unfinished);
+    uint32_t v = mp_atomic_load(&s->st.unfinished);
     if (v == 0) {
       lua_pushboolean(L, 1);
       return 1;
@@ -1362,11 +1299,11 @@ static int queue__tostring(lua_State *L) {
     lua_pushfstring(L, "<%s(closed)>", kind_names[q->kind]);
   else if (q->shm->maxsize != 0)
     lua_pushfstring(L, "<%s(qsize=%I, maxsize=%I)>", kind_names[q->kind],
-                    (lua_Integer)LOAD(&q->shm->st.nitems),
+                    (lua_Integer)mp_atomic_load(&q->shm->st.nitems),
                     (lua_Integer)q->shm->maxsize);
   else
     lua_pushfstring(L, "<%s(qsize=%I)>", kind_names[q->kind],
-                    (lua_Integer)LOAD(&q->shm->st.nitems));
+                    (lua_Integer)mp_atomic_load(&q->shm->st.nitems));
   return 1;
 }
 
@@ -1397,12 +1334,7 @@ static int queue_test_lock(lua_State *L) {
   qshm *s = check_queue(L, 1)->shm;
   int reused = luaL_checkoption(L, 2, "held", modes) == 1;
   q_lock(s);
-  if (reused) {
-    uint32_t me = owner_id();
-    __atomic_store_n(&s->lock, (me & OWNER_PID) |
-                     (mp_other_tag(me >> OWNER_SHIFT, OWNER_TAG) << OWNER_SHIFT),
-                     __ATOMIC_SEQ_CST);
-  }
+  if (reused) mp_lock_forge_reused(&s->lock);
   return 0;
 }
 
@@ -1415,11 +1347,11 @@ static int queue__stats(lua_State *L) {
   lua_setfield(L, -2, "cap");
   lua_pushinteger(L, (lua_Integer)st.nitems);
   lua_setfield(L, -2, "nitems");
-  lua_pushinteger(L, (lua_Integer)LOAD(&q->shm->lock));
+  lua_pushinteger(L, (lua_Integer)mp_atomic_load(&q->shm->lock.owner));
   lua_setfield(L, -2, "lock");
-  lua_pushinteger(L, __builtin_popcountll(LOAD(&q->shm->sleeping[W_GET])));
+  lua_pushinteger(L, __builtin_popcountll(mp_atomic_load(&q->shm->sleeping[W_GET])));
   lua_setfield(L, -2, "get_waiters");
-  lua_pushinteger(L, __builtin_popcountll(LOAD(&q->shm->sleeping[W_PUT])));
+  lua_pushinteger(L, __builtin_popcountll(mp_atomic_load(&q->shm->sleeping[W_PUT])));
   lua_setfield(L, -2, "put_waiters");
   lua_pushinteger(L, (lua_Integer)q->nspins);
   lua_setfield(L, -2, "spins");
