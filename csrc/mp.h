@@ -10,9 +10,11 @@
  *   - errors: mp_raise() builds an error object through the Lua module
  *     multiprocessing.errors and raises it.
  *   - codec: mp_encode()/mp_decode() turn a Lua value into a message and
- *     back; a message may carry file descriptors (handles), collected in an
- *     mp_fdlist that the transport sends beside the bytes (SCM_RIGHTS) or,
- *     under fork, that the receiver already has.
+ *     back (mp_encode_scalar()/mp_decode_scalar(): the same bytes for one
+ *     boolean, number or string, without the general encoder's set-up);
+ *     a message may carry file descriptors (handles), collected in an
+ *     mp_fdlist that the transport sends beside the bytes (SCM_RIGHTS)
+ *     or, under fork, that the receiver already has.
  *   - handles: a userdata whose metatable has __mp_reduce travels as a
  *     handle (see codec.c); each kind is rebuilt by the function a Lua
  *     module registered with core.register_handle(kind, rebuild).
@@ -192,6 +194,24 @@ MP_API void mp_encode_named(lua_State *L, int idx, mp_buf *b, mp_fdlist *fds,
 /* Most nested tables/functions/handles in one message, both ways. */
 #define MP_CODEC_MAXDEPTH 200
 /* mp_decode sets fds->n to 0: the fds are its own from then on. */
+
+/* -- codec_scalar.c: the codec's fast path for a message that is one
+   boolean, number or string (the same bytes as mp_encode's) ------------ */
+/* Bytes of such a message, or of a string's head, at most. */
+#define MP_CODEC_SCALAR_MAX 16
+/* The message of the boolean or number at idx, written to out: its length;
+   0 (nothing written that counts) for a value of another type. */
+MP_API size_t mp_encode_scalar(lua_State *L, int idx, char *out);
+/* The head of the message of a string of n bytes, written to out: its
+   length. The message is the head, then the string's bytes. */
+MP_API size_t mp_encode_strhead(size_t n, char *out);
+/* If the message p[0, len) is one boolean, number or string, push it and
+   return 1; else push nothing and return 0 (mp_decode then decodes the
+   message, or raises saying what is wrong with it). */
+MP_API int mp_decode_scalar(lua_State *L, const char *p, size_t len);
+/* If the message p[0, len) is one string, return 1 with the offset of
+   its bytes in *off (they run to the end); else 0. */
+MP_API int mp_decode_strhead(const char *p, size_t len, size_t *off);
 
 /* -- sync.c, sharedctypes.c ----------------------------------------- */
 #define MP_LOCK_T       "multiprocessing.Lock"

@@ -72,7 +72,7 @@
 #define SOFT_BYTES  (4u * 1024 * 1024)  /* unbounded put: queued bytes above
                                            which items wait in the feeder */
 #define INLINE_MAX  256                 /* feeder copies items this small */
-#define REC_HDR     16
+#define REC_HDR     8                   /* a record: u64 length, payload */
 #define STACK_ITEM  8192                /* items copied out through the C stack */
 #define KEEP_RBUF   (1u << 20)          /* largest read buffer kept between gets */
 #define POPULATE_MIN (4u << 20)        /* prefault copies this large */
@@ -88,8 +88,6 @@
 /* what a sleeper waits for: an item, room (bounded put), room (feeder) */
 enum { W_GET, W_PUT, W_FEED };
 
-/* record types */
-enum { T_STR = 1, T_INT, T_NUM, T_TRUE, T_FALSE, T_VALUE };
 /* queue kinds */
 enum { K_QUEUE, K_SIMPLE, K_JOINABLE };
 static const char *const kind_names[] = {"Queue", "SimpleQueue", "JoinableQueue", NULL};
@@ -127,9 +125,11 @@ typedef struct qshm {
 /* the header page holds it all */
 typedef char qshm_fits_header[sizeof(qshm) <= HDR_BYTES ? 1 : -1];
 
+/* A record: the length of its payload, a codec message (mp_encode's
+   bytes; those of a boolean, a number or a string made by the codec's
+   fast path, codec_scalar.c), then the payload, padded to 8 bytes. */
 typedef struct rec {
   uint64_t len;
-  uint32_t type, pad;
 } rec;
 
 typedef struct mp_queue {
@@ -528,24 +528,24 @@ static int queue_from_fds(lua_State *L) {
 
 /* ---- writing a record ------------------------------------------- */
 
-/* Append a record to the ring and commit it; under the lock, with st a
-   copy of the state (reset when empty). Returns 0 or an errno (the ring
-   could not grow); *wake tells whether to wake a sleeping consumer. */
-static int q_write(mp_queue *q, qstate *st, uint32_t type, const char *p,
-                   uint64_t len, int count_task, int *wake) {
+/* Append a record whose payload is h[0, hlen) then p[0, len) to the ring
+   and commit it; under the lock, with st a copy of the state (reset when
+   empty). Returns 0 or an errno (the ring could not grow); *wake tells
+   whether to wake a sleeping consumer. */
+static int q_write(mp_queue *q, qstate *st, const char *h, size_t hlen,
+                   const char *p, uint64_t len, int count_task, int *wake) {
   qshm *s = q->shm;
-  uint64_t need = rec_size(len), off = 0;
+  uint64_t need = rec_size(hlen + len), off = 0;
   rec *r;
   int err;
   if (!q_sane(st)) return Q_CORRUPT;
   if ((err = q_remap(q, st->cap)) != 0 || (err = q_reserve(q, st, need, &off)) != 0)
     return err;
   r = (rec *)(q->ring + off);
-  r->len = len;
-  r->type = type;
-  r->pad = 0;
+  r->len = hlen + len;
   q_populate(q, off, need, 1);
-  if (len) memcpy(q->ring + off + REC_HDR, p, (size_t)len);
+  if (hlen) memcpy(q->ring + off + REC_HDR, h, hlen);
+  if (len) memcpy(q->ring + off + REC_HDR + hlen, p, (size_t)len);
   st->nitems++;
   if (count_task) st->unfinished++;
   q_commit(s, st);
@@ -569,9 +569,12 @@ static int q_write(mp_queue *q, qstate *st, uint32_t type, const char *p,
 
 typedef struct pnode {
   struct pnode *next;
-  const char *p;          /* the payload: in a kept Lua value, or inl */
+  const char *p;          /* the payload after head: in a kept Lua value,
+                             or inl */
   uint64_t len;
-  uint32_t type;
+  char head[MP_CODEC_SCALAR_MAX];  /* the payload's first bytes: a scalar's
+                                      message or a string's head */
+  size_t hlen;
   int ref;                /* slot in the keep table, or LUA_NOREF */
   int done;               /* in the ring (set by the thread) */
   char inl[1];            /* small payloads are copied here */
@@ -609,7 +612,7 @@ static int feed_some(mp_queue *q, feeder *f, pnode **v, int cnt, int mode,
     st = s->st;
     if (st.nitems == 0) st.head = st.tail = st.wrap = 0;
     if (mode != FEED_GROW && st.nitems > 0 &&
-        q_used(&st) + rec_size(n->len) > SOFT_BYTES) {
+        q_used(&st) + rec_size(n->hlen + n->len) > SOFT_BYTES) {
       if (mode == FEED_DRAIN) {
         uint64_t g = s->ngets;
         double now = mp_now();
@@ -632,9 +635,10 @@ static int feed_some(mp_queue *q, feeder *f, pnode **v, int cnt, int mode,
       int w = 0;
       n = v[i];
       if (i > 0 && mode != FEED_GROW &&
-          q_used(&st) + rec_size(n->len) > SOFT_BYTES)
+          q_used(&st) + rec_size(n->hlen + n->len) > SOFT_BYTES)
         break;
-      if ((err = q_write(q, &st, n->type, n->p, n->len, 0, &w)) != 0) break;
+      if ((err = q_write(q, &st, n->head, n->hlen, n->p, n->len, 0, &w)) != 0)
+        break;
       wake |= w;
     }
     *written = i;
@@ -801,16 +805,17 @@ static feeder *feeder_new(lua_State *L, mp_queue *q) {
   return f;
 }
 
-/* Queue the item at stack index vi (the value to keep alive) behind the
-   others of this process. */
-static void feeder_put(lua_State *L, mp_queue *q, feeder *f, uint32_t type,
-                       const char *p, uint64_t len, int vi) {
+/* Queue the item h[0, hlen) then p[0, len) behind the others of this
+   process; p is in the value at stack index vi, kept alive meanwhile. */
+static void feeder_put(lua_State *L, mp_queue *q, feeder *f, const char *h,
+                       size_t hlen, const char *p, uint64_t len, int vi) {
   int small = len <= INLINE_MAX;
   pnode *n = (pnode *)malloc(sizeof(pnode) + (small ? (size_t)len : 0));
   if (n == NULL) luaL_error(L, "Queue.put: not enough memory");
   n->next = NULL;
   n->len = len;
-  n->type = type;
+  memcpy(n->head, h, hlen);
+  n->hlen = hlen;
   n->done = 0;
   n->ref = LUA_NOREF;
   if (small) {
@@ -844,46 +849,33 @@ static int put_failed(lua_State *L, int err) {
 static int queue_put_t(lua_State *L, double timeout) {
   mp_queue *q = check_queue(L, 1);
   qshm *s = q->shm;
-  const char *p = NULL;
-  char num[8];
-  size_t len = 0;
-  uint32_t type;
+  const char *p = NULL;        /* the item's message: head, then p */
+  char head[MP_CODEC_SCALAR_MAX];
+  size_t len = 0, hlen = 0;
+  int vi = 2;                  /* the value that holds p */
   uint64_t need;
   double deadline;
   switch (lua_type(L, 2)) {
     case LUA_TNIL: case LUA_TNONE:
       return luaL_argerror(L, 2, "nil is not a message");
-    case LUA_TSTRING:
+    case LUA_TSTRING:          /* copied once, from the string to the ring */
       p = lua_tolstring(L, 2, &len);
-      type = T_STR;
+      hlen = mp_encode_strhead(len, head);
       break;
-    case LUA_TNUMBER:
-      if (lua_isinteger(L, 2)) {
-        lua_Integer i = lua_tointeger(L, 2);
-        memcpy(num, &i, 8);
-        type = T_INT;
-      } else {
-        lua_Number d = lua_tonumber(L, 2);
-        memcpy(num, &d, 8);
-        type = T_NUM;
-      }
-      p = num;
-      len = 8;
-      break;
-    case LUA_TBOOLEAN:
-      type = lua_toboolean(L, 2) ? T_TRUE : T_FALSE;
+    case LUA_TNUMBER: case LUA_TBOOLEAN:
+      hlen = mp_encode_scalar(L, 2, head);
       break;
     default: {
       mp_buf *b = mp_buf_push(L, 0);       /* encode before locking: raises here */
       mp_encode_named(L, 2, b, NULL, "item");
       p = b->data;
       len = b->len;
-      type = T_VALUE;
+      vi = lua_gettop(L);
     }
   }
   if ((uint64_t)len > MAX_ITEM)
     return luaL_argerror(L, 2, "item too large (more than 1 TiB)");
-  need = rec_size(len);
+  need = rec_size(hlen + len);
   deadline = mp_deadline(timeout);
   if (s->maxsize == 0) {
     feeder *f = feeder_of(q);
@@ -904,7 +896,7 @@ static int queue_put_t(lua_State *L, double timeout) {
       st = s->st;
       if (st.nitems == 0) st.head = st.tail = st.wrap = 0;
       if (st.nitems == 0 || q_used(&st) + need <= SOFT_BYTES) {
-        err = q_write(q, &st, type, p, len, q->kind == K_JOINABLE, &wake);
+        err = q_write(q, &st, head, hlen, p, len, q->kind == K_JOINABLE, &wake);
         q_unlock(s);
         if (wake) q_wake(s, &s->not_empty, 1);
         if (err != 0) return put_failed(L, err);
@@ -922,8 +914,7 @@ static int queue_put_t(lua_State *L, double timeout) {
       q_commit(s, &st);
       q_unlock(s);
     }
-    feeder_put(L, q, f, type, p, len, lua_gettop(L) > 2 && type == T_VALUE
-                                      ? lua_gettop(L) : 2);
+    feeder_put(L, q, f, head, hlen, p, len, vi);
     lua_pushboolean(L, 1);
     return 1;
   }
@@ -942,7 +933,7 @@ static int queue_put_t(lua_State *L, double timeout) {
     st = s->st;
     if (s->maxsize != 0 && st.nitems >= s->maxsize) { q_unlock(s); continue; }
     if (st.nitems == 0) st.head = st.tail = st.wrap = 0;
-    err = q_write(q, &st, type, p, len, q->kind == K_JOINABLE, &wake_get);
+    err = q_write(q, &st, head, hlen, p, len, q->kind == K_JOINABLE, &wake_get);
     q_unlock(s);
     if (err != 0) return put_failed(L, err);
     if (wake_get) q_wake(s, &s->not_empty, 1);
@@ -994,7 +985,7 @@ static int queue_get_t(lua_State *L, double timeout) {
     rec *r;
     const char *payload;
     uint64_t len, run, oldcap;
-    uint32_t type;
+    size_t off;
     int err, wake_put, wake_get, shrink = 0, pushed = 0;
     if (mp_atomic_load(&s->st.nitems) == 0) {
       if (timeout == 0) goto empty;
@@ -1021,12 +1012,8 @@ static int queue_get_t(lua_State *L, double timeout) {
       return q_corrupt(L, "Queue.get", "no record where one should be");
     }
     r = (rec *)(q->ring + st.head);
-    len = r->len;                         /* each read once */
-    type = r->type;
-    if (len > run - REC_HDR || rec_size(len) > run ||
-        type < T_STR || type > T_VALUE ||
-        ((type == T_INT || type == T_NUM) && len != 8) ||
-        ((type == T_TRUE || type == T_FALSE) && len != 0)) {
+    len = r->len;                         /* read once */
+    if (len > run - REC_HDR || rec_size(len) > run) {
       q_unlock(s);
       return q_corrupt(L, "Queue.get", "bad record");
     }
@@ -1034,16 +1021,18 @@ static int queue_get_t(lua_State *L, double timeout) {
     q_populate(q, st.head, rec_size(len), 0);
     if (len <= STACK_ITEM) {
       memcpy(stackbuf, payload, (size_t)len);
-    } else if (type == T_STR) {
-      /* straight into a Lua string, under the lock: protect the allocation
+    } else if (mp_decode_strhead(payload, (size_t)len, &off)) {
+      /* a string: its bytes straight into a Lua string (off and len, not
+         the head, which others may rewrite, bound the copy), under the
+         lock: protect the allocation
          (a memory error must not leave the lock held); a finalizer that
          the allocation runs may not use a queue meanwhile (see
          check_queue). Stopping the collector instead would reset its debt
          (LUA_GCRESTART) and let the heap grow without bound. */
       int status;
       lua_pushcfunction(L, push_lstring);
-      lua_pushlightuserdata(L, (void *)(uintptr_t)payload);
-      lua_pushinteger(L, (lua_Integer)len);
+      lua_pushlightuserdata(L, (void *)(uintptr_t)(payload + off));
+      lua_pushinteger(L, (lua_Integer)(len - off));
       in_critical = 1;
       status = lua_pcall(L, 2, 1, 0);
       in_critical = 0;
@@ -1092,48 +1081,30 @@ static int queue_get_t(lua_State *L, double timeout) {
     if (wake_put) q_wake(s, &s->not_full, wake_put == 2 ? 0x7fffffff : 1);
     if (wake_get) q_wake(s, &s->not_empty, 1);
     if (pushed) return 1;
-    switch (type) {
-      case T_STR: lua_pushlstring(L, stackbuf, (size_t)len); break;
-      case T_INT: {
-        lua_Integer i;
-        memcpy(&i, stackbuf, 8);
-        lua_pushinteger(L, i);
-        break;
-      }
-      case T_NUM: {
-        lua_Number d;
-        memcpy(&d, stackbuf, 8);
-        lua_pushnumber(L, d);
-        break;
-      }
-      case T_TRUE: lua_pushboolean(L, 1); break;
-      case T_FALSE: lua_pushboolean(L, 0); break;
-      case T_VALUE: {
+    if (len <= STACK_ITEM) {
+      if (!mp_decode_scalar(L, stackbuf, (size_t)len)) {
         mp_fdlist none;
         none.n = 0;
-        if (len <= STACK_ITEM) {
-          mp_decode(L, stackbuf, (size_t)len, &none, 0);
-        } else {
-          /* the box owns the read buffer while decoding (which may raise
-             or, through a handle's rebuild, run Lua code) */
-          mp_buf *b = mp_buf_push(L, 0);
-          b->data = q->rbuf;
-          b->cap = q->rcap;
-          b->len = (size_t)len;
-          q->rbuf = NULL;
-          q->rcap = 0;
-          mp_decode(L, b->data, b->len, &none, 0);
-          if (q->shm != NULL && q->rbuf == NULL && b->cap <= KEEP_RBUF) {
-            q->rbuf = b->data;
-            q->rcap = b->cap;
-            b->data = NULL;
-            b->cap = b->len = 0;
-          }
-        }
-        break;
+        mp_decode(L, stackbuf, (size_t)len, &none, 0);
       }
-      default:                            /* refused above */
-        return q_corrupt(L, "Queue.get", "bad record");
+    } else {
+      /* the box owns the read buffer while decoding (which may raise or,
+         through a handle's rebuild, run Lua code) */
+      mp_fdlist none;
+      mp_buf *b = mp_buf_push(L, 0);
+      none.n = 0;
+      b->data = q->rbuf;
+      b->cap = q->rcap;
+      b->len = (size_t)len;
+      q->rbuf = NULL;
+      q->rcap = 0;
+      mp_decode(L, b->data, b->len, &none, 0);
+      if (q->shm != NULL && q->rbuf == NULL && b->cap <= KEEP_RBUF) {
+        q->rbuf = b->data;
+        q->rcap = b->cap;
+        b->data = NULL;
+        b->cap = b->len = 0;
+      }
     }
     return 1;
   }

@@ -42,6 +42,7 @@ build = {
         "csrc/ground.c",
         "csrc/lock.c",
         "csrc/codec.c",
+        "csrc/codec_scalar.c",
         "csrc/conn.c",
         "csrc/pool.c",
         "csrc/process.c",
