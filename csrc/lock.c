@@ -11,6 +11,12 @@
  * the holder at once, and so does a wait whose deadline passed. Without a
  * /proc that shows our pid namespace only kill(pid, 0) is asked.
  *
+ * A brief wait (MP_LOCK_BRIEF, for a lock held for one copy: a queue's)
+ * spins longer, BRIEF_SPIN tries, and does not nap: it sleeps on the futex
+ * until the release wakes it, since a waiter that napped would leave the
+ * ring idle for a nap's length after each hand-over, and the other side
+ * of a queue is usually waiting for just that.
+ *
  * The naps are for throughput. Two processes trading a lock in a tight
  * loop (locked increments of one Value, say) otherwise hand it over on
  * nearly every turn: each hand-over moves the cache line and, once the
@@ -47,6 +53,7 @@
                                          processes interleave finely and
                                          bounce the cache line (measured:
                                          slower) */
+#define BRIEF_SPIN  200               /* tries of a brief wait (below) */
 
 MP_API int mp_lock_self_pid;
 MP_API uint64_t mp_lock_self_word;
@@ -59,13 +66,13 @@ MP_API uint64_t mp_lock_self_slow(void) {
   return mp_lock_self_word;
 }
 
-static int spins;
+static int ncpus;
 MP_API int mp_lock_spins(void) {
-  if (spins == 0) {
+  if (ncpus == 0) {
     long n = sysconf(_SC_NPROCESSORS_ONLN);
-    spins = n > 1 ? SPIN : 1;
+    ncpus = n > 1 ? (int)n : 1;
   }
-  return spins;
+  return ncpus > 1 ? SPIN : 1;
 }
 
 MP_API int mp_lock_holder_gone(uint64_t w) {
@@ -92,14 +99,16 @@ MP_API int mp_lock_try_slow(mp_lock *l, uint64_t me) {
 }
 
 MP_API int mp_lock_acquire_until(mp_lock *l, uint64_t me, double deadline,
-                                 lua_State *L) {
+                                 lua_State *L, int how) {
   uint64_t cur = 0;
   uint32_t seq;
-  int i, naps = 0;
+  int i, nap0 = how == MP_LOCK_BRIEF ? NAPS : 0, naps = nap0;  /* done */
+  int spins = mp_lock_spins();
+  if (how == MP_LOCK_BRIEF && spins > 1) spins = BRIEF_SPIN;
   for (;;) {
     double now, until;
     int r = 0;
-    for (i = 0; i < mp_lock_spins(); i++) {
+    for (i = 0; i < spins; i++) {
       cur = mp_atomic_load(&l->owner);
       if (cur == 0 && mp_atomic_cas(&l->owner, &cur, me)) return MP_LOCK_OK;
       mp_cpu_relax();
@@ -130,7 +139,7 @@ MP_API int mp_lock_acquire_until(mp_lock *l, uint64_t me, double deadline,
        lock is looked at again, so a release that saw the flag set and
        woke no one is seen by the look. */
     if (mp_atomic_load(&l->woken)) mp_atomic_store(&l->woken, 0);
-    if (r != ETIMEDOUT) naps = 0;
+    if (r != ETIMEDOUT) naps = nap0;
     else if (mp_atomic_load(&l->owner) == cur && take_over(l, cur, me))
       return MP_LOCK_ABANDONED;
   }

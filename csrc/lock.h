@@ -34,6 +34,12 @@ typedef struct mp_lock {
 /* What an acquire gives. */
 enum { MP_LOCK_BUSY = 0, MP_LOCK_OK = 1, MP_LOCK_ABANDONED = 2 };
 
+/* How a wait waits (lock.c): MP_LOCK_NAP, a lock that a program may hold
+   for long and trade in tight loops (Lock, RLock): spin a little, nap, then
+   sleep; MP_LOCK_BRIEF, a lock held for one copy (a queue's): spin longer,
+   then sleep until woken, never nap. */
+enum { MP_LOCK_NAP, MP_LOCK_BRIEF };
+
 /* The pid in an owner word. */
 #define MP_LOCK_PID(w) ((int)((w) & 0x3fffffffu))
 
@@ -48,14 +54,15 @@ static inline uint64_t mp_lock_self(void) {
   return mp_lock_self_word;
 }
 
-/* The slow paths (lock.c): a few tries for a try; spins, naps and futex
-   sleeps until deadline (absolute, mp_deadline; -1 forever) for a wait. A
-   wait with L (NULL: never interrupted) lets a signal's hook run before
-   each sleep (mp_interrupted), and raises its error from there: nothing is
-   held then, and the waiter is no longer counted as a sleeper. */
+/* The slow paths (lock.c): a few tries for a try; spins, naps (how) and
+   futex sleeps until deadline (absolute, mp_deadline; -1 forever) for a
+   wait. A wait with L (NULL: never interrupted) lets a signal's hook run
+   before each sleep (mp_interrupted), and raises its error from there:
+   nothing is held then, and the waiter is no longer counted as a
+   sleeper. */
 MP_API int mp_lock_try_slow(mp_lock *l, uint64_t me);
 MP_API int mp_lock_acquire_until(mp_lock *l, uint64_t me, double deadline,
-                                 lua_State *L);
+                                 lua_State *L, int how);
 /* How many times a waiter tries before it naps or sleeps: a few, or 1 on
    one CPU, where a spin only keeps the holder off it. */
 MP_API int mp_lock_spins(void);
@@ -77,7 +84,15 @@ static inline int mp_lock_acquire(mp_lock *l, uint64_t me, double timeout,
   if (mp_atomic_cas(&l->owner, &z, me)) return MP_LOCK_OK;
   if (timeout == 0) return mp_lock_try_slow(l, me);
   return mp_lock_acquire_until(l, me, timeout < 0 || timeout > 1e8 ? -1
-                               : mp_deadline(timeout), L);
+                               : mp_deadline(timeout), L, MP_LOCK_NAP);
+}
+
+/* Acquire l as me for one copy (MP_LOCK_BRIEF): waits as long as it
+   takes, never interrupted; MP_LOCK_OK or MP_LOCK_ABANDONED. */
+static inline int mp_lock_acquire_brief(mp_lock *l, uint64_t me) {
+  uint64_t z = 0;
+  if (mp_atomic_cas(&l->owner, &z, me)) return MP_LOCK_OK;
+  return mp_lock_acquire_until(l, me, -1, NULL, MP_LOCK_BRIEF);
 }
 
 /* Release l (whoever holds it); returns the owner word it had, 0 if it

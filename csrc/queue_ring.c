@@ -53,7 +53,7 @@ static void q_replay(qshm *s) {
    inside it left in the journal. A dead holder's lock is taken over
    (lock.h); the journal makes that safe. */
 MP_API void mpq_lock(qshm *s) {
-  mp_lock_acquire(&s->lock, mp_lock_self(), -1, NULL);
+  mp_lock_acquire_brief(&s->lock, mp_lock_self());
   q_replay(s);
 }
 
