@@ -12,14 +12,16 @@
  * into one. The decoder here is as wary as codec.c's: it reads only
  * inside the message and takes nothing it does not fully recognize
  * (then mp_decode decodes it, or says what is wrong).
+ *
+ * Its pieces (varints, a number's bytes, a string's head; codec.h) are
+ * written so that codec.c's encoder and decoder can use them too.
  */
 #include "mp.h"
 #include "codec.h"
 
 #include <string.h>
 
-/* A varint (LEB128) of v at w; its length (at most 10). */
-static size_t put_varint(unsigned char *w, uint64_t v) {
+MP_API size_t mp_codec_put_varint(unsigned char *w, uint64_t v) {
   size_t n = 0;
   while (v >= 0x80) {
     w[n++] = (unsigned char)(v | 0x80);
@@ -29,10 +31,8 @@ static size_t put_varint(unsigned char *w, uint64_t v) {
   return n;
 }
 
-/* Read a varint from *p (before end) as the codec reads it; 0 when it is
-   truncated or out of range. */
-static int get_varint(const unsigned char **p, const unsigned char *end,
-                      uint64_t *v) {
+MP_API int mp_codec_get_varint(const unsigned char **p,
+                               const unsigned char *end, uint64_t *v) {
   int shift = 0;
   *v = 0;
   for (;;) {
@@ -47,33 +47,44 @@ static int get_varint(const unsigned char **p, const unsigned char *end,
   }
 }
 
+MP_API size_t mp_codec_put_number(lua_State *L, int idx, unsigned char *w) {
+  if (lua_isinteger(L, idx)) {
+    lua_Integer i = lua_tointeger(L, idx);
+    uint64_t u = (uint64_t)i;
+    if (i >= 0 && i < 0x80) {
+      w[0] = (unsigned char)(T_FIXINT | (int)i);
+      return 1;
+    }
+    w[0] = T_INT;                        /* zigzag, then varint */
+    return 1 + mp_codec_put_varint(w + 1, (u << 1) ^ (i < 0 ? ~(uint64_t)0 : 0));
+  } else {
+    double d = (double)lua_tonumber(L, idx);
+    uint64_t u;
+    int j;
+    memcpy(&u, &d, 8);
+    w[0] = T_FLOAT;                      /* IEEE 754, little-endian */
+    for (j = 0; j < 8; j++) w[1 + j] = (unsigned char)(u >> (8 * j));
+    return 9;
+  }
+}
+
+MP_API size_t mp_codec_put_strhead(size_t n, unsigned char *w) {
+  if (n <= SHORTSTR_MAX) {
+    w[0] = (unsigned char)(T_SHORTSTR + n);
+    return 1;
+  }
+  w[0] = T_STR;
+  return 1 + mp_codec_put_varint(w + 1, (uint64_t)n);
+}
+
 MP_API size_t mp_encode_scalar(lua_State *L, int idx, char *out) {
   unsigned char *w = (unsigned char *)out;
   w[0] = CODEC_VERSION;
   w[1] = 0;                              /* no references */
   switch (lua_type(L, idx)) {
   case LUA_TBOOLEAN: w[2] = lua_toboolean(L, idx) ? T_TRUE : T_FALSE; return 3;
-  case LUA_TNUMBER:
-    if (lua_isinteger(L, idx)) {
-      lua_Integer i = lua_tointeger(L, idx);
-      uint64_t u = (uint64_t)i;
-      if (i >= 0 && i < 0x80) {
-        w[2] = (unsigned char)(T_FIXINT | (int)i);
-        return 3;
-      }
-      w[2] = T_INT;                      /* zigzag, then varint */
-      return 3 + put_varint(w + 3, (u << 1) ^ (i < 0 ? ~(uint64_t)0 : 0));
-    } else {
-      double d = (double)lua_tonumber(L, idx);
-      uint64_t u;
-      int j;
-      memcpy(&u, &d, 8);
-      w[2] = T_FLOAT;                    /* IEEE 754, little-endian */
-      for (j = 0; j < 8; j++) w[3 + j] = (unsigned char)(u >> (8 * j));
-      return 11;
-    }
-  default:
-    return 0;
+  case LUA_TNUMBER: return 2 + mp_codec_put_number(L, idx, w + 2);
+  default: return 0;
   }
 }
 
@@ -81,12 +92,7 @@ MP_API size_t mp_encode_strhead(size_t n, char *out) {
   unsigned char *w = (unsigned char *)out;
   w[0] = CODEC_VERSION;
   w[1] = 0;
-  if (n <= SHORTSTR_MAX) {
-    w[2] = (unsigned char)(T_SHORTSTR + n);
-    return 3;
-  }
-  w[2] = T_STR;
-  return 3 + put_varint(w + 3, (uint64_t)n);
+  return 2 + mp_codec_put_strhead(n, w + 2);
 }
 
 MP_API int mp_decode_strhead(const char *p, size_t len, size_t *off) {
@@ -96,7 +102,7 @@ MP_API int mp_decode_strhead(const char *p, size_t len, size_t *off) {
   if (len < 3 || s[0] != CODEC_VERSION || s[1] != 0) return 0;
   if (s[2] >= T_SHORTSTR && s[2] <= T_SHORTSTR + SHORTSTR_MAX)
     n = s[2] - T_SHORTSTR;
-  else if (s[2] != T_STR || !get_varint(&q, end, &n))
+  else if (s[2] != T_STR || !mp_codec_get_varint(&q, end, &n))
     return 0;
   if (n != (uint64_t)(end - q)) return 0;  /* the bytes fill the rest */
   *off = (size_t)(q - s);
@@ -122,7 +128,7 @@ MP_API int mp_decode_scalar(lua_State *L, const char *p, size_t len) {
     return 1;
   case T_INT: {
     uint64_t z;
-    if (!get_varint(&q, end, &z) || q != end) return 0;
+    if (!mp_codec_get_varint(&q, end, &z) || q != end) return 0;
     lua_pushinteger(L, (lua_Integer)((z >> 1) ^ (~(z & 1) + 1)));
     return 1;
   }
