@@ -45,6 +45,7 @@
  * tables spill into userdata on the Lua stack, so a raise leaks nothing.
  */
 #include "mp.h"
+#include "codec.h"
 
 #include <errno.h>
 #include <fcntl.h>
@@ -53,18 +54,8 @@
 #include <string.h>
 #include <unistd.h>
 
-#define CODEC_VERSION 1
-#define F_REFS 1           /* header flag: the message has references */
 #define MAXDEPTH MP_CODEC_MAXDEPTH
 #define MP_CODEC_FDS_T "multiprocessing.codec.fds"
-
-enum {
-  T_NIL, T_FALSE, T_TRUE, T_INT, T_FLOAT, T_STR, T_TABLE, T_TABLE_MT, T_REF,
-  T_GLOBALS, T_MODULE, T_FN_REG, T_FN_MOD, T_FN_LUA, T_HANDLE
-};
-#define T_SHORTSTR 0x40
-#define SHORTSTR_MAX 31
-#define T_FIXINT 0x80
 
 /* The codec's tables, in the registry under &envkey. */
 static const char envkey = 'C';

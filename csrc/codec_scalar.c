@@ -14,7 +14,9 @@
  * wrong. The value-level functions (mp_scalar_put_*, mp_scalar_get) are
  * the ones codec.c's encoder and decoder can share. The bytes are
  * written and read by codec_scalar.h's inline functions, which the
- * pool's per-value paths use directly.
+ * pool's per-value paths use directly. The queue's ring writes its items'
+ * messages in place (mp_encode_number_at, mp_encode_strhead) and reads a
+ * long string's bytes straight into a Lua string (mp_decode_strhead).
  */
 #include "codec_scalar.h"
 
@@ -47,4 +49,45 @@ MP_API int mp_encode_scalar(lua_State *L, int idx, mp_buf *b) {
 
 MP_API int mp_decode_scalar(lua_State *L, const char *p, size_t len) {
   return cs_decode(L, p, len);
+}
+
+/* The queue's ring writes a message in place: a boolean's or number's
+   whole message, or a string's head that its bytes then follow. */
+MP_API size_t mp_encode_number_at(lua_State *L, int idx, char *out) {
+  unsigned char *w = (unsigned char *)out;
+  w[0] = CODEC_VERSION;
+  w[1] = 0;                              /* flags: no references */
+  switch (lua_type(L, idx)) {
+  case LUA_TBOOLEAN: w[2] = lua_toboolean(L, idx) ? T_TRUE : T_FALSE; return 3;
+  case LUA_TNUMBER:
+    return 2 + (lua_isinteger(L, idx) ? cs_wr_int(w + 2, lua_tointeger(L, idx))
+                                      : cs_wr_float(w + 2, lua_tonumber(L, idx)));
+  default: return 0;
+  }
+}
+
+MP_API size_t mp_encode_strhead(size_t n, char *out) {
+  unsigned char *w = (unsigned char *)out;
+  w[0] = CODEC_VERSION;
+  w[1] = 0;
+  if (n <= SHORTSTR_MAX) {
+    w[2] = (unsigned char)(T_SHORTSTR + n);
+    return 3;
+  }
+  w[2] = T_STR;
+  return 3 + cs_put_varint(w + 3, (uint64_t)n);
+}
+
+MP_API int mp_decode_strhead(const char *p, size_t len, size_t *off) {
+  const unsigned char *s = (const unsigned char *)p, *q = s + 3;
+  const unsigned char *end = s + len;
+  uint64_t n;
+  if (len < 3 || s[0] != CODEC_VERSION || s[1] != 0) return 0;
+  if (s[2] >= T_SHORTSTR && s[2] <= T_SHORTSTR + SHORTSTR_MAX)
+    n = s[2] - T_SHORTSTR;
+  else if (s[2] != T_STR || !cs_get_varint(&q, end, &n))
+    return 0;
+  if (n != (uint64_t)(end - q)) return 0;  /* the bytes fill the rest */
+  *off = (size_t)(q - s);
+  return 1;
 }

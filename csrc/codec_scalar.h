@@ -14,15 +14,9 @@
 #define MP_CODEC_SCALAR_H
 
 #include "mp.h"
+#include "codec.h"
 
 #include <string.h>
-
-/* codec.c's format */
-#define CODEC_VERSION 1
-enum { T_NIL, T_FALSE, T_TRUE, T_INT, T_FLOAT, T_STR };
-#define T_SHORTSTR 0x40
-#define SHORTSTR_MAX 31
-#define T_FIXINT 0x80
 
 static inline size_t cs_put_varint(unsigned char *w, uint64_t v) {
   size_t n = 0;

@@ -12,8 +12,9 @@
  *   - codec: mp_encode()/mp_decode() turn a Lua value into a message and
  *     back; a message may carry file descriptors (handles), collected in an
  *     mp_fdlist that the transport sends beside the bytes (SCM_RIGHTS) or,
- *     under fork, that the receiver already has. mp_encode_scalar()/
- *     mp_decode_scalar() (codec_scalar.c) are its fast path for one scalar.
+ *     under fork, that the receiver already has. codec_scalar.c is its fast
+ *     path for one scalar (the same bytes, without the general encoder's
+ *     set-up); codec.h is the one definition of the format's tags.
  *   - frames: every stream (a Connection, a pool channel) carries wire.c's
  *     frames, sent by its one send loop, mp_sendv().
  *   - handles: a userdata whose metatable has __mp_reduce travels as a
@@ -249,13 +250,15 @@ MP_API void mp_encode_named(lua_State *L, int idx, mp_buf *b, mp_fdlist *fds,
 #define MP_CODEC_MAXDEPTH 200
 /* mp_decode sets fds->n to 0: the fds are its own from then on. */
 
-/* -- codec_scalar.c: the codec's fast path for one scalar ------------- */
+/* -- codec_scalar.c: the codec's fast path for one scalar (the same bytes
+   as mp_encode's and mp_decode's) --------------------------------------- */
 /* Append the scalar at idx (nil, boolean, number, string) as a whole codec
    message that mp_decode reads: 1; 0 (nothing appended) for any other
    type. */
 MP_API int mp_encode_scalar(lua_State *L, int idx, mp_buf *b);
 /* Push the value of the message p[0 .. len) if it is one well-formed
-   scalar: 1; else 0, nothing pushed: the caller hands it to mp_decode. */
+   scalar: 1; else 0, nothing pushed: the caller hands it to mp_decode
+   (which decodes it, or raises saying what is wrong with it). */
 MP_API int mp_decode_scalar(lua_State *L, const char *p, size_t len);
 /* One value without the message header, in the codec's tags: append the
    scalar at idx (1; 0 if it is none) / an integer / a float / a string. */
@@ -266,6 +269,18 @@ MP_API void mp_scalar_put_str(lua_State *L, mp_buf *b, const char *s, size_t n);
 /* Push the scalar value at p (< end); the position after it, or NULL (nothing
    pushed) when p holds no well-formed scalar. */
 MP_API const char *mp_scalar_get(lua_State *L, const char *p, const char *end);
+/* For transports that write a message in place (the queue's ring): */
+/* Bytes of a boolean's or number's message, or of a string's head, at most. */
+#define MP_CODEC_SCALAR_MAX 16
+/* The message of the boolean or number at idx, written to out: its length;
+   0 (nothing written that counts) for a value of another type. */
+MP_API size_t mp_encode_number_at(lua_State *L, int idx, char *out);
+/* The head of the message of a string of n bytes, written to out: its
+   length. The message is the head, then the string's bytes. */
+MP_API size_t mp_encode_strhead(size_t n, char *out);
+/* If the message p[0, len) is one string, return 1 with the offset of
+   its bytes in *off (they run to the end); else 0. */
+MP_API int mp_decode_strhead(const char *p, size_t len, size_t *off);
 
 /* -- sync.c, sharedctypes.c ----------------------------------------- */
 #define MP_LOCK_T       "multiprocessing.Lock"

@@ -9,6 +9,11 @@
  * error that is not a SerializationError, a stack not restored, or an fd
  * that the decoder neither gave to a handle nor closed.
  *
+ * The codec's fast path for one boolean, number or string (codec_scalar.c)
+ * reads the same input first: whatever it accepts, mp_decode must accept
+ * too and decode to the same value, bit for bit, so that the two readers
+ * of the one wire format never disagree.
+ *
  * Built and run by `make fuzz` (FUZZ_SECONDS, default 600) and `make
  * fuzz-ci` (60 s) from the repository root, on fuzz/corpus.
  */
@@ -45,6 +50,58 @@ static int decode(lua_State *L1) {
   return 1;
 }
 
+/* decode(p, n) as mp_decode does, without fds, under pcall: 1 if it gave
+   a value (pushed), else 0 (nothing pushed) */
+static int decode_plain(lua_State *L1) {
+  mp_fdlist none;
+  none.n = 0;
+  mp_decode(L1, (const char *)lua_touserdata(L1, 1),
+            (size_t)lua_tointeger(L1, 2), &none, MP_DECODE_NOFUNCS);
+  return 1;
+}
+
+/* Are the values at -1 and -2 the same, bit for bit? */
+static int same_value(lua_State *L1) {
+  if (lua_type(L1, -1) != lua_type(L1, -2)) return 0;
+  if (lua_type(L1, -1) == LUA_TNUMBER) {
+    if (lua_isinteger(L1, -1) != lua_isinteger(L1, -2)) return 0;
+    if (lua_isinteger(L1, -1)) return lua_tointeger(L1, -1) == lua_tointeger(L1, -2);
+    {
+      lua_Number a = lua_tonumber(L1, -1), b = lua_tonumber(L1, -2);
+      return memcmp(&a, &b, sizeof a) == 0;
+    }
+  }
+  return lua_rawequal(L1, -1, -2);
+}
+
+/* The fast path against the codec (see the head of this file). */
+static void check_scalar(const char *p, size_t size) {
+  int top = lua_gettop(L);
+  size_t off = 0;
+  int isstr = mp_decode_strhead(p, size, &off);
+  if (!mp_decode_scalar(L, p, size)) {
+    if (isstr) {
+      fprintf(stderr, "fuzz_decode: a string head but no scalar\n");
+      abort();
+    }
+    return;
+  }
+  if (isstr && (off > size || lua_type(L, -1) != LUA_TSTRING ||
+                lua_rawlen(L, -1) != size - off)) {
+    fprintf(stderr, "fuzz_decode: string head and scalar disagree\n");
+    abort();
+  }
+  lua_pushcfunction(L, decode_plain);
+  lua_pushlightuserdata(L, (void *)(uintptr_t)p);
+  lua_pushinteger(L, (lua_Integer)size);
+  if (lua_pcall(L, 2, 1, 0) != LUA_OK || !same_value(L)) {
+    fprintf(stderr, "fuzz_decode: the scalar fast path accepts what the "
+            "codec reads otherwise\n");
+    abort();
+  }
+  lua_settop(L, top);
+}
+
 static void setup(void) {
   L = luaL_newstate();
   if (L == NULL) abort();
@@ -75,6 +132,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
   copy = (char *)malloc(size ? size : 1);
   if (copy == NULL) abort();
   memcpy(copy, data, size);
+  check_scalar(copy, size);
   fd0 = open("/dev/null", O_RDONLY | O_CLOEXEC);
   fd1 = open("/dev/null", O_RDONLY | O_CLOEXEC);
   if (fd0 < 0 || fd1 < 0) abort();
