@@ -1603,17 +1603,26 @@ static int codec_register(lua_State *L) {
   return 1;
 }
 
-/* core.register_handle(kind, rebuild): rebuild(state, fd...) -> object;
-   a later registration of the same kind replaces the earlier one. */
+/* Register the function on the stack's top (popped) as the rebuild of
+   handle kind `kind`: rebuild(state, fd...) -> object. The C files' openers
+   register their kinds with it (the codec opens first); a later
+   registration of the same kind replaces the earlier one. */
+MP_API void mp_register_handle(lua_State *L, const char *kind) {
+  push_env(L);                           /* rebuild, env */
+  lua_rawgeti(L, -1, E_KINDS);           /* rebuild, env, kinds */
+  lua_pushstring(L, kind);
+  lua_pushvalue(L, -4);                  /* rebuild, env, kinds, kind, rebuild */
+  lua_rawset(L, -3);
+  lua_pop(L, 3);
+}
+
+/* core.register_handle(kind, rebuild): the same, for kinds made in Lua
+   (manager proxies) */
 static int codec_register_handle(lua_State *L) {
-  luaL_checkstring(L, 1);
+  const char *kind = luaL_checkstring(L, 1);
   luaL_checktype(L, 2, LUA_TFUNCTION);
   lua_settop(L, 2);
-  push_env(L);
-  lua_rawgeti(L, 3, E_KINDS);
-  lua_pushvalue(L, 1);
-  lua_pushvalue(L, 2);
-  lua_rawset(L, 4);
+  mp_register_handle(L, kind);
   return 0;
 }
 

@@ -148,6 +148,23 @@ static int conn_from_fd(lua_State *L) {
   return 1;
 }
 
+/* rebuild(state, fd) of a Connection handle: state is {readable, writable}
+   (conn__reduce) */
+static int conn_rebuild(lua_State *L) {
+  int fd = (int)luaL_checkinteger(L, 2), r, w;
+  mp_conn *c;
+  luaL_checktype(L, 1, LUA_TTABLE);
+  luaL_argcheck(L, fd >= 0, 2, "bad file descriptor");
+  lua_rawgeti(L, 1, 1);
+  r = lua_toboolean(L, -1);
+  lua_rawgeti(L, 1, 2);
+  w = lua_toboolean(L, -1);
+  lua_pop(L, 2);
+  c = mp_conn_push(L);
+  mp_conn_setfd(L, c, fd, r, w, 1, 1);
+  return 1;
+}
+
 /* ---- sending ------------------------------------------------------- */
 
 /* Send a message (n iovecs, the fds with its first bytes) on c: first the
@@ -690,4 +707,6 @@ MP_API void mp_conn_open(lua_State *L) {
               conn_meta, conn__index, "Connection_methods");
   lua_pop(L, 1);
   luaL_setfuncs(L, funcs, 0);
+  lua_pushcfunction(L, conn_rebuild);
+  mp_register_handle(L, "Connection");
 }

@@ -63,6 +63,12 @@ static int fdbox_new(lua_State *L) {
   return 1;
 }
 
+/* rebuild(state, fd) of an FdBox handle (the fork server's replies) */
+static int fdbox_rebuild(lua_State *L) {
+  lua_remove(L, 1);
+  return fdbox_new(L);
+}
+
 /* box:fileno() -> fd */
 static int fdbox_fileno(lua_State *L) {
   lua_pushinteger(L, check_fdbox(L, 1)->fd);
@@ -229,4 +235,6 @@ MP_API void mp_fdpass_open(lua_State *L) {
               fdbox_meta, NULL, NULL);
   lua_pop(L, 1);
   luaL_setfuncs(L, funcs, 0);
+  lua_pushcfunction(L, fdbox_rebuild);
+  mp_register_handle(L, "FdBox");
 }

@@ -246,6 +246,11 @@ MP_API void mp_decode(lua_State *L, const char *p, size_t len,
    e.g. "args" gives "args[2].sock: cannot serialize userdata (FILE*)". */
 MP_API void mp_encode_named(lua_State *L, int idx, mp_buf *b, mp_fdlist *fds,
                             const char *root);
+/* Pop the function on the top and register it as the rebuild of handle
+   kind `kind`: rebuild(state, fd...) -> object. Each C file's opener
+   registers the kinds its classes reduce to (__mp_reduce); the codec opens
+   first. */
+MP_API void mp_register_handle(lua_State *L, const char *kind);
 /* Most nested tables/functions/handles in one message, both ways. */
 #define MP_CODEC_MAXDEPTH 200
 /* mp_decode sets fds->n to 0: the fds are its own from then on. */

@@ -517,9 +517,6 @@ MP_API void mp_pool_worker_open(lua_State *L) {
   luaL_setfuncs(L, pool_methods, 0);
   lua_pop(L, 2);
   luaL_setfuncs(L, funcs, 0);
-  /* the kind is known before any module is loaded (the codec opens first) */
-  lua_getfield(L, -1, "register_handle");
-  lua_pushliteral(L, "PoolWorker");
   lua_pushcfunction(L, pworker_rebuild);
-  lua_call(L, 2, 0);
+  mp_register_handle(L, "PoolWorker");
 }

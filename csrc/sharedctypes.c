@@ -309,7 +309,16 @@ static int shared_new(lua_State *L) {
 }
 
 /* core.shared_from_fd(fd, lock_or_false) -> Value | Array mapping fd (which
-   it owns from now on, closed on failure) */
+   it owns from now on, closed on failure); also the rebuild of the Value and
+   Array handle kinds, as rebuild(lock_or_false, fd) (shared__reduce) */
+static int shared_from_fd(lua_State *L);
+static int shared_rebuild(lua_State *L) {
+  lua_settop(L, 2);
+  if (lua_isnil(L, 1)) { lua_pushboolean(L, 0); lua_replace(L, 1); }
+  lua_rotate(L, 1, 1);                   /* fd, lock */
+  return shared_from_fd(L);
+}
+
 static int shared_from_fd(lua_State *L) {
   int fd = (int)luaL_checkinteger(L, 1);
   size_t size = 0;
@@ -585,4 +594,8 @@ MP_API void mp_sharedctypes_open(lua_State *L) {
   open_class(L, MP_VALUE_T, 0);
   open_class(L, MP_ARRAY_T, 1);
   luaL_setfuncs(L, funcs, 0);
+  lua_pushcfunction(L, shared_rebuild);
+  mp_register_handle(L, "Value");
+  lua_pushcfunction(L, shared_rebuild);
+  mp_register_handle(L, "Array");
 }

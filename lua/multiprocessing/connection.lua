@@ -26,12 +26,6 @@ function exports.Pipe(duplex)
   return core.Pipe(duplex)
 end
 
-if core.register_handle then
-  core.register_handle("Connection", function(state, fd)
-    return core.conn_from_fd(fd, state[1], state[2])
-  end)
-end
-
 local BLIND_SLICE = 0.02
 local function ended(p) return not p:is_alive() end
 

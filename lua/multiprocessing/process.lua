@@ -300,8 +300,6 @@ function M._with_method(m, fn, ...)
   return unpack(res, 2, res.n)
 end
 
--- FdBox: one fd as a handle (the forkserver's replies)
-core.register_handle("FdBox", function(_, fd) return core._fdbox(fd) end)
 function M._children() return children end
 
 return M

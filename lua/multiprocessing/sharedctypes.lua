@@ -2,8 +2,8 @@
 --
 -- The objects are C userdata (csrc/sharedctypes.c) over a memfd segment;
 -- this module validates the type, the initial value and the options, makes
--- the lock (a new RLock by default, as Python's), fills the data, and
--- registers how Value and Array are rebuilt from a handle (codec).
+-- the lock (a new RLock by default, as Python's) and fills the data. How a
+-- Value or Array is rebuilt from a handle is registered by its C opener.
 
 local core = require "multiprocessing.core"
 local sync = require "multiprocessing.synchronize"
@@ -143,12 +143,6 @@ end
 function exports.RawArray(t, init)
   local a = new_array("RawArray", t, init, false)
   return a
-end
-
-if core.register_handle then
-  local from_fd = core.shared_from_fd
-  core.register_handle("Value", function(lock, fd) return from_fd(fd, lock or false) end)
-  core.register_handle("Array", function(lock, fd) return from_fd(fd, lock or false) end)
 end
 
 return M
