@@ -18,8 +18,9 @@
  *   - frames: every stream (a Connection, a pool channel) carries wire.c's
  *     frames, sent by its one send loop, mp_sendv().
  *   - handles: a userdata whose metatable has __mp_reduce travels as a
- *     handle (see codec.c); each kind is rebuilt by the function a Lua
- *     module registered with core.register_handle(kind, rebuild).
+ *     handle (see codec.c); each kind is rebuilt by the function its C
+ *     file's opener registered with mp_register_handle (a kind made in
+ *     Lua, a manager's proxy, with core.register_handle).
  *   - time: mp_deadline()/mp_remaining_ms() on CLOCK_MONOTONIC.
  *   - pid identity: mp_getpid(), mp_start_tag(), mp_process_gone(): who
  *     holds a lock word, and whether that process is gone.

@@ -651,5 +651,7 @@ MP_API void mp_queue_open(lua_State *L) {
   lua_pop(L, 1);
   luaL_setfuncs(L, funcs, 0);
   luaL_setfuncs(L, mpq_feeder_funcs, 0);
+  lua_pushcfunction(L, queue_from_fds);   /* rebuild(state, memfd, eventfd) */
+  mp_register_handle(L, "Queue");
   mp_add_tests(L, tests);
 }

@@ -393,8 +393,24 @@ static const luaL_Reg common_methods[] = {
   {"close", sync_close}, {"fileno", sync_fileno}, {NULL, NULL}
 };
 
-/* Register class k with methods; module table at -1. core.<Kind>_methods
-   is the methods table (synchronize.lua adds Lua methods to it). */
+/* rebuild(state, fd) of a handle of the kind named by upvalue 1: the
+   object mapping fd, with state (a Condition's lock, a Barrier's action)
+   as its user value */
+static int sync_rebuild(lua_State *L) {
+  lua_settop(L, 2);
+  if (!lua_toboolean(L, 1)) {            /* no state */
+    lua_pushnil(L);
+    lua_replace(L, 1);
+  }
+  lua_pushvalue(L, lua_upvalueindex(1));  /* state, fd, kind */
+  lua_rotate(L, 1, 1);                    /* kind, state, fd */
+  lua_rotate(L, 2, 1);                    /* kind, fd, state */
+  return sync_from_fd(L);
+}
+
+/* Register class k with methods, and the rebuild of its handles; module
+   table at -1. core.<Kind>_methods is the methods table (synchronize.lua
+   adds Lua methods to it). */
 static void open_class(lua_State *L, int k, const luaL_Reg *methods) {
   static const luaL_Reg sync_meta[] = {
     {"__gc", sync__gc}, {"__close", sync__gc}, {"__tostring", sync__tostring},
@@ -406,6 +422,9 @@ static void open_class(lua_State *L, int k, const luaL_Reg *methods) {
   mp_newclass(L, kind_tnames[k], (const luaL_Reg *const[]){ methods, common_methods, NULL },
               sync_meta, NULL, name);
   lua_setfield(L, -2, mtname);              /* mod */
+  lua_pushstring(L, kind_names[k]);
+  lua_pushcclosure(L, sync_rebuild, 1);
+  mp_register_handle(L, kind_names[k]);
 }
 
 /* ---- the Value slot (sharedctypes.c) --------------------------------- */

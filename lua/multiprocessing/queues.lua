@@ -42,10 +42,4 @@ core.queue_set_exit_hook(function()
   if ok and process._atexit then process._atexit(core.queue_flush_all) end
 end)
 
-if core.register_handle then
-  core.register_handle("Queue", function(state, fd, efd)
-    return core.queue_from_fds(state, fd, efd)
-  end)
-end
-
 return M

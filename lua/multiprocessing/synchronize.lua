@@ -3,8 +3,8 @@
 --
 -- The classes are C userdata (csrc/sync.c) living in shared memory; this
 -- module validates constructor arguments and adds the composed methods
--- (with, wait_for, Barrier.wait and its fields) to the C classes, and
--- registers how each kind is rebuilt from a handle (codec).
+-- (with, wait_for, Barrier.wait and its fields) to the C classes. How
+-- each kind is rebuilt from a handle is registered by csrc/sync.c.
 
 local core = require "multiprocessing.core"
 local check = require "multiprocessing.check"
@@ -138,16 +138,6 @@ core.Barrier_mt.__index = function(self, k)
   local f = bfields[k]
   if f then return f(self) end
   return nil
-end
-
--- Handles: rebuild each kind on a received fd (spawn, sockets).
-if core.register_handle then
-  for _, kind in ipairs { "Lock", "RLock", "Semaphore", "BoundedSemaphore",
-                          "Event", "Condition", "Barrier" } do
-    core.register_handle(kind, function(state, fd)
-      return core.sync_from_fd(kind, fd, state or nil)
-    end)
-  end
 end
 
 return M
