@@ -125,6 +125,8 @@ install: all
 	install -m 755 $(SO) $(DESTDIR)$(LUA_LIBDIR)/multiprocessing/core.so
 	install -m 755 $(AUTH_SO) $(DESTDIR)$(LUA_LIBDIR)/multiprocessing/auth.so
 	install -m 644 $(LUASRC) $(DESTDIR)$(LUA_SHAREDIR)/multiprocessing/
+	install -d $(DESTDIR)$(LUA_SHAREDIR)/multiprocessing/managers
+	install -m 644 lua/multiprocessing/managers/*.lua $(DESTDIR)$(LUA_SHAREDIR)/multiprocessing/managers/
 
 lint:
 	luacheck lua spec examples bench chaos
