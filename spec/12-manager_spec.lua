@@ -63,6 +63,43 @@ describe("Manager arguments", function()
   end)
 end)
 
+describe("Manager lifecycle", function()
+  H.leakcheck()
+
+  it("__gc of a started manager reaps its server and removes its directory", function()
+    local d0 = dirs()
+    do
+      local m = mp.Manager()
+      local d = m:dict()
+      d.x = 1
+      m = nil                                              -- luacheck: ignore 311
+      collectgarbage(); collectgarbage()
+      assert.are.equal(1, d.x)                             -- its proxies keep it alive
+    end
+    collectgarbage(); collectgarbage()
+    assert.are.equal(d0, dirs())
+  end)
+
+  it("<close> shuts it down on an error too", function()
+    local d0 = dirs()
+    local ok = pcall(function()
+      local m <close> = mp.Manager()
+      m:dict()
+      error("out")
+    end)
+    assert.is_false(ok)
+    assert.are.equal(d0, dirs())
+  end)
+
+  it("tostring names the manager and its state", function()
+    local m = mp.Manager()
+    assert.truthy(tostring(m):find("^<SyncManager%(.*manager%.sock, started%)>$"), tostring(m))
+    m:shutdown()
+    assert.truthy(tostring(m):find("shutdown%)>$"))
+    assert.truthy(tostring(mp.BaseManager()):find("initial"))
+  end)
+end)
+
 describe("Manager proxies", function()
   local m, d0
   setup(function() d0 = dirs(); m = mp.Manager() end)

@@ -69,7 +69,10 @@ local function connect(addr, key)
   local pid = getpid()
   if e then
     if e.pid == pid then return e.conn, id end
-    conns[id] = nil        -- inherited through a fork: the parent's, not ours
+    -- inherited through a fork: the parent's socket, not ours to use;
+    -- closing our copy of the fd leaves the parent's open
+    conns[id] = nil
+    pcall(e.conn.close, e.conn)
   end
   local ok, c = pcall(connection.exports.Client, addr, { authkey = key })
   if not ok then
@@ -486,7 +489,9 @@ local function creator(typeid)
     check_running(self, typeid)
     local addr, key = self.address, self._authkey
     local oid, kind, exposed = call(addr, key, 0, "create", typeid, ...)
-    return new_proxy({ addr = addr, key = key, oid = oid, kind = kind, exposed = exposed })
+    -- the proxy keeps its manager alive (its __gc would stop the server)
+    return new_proxy({ addr = addr, key = key, oid = oid, kind = kind, exposed = exposed,
+                       mgr = self })
   end
 end
 local creators = {}
