@@ -39,12 +39,28 @@ local seq = 0
 -- A caller spins (tries to receive without sleeping) for up to SPIN
 -- seconds for its answer before it sleeps in recv: the server usually
 -- answers within microseconds, and waking from a sleep costs tens of them
--- on a busy or virtual machine. After FAILS spins in a row caught nothing
--- (the answer is slow: a parked call, a busy machine) it sleeps at once,
--- and tries a spin again every 16th call. The server does the same
--- (server.lua).
-M.SPIN, M.FAILS = 300e-6, 4
+-- on a busy or virtual machine. Spinning pays only while the machine has a
+-- CPU for each spinning process: every 32nd call reads how many processes
+-- are runnable (/proc/loadavg) and spins only if they are no more than the
+-- CPUs. After FAILS spins in a row caught nothing (the answer is slow: a
+-- parked call) it sleeps at once, and tries a spin again every 16th call.
+-- The server does the same (server.lua).
+M.SPIN, M.FAILS = 100e-6, 2
 local fails, probe = 0, 0
+local ncpu, spin_ok, spin_checked = nil, true, 0
+
+-- managers._may_spin() -> boolean: are there CPUs to spare (see above)?
+function M._may_spin()
+  spin_checked = spin_checked + 1
+  if spin_checked & 31 ~= 1 then return spin_ok end
+  ncpu = ncpu or core.cpu_count()
+  local f = io.open("/proc/loadavg")
+  local running = f and tonumber((f:read("l") or ""):match("^%S+ %S+ %S+ (%d+)/"))
+  if f then f:close() end
+  spin_ok = running == nil or running <= ncpu
+  return spin_ok
+end
+local may_spin = M._may_spin
 
 local function gone(addr, why)
   return errors.new("ProcessError", "the manager at " .. tostring(addr) ..
@@ -110,7 +126,7 @@ local function call(addr, key, oid, method, ...)
     error(gone(addr, why), 0)
   end
   probe = probe + 1
-  local spinning = fails < M.FAILS or probe & 15 == 0
+  local spinning = (fails < M.FAILS or probe & 15 == 0) and may_spin()
   local t0 = spinning and monotonic()
   while true do
     local okr, r, rwhy = pcall(c.recv, c, spinning and 0 or nil)

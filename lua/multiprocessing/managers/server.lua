@@ -26,6 +26,7 @@ local pack, unpack = table.pack, table.unpack
 local monotonic, getpid = core.monotonic, core.getpid
 local traceback = debug.traceback
 local kinds = objects.kinds
+local may_spin = require("multiprocessing.managers")._may_spin
 
 local M = {}
 local Server = {}
@@ -334,11 +335,11 @@ end
 -- Spinning: the next request of a client usually comes within
 -- microseconds of its answer, and a process woken from poll costs tens of
 -- them on a busy or virtual machine, so the loop polls without sleeping
--- for up to SPIN seconds before it sleeps. After FAILS spins in a row
--- caught nothing (idle clients, a busy machine) it sleeps at once, and
--- tries a spin again every 16th turn. The clients do the same
--- (managers.lua).
-M.SPIN, M.FAILS = 300e-6, 4
+-- for up to SPIN seconds before it sleeps, when the machine has CPUs to
+-- spare (managers._may_spin). After FAILS spins in a row caught nothing
+-- (idle clients) it sleeps at once, and tries a spin again every 16th
+-- turn. The clients do the same (managers.lua).
+M.SPIN, M.FAILS = 50e-6, 2
 
 -- the fds to poll: the listener, each client, each pending handshake
 local function fdlist(self)
@@ -367,7 +368,7 @@ function Server:serve()
     local hits = poll(fds, 0)
     if #hits == 0 and not self.again then
       probe = probe + 1
-      if fails < M.FAILS or probe & 15 == 0 then
+      if (fails < M.FAILS or probe & 15 == 0) and may_spin() then
         local t0, budget = monotonic(), M.SPIN
         repeat
           hits = poll(fds, 0)
