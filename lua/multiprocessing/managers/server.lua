@@ -365,8 +365,10 @@ function Server:serve()
     local fds, conns, hdl = self.fds, self.fdconns, self.hdl
     local d = nextd
     if hdl and (not d or hdl < d) then d = hdl end
-    local hits = poll(fds, 0)
-    if #hits == 0 and not self.again then
+    local hits
+    if self.again then
+      hits = poll(fds, 0)                    -- buffered requests wait: no sleep
+    else
       probe = probe + 1
       if (fails < M.FAILS or probe & 15 == 0) and may_spin() then
         local t0, budget = monotonic(), M.SPIN
@@ -375,7 +377,7 @@ function Server:serve()
         until #hits > 0 or monotonic() - t0 > budget
         fails = #hits > 0 and 0 or fails + 1
       end
-      if #hits == 0 then
+      if not hits or #hits == 0 then
         local timeout = nil
         if d then
           timeout = d - monotonic()
