@@ -1,8 +1,9 @@
 -- multiprocessing.managers.server: the manager's server, one event loop.
 --
--- One process, one thread, one Lua state: the loop waits (mp.wait) on the
--- Listener, the handshakes it has pending and every authenticated
--- connection, with the nearest deadline of a parked call as its timeout.
+-- One process, one thread, one Lua state: the loop polls (core.poll, on a
+-- list of fds rebuilt only when a client comes or goes) the Listener, the
+-- handshakes it has pending and every authenticated connection, with the
+-- nearest deadline of a parked call as its timeout.
 -- A readable connection gives one request, {seq, oid, method, args...},
 -- which runs at once against the object (managers/objects.lua) and is
 -- answered {seq, true, results...} or {seq, false, error data}; a call that
