@@ -425,6 +425,35 @@ describe("Manager proxies", function()
     assert.are.same({ 1.0, 2.5 }, t)
   end)
 
+  it("a value with fds (a Pipe's end) goes by the socket, the rest by the channel", function()
+    local d = m:dict()
+    local a, b = mp.Pipe()
+    d.conn = b                                             -- a queue cannot carry its fd
+    d.x = 1
+    local b2 = d.conn                                      -- nor can the answer
+    assert.are.equal(1, d.x)
+    a:send("through")
+    assert.are.equal("through", b2:recv(5))
+    a:close(); b:close(); b2:close()
+    d.conn = nil
+  end)
+
+  it("works the same without a channel (the socket only)", function()
+    local managers = require "multiprocessing.managers"
+    managers.CHANNEL = false
+    local ok, err = pcall(function()
+      local m2 <close> = mp.Manager()
+      local d, q = m2:dict{ a = 1 }, m2:Queue()
+      d:incr("a")
+      q:put("x")
+      assert.are.equal(2, d.a)
+      assert.are.equal("x", q:get(5))
+      assert.are.same({ nil, "timeout" }, { q:get(0.02) })
+    end)
+    managers.CHANNEL = true
+    assert(ok, tostring(err))
+  end)
+
   it("proxy calls with a bad self raise", function()
     local d = m:dict()
     assert.has_error(function() d.keys({}) end)

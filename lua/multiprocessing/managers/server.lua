@@ -120,8 +120,7 @@ local function error_data(e)
   return { type = "RemoteError", message = msg, traceback = tb, pid = getpid() }
 end
 
-local function send(self, conn, msg)
-  if not self.clients[conn] then return end
+local function send_sock(self, conn, msg)
   local ok, sent = pcall(conn.send, conn, msg)
   if not ok then
     if core._is_interrupt(sent) then error(sent, 0) end
@@ -132,13 +131,28 @@ local function send(self, conn, msg)
   if not (ok and sent) then self:drop(conn) end
 end
 
+-- answer on the channel when the request came by it, else (or when the
+-- answer holds a handle with fds, which a queue cannot carry) on the socket
+local function send(self, w, msg)
+  local conn = w.conn
+  local cl = self.clients[conn]
+  if not cl then return end
+  if w.chan and cl.rep then
+    local ok, err = pcall(cl.rep.put, cl.rep, msg)
+    if ok then return end
+    if core._is_interrupt(err) then error(err, 0) end
+    if not errors.is_error(err) then return self:drop(conn) end
+  end
+  send_sock(self, conn, msg)
+end
+
 -- srv:grant(w, ...): answer w with results ...
 function Server:grant(w, ...)
   w.done = true
   local cl = self.clients[w.conn]
   if not cl then return end
   cl.parked[w] = nil
-  send(self, w.conn, pack(w.seq, true, ...))
+  send(self, w, pack(w.seq, true, ...))
 end
 
 local function fail(self, w, e)
@@ -146,7 +160,7 @@ local function fail(self, w, e)
   local cl = self.clients[w.conn]
   if not cl then return end
   cl.parked[w] = nil
-  send(self, w.conn, { w.seq, false, error_data(e) })
+  send(self, w, { w.seq, false, error_data(e) })
 end
 
 local function handler(e) return { err = e, tb = traceback(nil, 2) } end
@@ -205,6 +219,17 @@ function own.create(self, _, _, typeid, ...)
   return o.id, o.kind, o.exposed
 end
 
+-- channel() -> req, rep: two queues for this client's calls (managers.lua)
+function own.channel(self, _, w)
+  local cl = self.clients[w.conn]
+  if not cl.req then
+    local mp = require "multiprocessing"
+    cl.req, cl.rep = mp.Queue(), mp.Queue()
+    self.dirty = true
+  end
+  return cl.req, cl.rep
+end
+
 function own.shutdown(self)
   self.stopping = true
   return true
@@ -234,12 +259,12 @@ end
 
 -- ---- the loop -----------------------------------------------------------
 
-function Server:dispatch(conn, msg)
+function Server:dispatch(conn, msg, chan)
   if type(msg) ~= "table" then
-    return fail(self, { conn = conn, seq = 0 }, "malformed request")
+    return fail(self, { conn = conn, seq = 0, chan = chan }, "malformed request")
   end
   local seq, oid, method = msg[1], msg[2], msg[3]
-  local w = { conn = conn, seq = seq }
+  local w = { conn = conn, seq = seq, chan = chan }
   local fn, o
   if oid == 0 then
     fn, o = own[method], self
@@ -257,6 +282,14 @@ function Server:dispatch(conn, msg)
   finish(self, w, xpcall(fn, handler, self, o, w, unpack(msg, 4, msg.n or #msg)))
 end
 
+local function close_channel(cl)
+  for _, q in ipairs({ cl.req, cl.rep }) do
+    pcall(q.cancel_join_thread, q)      -- nobody may read what waits in it
+    pcall(q.close, q)
+  end
+  cl.req, cl.rep = nil, nil
+end
+
 function Server:drop(conn)
   local cl = self.clients[conn]
   if not cl then return end
@@ -265,6 +298,7 @@ function Server:drop(conn)
   conn:close()
   for w in pairs(cl.parked) do w.done = true end
   for o in pairs(cl.held) do objects.release_dropped(self, o, conn) end
+  close_channel(cl)
 end
 
 function Server:on_readable(conn)
@@ -282,6 +316,27 @@ function Server:on_readable(conn)
   if self.clients[conn] and conn:_buffered() then
     self.again = self.again or {}
     self.again[conn] = true
+  end
+end
+
+-- requests that came on conn's channel (a few: the others next turn)
+function Server:on_channel(conn)
+  for _ = 1, 16 do
+    local cl = self.clients[conn]
+    local req = cl and cl.req
+    if not req then return end
+    local ok, msg = pcall(req.get, req, 0)
+    if not ok then
+      if core._is_interrupt(msg) then error(msg, 0) end
+      -- an item that cannot be decoded: say so on the socket; a queue
+      -- whose shared state is corrupt: this client is dropped
+      if errors.is_error(msg) and msg.type == "SerializationError" then
+        return fail(self, { conn = conn, seq = 0 }, msg)
+      end
+      return self:drop(conn)
+    end
+    if msg == nil then return end
+    self:dispatch(conn, msg, true)
   end
 end
 
@@ -344,15 +399,19 @@ M.SPIN, M.FAILS = 50e-6, 2
 
 -- the fds to poll: the listener, each client, each pending handshake
 local function fdlist(self)
-  local fds, conns = { self.listener:fileno() }, {}
-  for c in pairs(self.clients) do
+  local fds, conns, chans = { self.listener:fileno() }, {}, {}
+  for c, cl in pairs(self.clients) do
     fds[#fds + 1] = c:fileno()
     conns[#fds] = c
+    if cl.req then
+      fds[#fds + 1] = cl.req:fileno()      -- readable while it holds a request
+      chans[#fds] = c
+    end
   end
   local hfds, hdl = self.listener:_handshakes()
   local n = #fds
   for i = 1, #hfds do fds[n + i] = hfds[i] end
-  self.fds, self.fdconns, self.hdl, self.nhs = fds, conns, hdl, #hfds
+  self.fds, self.fdconns, self.fdchans, self.hdl, self.nhs = fds, conns, chans, hdl, #hfds
   self.dirty = false
 end
 
@@ -363,7 +422,7 @@ function Server:serve()
   self.dirty = true
   while not self.stopping do
     if self.dirty or self.nhs > 0 then fdlist(self) end
-    local fds, conns, hdl = self.fds, self.fdconns, self.hdl
+    local fds, conns, chans, hdl = self.fds, self.fdconns, self.fdchans, self.hdl
     local d = nextd
     if hdl and (not d or hdl < d) then d = hdl end
     local hits
@@ -397,6 +456,8 @@ function Server:serve()
       local c = conns[i]
       if c then
         if self.clients[c] and not (again and again[c]) then self:on_readable(c) end
+      elseif chans[i] then
+        if self.clients[chans[i]] then self:on_channel(chans[i]) end
       else
         accept = true
       end
@@ -408,9 +469,10 @@ function Server:serve()
 end
 
 function Server:close()
-  for c in pairs(self.clients) do
+  for c, cl in pairs(self.clients) do
     self.clients[c] = nil
     c:close()
+    close_channel(cl)
   end
   self.listener:close()
 end
