@@ -37,16 +37,19 @@ M.exports = exports
 local conns = {}            -- address .. "\0" .. authkey -> {conn=, pid=}
 local seq = 0
 -- A caller spins (tries to receive without sleeping) for up to SPIN
--- seconds for its answer before it sleeps in recv: the server usually
--- answers within microseconds, and waking from a sleep costs tens of them
--- on a busy or virtual machine. Spinning pays only while the machine has a
--- CPU for each spinning process: every 32nd call reads how many processes
--- are runnable (/proc/loadavg) and spins only if they are no more than the
+-- seconds for its answer before it sleeps: the server usually answers
+-- within microseconds, and waking from a sleep costs tens of them on a busy
+-- or virtual machine. Spinning pays only while the machine has a CPU for
+-- each spinning process: every 32nd call reads how many processes are
+-- runnable (/proc/loadavg) and spins only if they are no more than the
 -- CPUs. After FAILS spins in a row caught nothing (the answer is slow: a
 -- parked call) it sleeps at once, and tries a spin again every 16th call.
--- The server does the same (server.lua).
+-- A caller that spins sends its seq negated: the server, knowing that an
+-- answer is awaited by a spinning caller whose next call will come soon,
+-- spins for that call (server.lua), so that both sides leave sleeping
+-- together at a probe.
 M.SPIN, M.FAILS = 100e-6, 2
-local fails, probe = 0, 0
+local fails, probe = 0, 0          -- spins in a row that caught nothing; calls
 local ncpu, spin_ok, spin_checked = nil, true, 0
 
 -- managers._may_spin() -> boolean: are there CPUs to spare (see above)?
@@ -117,8 +120,8 @@ local function mine(r, my)
   return s == my or s == 0
 end
 
--- one call over the socket
-local function sock_call(e, addr, id, my, msg)
+-- one call over the socket; my is the seq sent (negated if spinning)
+local function sock_call(e, addr, id, my, msg, spinning)
   local c = e.conn
   local ok, sent, why = pcall(c.send, c, msg)
   if not ok then
@@ -130,8 +133,6 @@ local function sock_call(e, addr, id, my, msg)
     forget(id)
     error(gone(addr, why), 0)
   end
-  probe = probe + 1
-  local spinning = (fails < M.FAILS or probe & 15 == 0) and may_spin()
   local t0 = spinning and monotonic()
   while true do
     local r = sock_recv(e, addr, id, spinning and 0 or nil)
@@ -154,8 +155,20 @@ end
 -- SLICE_MAX seconds, after each of which the socket is looked at: a
 -- manager that died closed it.
 M.SLICE, M.SLICE_MAX = 0.01, 0.2
-local function chan_wait(e, addr, id, my)
+local function chan_wait(e, addr, id, my, spinning)
   local rep, slice = e.rep, M.SLICE
+  if spinning then
+    local t0 = monotonic()
+    repeat
+      local ok, r = pcall(rep.get, rep, 0)
+      if not ok then break end               -- the loop below sees it again
+      if r ~= nil and mine(r, my) then
+        fails = 0
+        return result(addr, id, r)
+      end
+    until monotonic() - t0 > M.SPIN
+    fails = fails + 1
+  end
   while true do
     local ok, r = pcall(rep.get, rep, slice)
     if not ok then
@@ -209,7 +222,7 @@ local function connect(addr, key)
   conns[id] = e
   if M.CHANNEL and not addr:find(":%d+$") then      -- a Unix socket: fds travel
     seq = seq + 1
-    local okc, req, rep = pcall(sock_call, e, addr, id, seq, pack(seq, 0, "channel"))
+    local okc, req, rep = pcall(sock_call, e, addr, id, seq, pack(seq, 0, "channel"), false)
     if okc and req and rep then e.req, e.rep = req, rep
     elseif not okc and not errors.RemoteError:is(req) then
       error(req, 0)                    -- gone, or a signal; RemoteError: no channel
@@ -222,12 +235,14 @@ end
 local function call(addr, key, oid, method, ...)
   local e, id = connect(addr, key)
   seq = seq + 1
-  local my = seq
+  probe = probe + 1
+  local spinning = (fails < M.FAILS or probe & 15 == 0) and may_spin()
+  local my = spinning and -seq or seq
   local msg = pack(my, oid, method, ...)
   local req = e.req
   if req then
     local ok, err = pcall(req.put, req, msg)
-    if ok then return chan_wait(e, addr, id, my) end
+    if ok then return chan_wait(e, addr, id, my, spinning) end
     if core._is_interrupt(err) then error(err, 0) end
     if not errors.is_error(err) then
       forget(id)
@@ -235,7 +250,7 @@ local function call(addr, key, oid, method, ...)
     end
     -- a value the queue cannot carry (a handle with fds): by the socket
   end
-  return sock_call(e, addr, id, my, msg)
+  return sock_call(e, addr, id, my, msg, spinning)
 end
 M._call = call
 

@@ -24,6 +24,7 @@ local objects = require "multiprocessing.managers.objects"
 local type, pairs, ipairs, pcall, xpcall, error, tostring, setmetatable, require =
       type, pairs, ipairs, pcall, xpcall, error, tostring, setmetatable, require
 local pack, unpack = table.pack, table.unpack
+local mathtype = math.type
 local monotonic, getpid = core.monotonic, core.getpid
 local traceback = debug.traceback
 local kinds = objects.kinds
@@ -265,6 +266,7 @@ function Server:dispatch(conn, msg, chan)
   end
   local seq, oid, method = msg[1], msg[2], msg[3]
   local w = { conn = conn, seq = seq, chan = chan }
+  if mathtype(seq) == "integer" and seq < 0 then self.peer_spins = true end
   local fn, o
   if oid == 0 then
     fn, o = own[method], self
@@ -388,13 +390,14 @@ function Server:expire()
   return nextd
 end
 
--- Spinning: the next request of a client usually comes within
--- microseconds of its answer, and a process woken from poll costs tens of
--- them on a busy or virtual machine, so the loop polls without sleeping
--- for up to SPIN seconds before it sleeps, when the machine has CPUs to
--- spare (managers._may_spin). After FAILS spins in a row caught nothing
--- (idle clients) it sleeps at once, and tries a spin again every 16th
--- turn. The clients do the same (managers.lua).
+-- Spinning: a client that spins for its answer (it sends its seq
+-- negated, managers.lua) usually sends its next request within
+-- microseconds of that answer, and a process woken from poll costs tens of
+-- them on a busy or virtual machine, so after answering one the loop polls
+-- without sleeping for up to SPIN seconds before it sleeps, when the
+-- machine has CPUs to spare (managers._may_spin). After FAILS spins in a
+-- row caught nothing it sleeps at once, and tries a spin again every 16th
+-- turn.
 M.SPIN, M.FAILS = 50e-6, 2
 
 -- the fds to poll: the listener, each client, each pending handshake
@@ -426,11 +429,13 @@ function Server:serve()
     local d = nextd
     if hdl and (not d or hdl < d) then d = hdl end
     local hits
+    local peer_spins = self.peer_spins
+    self.peer_spins = false
     if self.again then
       hits = poll(fds, 0)                    -- buffered requests wait: no sleep
     else
       probe = probe + 1
-      if (fails < M.FAILS or probe & 15 == 0) and may_spin() then
+      if peer_spins and (fails < M.FAILS or probe & 15 == 0) and may_spin() then
         local t0, budget = monotonic(), M.SPIN
         repeat
           hits = poll(fds, 0)
