@@ -28,9 +28,15 @@ local pack, unpack = table.pack, table.unpack
 local getpid, monotonic = core.getpid, core.monotonic
 local mathtype = math.type
 
+-- the library's logger when there is one (multiprocessing.log): manager
+-- starts and stops are logged at INFO
+local has_log, log = pcall(require, "multiprocessing.log")
+if not (has_log and type(log) == "table" and log.enabled) then log = nil end
+
 local M = {}
 local exports = {}
 M.exports = exports
+M._log = log
 
 -- ---- transport --------------------------------------------------------------
 
@@ -676,6 +682,10 @@ function Manager.start(self)
   self._process = p
   self._owner = getpid()
   self._state = "started"
+  if log and log.enabled("INFO") then
+    log.info("manager %s started (pid %d, %s)", self.address, p.pid,
+             self._method or process._default_method())
+  end
   return self
 end
 
@@ -732,6 +742,9 @@ function Manager.shutdown(self)
   if p:join(5) == nil then
     p:kill()
     p:join(5)
+  end
+  if log and log.enabled("INFO") then
+    log.info("manager %s stopped (exit code %s)", tostring(addr), tostring(p.exitcode))
   end
   pcall(p.close, p)
   cleanup(self)

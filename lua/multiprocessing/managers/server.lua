@@ -21,8 +21,8 @@ local connection = require "multiprocessing.connection"
 local errors = require "multiprocessing.errors"
 local objects = require "multiprocessing.managers.objects"
 
-local type, pairs, ipairs, pcall, xpcall, error, tostring, setmetatable, require =
-      type, pairs, ipairs, pcall, xpcall, error, tostring, setmetatable, require
+local type, pairs, ipairs, pcall, xpcall, error, tostring, setmetatable, require, next =
+      type, pairs, ipairs, pcall, xpcall, error, tostring, setmetatable, require, next
 local pack, unpack = table.pack, table.unpack
 local mathtype = math.type
 local monotonic, getpid = core.monotonic, core.getpid
@@ -299,6 +299,13 @@ function Server:drop(conn)
   self.dirty = true
   conn:close()
   for w in pairs(cl.parked) do w.done = true end
+  local log = next(cl.held) and require("multiprocessing.managers")._log
+  if log and log.enabled("WARN") then
+    local n = 0
+    for _ in pairs(cl.held) do n = n + 1 end
+    log.warn("manager %s: a client left holding %d lock(s) or semaphore(s); released",
+             self.address, n)
+  end
   for o in pairs(cl.held) do objects.release_dropped(self, o, conn) end
   close_channel(cl)
 end
@@ -349,6 +356,10 @@ function Server:accept_all()
     if not ok then
       if core._is_interrupt(c) then error(c, 0) end
       self.refused = self.refused + 1        -- a peer without the key: next
+      local log = require("multiprocessing.managers")._log
+      if log and log.enabled("WARN") then
+        log.warn("manager %s refused a peer: %s", self.address, tostring(c))
+      end
     elseif c then
       self.clients[c] = { parked = {}, held = {} }
       if c:_buffered() then            -- its first request came with the handshake
