@@ -439,8 +439,8 @@ describe("Manager proxies", function()
   end)
 
   it("works the same without a channel (the socket only)", function()
-    local managers = require "multiprocessing.managers"
-    managers.CHANNEL = false
+    local client = require "multiprocessing.managers.client"
+    client.CHANNEL = false
     local ok, err = pcall(function()
       local m2 <close> = mp.Manager()
       local d, q = m2:dict{ a = 1 }, m2:Queue()
@@ -450,7 +450,7 @@ describe("Manager proxies", function()
       assert.are.equal("x", q:get(5))
       assert.are.same({ nil, "timeout" }, { q:get(0.02) })
     end)
-    managers.CHANNEL = true
+    client.CHANNEL = true
     assert(ok, tostring(err))
   end)
 

@@ -5,7 +5,7 @@
 -- handshakes it has pending and every authenticated connection, with the
 -- nearest deadline of a parked call as its timeout.
 -- A readable connection gives one request, {seq, oid, method, args...},
--- which runs at once against the object (managers/objects.lua) and is
+-- which runs at once against the object (managers/objects.lua, sync.lua) and is
 -- answered {seq, true, results...} or {seq, false, error data}; a call that
 -- must wait (a get on an empty queue, an acquire of a held lock) is parked
 -- and answered when the object can grant it or its deadline passes. No
@@ -14,12 +14,13 @@
 -- accept(0) (connection.lua: at most HANDSHAKE_PENDING pending, each
 -- bounded by HANDSHAKE_TIMEOUT, messages of at most HANDSHAKE_MAX bytes).
 -- A connection that drops has its parked calls withdrawn and what it held
--- (locks, semaphores) released: objects.release_dropped.
+-- (locks, semaphores) released: sync.release_dropped.
 
 local core = require "multiprocessing.core"
 local connection = require "multiprocessing.connection"
 local errors = require "multiprocessing.errors"
 local objects = require "multiprocessing.managers.objects"
+local sync = require "multiprocessing.managers.sync"
 
 local type, pairs, ipairs, pcall, xpcall, error, tostring, setmetatable, require, next =
       type, pairs, ipairs, pcall, xpcall, error, tostring, setmetatable, require, next
@@ -28,7 +29,8 @@ local mathtype = math.type
 local monotonic, getpid = core.monotonic, core.getpid
 local traceback = debug.traceback
 local kinds = objects.kinds
-local may_spin = require("multiprocessing.managers")._may_spin
+local client = require "multiprocessing.managers.client"
+local may_spin = client.may_spin
 
 local M = {}
 local Server = {}
@@ -42,12 +44,12 @@ local BUILTIN = {
   dict = function(_, t) return objects.new_dict(t) end,
   list = function(_, t) return objects.new_list(t) end,
   Namespace = function(_, t) return objects.new_namespace(t) end,
-  Queue = function(_, n) return objects.new_queue(n, false) end,
-  JoinableQueue = function(_, n) return objects.new_queue(n, true) end,
-  Lock = function() return objects.new_lock(false) end,
-  RLock = function() return objects.new_lock(true) end,
-  Semaphore = function(_, n) return objects.new_semaphore(n, false) end,
-  BoundedSemaphore = function(_, n) return objects.new_semaphore(n, true) end,
+  Queue = function(_, n) return sync.new_queue(n, false) end,
+  JoinableQueue = function(_, n) return sync.new_queue(n, true) end,
+  Lock = function() return sync.new_lock(false) end,
+  RLock = function() return sync.new_lock(true) end,
+  Semaphore = function(_, n) return sync.new_semaphore(n, false) end,
+  BoundedSemaphore = function(_, n) return sync.new_semaphore(n, true) end,
   Condition = function(srv, l)
     local lo
     if l ~= nil then
@@ -56,11 +58,11 @@ local BUILTIN = {
         error("Condition: the lock must be a Lock or RLock of this manager", 0)
       end
     end
-    return objects.new_condition(lo)
+    return sync.new_condition(lo)
   end,
-  Event = function() return objects.new_event() end,
+  Event = function() return sync.new_event() end,
   Barrier = function(_, parties, action, timeout)
-    return objects.new_barrier(parties, action, timeout)
+    return sync.new_barrier(parties, action, timeout)
   end,
   Value = function(_, typ, init) return objects.new_value(typ, init) end,
   Array = function(_, typ, init) return objects.new_array(typ, init) end,
@@ -179,7 +181,7 @@ end
 
 -- the object a proxy of this manager names, or nil
 function Server:resolve(p)
-  local st = require("multiprocessing.managers")._proxy_state(p)
+  local st = require("multiprocessing.managers.proxies").state(p)
   if st and st.addr == self.address then return self.objects[st.oid] end
   return nil
 end
@@ -299,14 +301,14 @@ function Server:drop(conn)
   self.dirty = true
   conn:close()
   for w in pairs(cl.parked) do w.done = true end
-  local log = next(cl.held) and require("multiprocessing.managers")._log
+  local log = next(cl.held) and client.log
   if log and log.enabled("WARN") then
     local n = 0
     for _ in pairs(cl.held) do n = n + 1 end
     log.warn("manager %s: a client left holding %d lock(s) or semaphore(s); released",
              self.address, n)
   end
-  for o in pairs(cl.held) do objects.release_dropped(self, o, conn) end
+  for o in pairs(cl.held) do sync.release_dropped(self, o, conn) end
   close_channel(cl)
 end
 
@@ -356,7 +358,7 @@ function Server:accept_all()
     if not ok then
       if core._is_interrupt(c) then error(c, 0) end
       self.refused = self.refused + 1        -- a peer without the key: next
-      local log = require("multiprocessing.managers")._log
+      local log = client.log
       if log and log.enabled("WARN") then
         log.warn("manager %s refused a peer: %s", self.address, tostring(c))
       end
@@ -402,11 +404,11 @@ function Server:expire()
 end
 
 -- Spinning: a client that spins for its answer (it sends its seq
--- negated, managers.lua) usually sends its next request within
+-- negated, managers/client.lua) usually sends its next request within
 -- microseconds of that answer, and a process woken from poll costs tens of
 -- them on a busy or virtual machine, so after answering one the loop polls
 -- without sleeping for up to SPIN seconds before it sleeps, when the
--- machine has CPUs to spare (managers._may_spin). After FAILS spins in a
+-- machine has CPUs to spare (client.may_spin). After FAILS spins in a
 -- row caught nothing it sleeps at once, and tries a spin again every 16th
 -- turn.
 M.SPIN, M.FAILS = 50e-6, 2
