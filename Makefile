@@ -159,6 +159,8 @@ install: all
 	install -d $(DESTDIR)$(LUA_SHAREDIR)/multiprocessing/cluster $(DESTDIR)$(PREFIX)/bin
 	install -m 644 $(CLUSTERSRC) $(DESTDIR)$(LUA_SHAREDIR)/multiprocessing/cluster/
 	install -m 755 bin/mp-worker $(DESTDIR)$(PREFIX)/bin/mp-worker
+	install -d $(DESTDIR)$(LUA_SHAREDIR)/multiprocessing/managers
+	install -m 644 lua/multiprocessing/managers/*.lua $(DESTDIR)$(LUA_SHAREDIR)/multiprocessing/managers/
 
 lint:
 	luacheck lua spec examples bench chaos

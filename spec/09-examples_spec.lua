@@ -51,6 +51,13 @@ describe("examples", function()
   checks["examples/barrier_sim.lua"] = function(out)
     assert.truthy(out:find("total heat 1000.0 (conserved)", 1, true), out)
   end
+  checks["examples/manager_scoreboard.lua"] = function(out)
+    assert.truthy(out:find("killed game server 3 while it held", 1, true), out)
+    assert.truthy(out:find("lock abandoned; repairing round 50 of server 3", 1, true), out)
+    for _, name in ipairs({ "ada", "bob", "cy" }) do
+      assert.truthy(out:find(("%-4s 350 points"):format(name), 1, true), out)
+    end
+  end
   local args = { ["examples/primes.lua"] = "200000", ["examples/primes_pool.lua"] = "200000" }
   checks["examples/primes.lua"] = function(out)
     -- 17984 primes below 200000

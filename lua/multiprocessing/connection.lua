@@ -294,6 +294,21 @@ function Lmethods.accept(self, timeout)
   end
 end
 
+-- l:_handshakes() -> list of the fds of the pending handshakes, and the
+-- earliest of their deadlines (nil when none is pending). For an event loop
+-- (the manager's server) that polls these beside its own connections and
+-- calls accept(0) when one of them, or the listening socket, is readable or
+-- a deadline has passed: accept(0) never blocks on a silent peer.
+function Lmethods._handshakes(self)
+  local list, fds, first = pendings[self], {}, nil
+  if not list then return fds, nil end
+  for i, h in ipairs(list) do
+    fds[i] = h.c:fileno()
+    if not first or h.deadline < first then first = h.deadline end
+  end
+  return fds, first
+end
+
 -- l:close(): closes the pending handshakes too; may be called twice
 local c_close = Lmethods.close
 function Lmethods.close(self)

@@ -93,6 +93,22 @@ local function bind_pool(m)
   end
 end
 
+-- The manager's server is started with the context's method; the context
+-- may be given as self (ctx:Manager()) or not (ctx.Manager()).
+local function bind_manager(m, ctx)
+  return function(a, b)
+    local opts = a
+    if a == ctx then opts = b end
+    if opts ~= nil and type(opts) ~= "table" then
+      error("bad argument #1 to 'Manager' (table expected, got " .. type(opts) .. ")", 2)
+    end
+    local o = {}
+    for k, v in pairs(opts or {}) do o[k] = v end
+    if o.start_method == nil then o.start_method = m end
+    return require("multiprocessing").Manager(o)
+  end
+end
+
 -- mp.get_context([method]) -> a context: ctx.Process{...}, ctx.Pool(n),
 -- ctx.Queue(), ... with the method bound; ctx.get_start_method() tells it
 function exports.get_context(m)
@@ -105,6 +121,7 @@ function exports.get_context(m)
     get_start_method = function() return m end,
     _name = m,
   }
+  ctx.Manager = bind_manager(m, ctx)
   setmetatable(ctx, {
     __index = function(_, k) return require("multiprocessing")[k] end,
     __tostring = function() return "<Context(" .. m .. ")>" end,

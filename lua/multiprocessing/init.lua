@@ -15,7 +15,7 @@ local M = {}
 
 local modules = {
   "errors", "codec", "process", "connection", "synchronize", "sharedctypes",
-  "queues", "context", "log",
+  "queues", "context", "log", "managers",
 }
 -- name -> module, for the modules loaded on first use
 local lazy = { Pool = "pool" }

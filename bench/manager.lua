@@ -1,0 +1,64 @@
+-- bench/manager.lua: a manager's proxies (mp.Manager) against Python's
+-- multiprocessing.Manager() (bench/manager.py): a dict set+get round trip,
+-- 4 processes incrementing one counter (d:incr against Python's
+-- `with lock: d['n'] += 1`, totals checked), and a Queue put+get round trip
+-- between two processes. Prints <case>\t<impl>\t<rate>\t<unit>.
+local mp = require "multiprocessing"
+local lib = require "bench.lib"
+local now = require("multiprocessing.core").monotonic
+
+local function dict_roundtrip(m, n)
+  local d = m:dict()
+  return lib.rate(n, function(k)
+    for i = 1, k do
+      d.key = i
+      local _ = d.key
+    end
+  end, true)
+end
+
+local PROCS, EACH = 4, 2000
+
+local function incr(m)
+  local d = m:dict{ n = 0 }
+  local go = m:Event()
+  local ps = {}
+  for i = 1, PROCS do
+    ps[i] = mp.Process{ target = function(dd, g)
+      g:wait(30)
+      for _ = 1, EACH do dd:incr("n") end
+    end, args = { d, go } }
+    ps[i]:start()
+  end
+  local t0 = now()
+  go:set()
+  for i = 1, PROCS do ps[i]:join(120) end
+  local dt = now() - t0
+  return d.n, PROCS * EACH / dt
+end
+
+local function echo(a, b, n)
+  for _ = 1, n do b:put(a:get(30)) end
+end
+
+local function queue_roundtrip(m, n)
+  local a, b = m:Queue(), m:Queue()
+  local p = mp.Process{ target = echo, args = { a, b, n + 1 } }
+  p:start()
+  a:put(0); b:get(30)                         -- the child is running
+  local t0 = now()
+  for i = 1, n do a:put(i); b:get(30) end
+  local dt = now() - t0
+  p:join(30)
+  return n / dt
+end
+
+if mp.is_main() then
+  local m <close> = mp.Manager()
+  lib.emit("manager_dict_setget", "lua-mp", dict_roundtrip(m, 20000), "pairs/s")
+  local total, rate = incr(m)
+  lib.emit("manager_incr_4x2000", "lua-mp", rate, "incr/s")
+  print(("# manager_incr_4x2000: lua-mp total %d (expected %d)%s"):format(
+    total, PROCS * EACH, total == PROCS * EACH and "" or " WRONG"))
+  lib.emit("manager_queue_rt", "lua-mp", queue_roundtrip(m, 10000), "rt/s")
+end

@@ -1,0 +1,362 @@
+-- multiprocessing.managers: BaseManager, SyncManager and mp.Manager
+-- (docs/managers.md).
+--
+-- A manager is a server process (managers/server.lua, one event loop) that
+-- holds plain Lua values (managers/objects.lua) and small sync state
+-- machines (managers/sync.lua); other processes reach them through proxies
+-- (managers/proxies.lua) over the transport of managers/client.lua. This
+-- module makes managers: it registers typeids, starts, connects, serves
+-- and shuts down, and lets a manager travel as a client of its server.
+
+local core = require "multiprocessing.core"
+local errors = require "multiprocessing.errors"
+local process = require "multiprocessing.process"
+local client = require "multiprocessing.managers.client"
+local proxies = require "multiprocessing.managers.proxies"
+
+local type, error, pairs, ipairs, pcall, tostring, setmetatable, getmetatable, rawget, require =
+      type, error, pairs, ipairs, pcall, tostring, setmetatable, getmetatable, rawget, require
+local getpid = core.getpid
+local call, forget, new_proxy, log = client.call, client.forget, proxies.new, client.log
+
+local M = {}
+local exports = {}
+M.exports = exports
+M._call = call                       -- for the specs: a call by address
+M._proxy_state = proxies.state
+
+-- ---- managers ------------------------------------------------------------
+
+local SYNC_TYPEIDS = { "dict", "list", "Namespace", "Queue", "JoinableQueue", "Lock",
+  "RLock", "Semaphore", "BoundedSemaphore", "Condition", "Event", "Barrier", "Value",
+  "Array" }
+
+local Manager = {}            -- the methods
+local MMT = {}
+local counter = 0
+
+-- The key of managers made without one: the process's authkey when the
+-- process has one, else a random key made once in this process and
+-- inherited by forked children (spawned ones get it with each proxy or
+-- manager object they are given).
+local process_key
+local function default_authkey()
+  local ok, k = pcall(function() return process.exports.current_process().authkey end)
+  if ok and type(k) == "string" and k ~= "" then return k end
+  if not process_key then process_key = require("multiprocessing.auth").random_bytes(32) end
+  return process_key
+end
+M._default_authkey = default_authkey
+
+local function check_opts(opts, fname)
+  if opts == nil then return {} end
+  if type(opts) ~= "table" then
+    error("bad argument #1 to '" .. fname .. "' (table expected, got " .. type(opts) .. ")", 3)
+  end
+  for k in pairs(opts) do
+    if k ~= "address" and k ~= "authkey" and k ~= "start_method" then
+      error(fname .. ": unknown option '" .. tostring(k) .. "'", 3)
+    end
+  end
+  if opts.address ~= nil and (type(opts.address) ~= "string" or opts.address == "") then
+    error(fname .. ": 'address' must be a non-empty string", 3)
+  end
+  if opts.authkey ~= nil and (type(opts.authkey) ~= "string" or opts.authkey == "") then
+    error(fname .. ": 'authkey' must be a non-empty string", 3)
+  end
+  local m = opts.start_method
+  if m ~= nil and not process.METHODS[m] then
+    error(fname .. ": 'start_method' must be \"fork\", \"spawn\" or \"forkserver\"", 3)
+  end
+  return opts
+end
+
+local function new_manager(opts, kind)
+  counter = counter + 1
+  return setmetatable({
+    _registry = {}, _state = "initial", _kind = kind, _name = kind .. "-" .. counter,
+    _address = opts.address, _authkey = opts.authkey, _method = opts.start_method,
+  }, MMT)
+end
+
+-- mp.BaseManager{address=, authkey=, start_method=} -> a manager, not started
+function exports.BaseManager(opts)
+  return new_manager(check_opts(opts, "BaseManager"), "BaseManager")
+end
+
+local function register_sync(m)
+  for _, t in ipairs(SYNC_TYPEIDS) do m._registry[t] = { builtin = t } end
+  return m
+end
+
+-- mp.SyncManager{...} -> a manager with the standard typeids, not started
+function exports.SyncManager(opts)
+  return register_sync(new_manager(check_opts(opts, "SyncManager"), "SyncManager"))
+end
+
+-- mp.Manager([{address=, authkey=, start_method=}]) -> a started SyncManager
+function exports.Manager(opts)
+  local m = register_sync(new_manager(check_opts(opts, "Manager"), "SyncManager"))
+  return m:start()
+end
+
+local PROXYTYPES = { dict = true, list = true, Namespace = true }
+
+-- m:register(typeid [, callable [, {exposed={names}, proxytype=kind}]]) -> m
+function Manager.register(self, typeid, callable, opts)
+  if type(typeid) ~= "string" or typeid == "" or typeid:sub(1, 1) == "_" or Manager[typeid] then
+    error("bad argument #1 to 'register' (a typeid: a name that is not a manager method "
+          .. "and does not start with '_', got " .. tostring(typeid) .. ")", 2)
+  end
+  if callable ~= nil and type(callable) ~= "function" then
+    local mt = getmetatable(callable)
+    if not (type(mt) == "table" and mt.__call) then
+      error("bad argument #2 to 'register' (function expected, got " .. type(callable) .. ")", 2)
+    end
+  end
+  if opts ~= nil and type(opts) ~= "table" then
+    error("bad argument #3 to 'register' (table expected, got " .. type(opts) .. ")", 2)
+  end
+  opts = opts or {}
+  for k in pairs(opts) do
+    if k ~= "exposed" and k ~= "proxytype" then
+      error("register: unknown option '" .. tostring(k) .. "'", 2)
+    end
+  end
+  if opts.exposed ~= nil then
+    if type(opts.exposed) ~= "table" then error("register: 'exposed' must be a list of names", 2) end
+    for _, n in ipairs(opts.exposed) do
+      if type(n) ~= "string" then error("register: 'exposed' must be a list of names", 2) end
+    end
+  end
+  if opts.proxytype ~= nil and not PROXYTYPES[opts.proxytype] then
+    error("register: 'proxytype' must be \"dict\", \"list\" or \"Namespace\"", 2)
+  end
+  if self._state == "started" or self._state == "serving" then
+    error("register: the manager's server is already running", 2)
+  end
+  self._registry[typeid] = { callable = callable, exposed = opts.exposed,
+                             proxytype = opts.proxytype }
+  return self
+end
+
+local function key_of(self)
+  if not self._authkey then self._authkey = default_authkey() end
+  return self._authkey
+end
+
+local function check_running(self, fname)
+  local s = self._state
+  if s ~= "started" and s ~= "connected" then
+    error(errors.new("ProcessError", fname .. ": the manager is " ..
+          (s == "initial" and "not started (call start() or connect())" or s)), 3)
+  end
+end
+
+-- m:<typeid>(...) -> a proxy of a new object made in the server
+local function creator(typeid)
+  return function(self, ...)
+    if getmetatable(self) ~= MMT then
+      error("bad self: a manager expected (use ':' to call m:" .. typeid .. "(...))", 2)
+    end
+    check_running(self, typeid)
+    local addr, key = self.address, self._authkey
+    local oid, kind, exposed = call(addr, key, 0, "create", typeid, ...)
+    -- the proxy keeps its manager alive (its __gc would stop the server)
+    return new_proxy({ addr = addr, key = key, oid = oid, kind = kind, exposed = exposed,
+                       mgr = self })
+  end
+end
+local creators = {}
+
+-- A fresh private directory for the Unix socket (mode 0700, made by
+-- mkdir, which fails rather than reuse a name that exists).
+local function private_dir()
+  local base = os.getenv("TMPDIR")
+  if not base or base == "" then base = "/tmp" end
+  local rnd = require("multiprocessing.auth").random_bytes(8)
+  local hex = rnd:gsub(".", function(ch) return ("%02x"):format(ch:byte()) end)
+  local dir = base .. "/mp-manager-" .. getpid() .. "-" .. hex
+  if not os.execute("mkdir -m 700 '" .. dir:gsub("'", "'\\''") .. "' 2>/dev/null") then
+    error(errors.new("ProcessError", "cannot make a directory for the manager's socket in " .. base), 3)
+  end
+  return dir
+end
+
+-- The registry as the server gets it (the callables travel with it).
+local function server_spec(self, address)
+  return { address = address, authkey = key_of(self), registry = self._registry }
+end
+
+-- The server child's target: listen, say where, serve until shutdown.
+function M._serve_child(spec, reply)
+  core._sigint(true)          -- Ctrl-C is for the program, not its server
+  local server = require "multiprocessing.managers.server"
+  local ok, srv = pcall(server.new, spec)
+  if not ok then
+    reply:send({ false, tostring(srv) })
+    return
+  end
+  reply:send({ true, srv.address })
+  reply:close()
+  srv:serve()
+end
+
+-- m:start() -> m: a daemonic child process serves (the default start
+-- method, or the manager's start_method); the call returns once it listens
+function Manager.start(self)
+  if self._state ~= "initial" then
+    error(errors.new("ProcessError", "start: the manager is " .. self._state ..
+          " (a manager starts once)"), 2)
+  end
+  local address = self._address
+  if not address then
+    self._dir = private_dir()
+    address = self._dir .. "/manager.sock"
+  end
+  local mp = require "multiprocessing"
+  local r, w = mp.Pipe(false)
+  local p = mp.Process{ target = M._serve_child, args = { server_spec(self, address), w },
+                        daemon = true, name = self._name, start_method = self._method }
+  local ok, err = pcall(p.start, p)
+  w:close()
+  local msg, why
+  if ok then msg, why = r:recv(60) end
+  r:close()
+  if not (ok and type(msg) == "table" and msg[1]) then
+    if ok then
+      if p:join(0) == nil then p:kill() end
+      p:join(5)
+    end
+    if self._dir then os.remove(self._dir); self._dir = nil end
+    local reason = not ok and tostring(err) or type(msg) == "table" and msg[2]
+                   or ("no word from the server: " .. tostring(why))
+    error(errors.new("ProcessError", "the manager's server did not start: " .. reason), 2)
+  end
+  self.address = msg[2]
+  self._process = p
+  self._owner = getpid()
+  self._state = "started"
+  if log and log.enabled("INFO") then
+    log.info("manager %s started (pid %d, %s)", self.address, p.pid,
+             self._method or process._default_method())
+  end
+  return self
+end
+
+-- m:connect() -> m: use the server at address (another process's manager)
+function Manager.connect(self)
+  if self._state ~= "initial" then
+    error(errors.new("ProcessError", "connect: the manager is " .. self._state), 2)
+  end
+  if not self._address then error("connect: the manager has no address", 2) end
+  self.address = self._address
+  call(self.address, key_of(self), 0, "info")      -- reachable, and the key is right
+  self._state = "connected"
+  return self
+end
+
+-- m:serve_forever(): this process serves until a client calls shutdown
+function Manager.serve_forever(self)
+  if self._state ~= "initial" then
+    error(errors.new("ProcessError", "serve_forever: the manager is " .. self._state), 2)
+  end
+  if not self._address then error("serve_forever: the manager needs an address", 2) end
+  local srv = require("multiprocessing.managers.server").new(server_spec(self, self._address))
+  self.address = srv.address
+  self._state = "serving"
+  local ok, err = pcall(srv.serve, srv)
+  self._state = "shutdown"
+  if not ok then pcall(srv.close, srv); error(err, 0) end
+end
+
+-- m:info() -> {objects=, clients=, parked=, pending=, refused=}, server pid
+function Manager.info(self)
+  check_running(self, "info")
+  return call(self.address, self._authkey, 0, "info")
+end
+
+local function cleanup(self)
+  local dir = self._dir
+  if dir then
+    os.remove(dir .. "/manager.sock")
+    os.remove(dir)
+    self._dir = nil
+  end
+end
+
+-- m:shutdown(): stop the server this process started and reap it; waits
+-- at most a few seconds, then kills it. Does nothing on a manager that is
+-- not started here or already shut down.
+function Manager.shutdown(self)
+  if self._state ~= "started" or self._owner ~= getpid() then return end
+  self._state = "shutdown"
+  local p, addr, key = self._process, self.address, self._authkey
+  if p:is_alive() then pcall(call, addr, key, 0, "shutdown") end
+  forget(addr .. "\0" .. key)
+  if p:join(5) == nil then
+    p:kill()
+    p:join(5)
+  end
+  if log and log.enabled("INFO") then
+    log.info("manager %s stopped (exit code %s)", tostring(addr), tostring(p.exitcode))
+  end
+  pcall(p.close, p)
+  cleanup(self)
+end
+
+-- __gc: no round trip, no wait on a live server: SIGKILL, then reap
+local function collect(self)
+  if rawget(self, "_state") ~= "started" or self._owner ~= getpid() then return end
+  self._state = "shutdown"
+  local p = self._process
+  pcall(function()
+    if p:join(0) == nil then p:kill() p:join(2) end
+    p:close()
+  end)
+  forget(self.address .. "\0" .. self._authkey)
+  cleanup(self)
+end
+
+MMT.__name = "multiprocessing.Manager"
+MMT.__index = function(self, k)
+  local f = Manager[k]
+  if f ~= nil then return f end
+  if type(k) == "string" and rawget(self, "_registry")[k] then
+    local c = creators[k]
+    if not c then c = creator(k); creators[k] = c end
+    return c
+  end
+end
+MMT.__close = function(self) self:shutdown() end
+MMT.__gc = collect
+MMT.__tostring = function(self)
+  return "<" .. self._kind .. "(" .. tostring(self.address or self._address or "no address")
+         .. ", " .. self._state .. ")>"
+end
+-- A manager travels as a client of the same server (its typeids, not its
+-- callables): the receiver can make objects, not start or shut it down.
+MMT.__mp_reduce = function(self)
+  if self._state ~= "started" and self._state ~= "connected" then
+    error(errors.new("SerializationError", "a manager that is not running cannot travel"), 0)
+  end
+  local ids = {}
+  for t in pairs(self._registry) do ids[#ids + 1] = t end
+  return "Manager", { addr = self.address, key = self._authkey, kind = self._kind, typeids = ids }
+end
+core.register_handle("Manager", function(st)
+  if type(st) ~= "table" or type(st.addr) ~= "string" or type(st.key) ~= "string"
+     or type(st.typeids) ~= "table" or type(st.kind) ~= "string" then
+    error(errors.new("SerializationError", "malformed manager"), 0)
+  end
+  local m = new_manager({ address = st.addr, authkey = st.key }, st.kind)
+  for _, t in ipairs(st.typeids) do
+    if type(t) == "string" then m._registry[t] = {} end
+  end
+  m.address = st.addr
+  m._state = "connected"
+  return m
+end)
+
+return M
+

@@ -1,0 +1,251 @@
+-- multiprocessing.managers.client: the client side of a manager's
+-- transport (docs/managers.md): one connection per (process, manager), a
+-- channel of two shared-memory queues beside it on a Unix socket, calls as
+-- one round trip, spinning for the answer, and a ProcessError naming the
+-- manager when it is gone.
+--
+-- The connection is shared by the process's proxies and opened again when
+-- the pid changed (after a fork, two processes never share one socket or
+-- answer queue). A call is {seq, oid, method, args...} -> {seq, ok,
+-- results...}; the answer of an earlier call that a signal interrupted is
+-- skipped by its seq.
+
+local core = require "multiprocessing.core"
+local errors = require "multiprocessing.errors"
+local connection = require "multiprocessing.connection"
+
+local type, error, ipairs, pcall, tostring, require =
+      type, error, ipairs, pcall, tostring, require
+local pack, unpack = table.pack, table.unpack
+local getpid, monotonic = core.getpid, core.monotonic
+
+local M = {}
+
+-- the library's logger when there is one (multiprocessing.log): the
+-- managers log their starts and stops, the server refused peers
+local has_log, log = pcall(require, "multiprocessing.log")
+if not (has_log and type(log) == "table" and log.enabled) then log = nil end
+M.log = log
+
+local conns = {}            -- address .. "\0" .. authkey -> {conn=, pid=}
+local seq = 0
+-- A caller spins (tries to receive without sleeping) for up to SPIN
+-- seconds for its answer before it sleeps: the server usually answers
+-- within microseconds, and waking from a sleep costs tens of them on a busy
+-- or virtual machine. Spinning pays only while the machine has a CPU for
+-- each spinning process: every 32nd call reads how many processes are
+-- runnable (/proc/loadavg) and spins only if they are no more than the
+-- CPUs. After FAILS spins in a row caught nothing (the answer is slow: a
+-- parked call) it sleeps at once, and tries a spin again every 16th call.
+-- A caller that spins sends its seq negated: the server, knowing that an
+-- answer is awaited by a spinning caller whose next call will come soon,
+-- spins for that call (server.lua), so that both sides leave sleeping
+-- together at a probe.
+M.SPIN, M.FAILS = 100e-6, 2
+local fails, probe = 0, 0          -- spins in a row that caught nothing; calls
+local ncpu, spin_ok, spin_checked = nil, true, 0
+
+-- client.may_spin() -> boolean: are there CPUs to spare (see above)?
+function M.may_spin()
+  spin_checked = spin_checked + 1
+  if spin_checked & 31 ~= 1 then return spin_ok end
+  ncpu = ncpu or core.cpu_count()
+  local f = io.open("/proc/loadavg")
+  local running = f and tonumber((f:read("l") or ""):match("^%S+ %S+ %S+ (%d+)/"))
+  if f then f:close() end
+  spin_ok = running == nil or running <= ncpu
+  return spin_ok
+end
+local may_spin = M.may_spin
+
+local function gone(addr, why)
+  return errors.new("ProcessError", "the manager at " .. tostring(addr) ..
+                    " is gone (" .. tostring(why) .. ")")
+end
+
+-- close what this process opened for id (a forked child only drops the
+-- entry it inherited: the parent's socket and queues stay the parent's)
+local function forget(id)
+  local e = conns[id]
+  conns[id] = nil
+  if e and e.pid == getpid() then
+    pcall(e.conn.close, e.conn)
+    for _, q in ipairs({ e.req, e.rep }) do
+      pcall(q.cancel_join_thread, q)
+      pcall(q.close, q)
+    end
+  end
+end
+
+local function result(addr, id, r)
+  if type(r) ~= "table" then
+    forget(id)
+    error(gone(addr, "it sent a malformed reply"), 0)
+  end
+  if r[2] then return unpack(r, 3, r.n or #r) end
+  local e = r[3]
+  if type(e) ~= "table" then e = { message = tostring(e) } end
+  error(errors.new("RemoteError", e.message, { traceback = e.traceback, pid = e.pid }), 0)
+end
+
+-- Receive on the socket: -> the reply r, or nil (nothing yet) when
+-- timeout is 0; raises ProcessError when the manager is gone.
+local function sock_recv(e, addr, id, timeout)
+  local c = e.conn
+  local okr, r, rwhy = pcall(c.recv, c, timeout)
+  if not okr then
+    -- a reply that cannot be decoded here (a class this process has not
+    -- registered) was read whole: the connection is still in step
+    if core._is_interrupt(r) or errors.is_error(r) then error(r, 0) end
+    forget(id)
+    error(gone(addr, r), 0)
+  end
+  if r == nil and rwhy ~= "timeout" then
+    forget(id)
+    error(gone(addr, rwhy or "closed"), 0)
+  end
+  return r
+end
+
+local function mine(r, my)
+  if type(r) ~= "table" then return true end
+  local s = r[1]
+  return s == my or s == 0
+end
+
+-- one call over the socket; my is the seq sent (negated if spinning)
+local function sock_call(e, addr, id, my, msg, spinning)
+  local c = e.conn
+  local ok, sent, why = pcall(c.send, c, msg)
+  if not ok then
+    if errors.is_error(sent) or core._is_interrupt(sent) then error(sent, 0) end
+    forget(id)
+    error(gone(addr, sent), 0)
+  end
+  if not sent then
+    forget(id)
+    error(gone(addr, why), 0)
+  end
+  local t0 = spinning and monotonic()
+  while true do
+    local r = sock_recv(e, addr, id, spinning and 0 or nil)
+    if r == nil then
+      if monotonic() - t0 > M.SPIN then       -- no answer yet: sleep for it
+        spinning = false
+        fails = fails + 1
+      end
+    elseif mine(r, my) then
+      if spinning then fails = 0 end
+      return result(addr, id, r)
+    end
+    -- else the reply to a call that a signal interrupted: skipped
+  end
+end
+
+-- The answer to a call sent on the channel: it comes on the reply queue
+-- (or on the socket, when it holds a handle with fds, which a queue cannot
+-- carry). The wait on the queue is cut in slices, from SLICE to
+-- SLICE_MAX seconds, after each of which the socket is looked at: a
+-- manager that died closed it.
+M.SLICE, M.SLICE_MAX = 0.01, 0.2
+local function chan_wait(e, addr, id, my, spinning)
+  local rep, slice = e.rep, M.SLICE
+  if spinning then
+    local t0 = monotonic()
+    repeat
+      local ok, r = pcall(rep.get, rep, 0)
+      if not ok then break end               -- the loop below sees it again
+      if r ~= nil and mine(r, my) then
+        fails = 0
+        return result(addr, id, r)
+      end
+    until monotonic() - t0 > M.SPIN
+    fails = fails + 1
+  end
+  while true do
+    local ok, r = pcall(rep.get, rep, slice)
+    if not ok then
+      if core._is_interrupt(r) or errors.is_error(r) then error(r, 0) end
+      forget(id)
+      error(gone(addr, r), 0)
+    end
+    if r ~= nil then
+      if mine(r, my) then return result(addr, id, r) end
+    elseif e.conn:poll() then
+      r = sock_recv(e, addr, id, 0)
+      if r ~= nil and mine(r, my) then return result(addr, id, r) end
+    else
+      slice = slice * 2
+      if slice > M.SLICE_MAX then slice = M.SLICE_MAX end
+    end
+  end
+end
+
+-- A channel: two of the library's queues (shared memory) that the server
+-- makes for this process and hands over the authenticated Unix socket;
+-- a call through them costs about a third of one through the socket.
+-- The socket stays: it proves the key, carries what a queue cannot (fds),
+-- and its end tells each side that the other is gone.
+M.CHANNEL = true
+
+local last_addr, last_key, last_id     -- the id of the last connect, cached
+-- -> the entry {conn=, pid=, req=, rep=} of this process for the manager
+local function connect(addr, key)
+  local id
+  if addr == last_addr and key == last_key then id = last_id
+  else
+    id = addr .. "\0" .. key
+    last_addr, last_key, last_id = addr, key, id
+  end
+  local e = conns[id]
+  local pid = getpid()
+  if e then
+    if e.pid == pid then return e, id end
+    -- inherited through a fork: the parent's socket, not ours to use;
+    -- closing our copy of the fd leaves the parent's open
+    conns[id] = nil
+    pcall(e.conn.close, e.conn)
+  end
+  local ok, c = pcall(connection.exports.Client, addr, { authkey = key })
+  if not ok then
+    if errors.is_error(c) or core._is_interrupt(c) then error(c, 0) end
+    error(gone(addr, "cannot connect: " .. tostring(c):gsub("^.-: ", "", 1)), 0)
+  end
+  e = { conn = c, pid = pid }
+  conns[id] = e
+  if M.CHANNEL and not addr:find(":%d+$") then      -- a Unix socket: fds travel
+    seq = seq + 1
+    local okc, req, rep = pcall(sock_call, e, addr, id, seq, pack(seq, 0, "channel"), false)
+    if okc and req and rep then e.req, e.rep = req, rep
+    elseif not okc and not errors.RemoteError:is(req) then
+      error(req, 0)                    -- gone, or a signal; RemoteError: no channel
+    end
+  end
+  return e, id
+end
+
+-- call(addr, key, oid, method, ...) -> the results of method on object oid
+local function call(addr, key, oid, method, ...)
+  local e, id = connect(addr, key)
+  seq = seq + 1
+  probe = probe + 1
+  local spinning = (fails < M.FAILS or probe & 15 == 0) and may_spin()
+  local my = spinning and -seq or seq
+  local msg = pack(my, oid, method, ...)
+  local req = e.req
+  if req then
+    local ok, err = pcall(req.put, req, msg)
+    if ok then return chan_wait(e, addr, id, my, spinning) end
+    if core._is_interrupt(err) then error(err, 0) end
+    if not errors.is_error(err) then
+      forget(id)
+      error(gone(addr, err), 0)
+    end
+    -- a value the queue cannot carry (a handle with fds): by the socket
+  end
+  return sock_call(e, addr, id, my, msg, spinning)
+end
+M.call = call
+M.forget = forget
+
+return M
