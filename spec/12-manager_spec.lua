@@ -38,6 +38,11 @@ describe("Manager arguments", function()
     assert.has_error(function() mp.BaseManager{ address = 5 } end)
     assert.has_error(function() mp.BaseManager{ authkey = "" } end)
     assert.has_error(function() mp.BaseManager{ start_method = "vfork" } end)
+    -- in the one form of the library's argument errors, at the caller's line
+    local ok, err = pcall(function() mp.BaseManager{ nope = 1 } end)
+    assert.is_false(ok)
+    assert.matches("12%-manager_spec%.lua:%d+: bad argument #1 to 'BaseManager' "
+                   .. "%(unknown option 'nope'%)$", err)
     local m = mp.BaseManager()
     assert.has_error(function() m:register("_x", function() end) end)
     assert.has_error(function() m:register("start", function() end) end)

@@ -11,6 +11,7 @@
 local core = require "multiprocessing.core"
 local errors = require "multiprocessing.errors"
 local process = require "multiprocessing.process"
+local check = require "multiprocessing.check"
 local client = require "multiprocessing.managers.client"
 local proxies = require "multiprocessing.managers.proxies"
 
@@ -35,39 +36,21 @@ local Manager = {}            -- the methods
 local MMT = {}
 local counter = 0
 
--- The key of managers made without one: the process's authkey when the
--- process has one, else a random key made once in this process and
--- inherited by forked children (spawned ones get it with each proxy or
--- manager object they are given).
-local process_key
+-- The key of managers made without one: the process's authkey (made by
+-- the main process, inherited by every child under every start method).
 local function default_authkey()
-  local ok, k = pcall(function() return process.exports.current_process().authkey end)
-  if ok and type(k) == "string" and k ~= "" then return k end
-  if not process_key then process_key = require("multiprocessing.auth").random_bytes(32) end
-  return process_key
+  return process.exports.current_process().authkey
 end
 M._default_authkey = default_authkey
 
+local OPTS = { address = "string", authkey = "string", start_method = "string" }
+
+-- (level 3: the caller of the public constructor)
 local function check_opts(opts, fname)
-  if opts == nil then return {} end
-  if type(opts) ~= "table" then
-    error("bad argument #1 to '" .. fname .. "' (table expected, got " .. type(opts) .. ")", 3)
-  end
-  for k in pairs(opts) do
-    if k ~= "address" and k ~= "authkey" and k ~= "start_method" then
-      error(fname .. ": unknown option '" .. tostring(k) .. "'", 3)
-    end
-  end
-  if opts.address ~= nil and (type(opts.address) ~= "string" or opts.address == "") then
-    error(fname .. ": 'address' must be a non-empty string", 3)
-  end
-  if opts.authkey ~= nil and (type(opts.authkey) ~= "string" or opts.authkey == "") then
-    error(fname .. ": 'authkey' must be a non-empty string", 3)
-  end
-  local m = opts.start_method
-  if m ~= nil and not process.METHODS[m] then
-    error(fname .. ": 'start_method' must be \"fork\", \"spawn\" or \"forkserver\"", 3)
-  end
+  opts = check.options(opts, 1, fname, OPTS, 3)
+  if opts.address == "" then check.argerror(1, fname, "'address' must not be empty", 3) end
+  if opts.authkey == "" then check.argerror(1, fname, "'authkey' must not be empty", 3) end
+  check.choice(opts.start_method, process.START_METHODS, 1, fname, "'start_method'", 3)
   return opts
 end
 
