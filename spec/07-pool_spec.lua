@@ -159,6 +159,14 @@ describe("Pool arguments", function()
       local ok, err = pcall(pool.apply_async, pool, function(f) return f end, { io.stdout })
       assert.is_false(ok)
       assert.is_true(mp.SerializationError:is(err))
+      assert.are.equal("args[1]: cannot serialize userdata (FILE*)", err.message)
+      -- a closure's upvalues travel as they are at each call (its bytes
+      -- are not reused); a function without upvalues is dumped once
+      local n = 1
+      local function add(x) return x + n end
+      assert.are.equal(2, pool:apply(add, { 1 }))
+      n = 10
+      assert.are.equal(11, pool:apply(add, { 1 }))
       -- a map item that cannot travel fails the map, the pool goes on
       ok, err = pcall(pool.map, pool, function(x) return x end, { 1, io.stdout, 3 })
       assert.is_false(ok)

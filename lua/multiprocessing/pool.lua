@@ -32,6 +32,24 @@ local type, error, pairs, ipairs, setmetatable, pcall =
 local math_min, math_max, ceil = math.min, math.max, math.ceil
 local dumpfn = core.pool_dumpfn
 local new_result = results.new
+local getupvalue = debug.getupvalue
+
+-- The bytes of a function with no upvalue but _ENV (which travels as the
+-- receiver's globals, whatever its value) do not change: they are made
+-- once per function (the commonest task function: a local function of
+-- the program). Any other closure is dumped at each call, since the
+-- values of its upvalues travel with it.
+local static_bytes = setmetatable({}, { __mode = "k" })
+local function fn_bytes(fn)
+  local b = static_bytes[fn]
+  if b then return b end
+  b = dumpfn(fn)
+  local name = getupvalue(fn, 1)
+  if name == nil or (name == "_ENV" and getupvalue(fn, 2) == nil) then
+    static_bytes[fn] = b
+  end
+  return b
+end
 
 local M = {}
 local exports = {}
@@ -123,7 +141,7 @@ function Pool:_submit(fname, mode, fn, xs, star, opts)
   if type(fn) ~= "function" then
     check.argerror(1, fname, "function expected, got " .. check.typename(fn), L)
   end
-  local fnbytes = dumpfn(fn)
+  local fnbytes = fn_bytes(fn)
   local job = { pool = self, mode = mode, fnid = self:_fn_id(fnbytes), fnbytes = fnbytes,
                 star = star, cursor = 1, retry = {}, results = {}, errs = {},
                 ndone = 0, nfail = 0, packed = mode ~= "map" }
@@ -150,12 +168,15 @@ function Pool:_submit(fname, mode, fn, xs, star, opts)
     check.argerror(3, fname, "chunksize or options table expected, got "
                    .. check.typename(opts), L)
   end
-  opts = check.options(opts, 3, fname, mode == "apply" and APPLY_OPTS or MAP_OPTS, L)
-  local chunksize = check.integer(opts.chunksize, 3, fname, "'chunksize'", 1, nil, L)
-  if mode ~= "apply" then job.chunksize = chunksize end
-  job.callback, job.error_callback = opts.callback, opts.error_callback
-  job.timeout = check.number(opts.timeout, 3, fname, "'timeout'", 0, L)
-  local progress = opts.progress
+  local progress
+  if opts ~= nil then                     -- (none: the hot path of apply_async)
+    opts = check.options(opts, 3, fname, mode == "apply" and APPLY_OPTS or MAP_OPTS, L)
+    local chunksize = check.integer(opts.chunksize, 3, fname, "'chunksize'", 1, nil, L)
+    if mode ~= "apply" then job.chunksize = chunksize end
+    job.callback, job.error_callback = opts.callback, opts.error_callback
+    job.timeout = check.number(opts.timeout, 3, fname, "'timeout'", 0, L)
+    progress = opts.progress
+  end
   if progress ~= nil and progress ~= true and progress ~= false
      and type(progress) ~= "function" then
     check.argerror(3, fname, "'progress' must be true or a function, got "
@@ -191,7 +212,14 @@ local function call_args(args, fname)
   if type(args) ~= "table" then
     check.argerror(2, fname, "table of arguments expected, got " .. check.typename(args), 3)
   end
-  dumpfn(args)                            -- raise now if it cannot travel
+  -- raise now if it cannot travel (plain values always can)
+  for i = 1, args.n or #args do
+    local t = type(args[i])
+    if t ~= "number" and t ~= "string" and t ~= "boolean" and t ~= "nil" then
+      core.dumps(args, "args")
+      break
+    end
+  end
   return args
 end
 
