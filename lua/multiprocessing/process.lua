@@ -166,6 +166,27 @@ function methods.join(self, timeout)
   return nil, why
 end
 
+-- The polling protocol of cqueues (p:pollfd(), p:events(), p:timeout())
+-- and p:fileno() for luv: readable once the process ended (its sentinel).
+-- Without a pidfd (old kernels, valgrind) pollfd is nil and timeout()
+-- asks to be looked at again every 20 ms (0 once it ended).
+local function sentinel_of(self, level)
+  local st = self._state
+  if st == "initial" then error("cannot poll a process that was not started", level + 1) end
+  if st == "closed" then error("process object is closed", level + 1) end
+  return self.sentinel
+end
+function methods.pollfd(self) return (sentinel_of(self, 2)) end
+function methods.events() return "r" end
+function methods.timeout(self)
+  if self.sentinel == nil and self._state ~= "closed" then return self:is_alive() and 0.02 or 0 end
+end
+function methods.fileno(self)
+  local fd = sentinel_of(self, 2)
+  if not fd then error("process has no sentinel (no pidfd on this kernel)", 2) end
+  return fd
+end
+
 -- Start each process of list (p:start() for each). Forks are made back to
 -- back: a fork write-protects every page of the parent, which then copies
 -- each page it writes, again after each fork; the bookkeeping waits until

@@ -7,7 +7,7 @@
 local core = require "multiprocessing.core"
 local check = require "multiprocessing.check"
 
-local select, pcall, require = select, pcall, require
+local select, pcall, require, ipairs = select, pcall, require, ipairs
 
 local M = {}
 local exports = {}
@@ -33,6 +33,20 @@ end
 function exports.SimpleQueue(...)
   check.nargs(select("#", ...), 0, "SimpleQueue")
   return core.queue_new(0, "SimpleQueue")
+end
+
+-- The polling protocol of cqueues (q:pollfd(), q:events(), q:timeout()):
+-- the queue's eventfd, readable while it holds items (fileno() registers
+-- this process as a watcher, csrc/queue.c). timeout() is 0 when a get
+-- would not wait now, so a poll returns at once; when it would, _ready
+-- clears a stale eventfd (another consumer took the item), so a poller
+-- sleeps instead of spinning. Readable means "try now": a get(0) may
+-- still say "empty" when another consumer was quicker.
+local function events() return "r" end
+local function timeout(q) if q:_ready() then return 0 end end
+for _, kind in ipairs { "Queue", "SimpleQueue", "JoinableQueue" } do
+  local methods = core[kind .. "_methods"]
+  methods.pollfd, methods.events, methods.timeout = methods.fileno, events, timeout
 end
 
 -- A process whose unbounded puts got ahead of the consumers keeps the extra
