@@ -32,6 +32,7 @@ build = {
     ["multiprocessing.errors"] = "lua/multiprocessing/errors.lua",
     ["multiprocessing.forkserver"] = "lua/multiprocessing/forkserver.lua",
     ["multiprocessing"] = "lua/multiprocessing/init.lua",
+    ["multiprocessing.polling"] = "lua/multiprocessing/polling.lua",
     ["multiprocessing.pool"] = "lua/multiprocessing/pool.lua",
     ["multiprocessing.pool_results"] = "lua/multiprocessing/pool_results.lua",
     ["multiprocessing.pool_scheduler"] = "lua/multiprocessing/pool_scheduler.lua",

@@ -12,6 +12,7 @@
 local core = require "multiprocessing.core"
 local errors = require "multiprocessing.errors"
 local check = require "multiprocessing.check"
+local polling = require "multiprocessing.polling"
 
 local type, ipairs, error, tostring, tonumber, setmetatable =
       type, ipairs, error, tostring, tonumber, setmetatable
@@ -129,9 +130,10 @@ end
 -- luv's uv.new_poll takes obj:fileno(). Readable means "try now": the call
 -- with timeout 0 may still find nothing (docs/eventloops.md).
 
-local function events() return "r" end
+local events = polling.events
 local Cmethods = core.Connection_methods
-Cmethods.pollfd, Cmethods.events = Cmethods.fileno, events
+Cmethods.pollfd, Cmethods.events = polling.pollfd_method(Cmethods.fileno), events
+polling.cancel_on_close(Cmethods, "multiprocessing.Connection")
 -- a message already in the read buffer (or the end of the stream) is not
 -- seen by a poll of the fd: try now
 function Cmethods.timeout(c) if c:_buffered() then return 0 end end
@@ -357,7 +359,9 @@ Lmt.__close = Lmethods.close
 -- make the listening socket readable: while some are pending, timeout()
 -- asks to be tried again every HANDSHAKE_TICK seconds.
 M.HANDSHAKE_TICK = 0.01
-Lmethods.pollfd, Lmethods.events = Lmethods.fileno, events
+Lmethods.pollfd, Lmethods.events = polling.pollfd_method(Lmethods.fileno), events
+polling.cancel_on_close(Lmethods)
+Lmt.__close = Lmethods.close
 function Lmethods.timeout(self)
   local list = pendings[self]
   if list and list[1] then return M.HANDSHAKE_TICK end

@@ -29,6 +29,7 @@ local errors = require "multiprocessing.errors"
 local process = require "multiprocessing.process"
 local check = require "multiprocessing.check"
 local results = require "multiprocessing.pool_results"
+local polling = require "multiprocessing.polling"
 
 local type, error, pairs, ipairs, setmetatable, pcall =
       type, error, pairs, ipairs, setmetatable, pcall
@@ -276,8 +277,8 @@ end
 -- while callbacks wait to run (one raised), and the seconds until a
 -- vacant worker slot is due to be tried again (the pool must be stepped
 -- then, although its fd stays quiet); nil otherwise.
-Pool.pollfd = Pool.fileno
-function Pool.events() return "r" end
+function Pool:pollfd() return polling.remember(self, self:fileno()) end
+Pool.events = polling.events
 function Pool:timeout()
   if self._cbhead < self._cbtail then return 0 end
   local vacant = self._vacant
@@ -323,6 +324,7 @@ function Pool:terminate()
     self:_abort(errors.new("ProcessError", "Pool was terminated before the task finished"))
     self:_kill_all(false)
   end
+  polling.forget(self)
   self._pc:close()
   -- the done callbacks of the tasks it failed (add_done_callback), and any
   -- left queued: all run; the first error is raised after them
@@ -350,6 +352,7 @@ function Pool:join()
   end
   self._workers, self._nworkers = {}, 0
   self._state = "joined"
+  polling.forget(self)
   self._pc:close()
 end
 
@@ -364,7 +367,7 @@ function Pool.__gc(self)
     pcall(w.proc.kill, w.proc)
     pcall(w.proc.join, w.proc, 1)
   end
-  self._pc:close()
+  self._pc:close()              -- (no polling.forget: no cqueues call from a finalizer)
 end
 
 function Pool.__tostring(self)

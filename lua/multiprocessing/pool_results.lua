@@ -12,6 +12,7 @@
 local core = require "multiprocessing.core"
 local errors = require "multiprocessing.errors"
 local check = require "multiprocessing.check"
+local polling = require "multiprocessing.polling"
 
 local type, error, tostring, setmetatable, getmetatable =
       type, error, tostring, setmetatable, getmetatable
@@ -140,10 +141,10 @@ function AsyncResult:pollfd()
   local pool = self._job.pool
   local st = pool._state
   if st == "terminated" or st == "joined" then return nil end
-  return pool._pc:fileno()
+  return polling.remember(pool, pool._pc:fileno())
 end
 
-function AsyncResult.events() return "r" end
+AsyncResult.events = polling.events
 
 -- r:timeout() -> 0 when ready, else the pool's (nil, or when it must be
 -- stepped although its fd stays quiet)

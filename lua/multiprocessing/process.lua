@@ -13,6 +13,7 @@
 local core = require "multiprocessing.core"
 local errors = require "multiprocessing.errors"
 local check = require "multiprocessing.check"
+local polling = require "multiprocessing.polling"
 
 local type, error, pairs, tostring, setmetatable, xpcall, pcall =
       type, error, pairs, tostring, setmetatable, xpcall, pcall
@@ -169,15 +170,17 @@ end
 -- The polling protocol of cqueues (p:pollfd(), p:events(), p:timeout())
 -- and p:fileno() for luv: readable once the process ended (its sentinel).
 -- Without a pidfd (old kernels, valgrind) pollfd is nil and timeout()
--- asks to be looked at again every 20 ms (0 once it ended).
+-- asks to be looked at again every 20 ms (0 once it ended). close()
+-- cancels a polled sentinel in cqueues (multiprocessing.polling).
 local function sentinel_of(self, level)
   local st = self._state
   if st == "initial" then error("cannot poll a process that was not started", level + 1) end
   if st == "closed" then error("process object is closed", level + 1) end
   return self.sentinel
 end
-function methods.pollfd(self) return (sentinel_of(self, 2)) end
-function methods.events() return "r" end
+function methods.pollfd(self) return polling.remember(self, sentinel_of(self, 2)) end
+methods.events = polling.events
+polling.cancel_on_close(methods, "multiprocessing.Process")
 function methods.timeout(self)
   if self.sentinel == nil and self._state ~= "closed" then return self:is_alive() and 0.02 or 0 end
 end

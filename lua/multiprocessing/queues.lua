@@ -6,6 +6,7 @@
 
 local core = require "multiprocessing.core"
 local check = require "multiprocessing.check"
+local polling = require "multiprocessing.polling"
 
 local select, pcall, require, ipairs = select, pcall, require, ipairs
 
@@ -42,11 +43,12 @@ end
 -- clears a stale eventfd (another consumer took the item), so a poller
 -- sleeps instead of spinning. Readable means "try now": a get(0) may
 -- still say "empty" when another consumer was quicker.
-local function events() return "r" end
 local function timeout(q) if q:_ready() then return 0 end end
 for _, kind in ipairs { "Queue", "SimpleQueue", "JoinableQueue" } do
   local methods = core[kind .. "_methods"]
-  methods.pollfd, methods.events, methods.timeout = methods.fileno, events, timeout
+  methods.pollfd = polling.pollfd_method(methods.fileno)
+  methods.events, methods.timeout = polling.events, timeout
+  polling.cancel_on_close(methods, "multiprocessing." .. kind)
 end
 
 -- A process whose unbounded puts got ahead of the consumers keeps the extra
