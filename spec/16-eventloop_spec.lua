@@ -178,6 +178,18 @@ describe("cqueues.poll", function()
     assert.is_true(ready_within(r, 10))        -- ready: timeout() is 0
   end)
 
+  -- (regression: a step that handed out a queued task left it in the
+  -- pool's output buffer until the next wait, so an event loop, which
+  -- waits for the pool's fd instead, waited for a result that never came)
+  it("sends the work a step handed out before the call returns", function()
+    local pool <close> = mp.Pool(1)
+    local a = pool:submit(sleep_then, 0.05, "a")
+    local b = pool:submit(sleep_then, 0.05, "b")   -- queued: the worker holds a
+    while not a:ready() do cqueues.poll(a, 10) end    -- this step hands b out
+    assert.is_true(ready_within(b, 10))
+    assert.are.equal("b", b:get(0))
+  end)
+
   it("lets many coroutines wait for their own results of one pool", function()
     local pool <close> = mp.Pool(2)
     local loop = cqueues.new()

@@ -516,7 +516,12 @@ function Pool:_step(timeout)
     end
   end
   if (timer or self._ntimed > 0) and self._state ~= "terminated" then self:_check_deadlines() end
+  local seq = self._seq
   self:_dispatch()
+  -- what was handed out now goes now: the caller may not come back soon
+  -- (an event loop waits for the pool's fd, which stays quiet until the
+  -- workers have work), and the next wait's flush may be far
+  if self._seq ~= seq then pc:flush() end
   if self._cbhead < self._cbtail then self:_run_callbacks() end
 end
 
