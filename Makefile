@@ -33,7 +33,7 @@ LUASRC = $(wildcard lua/multiprocessing/*.lua)
 BUSTED = $(LUA) /usr/bin/busted
 ENV  = LUA_PATH="$(CURDIR)/lua/?.lua;$(CURDIR)/lua/?/init.lua;;" \
        LUA_CPATH="$(CURDIR)/lua/?.so;;"
-DEPS = lua5.4 liblua5.4-dev lua-busted gcc make libssl-dev
+DEPS = lua5.4 liblua5.4-dev lua-busted gcc make libssl-dev lua-cqueues lua-luv
 
 .PHONY: embed all run test test-asan examples bench chaos fuzz fuzz-ci lint install clean deps spec env
 
@@ -102,7 +102,7 @@ $(EMBED): examples/embed/host.c $(SRC) $(HDR)
 	$(CC) $(CFLAGS) $(WARN) -I$(LUA_INCDIR) -Icsrc -o $@ examples/embed/host.c $(SRC) \
 	  -llua5.4 $(LIBS) $(AUTH_LIBS)
 
-examples: all
+examples: deps all
 	@for f in examples/*.lua; do echo "== $$f"; \
 	  $(ENV) timeout 120 $(LUA) $$f || exit 1; done
 
