@@ -164,19 +164,26 @@ describe("cqueues.poll", function()
     end
   end)
 
-  it("waits for a Pool's news and an AsyncResult's result", function()
-    local pool <close> = mp.Pool(2)
-    pool:submit(function() return 1 end)
-    assert.is_true(ready_within(pool, 10))
-    local r = pool:submit(sleep_then, 0.05, "late")
-    local polls = 0
-    while not r:ready() and polls < 100 do
-      cqueues.poll(r, 10)
-      polls = polls + 1
-    end
-    assert.are.equal("late", r:get(0))
-    assert.is_true(ready_within(r, 10))        -- ready: timeout() is 0
-  end)
+  for _, m in ipairs { "fork", "spawn", "forkserver" } do
+    it("waits for a Pool's news and an AsyncResult's result (" .. m .. ")", function()
+      local pool = mp.get_context(m).Pool(2)
+      local ok, err = pcall(function()
+        pool:submit(function() return 1 end)
+        assert.is_true(ready_within(pool, 10))
+        local r = pool:submit(sleep_then, 0.05, "late")
+        local polls = 0
+        while not r:ready() and polls < 100 do
+          cqueues.poll(r, 10)
+          polls = polls + 1
+        end
+        assert.are.equal("late", r:get(0))
+        assert.is_true(ready_within(r, 10))    -- ready: timeout() is 0
+      end)
+      pool:terminate()
+      if m == "forkserver" then require("multiprocessing.spawn")._forkserver_stop() end
+      assert(ok, err)
+    end)
+  end
 
   -- (regression: a step that handed out a queued task left it in the
   -- pool's output buffer until the next wait, so an event loop, which
