@@ -39,7 +39,8 @@ CLUSTERSRC = $(wildcard lua/multiprocessing/cluster/*.lua)
 BUSTED = $(LUA) /usr/bin/busted
 ENV  = LUA_PATH="$(CURDIR)/lua/?.lua;$(CURDIR)/lua/?/init.lua;;" \
        LUA_CPATH="$(CURDIR)/lua/?.so;;"
-DEPS = lua5.4 liblua5.4-dev lua-busted gcc make libssl-dev redis-server libhiredis-dev
+DEPS = lua5.4 liblua5.4-dev lua-busted gcc make libssl-dev redis-server libhiredis-dev \
+       lua-cqueues lua-luv lua-logging
 
 .PHONY: embed all run run-cluster test test-asan examples bench chaos fuzz fuzz-ci lint install clean deps spec env
 
@@ -132,7 +133,7 @@ $(EMBED): examples/embed/host.c $(SRC) $(HDR)
 	$(CC) $(CFLAGS) $(WARN) -I$(LUA_INCDIR) -Icsrc -o $@ examples/embed/host.c $(SRC) \
 	  -llua5.4 $(LIBS) $(AUTH_LIBS)
 
-examples: all
+examples: deps all
 	@for f in examples/*.lua; do echo "== $$f"; \
 	  $(ENV) timeout 120 $(LUA) $$f || exit 1; done
 

@@ -46,6 +46,7 @@ build = {
     ["multiprocessing.managers.proxies"] = "lua/multiprocessing/managers/proxies.lua",
     ["multiprocessing.managers.server"] = "lua/multiprocessing/managers/server.lua",
     ["multiprocessing.managers.sync"] = "lua/multiprocessing/managers/sync.lua",
+    ["multiprocessing.polling"] = "lua/multiprocessing/polling.lua",
     ["multiprocessing.pool"] = "lua/multiprocessing/pool.lua",
     ["multiprocessing.pool_results"] = "lua/multiprocessing/pool_results.lua",
     ["multiprocessing.pool_scheduler"] = "lua/multiprocessing/pool_scheduler.lua",

@@ -58,6 +58,24 @@ describe("examples", function()
       assert.truthy(out:find(("%-4s 350 points"):format(name), 1, true), out)
     end
   end
+  -- the two event-loop servers print the same: every client's answer,
+  -- and the order the answers came in (a permutation of the clients)
+  local function served(out)
+    for _, want in ipairs { "client 1: primes below 300000 = 25997\n",
+                            "client 2: primes below 1000 = 168\n",
+                            "client 3: primes below 20000 = 2262\n",
+                            "client 4: primes below 50000 = 5133\n" } do
+      assert.truthy(out:find(want, 1, true), out)
+    end
+    local order = out:match("answered in this order: ([%d ]+)\n")
+    assert.is_not_nil(order, out)
+    local seen = {}
+    for i in order:gmatch("%d+") do seen[#seen + 1] = tonumber(i) end
+    table.sort(seen)
+    assert.are.same({ 1, 2, 3, 4 }, seen)
+  end
+  checks["examples/cqueues_server.lua"] = served
+  checks["examples/luv_loop.lua"] = served
   local args = { ["examples/primes.lua"] = "200000", ["examples/primes_pool.lua"] = "200000" }
   checks["examples/primes.lua"] = function(out)
     -- 17984 primes below 200000

@@ -1,12 +1,18 @@
 -- multiprocessing.connection: Pipe, Connection (csrc/conn.c) and wait.
 --
 -- mp.wait watches connections, process sentinels, raw fds and any object
--- that has fileno() (queues); an object may also have _ready() to confirm
--- that a read would not block, for fds that can wake spuriously.
+-- that has fileno() (queues, pools, AsyncResults); an object may also have
+-- _ready() to confirm that a read would not block, for fds that can wake
+-- spuriously, and timeout() (the polling protocol's) to be looked at again
+-- after that many seconds although its fd stayed quiet.
+--
+-- Connections and Listeners speak cqueues' polling protocol (pollfd,
+-- events, timeout; docs/eventloops.md), as do the other waitables.
 
 local core = require "multiprocessing.core"
 local errors = require "multiprocessing.errors"
 local check = require "multiprocessing.check"
+local polling = require "multiprocessing.polling"
 
 local type, ipairs, error, tostring, tonumber, setmetatable =
       type, ipairs, error, tostring, tonumber, setmetatable
@@ -52,7 +58,10 @@ local function fd_of(o, i)
     argerror(1, "wait", "objects[" .. i .. "] is a process that is not started or is closed", 3)
   elseif (t == "table" or t == "userdata") and o.fileno then
     local confirm = o._ready
-    return o:fileno(), confirm and confirm(o), confirm
+    if confirm and confirm(o) then return -1, true end   -- (a finished
+    -- AsyncResult of a terminated pool has no fd any more)
+    local tick = o.timeout
+    return o:fileno(), false, confirm, type(tick) == "function" and tick or nil
   end
   argerror(1, "wait", "objects[" .. i .. "] is not waitable: " .. tostring(o), 3)
 end
@@ -64,31 +73,64 @@ function exports.wait(objects, timeout)
     argerror(1, "wait", "table expected, got " .. check.typename(objects))
   end
   check.timeout(timeout, 2, "wait")
-  local fds, confirms, ready, blind = {}, {}, {}, {}
+  local fds, confirms, ready, blind, ticking, tick = {}, {}, {}, {}, {}, {}
   for i, o in ipairs(objects) do
-    local fd, now, confirm = fd_of(o, i)
+    local fd, now, confirm, timeout_of = fd_of(o, i)
     fds[i], confirms[i] = fd, confirm or false
     if now then ready[#ready + 1] = o end
     if fd < 0 and confirm then blind[#blind + 1] = i end
+    if timeout_of then ticking[#ticking + 1] = i; tick[i] = timeout_of end
   end
   if #ready > 0 then return ready end
   local deadline = timeout and monotonic() + timeout
+  local due = {}
   while true do
     local left = deadline and deadline - monotonic()
     if left and left < 0 then left = 0 end
     if #blind > 0 and (not left or left > BLIND_SLICE) then left = BLIND_SLICE end
+    for k = 1, #ticking do                -- objects that asked to be tried in t s
+      local i = ticking[k]
+      local t = tick[i](objects[i])
+      due[i] = t
+      if t and (not left or t < left) then left = t end
+    end
     local hits = poll(fds, left)
+    local hit = {}
     for _, i in ipairs(hits) do
       local o, confirm = objects[i], confirms[i]
+      hit[i] = true
       if not confirm or confirm(o) then ready[#ready + 1] = o end
     end
     for _, i in ipairs(blind) do
       if confirms[i](objects[i]) then ready[#ready + 1] = objects[i] end
     end
-    if #ready > 0 or (#hits == 0 and #blind == 0) then return ready end
+    local tried = false
+    for k = 1, #ticking do                -- their time came: try now
+      local i = ticking[k]
+      if due[i] and due[i] <= left and not hit[i] then
+        tried = true
+        local confirm = confirms[i]
+        if not confirm or confirm(objects[i]) then ready[#ready + 1] = objects[i] end
+      end
+    end
+    if #ready > 0 or (#hits == 0 and #blind == 0 and not tried) then return ready end
     if deadline and monotonic() >= deadline then return ready end
   end
 end
+
+-- ---- the polling protocol ---------------------------------------------------
+--
+-- cqueues.poll(obj) asks obj:pollfd(), obj:events() and obj:timeout();
+-- luv's uv.new_poll takes obj:fileno(). Readable means "try now": the call
+-- with timeout 0 may still find nothing (docs/eventloops.md).
+
+local events = polling.events
+local Cmethods = core.Connection_methods
+Cmethods.pollfd, Cmethods.events = polling.pollfd_method(Cmethods.fileno), events
+polling.cancel_on_close(Cmethods, "multiprocessing.Connection")
+-- a message already in the read buffer (or the end of the stream) is not
+-- seen by a poll of the fd: try now
+function Cmethods.timeout(c) if c:_buffered() then return 0 end end
 
 -- ---- Listener and Client -------------------------------------------------
 --
@@ -320,6 +362,19 @@ function Lmethods.close(self)
 end
 Lmt.__gc = Lmethods.close
 Lmt.__close = Lmethods.close
+
+-- The polling protocol: the listening socket. A keyed Listener's pending
+-- handshakes advance only inside accept, and their peers' answers do not
+-- make the listening socket readable: while some are pending, timeout()
+-- asks to be tried again every HANDSHAKE_TICK seconds.
+M.HANDSHAKE_TICK = 0.01
+Lmethods.pollfd, Lmethods.events = polling.pollfd_method(Lmethods.fileno), events
+polling.cancel_on_close(Lmethods)
+Lmt.__close = Lmethods.close
+function Lmethods.timeout(self)
+  local list = pendings[self]
+  if list and list[1] then return M.HANDSHAKE_TICK end
+end
 
 Lmt.__index = function(self, k)
   local m = Lmethods[k]

@@ -66,6 +66,7 @@ class("RemoteError", Error)
 class("WorkerLostError", ProcessError)
 class("SerializationError", Error)
 class("BrokenBarrierError", Error)
+class("CancelledError", Error)        -- a pool task cancelled before it started
 
 -- errors.new(type, message [, fields]) -> error object of the class named
 -- type (an unknown name gives a plain Error carrying that type).

@@ -18,7 +18,7 @@ local modules = {
   "queues", "context", "log", "managers",
 }
 -- name -> module, for the modules loaded on first use
-local lazy = { Pool = "pool" }
+local lazy = { Pool = "pool", as_completed = "pool" }
 M._lazy = lazy
 M._modules = modules
 

@@ -5,12 +5,14 @@
 -- decision 6). The Pool is one object whose methods come from four
 -- files, one job each:
 --
---   pool.lua             the API: options, the calls (apply, map, imap, ...),
---                        close, terminate, join, poll, fileno, stats
+--   pool.lua             the API: options, the calls (apply, submit, map,
+--                        imap, ...), close, terminate, join, poll, fileno,
+--                        the polling protocol, stats
 --   pool_scheduler.lua   the books: jobs, chunks, dispatch, results,
 --                        deadlines, and the step that moves them
 --   pool_supervisor.lua  the workers: start, death, restart, a broken pool
---   pool_results.lua     AsyncResult, the imap iterators, callbacks
+--   pool_results.lua     AsyncResult (futures too), as_completed, the imap
+--                        iterators, callbacks
 --
 -- and pool_worker.lua is the worker's side (it never loads the others).
 -- The engine (channels, epoll set, timer, shared page) is C: the PoolCore
@@ -19,13 +21,15 @@
 -- No threads (decision 7): the parent moves only when the program calls
 -- into the pool (get, wait, map, imap's iterator, poll, join); callbacks
 -- run from those calls. pool:fileno() is one fd (epoll) an event loop can
--- watch, a timerfd inside it included, so task timeouts wake it too.
+-- watch, a timerfd inside it included, so task timeouts wake it too; the
+-- Pool and its AsyncResults speak cqueues' polling protocol on it.
 
 local core = require "multiprocessing.core"
 local errors = require "multiprocessing.errors"
 local process = require "multiprocessing.process"
 local check = require "multiprocessing.check"
 local results = require "multiprocessing.pool_results"
+local polling = require "multiprocessing.polling"
 
 local type, error, pairs, ipairs, setmetatable, pcall =
       type, error, pairs, ipairs, setmetatable, pcall
@@ -54,6 +58,7 @@ end
 local M = {}
 local exports = {}
 M.exports = exports
+exports.as_completed = results.as_completed
 
 -- The automatic chunksize's cap: the cost of a chunk is already small next
 -- to 1024 items, and smaller chunks keep every process busy (pipelining).
@@ -229,6 +234,13 @@ function Pool:apply_async(fn, args, opts)
   return new_result(self:_submit("apply_async", "apply", fn, args, true, opts))
 end
 
+-- pool:submit(fn, ...) -> AsyncResult: apply_async(fn, table.pack(...))
+function Pool:submit(fn, ...)
+  local args = table.pack(...)
+  dumpfn(args)                            -- raise now if it cannot travel
+  return new_result(self:_submit("submit", "apply", fn, args, true, nil))
+end
+
 -- pool:apply(fn, args) -> the call's results
 function Pool:apply(fn, args)
   args = call_args(args, "apply")
@@ -288,6 +300,24 @@ function Pool:fileno()
   return self._pc:fileno()
 end
 
+-- The polling protocol of cqueues (docs/eventloops.md): pool:pollfd() is
+-- pool:fileno(); readable means "call pool:poll() now". timeout() is 0
+-- while callbacks wait to run (one raised), and the seconds until a
+-- vacant worker slot is due to be tried again (the pool must be stepped
+-- then, although its fd stays quiet); nil otherwise.
+function Pool:pollfd() return polling.remember(self, self:fileno()) end
+Pool.events = polling.events
+function Pool:timeout()
+  if self._cbhead < self._cbtail then return 0 end
+  local vacant = self._vacant
+  if not vacant then return nil end
+  local at
+  for _, v in pairs(vacant) do
+    if not at or v.at < at then at = v.at end
+  end
+  return at and math_max(at - core.monotonic(), 0)
+end
+
 -- pool:stats() -> {workers, busy, queued, done, failed, restarts}
 function Pool:stats()
   local busy = 0
@@ -322,7 +352,16 @@ function Pool:terminate()
     self:_abort(errors.new("ProcessError", "Pool was terminated before the task finished"))
     self:_kill_all(false)
   end
+  polling.forget(self)
   self._pc:close()
+  -- the done callbacks of the tasks it failed (add_done_callback), and any
+  -- left queued: all run; the first error is raised after them
+  local first
+  while self._cbhead < self._cbtail do
+    local ok, err = pcall(self._run_callbacks, self)
+    if not ok and first == nil then first = err end
+  end
+  if first ~= nil then error(first, 0) end
 end
 
 -- pool:join(): wait for the workers to leave (after close or terminate)
@@ -341,6 +380,7 @@ function Pool:join()
   end
   self._workers, self._nworkers = {}, 0
   self._state = "joined"
+  polling.forget(self)
   self._pc:close()
 end
 
@@ -355,7 +395,7 @@ function Pool.__gc(self)
     pcall(w.proc.kill, w.proc)
     pcall(w.proc.join, w.proc, 1)
   end
-  self._pc:close()
+  self._pc:close()              -- (no polling.forget: no cqueues call from a finalizer)
 end
 
 function Pool.__tostring(self)

@@ -1,6 +1,7 @@
 -- multiprocessing.pool_results: how a Pool's results reach the program:
--- AsyncResult, the imap and imap_unordered iterators, callbacks and
--- progress.
+-- AsyncResult (with the futures' done, cancel and add_done_callback, and
+-- the polling protocol of event loops), mp.as_completed, the imap and
+-- imap_unordered iterators, callbacks and progress.
 --
 -- Each reads a job (see pool_scheduler.lua) and makes the pool progress
 -- (pool:_step, pool:_until) while what it waits for is not there. The
@@ -11,10 +12,12 @@
 local core = require "multiprocessing.core"
 local errors = require "multiprocessing.errors"
 local check = require "multiprocessing.check"
+local polling = require "multiprocessing.polling"
 
-local type, error, tostring, setmetatable = type, error, tostring, setmetatable
-local unpack = table.unpack
-local monotonic = core.monotonic
+local type, error, tostring, setmetatable, getmetatable =
+      type, error, tostring, setmetatable, getmetatable
+local unpack, remove = table.unpack, table.remove
+local monotonic, poll = core.monotonic, core.poll
 local stderr = io.stderr
 
 local M = {}
@@ -58,15 +61,20 @@ function AsyncResult:get(timeout)
   if not job.done then                    -- (the hot path of a round trip)
     local pool = job.pool
     local deadline = timeout and monotonic() + timeout
+    local stepped = false                 -- get(0) takes in what came
     repeat
       local st = pool._state
       if st == "terminated" or st == "joined" then break end
       local left
       if deadline then
         left = deadline - monotonic()
-        if left <= 0 then break end
+        if left <= 0 then
+          if stepped then break end
+          left = 0
+        end
       end
       pool:_step(left)
+      stepped = true
     until job.done
     if not job.done then return nil, "timeout" end
   end
@@ -79,7 +87,163 @@ function AsyncResult:get(timeout)
 end
 
 function AsyncResult.__tostring(self)
-  return ("<AsyncResult(%s)>"):format(self._job.done and "ready" or "pending")
+  local job = self._job
+  return ("<AsyncResult(%s)>"):format(not job.done and "pending"
+                                      or job.cancelled and "cancelled" or "ready")
+end
+
+-- ---- futures (as concurrent.futures.Future) ---------------------------------
+
+-- r:done() -> boolean: finished, failed or cancelled (makes progress first,
+-- as ready does)
+AsyncResult.done = AsyncResult.ready
+
+-- r:cancel() -> true when the task had not been handed to a worker: it is
+-- removed and never runs, and get raises CancelledError; false when it was
+-- (running, queued in its worker's channel, or finished). For the map
+-- family: the chunks not yet handed out are cancelled (their items fail
+-- with CancelledError), the others run to their end; true when there were
+-- any.
+function AsyncResult:cancel()
+  local job = self._job
+  job.pool:_own(2)
+  if job.done then return false end
+  return job.pool:_cancel(job)
+end
+
+-- r:add_done_callback(fn): fn(r) once r is done, from the pool's calls in
+-- the process that owns the pool (as callback is); at once if it is done
+-- already. An error fn raises comes out of the call that ran it.
+function AsyncResult:add_done_callback(fn)
+  if type(fn) ~= "function" then
+    check.argerror(1, "add_done_callback", "function expected, got " .. check.typename(fn))
+  end
+  local job = self._job
+  if job.done then
+    fn(self)
+    return
+  end
+  local cbs = job.done_cbs
+  if not cbs then cbs = {}; job.done_cbs = cbs end
+  cbs[#cbs + 1] = { fn, self }
+end
+
+-- ---- the polling protocol (docs/eventloops.md) ------------------------------
+--
+-- An AsyncResult waits on its pool's fd: readable means "try now" (the
+-- news may be another job's); r:ready() or r:get(0) then takes it in
+-- without blocking. timeout() is 0 once the result is ready, so a poll
+-- returns at once.
+
+-- r:pollfd() -> its pool's fd (nil once the pool was terminated or joined:
+-- the result is ready then, and timeout() is 0)
+function AsyncResult:pollfd()
+  local pool = self._job.pool
+  local st = pool._state
+  if st == "terminated" or st == "joined" then return nil end
+  return polling.remember(pool, pool._pc:fileno())
+end
+
+AsyncResult.events = polling.events
+
+-- r:timeout() -> 0 when ready, else the pool's (nil, or when it must be
+-- stepped although its fd stays quiet)
+function AsyncResult:timeout()
+  local job = self._job
+  if job.done then return 0 end
+  return job.pool:timeout()
+end
+
+-- r:fileno() -> its pool's fd (for luv's uv.new_poll); raises once the
+-- pool was terminated or joined, as pool:fileno() does
+function AsyncResult:fileno()
+  return (self._job.pool:fileno())
+end
+
+AsyncResult._ready = AsyncResult.ready     -- for mp.wait
+
+-- ---- as_completed ------------------------------------------------------------
+
+-- Wait up to left seconds (nil: no bound) for news in the pools of the
+-- pending results, and take it in.
+local function step_pools(pending, n, left)
+  local first, several = pending[1]._job.pool, false
+  for i = 2, n do
+    if pending[i]._job.pool ~= first then several = true break end
+  end
+  if not several then return first:_step(left) end
+  local pools, fds, seen = {}, {}, {}
+  for i = 1, n do
+    local pool = pending[i]._job.pool
+    if not seen[pool] then
+      seen[pool] = true
+      local st = pool._state
+      if st ~= "terminated" and st ~= "joined" then
+        pools[#pools + 1] = pool
+        fds[#fds + 1] = pool._pc:fileno()
+        local t = pool:timeout()
+        if t and (not left or t < left) then left = t end
+      end
+    end
+  end
+  poll(fds, left)
+  for i = 1, #pools do pools[i]:_step(0) end
+end
+
+-- mp.as_completed(results [, timeout]) -> iterator giving each of the
+-- AsyncResults (of any pools) as it finishes, with its position in
+-- results: for r, i in mp.as_completed(rs) do ... end. Those finished
+-- already come first, in the order they finished; a result given twice
+-- comes once. timeout bounds the whole loop from this call: when it runs
+-- out with results left, the iterator raises TimeoutError (as Python's).
+function M.as_completed(results, timeout)
+  if type(results) ~= "table" then
+    check.argerror(1, "as_completed", "table expected, got " .. check.typename(results))
+  end
+  check.timeout(timeout, 2, "as_completed")
+  local pending, where, n = {}, {}, 0
+  for i = 1, results.n or #results do
+    local r = results[i]
+    if getmetatable(r) ~= AsyncResult then
+      check.argerror(1, "as_completed", "results[" .. i .. "] is not an AsyncResult: "
+                     .. check.typename(r))
+    end
+    if not where[r] then
+      n = n + 1
+      pending[n], where[r] = r, i
+    end
+  end
+  local total = n
+  local deadline = timeout and monotonic() + timeout
+  return function()
+    if n == 0 then return nil end
+    local stepped = false
+    while true do
+      local best, bi
+      for i = 1, n do
+        local job = pending[i]._job
+        if job.done and (not best or job.finished < best) then best, bi = job.finished, i end
+      end
+      if bi then
+        local r = remove(pending, bi)
+        n = n - 1
+        return r, where[r]
+      end
+      local left
+      if deadline then
+        left = deadline - monotonic()
+        if left <= 0 then
+          if stepped then
+            errors.raise("TimeoutError", ("%d (of %d) results unfinished after %g s")
+                         :format(n, total, timeout), 2)
+          end
+          left = 0
+        end
+      end
+      step_pools(pending, n, left)
+      stepped = true
+    end
+  end
 end
 
 -- ---- iterators ---------------------------------------------------------------

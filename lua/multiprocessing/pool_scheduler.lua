@@ -18,8 +18,10 @@
 -- list and total (a list input) or iter, items, consumed, window,
 -- exhausted (an iterator input), cursor (next item to hand out), retry
 -- (ranges handed out again), results, errs, ndone, nfail, first_err,
--- done, and for imap_unordered order/ohead/otail (the finished positions
--- in order).
+-- done, finished (the process-wide count of jobs finished when this one
+-- did: mp.as_completed's order), cancelled, done_cbs (add_done_callback's
+-- { fn, AsyncResult } pairs), and for imap_unordered order/ohead/otail
+-- (the finished positions in order).
 --
 -- Pipelining: a worker holds one chunk until the function's time per item
 -- is known; fast functions then get chunks worth about QUEUED_US of work
@@ -52,6 +54,8 @@ local QUEUED_US = 200
 -- An iterator input is read no further ahead of the consumer than this
 -- many items (an abandoned imap over an endless iterator stops there).
 local WINDOW_MIN = 256
+-- Jobs finished in this process, every pool counted (job.finished).
+local nfinished = 0
 
 -- A task's error, as a worker sent it (errors.to_data), raised in the
 -- parent as a RemoteError (decision 9).
@@ -284,10 +288,19 @@ function Pool:_fail_range(job, first, n, err)
   self:_check_done(job)
 end
 
+-- Queue job's done callbacks (add_done_callback) for the end of the step.
+function Pool:_done_callbacks(job)
+  local cbs = job.done_cbs
+  job.done_cbs = nil
+  for i = 1, #cbs do self:_later(cbs[i][1], cbs[i][2]) end
+end
+
 function Pool:_check_done(job)
   if job.done then return end
   if job.total and job.ndone >= job.total and not has_work(job) then
     job.done = true
+    nfinished = nfinished + 1
+    job.finished = nfinished
     self._active = self._active - 1
     self._unfinished[job] = nil
     if job.iter_error and not job.first_err then
@@ -304,6 +317,7 @@ function Pool:_check_done(job)
       job.progress_dirty = true
       self:_later(false, job)
     end
+    if job.done_cbs then self:_done_callbacks(job) end
     if self._state == "closed" and self._active == 0 then self:_exit_workers() end
   end
 end
@@ -418,7 +432,10 @@ function Pool:_abort(err)
     job.first_err_pos = job.first_err_pos or 0
     job.aborted = err
     job.done = true
+    nfinished = nfinished + 1
+    job.finished = nfinished
     self._unfinished[job] = nil
+    if job.done_cbs then self:_done_callbacks(job) end
   end
   self._active = 0
   for _, w in pairs(self._workers) do     -- results still to come are dropped
@@ -426,6 +443,29 @@ function Pool:_abort(err)
   end
   self._timed, self._ntimed = {}, 0
   self._jobs, self._jobhead, self._jobtail = {}, 1, 1
+end
+
+-- pool:_cancel(job) -> true when some of job's items had not been handed
+-- to a worker: those fail with CancelledError and never run (the others
+-- run to their end); false when all had been.
+function Pool:_cancel(job)
+  local ranges = job.retry
+  if job.list and job.cursor <= job.total then
+    ranges[#ranges + 1] = { job.cursor, job.total - job.cursor + 1 }
+    job.cursor = job.total + 1
+  end
+  if not ranges[1] then return false end
+  job.retry = {}
+  job.cancelled = true
+  local err = errors.new("CancelledError", "the task was cancelled before it started")
+  for i = 1, #ranges do
+    local r = ranges[i]
+    for pos = r[1], r[1] + r[2] - 1 do self:_fail_item(job, pos, err) end
+    job.ndone = job.ndone + r[2]
+    self._done = self._done + r[2]
+  end
+  self:_check_done(job)
+  return true
 end
 
 -- ---- deadlines -----------------------------------------------------------
@@ -483,21 +523,33 @@ function Pool:_step(timeout)
     end
   end
   if (timer or self._ntimed > 0) and self._state ~= "terminated" then self:_check_deadlines() end
+  local seq = self._seq
   self:_dispatch()
+  -- what was handed out now goes now: the caller may not come back soon
+  -- (an event loop waits for the pool's fd, which stays quiet until the
+  -- workers have work), and the next wait's flush may be far
+  if self._seq ~= seq then pc:flush() end
   if self._cbhead < self._cbtail then self:_run_callbacks() end
 end
 
 -- Run steps until pred() or the deadline; true when pred() held.
+-- (A timeout of 0, or one that runs out, still makes one step: news that
+-- came is taken in before the answer is no.)
 function Pool:_until(pred, timeout)
   local deadline = timeout and monotonic() + timeout
+  local stepped = false
   while not pred() do
     if self._state == "terminated" or self._state == "joined" then return pred() end
     local left
     if deadline then
       left = deadline - monotonic()
-      if left <= 0 then return false end
+      if left <= 0 then
+        if stepped then return false end
+        left = 0
+      end
     end
     self:_step(left)
+    stepped = true
   end
   return true
 end

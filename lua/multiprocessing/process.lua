@@ -14,6 +14,7 @@ local core = require "multiprocessing.core"
 local errors = require "multiprocessing.errors"
 local log = require "multiprocessing.log"
 local check = require "multiprocessing.check"
+local polling = require "multiprocessing.polling"
 
 local type, error, pairs, tostring, setmetatable, xpcall, pcall =
       type, error, pairs, tostring, setmetatable, xpcall, pcall
@@ -192,6 +193,29 @@ function methods.join(self, timeout)
     return code
   end
   return nil, why
+end
+
+-- The polling protocol of cqueues (p:pollfd(), p:events(), p:timeout())
+-- and p:fileno() for luv: readable once the process ended (its sentinel).
+-- Without a pidfd (old kernels, valgrind) pollfd is nil and timeout()
+-- asks to be looked at again every 20 ms (0 once it ended). close()
+-- cancels a polled sentinel in cqueues (multiprocessing.polling).
+local function sentinel_of(self, level)
+  local st = self._state
+  if st == "initial" then error("cannot poll a process that was not started", level + 1) end
+  if st == "closed" then error("process object is closed", level + 1) end
+  return self.sentinel
+end
+function methods.pollfd(self) return polling.remember(self, sentinel_of(self, 2)) end
+methods.events = polling.events
+polling.cancel_on_close(methods, "multiprocessing.Process")
+function methods.timeout(self)
+  if self.sentinel == nil and self._state ~= "closed" then return self:is_alive() and 0.02 or 0 end
+end
+function methods.fileno(self)
+  local fd = sentinel_of(self, 2)
+  if not fd then error("process has no sentinel (no pidfd on this kernel)", 2) end
+  return fd
 end
 
 -- Start each process of list (p:start() for each). Forks are made back to

@@ -6,8 +6,9 @@
 
 local core = require "multiprocessing.core"
 local check = require "multiprocessing.check"
+local polling = require "multiprocessing.polling"
 
-local select, pcall, require = select, pcall, require
+local select, pcall, require, ipairs = select, pcall, require, ipairs
 
 local M = {}
 local exports = {}
@@ -33,6 +34,21 @@ end
 function exports.SimpleQueue(...)
   check.nargs(select("#", ...), 0, "SimpleQueue")
   return core.queue_new(0, "SimpleQueue")
+end
+
+-- The polling protocol of cqueues (q:pollfd(), q:events(), q:timeout()):
+-- the queue's eventfd, readable while it holds items (fileno() registers
+-- this process as a watcher, csrc/queue.c). timeout() is 0 when a get
+-- would not wait now, so a poll returns at once; when it would, _ready
+-- clears a stale eventfd (another consumer took the item), so a poller
+-- sleeps instead of spinning. Readable means "try now": a get(0) may
+-- still say "empty" when another consumer was quicker.
+local function timeout(q) if q:_ready() then return 0 end end
+for _, kind in ipairs { "Queue", "SimpleQueue", "JoinableQueue" } do
+  local methods = core[kind .. "_methods"]
+  methods.pollfd = polling.pollfd_method(methods.fileno)
+  methods.events, methods.timeout = polling.events, timeout
+  polling.cancel_on_close(methods, "multiprocessing." .. kind)
 end
 
 -- A process whose unbounded puts got ahead of the consumers keeps the extra
