@@ -127,7 +127,7 @@ static int conn_pipe(lua_State *L) {
   int sv[2];
   mp_conn *a = mp_conn_push(L), *b = mp_conn_push(L);
   if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv) != 0)
-    return luaL_error(L, "socketpair: %s", strerror(errno));
+    return mp_raise_errno(L, errno, "socketpair");
   if (!duplex) {
     shutdown(sv[0], SHUT_WR);
     shutdown(sv[1], SHUT_RD);

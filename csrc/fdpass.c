@@ -111,7 +111,7 @@ static int core__socketpair(lua_State *L) {
   int sv[2];
   fdbox *a = push_fdbox(L), *b = push_fdbox(L);
   if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv) != 0)
-    return luaL_error(L, "socketpair: %s", strerror(errno));
+    return mp_raise_errno(L, errno, "socketpair");
   a->fd = sv[0];
   b->fd = sv[1];
   return 2;
@@ -167,7 +167,7 @@ static int core__pipe(lua_State *L) {
   int fds[2];
   fdbox *r = push_fdbox(L), *w = push_fdbox(L);
   if (pipe2(fds, O_CLOEXEC) != 0)
-    return luaL_error(L, "pipe: %s", strerror(errno));
+    return mp_raise_errno(L, errno, "pipe");
   r->fd = fds[0];
   w->fd = fds[1];
   return 2;
@@ -178,7 +178,7 @@ static int core__dup(lua_State *L) {
   int fd = (int)luaL_checkinteger(L, 1);
   fdbox *b = push_fdbox(L);
   b->fd = fcntl(fd, F_DUPFD_CLOEXEC, 3);
-  if (b->fd < 0) return luaL_error(L, "dup: %s", strerror(errno));
+  if (b->fd < 0) return mp_raise_errno(L, errno, "dup");
   return 1;
 }
 

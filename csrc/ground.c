@@ -55,6 +55,17 @@ MP_API int mp_raise(lua_State *L, const char *type, const char *fmt, ...) {
   return lua_error(L);
 }
 
+MP_API int mp_raise_errno(lua_State *L, int err, const char *fmt, ...) {
+  va_list ap;
+  va_start(ap, fmt);
+  lua_pushvfstring(L, fmt, ap);           /* what */
+  va_end(ap);
+  mp_pusherror(L, "OSError", "%s: %s", lua_tostring(L, -1), strerror(err));
+  lua_pushinteger(L, err);
+  lua_setfield(L, -2, "errno");
+  return lua_error(L);
+}
+
 /* ---- boxed buffers ------------------------------------------------- */
 
 MP_API void mp_buf_free(mp_buf *b) {

@@ -98,11 +98,11 @@ static int core_listen(lua_State *L) {
     struct sockaddr_un sa;
     int len = unix_addr(L, host, &sa);
     fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
-    if (fd < 0) return luaL_error(L, "socket: %s", strerror(errno));
+    if (fd < 0) return mp_raise_errno(L, errno, "socket");
     if (bind(fd, (struct sockaddr *)&sa, (socklen_t)len) != 0 || listen(fd, backlog) != 0) {
       e = errno;
       close(fd);
-      return luaL_error(L, "cannot listen on '%s': %s", host, strerror(e));
+      return mp_raise_errno(L, e, "cannot listen on '%s'", host);
     }
     memcpy(l->path, sa.sun_path, sizeof l->path);
     l->unixsock = 1;
@@ -121,7 +121,7 @@ static int core_listen(lua_State *L) {
     }
     freeaddrinfo(res);
     if (fd < 0)
-      return luaL_error(L, "cannot listen on '%s:%s': %s", host, port, strerror(e));
+      return mp_raise_errno(L, e, "cannot listen on '%s:%s'", host, port);
   }
   l->fd = fd;
   l->owner = mp_getpid();
@@ -141,7 +141,7 @@ static int listener__address(lua_State *L) {
   if (getsockname(l->fd, (struct sockaddr *)&ss, &len) != 0 ||
       getnameinfo((struct sockaddr *)&ss, len, host, sizeof host, port, sizeof port,
                   NI_NUMERICHOST | NI_NUMERICSERV) != 0)
-    return luaL_error(L, "getsockname: %s", strerror(errno));
+    return mp_raise_errno(L, errno, "getsockname");
   lua_pushstring(L, host);
   lua_pushstring(L, port);
   return 2;
@@ -212,12 +212,12 @@ static int core_connect(lua_State *L) {
     struct sockaddr_un sa;
     int len = unix_addr(L, host, &sa);
     fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
-    if (fd < 0) return luaL_error(L, "socket: %s", strerror(errno));
+    if (fd < 0) return mp_raise_errno(L, errno, "socket");
     e = connect_fd(L, fd, (struct sockaddr *)&sa, (socklen_t)len);
     if (e != 0) {
       close(fd);
       if (e == MP_RAISED) return lua_error(L);
-      return luaL_error(L, "cannot connect to '%s': %s", host, strerror(e));
+      return mp_raise_errno(L, e, "cannot connect to '%s'", host);
     }
   } else {
     const char *port = check_port(L, 2);
@@ -234,7 +234,7 @@ static int core_connect(lua_State *L) {
     freeaddrinfo(res);
     if (e == MP_RAISED) return lua_error(L);
     if (fd < 0)
-      return luaL_error(L, "cannot connect to '%s:%s': %s", host, port, strerror(e));
+      return mp_raise_errno(L, e, "cannot connect to '%s:%s'", host, port);
   }
   tune(fd, is_unix);
   mp_conn_setfd(L, c, fd, 1, 1, is_unix, 0);

@@ -69,6 +69,11 @@ typedef struct mp_buf {
 /* -- ground.c ------------------------------------------------------- */
 /* Raise an error object {type=, message=} made by multiprocessing.errors. */
 MP_API int mp_raise(lua_State *L, const char *type, const char *fmt, ...);
+/* Raise an OSError object for a system call that failed with err: message
+   "<fmt...>: strerror(err)", field errno = err (docs/design.md, decision
+   11: resources that cannot be had raise this; expected outcomes return
+   nil, reason). */
+MP_API int mp_raise_errno(lua_State *L, int err, const char *fmt, ...);
 /* Push an error object without raising it. */
 MP_API void mp_pusherror(lua_State *L, const char *type, const char *fmt, ...);
 /* An expected outcome: push nil, why; returns 2 (return mp_reason(L, "timeout")). */

@@ -147,11 +147,11 @@ static int pool_new(lua_State *L) {
   pc->owner = mp_getpid();
   pools_link(pc);
   pc->epfd = epoll_create1(EPOLL_CLOEXEC);
-  if (pc->epfd < 0) return luaL_error(L, "epoll_create1: %s", strerror(errno));
+  if (pc->epfd < 0) return mp_raise_errno(L, errno, "epoll_create1");
   pc->tfd = timerfd_create(CLOCK_MONOTONIC, TFD_NONBLOCK | TFD_CLOEXEC);
-  if (pc->tfd < 0) return luaL_error(L, "timerfd_create: %s", strerror(errno));
+  if (pc->tfd < 0) return mp_raise_errno(L, errno, "timerfd_create");
   if (ep_add(pc, pc->tfd, EPOLLIN, 0, EV_TIMER) != 0)
-    return luaL_error(L, "epoll_ctl: %s", strerror(errno));
+    return mp_raise_errno(L, errno, "epoll_ctl");
   pc->shmsize = sizeof(shslot) * (size_t)n;
   pc->shm = (shslot *)mp_shm_create(L, "mp-pool", pc->shmsize, 0, &shmfd);
   if (keepfd) pc->shmfd = shmfd;         /* for the workers' handles */
@@ -166,7 +166,7 @@ static int pool_open(lua_State *L) {
   int sv[2];
   slot_release(pc, s);
   if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv) != 0)
-    return luaL_error(L, "socketpair: %s", strerror(errno));
+    return mp_raise_errno(L, errno, "socketpair");
   s->fd = sv[0];
   s->wfd = sv[1];
   fcntl(s->fd, F_SETFL, fcntl(s->fd, F_GETFL) | O_NONBLOCK);
@@ -183,12 +183,12 @@ static int pool_forked(lua_State *L) {
   s->wfd = -1;
   s->active = 1;
   if (s->fd >= 0 && ep_add(pc, s->fd, EPOLLIN, no, EV_CHAN) != 0)
-    return luaL_error(L, "epoll_ctl: %s", strerror(errno));
+    return mp_raise_errno(L, errno, "epoll_ctl");
   if (!lua_isnoneornil(L, 3)) {
     s->pidfd = (int)luaL_checkinteger(L, 3);
     if (ep_add(pc, s->pidfd, EPOLLIN, no, EV_SENTINEL) != 0) {
       s->pidfd = -1;
-      return luaL_error(L, "epoll_ctl: %s", strerror(errno));
+      return mp_raise_errno(L, errno, "epoll_ctl");
     }
   }
   return 0;

@@ -279,11 +279,11 @@ static int send_signal(lua_State *L, int sig, const char *what) {
       /* ENOSYS: a pidfd from a process that has the call, used where it
          is missing (valgrind); the pid is still ours to signal */
       if (errno != ENOSYS)
-        return luaL_error(L, "pidfd_send_signal: %s", strerror(errno));
+        return mp_raise_errno(L, errno, "pidfd_send_signal");
     }
 #endif
     if (kill(p->pid, sig) != 0 && errno != ESRCH)
-      return luaL_error(L, "kill: %s", strerror(errno));
+      return mp_raise_errno(L, errno, "kill");
   }
   return 0;
 }

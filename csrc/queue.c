@@ -114,9 +114,9 @@ static int queue_new(lua_State *L) {
   q->shm = (qshm *)p;
   q->fd = fd;
   if ((err = mp_shm_grow(fd, HDR_BYTES + BASE_CAP)) != 0)
-    return luaL_error(L, "Queue: ftruncate: %s", strerror(err));
+    return mp_raise_errno(L, err, "Queue: ftruncate");
   q->efd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
-  if (q->efd < 0) return luaL_error(L, "Queue: eventfd: %s", strerror(errno));
+  if (q->efd < 0) return mp_raise_errno(L, errno, "Queue: eventfd");
   q->shm->magic = MAGIC;
   q->shm->kind = (uint32_t)kind;
   q->shm->maxsize = (uint64_t)maxsize;
@@ -141,7 +141,7 @@ static int queue_from_fds(lua_State *L) {
     return mp_raise(L, "SerializationError", "cannot map a Queue from fd %d: %s",
                     fd, why);
   p = mmap(NULL, HDR_BYTES, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
-  if (p == MAP_FAILED) return luaL_error(L, "Queue: mmap: %s", strerror(errno));
+  if (p == MAP_FAILED) return mp_raise_errno(L, errno, "Queue: mmap");
   q->shm = (qshm *)p;
   kind = q->shm->kind;
   if (q->shm->magic != MAGIC || kind > K_JOINABLE)
@@ -158,7 +158,7 @@ static int queue_from_fds(lua_State *L) {
    ring that could not grow. */
 static int put_failed(lua_State *L, int err) {
   if (err == Q_CORRUPT) return q_corrupt(L, "Queue.put", "ring state");
-  return luaL_error(L, "Queue.put: cannot grow the queue: %s", strerror(err));
+  return mp_raise_errno(L, err, "Queue.put: cannot grow the queue");
 }
 
 static int queue_put_t(lua_State *L, double timeout) {
@@ -306,7 +306,7 @@ static int queue_get_t(lua_State *L, double timeout) {
     if ((err = mpq_head(q, &st, &payload, &len, &what)) != 0) {
       mpq_unlock(s);
       if (err == Q_CORRUPT) return q_corrupt(L, "Queue.get", what);
-      return luaL_error(L, "Queue.get: mmap: %s", strerror(err));
+      return mp_raise_errno(L, err, "Queue.get: mmap");
     }
     if (len <= STACK_ITEM) {
       memcpy(stackbuf, payload, (size_t)len);

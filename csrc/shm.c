@@ -39,20 +39,20 @@ MP_API void *mp_shm_create(lua_State *L, const char *name, size_t size,
   int seals = F_SEAL_SHRINK | F_SEAL_SEAL | (grows ? 0 : F_SEAL_GROW);
   int fd = (int)syscall(SYS_memfd_create, name, MFD_CLOEXEC | MFD_ALLOW_SEALING);
   if (fd < 0) {
-    luaL_error(L, "memfd_create: %s", strerror(errno));
+    mp_raise_errno(L, errno, "memfd_create");
     return NULL;
   }
   if (ftruncate(fd, (off_t)size) != 0 || fcntl(fd, F_ADD_SEALS, seals) != 0) {
     int e = errno;
     close(fd);
-    luaL_error(L, "cannot size and seal a shared memory segment: %s", strerror(e));
+    mp_raise_errno(L, e, "cannot size and seal a shared memory segment");
     return NULL;
   }
   p = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
   if (p == MAP_FAILED) {
     int e = errno;
     close(fd);
-    luaL_error(L, "mmap: %s", strerror(e));
+    mp_raise_errno(L, e, "mmap");
     return NULL;
   }
   *fdp = fd;
@@ -146,11 +146,11 @@ static int shm_test_unsealed(lua_State *L) {
   int fd;
   luaL_argcheck(L, size >= 0, 1, "size must be >= 0");
   fd = (int)syscall(SYS_memfd_create, "mp-test-unsealed", MFD_CLOEXEC);
-  if (fd < 0) return luaL_error(L, "memfd_create: %s", strerror(errno));
+  if (fd < 0) return mp_raise_errno(L, errno, "memfd_create");
   if (ftruncate(fd, (off_t)size) != 0) {
     int e = errno;
     close(fd);
-    return luaL_error(L, "ftruncate: %s", strerror(e));
+    return mp_raise_errno(L, e, "ftruncate");
   }
   lua_pushinteger(L, fd);
   return 1;

@@ -108,6 +108,36 @@ describe("Listener and Client arguments", function()
     l:close()
     assert.has_error(function() mp.Client(addr) end)
     assert.has_error(function() mp.Client(H.tmpname("nosock")) end)
+    -- as an OSError object carrying errno (ECONNREFUSED, ENOENT)
+    local ok, err = pcall(mp.Client, addr)
+    assert.is_false(ok)
+    assert.is_true(mp.OSError:is(err))
+    assert.are.equal(111, err.errno)
+    assert.matches("^cannot connect to '127%.0%.0%.1:%d+': ", err.message)
+    ok, err = pcall(mp.Client, H.tmpname("nosock"))
+    assert.is_true(mp.OSError:is(err))
+    assert.are.equal(2, err.errno)
+  end)
+
+  it("raise an OSError with EMFILE when descriptors run out, and go on after", function()
+    local out, code = H.run_lua([[
+      local mp = require "multiprocessing"
+      local keep, err = {}, nil
+      while true do
+        local ok, a, b = pcall(mp.Pipe)
+        if not ok then err = a break end
+        keep[#keep + 1] = a; keep[#keep + 1] = b
+      end
+      assert(mp.OSError:is(err), tostring(err))
+      assert(err.errno == 24, tostring(err.errno))          -- EMFILE
+      assert(err.message:find("^socketpair: "), err.message)
+      for i = 1, 4 do keep[i]:close() end
+      local a, b = mp.Pipe()                                -- room again
+      a:send("ok")
+      print(b:recv(1))
+    ]], 30, "ulimit -n 64;")
+    assert.are.equal(0, code, out)
+    assert.are.equal("ok\n", out)
   end)
 end)
 

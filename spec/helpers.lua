@@ -171,15 +171,16 @@ function H.interrupt_wait(body, settle)
 end
 
 -- Run Lua source in a fresh lua5.4 (with this tree on the paths) and
--- return its output (stdout and stderr together) and its exit code.
-function H.run_lua(src, timeout)
+-- return its output (stdout and stderr together) and its exit code;
+-- prefix: shell words run before it (e.g. "ulimit -n 64;").
+function H.run_lua(src, timeout, prefix)
   local script = H.tmpname("script.lua")
   local f = assert(io.open(script, "w"))
   f:write(src)
   f:close()
   -- the child finds the modules where this process found them
-  local p = io.popen(string.format("LUA_PATH=%q LUA_CPATH=%q timeout %d lua5.4 %s 2>&1; echo \"exit:$?\"",
-                                   package.path, package.cpath, timeout or 30, script))
+  local p = io.popen(string.format("%s LUA_PATH=%q LUA_CPATH=%q timeout %d lua5.4 %s 2>&1; echo \"exit:$?\"",
+                                   prefix or "", package.path, package.cpath, timeout or 30, script))
   local out = p:read("a")
   p:close()
   os.remove(script)

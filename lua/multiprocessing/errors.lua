@@ -67,6 +67,7 @@ class("WorkerLostError", ProcessError)
 class("SerializationError", Error)
 class("BrokenBarrierError", Error)
 class("CancelledError", Error)        -- a pool task cancelled before it started
+class("OSError", Error)               -- a system call failed: its errno in err.errno
 
 -- errors.new(type, message [, fields]) -> error object of the class named
 -- type (an unknown name gives a plain Error carrying that type).
@@ -89,14 +90,14 @@ end
 -- another process).
 function M.from_data(t)
   return M.new(t.type or "Error", t.message,
-               { traceback = t.traceback, pid = t.pid })
+               { traceback = t.traceback, pid = t.pid, errno = t.errno })
 end
 
 -- errors.to_data(err) -> a plain table that any transport can carry
 function M.to_data(e, pid, traceback)
   if type(e) == "table" and getmetatable(e) and is(Error, e) then
     return { type = e.type, message = e.message,
-             traceback = e.traceback or traceback, pid = e.pid or pid }
+             traceback = e.traceback or traceback, pid = e.pid or pid, errno = e.errno }
   end
   return { type = "Error", message = tostring(e), traceback = traceback, pid = pid }
 end

@@ -208,8 +208,12 @@ local function connect(addr, key)
   end
   local ok, c = pcall(connection.exports.Client, addr, { authkey = key })
   if not ok then
-    if errors.is_error(c) or core._is_interrupt(c) then error(c, 0) end
-    error(gone(addr, "cannot connect: " .. tostring(c):gsub("^.-: ", "", 1)), 0)
+    -- the socket refused or gone (an OSError): the manager is gone
+    if (errors.is_error(c) and not errors.OSError:is(c)) or core._is_interrupt(c) then
+      error(c, 0)
+    end
+    local why = errors.OSError:is(c) and c.message or tostring(c):gsub("^.-: ", "", 1)
+    error(gone(addr, "cannot connect: " .. why), 0)
   end
   e = { conn = c, pid = pid }
   conns[id] = e
