@@ -343,6 +343,12 @@ static int core__test_nop_signal(lua_State *L) {
 
 MP_API void mp_newclass(lua_State *L, const char *name, const luaL_Reg *const *methods,
                         const luaL_Reg *meta, lua_CFunction index, const char *export) {
+  const char *dot = strrchr(name, '.');
+  /* core.classes.<Short> = the metatable's name, for the Lua modules */
+  luaL_getsubtable(L, -1, "classes");       /* mod, classes */
+  lua_pushstring(L, name);
+  lua_setfield(L, -2, dot != NULL ? dot + 1 : name);
+  lua_pop(L, 1);                            /* mod */
   luaL_newmetatable(L, name);               /* mod, mt */
   if (meta != NULL) luaL_setfuncs(L, meta, 0);
   if (methods == NULL) return;

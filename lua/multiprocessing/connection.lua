@@ -12,6 +12,7 @@
 local core = require "multiprocessing.core"
 local errors = require "multiprocessing.errors"
 local check = require "multiprocessing.check"
+local CLASSES = core.classes      -- the C classes' metatable names, by short name
 local polling = require "multiprocessing.polling"
 
 local type, ipairs, error, tostring, tonumber, setmetatable =
@@ -49,9 +50,9 @@ local function fd_of(o, i)
     return o
   end
   local cls = check.typename(o)
-  if cls == "multiprocessing.Connection" then
+  if cls == CLASSES.Connection then
     return o:fileno(), o:_buffered()
-  elseif cls == "multiprocessing.Process" then
+  elseif cls == CLASSES.Process then
     local s = o.sentinel
     if s then return s end
     if o._state == "started" then return -1, ended(o), ended end
@@ -127,7 +128,7 @@ end
 local events = polling.events
 local Cmethods = core.Connection_methods
 Cmethods.pollfd, Cmethods.events = polling.pollfd_method(Cmethods.fileno), events
-polling.cancel_on_close(Cmethods, "multiprocessing.Connection")
+polling.cancel_on_close(Cmethods, CLASSES.Connection)
 -- a message already in the read buffer (or the end of the stream) is not
 -- seen by a poll of the fd: try now
 function Cmethods.timeout(c) if c:_buffered() then return 0 end end

@@ -208,7 +208,7 @@ local function sentinel_of(self, level)
 end
 function methods.pollfd(self) return polling.remember(self, sentinel_of(self, 2)) end
 methods.events = polling.events
-polling.cancel_on_close(methods, "multiprocessing.Process")
+polling.cancel_on_close(methods, core.classes.Process)
 function methods.timeout(self)
   if self.sentinel == nil and self._state ~= "closed" then return self:is_alive() and 0.02 or 0 end
 end

@@ -18,12 +18,13 @@ local M = {}
 local exports = {}
 M.exports = exports
 
+local LOCK_T, RLOCK_T = core.classes.Lock, core.classes.RLock
 local COUNT_MAX = 0x7fffffff     -- csrc/sync.c's bound on counts and parties
 
 -- M.is_lock(x) -> true if x is a Lock or RLock
 function M.is_lock(x)
   local n = typename(x)
-  return n == "multiprocessing.Lock" or n == "multiprocessing.RLock"
+  return n == LOCK_T or n == RLOCK_T
 end
 
 -- mp.Lock() / mp.RLock()
