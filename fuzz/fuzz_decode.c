@@ -1,5 +1,5 @@
 /*
- * fuzz_decode.c: libFuzzer harness for the codec's decoder (csrc/codec.c).
+ * fuzz_decode.c: libFuzzer harness for the codec's decoder (csrc/codec_dec.c).
  *
  * One lua_State for the whole run, with multiprocessing.core opened and a
  * handle kind "fuzz" whose rebuild closes the fds it is given. Each input
