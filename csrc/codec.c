@@ -14,12 +14,10 @@
 #include <limits.h>
 #include <string.h>
 
-/* The env, in the registry under &envkey. */
-static const char envkey = 'C';
+/* The env, in the registry under &mp_codec_envkey. */
+MP_API const char mp_codec_envkey = 'C';
 
-MP_API void mp_codec_env(lua_State *L) {
-  if (lua_rawgetp(L, LUA_REGISTRYINDEX, &envkey) == LUA_TTABLE) return;
-  lua_pop(L, 1);
+MP_API void mp_codec_env_new(lua_State *L) {
   lua_createtable(L, E_N, 0);
   lua_newtable(L); lua_rawseti(L, -2, E_BYNAME);
   lua_newtable(L); lua_rawseti(L, -2, E_BYVAL);
@@ -33,7 +31,7 @@ MP_API void mp_codec_env(lua_State *L) {
   lua_setmetatable(L, -2);
   lua_rawseti(L, -2, E_DUMPS);
   lua_pushvalue(L, -1);
-  lua_rawsetp(L, LUA_REGISTRYINDEX, &envkey);
+  lua_rawsetp(L, LUA_REGISTRYINDEX, &mp_codec_envkey);
 }
 
 /* ---- Lua API ----------------------------------------------------------- */

@@ -36,8 +36,16 @@ enum {
   E_N = E_DUMPS
 };
 
-/* Push the env (codec.c), made on first use. */
-MP_API void mp_codec_env(lua_State *L);
+/* The env's key in the registry (codec.c); mp_codec_env_new makes it. */
+MP_API extern const char mp_codec_envkey;
+MP_API void mp_codec_env_new(lua_State *L);
+
+/* Push the env, made on first use (inline: every mp.loads asks for it). */
+static inline void mp_codec_env(lua_State *L) {
+  if (lua_rawgetp(L, LUA_REGISTRYINDEX, &mp_codec_envkey) == LUA_TTABLE) return;
+  lua_pop(L, 1);
+  mp_codec_env_new(L);
+}
 /* __gc and __close of MP_CODEC_FDS_T (codec_dec.c): close the fds that no
    handle took; the opener (codec.c) registers the class. */
 MP_API int mp_codec_fds_close(lua_State *L);
