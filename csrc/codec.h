@@ -1,9 +1,39 @@
 /*
- * codec.h: the codec's wire format (docs/design.md, decision 3): the
- * message header and the tag bytes, whose table is at the head of codec.c.
- * codec.c (the whole codec) and codec_scalar.h/.c (its fast path for one
- * scalar, inline for the pool's per-value paths) write and read these
- * bytes; transports call those functions, never write tags themselves.
+ * codec.h: the codec's wire format (docs/design.md, decision 3: one
+ * codec), its one definition: the message header and the tag bytes.
+ * codec_enc.c writes it, codec_dec.c reads it, codec_scalar.h (the bytes
+ * of one scalar, which both use) and codec_scalar.c (the fast path for a
+ * message of one scalar) share it; transports call their functions,
+ * never write tags themselves.
+ *
+ * A message is a version byte (CODEC_VERSION), a flags byte (F_REFS: the
+ * message holds references, so the decoder must remember every table,
+ * function and handle by id; without it, it remembers none), then one
+ * value. A value starts with a tag byte:
+ *   0x00 nil  0x01 false  0x02 true
+ *   0x03 INT      zigzag varint (LEB128)
+ *   0x04 FLOAT    8 bytes, IEEE 754 double, little-endian
+ *   0x05 STR      varint length, bytes
+ *   0x06 TABLE    u32 n, u32 m, then n values (keys 1..n), then m
+ *                 key/value pairs (all other keys)
+ *   0x07 TABLE_MT string (registered class name), then as TABLE
+ *   0x08 REF      varint id: a table, Lua function or handle seen before
+ *   0x09 GLOBALS  the receiver's global table
+ *   0x0a MODULE   string: package.loaded[name] (required if need be)
+ *   0x0b FN_REG   string: a function registered with mp.register
+ *   0x0c FN_MOD   string module, string field: package.loaded[mod][field]
+ *   0x0d FN_LUA   u32 length, bytecode (lua_dump, line info kept), varint
+ *                 number of upvalues, then per upvalue 0x00 + value (a new
+ *                 upvalue) or 0x01 + varint k (joined to the k-th upvalue
+ *                 of the message: functions sharing an upvalue)
+ *   0x0e HANDLE   string kind, varint nfds, nfds varint positions in the
+ *                 message's fd list, then the state value
+ *   0x40..0x5f    string of length tag - 0x40 (short strings inline)
+ *   0x80..0xff    integer tag - 0x80 (0..127 inline)
+ * Strings inside tags (names, kinds) are STR or short-string values.
+ * Ids count tables (at creation, before their contents), Lua functions
+ * (after the bytecode, before the upvalues) and handles (after the state),
+ * in message order, on both sides, so shared references and cycles survive.
  */
 #ifndef MP_CODEC_H
 #define MP_CODEC_H

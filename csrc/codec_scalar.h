@@ -1,9 +1,12 @@
 /*
  * codec_scalar.h: the codec's format for one scalar (nil, a boolean, a
  * number, a string), as inline functions: the one definition of those
- * bytes outside codec.c's encoder and decoder (whose format they are:
- * codec.c's header lists the tags), for the paths that run once per
- * value (codec_scalar.c's mp_encode_scalar and mp_decode_scalar, the
+ * bytes (the tags are codec.h's). The codec's encoder (codec_enc.c) writes
+ * every scalar with cs_wr_int, cs_wr_float and cs_wr_str, and its decoder
+ * (codec_dec.c) reads their payloads with cs_get_varint, cs_unzigzag and
+ * cs_get_f64, adding the bounds checks and the error messages that
+ * untrusted input needs. The paths that run once per value use the rest
+ * directly (codec_scalar.c's mp_encode_scalar and mp_decode_scalar, the
  * pool's task and result items), where a call per value is measurable.
  * cs_put writes a value, or a whole message (the codec's header, then
  * the value); cs_get reads a value and refuses (NULL, nothing pushed)
@@ -38,7 +41,7 @@ static inline size_t cs_put_varint(unsigned char *w, uint64_t v) {
 }
 
 /* The varint at *p (< end), advancing *p; 0 when it is cut or longer
-   than 64 bits (as codec.c's rd_varint refuses it). */
+   than 64 bits (codec_dec.c's rd_varint tells which). */
 static inline int cs_get_varint(const unsigned char **p, const unsigned char *end,
                              uint64_t *v) {
   const unsigned char *q = *p;
@@ -59,25 +62,56 @@ static inline int cs_get_varint(const unsigned char **p, const unsigned char *en
   return 0;
 }
 
+/* An integer as a varint: zigzag, so that small magnitudes of either
+   sign are short. */
+static inline uint64_t cs_zigzag(lua_Integer i) {
+  uint64_t u = (uint64_t)i;
+  return (u << 1) ^ (i < 0 ? ~(uint64_t)0 : 0);
+}
+
+static inline lua_Integer cs_unzigzag(uint64_t v) {
+  return (lua_Integer)((v >> 1) ^ (~(v & 1) + 1));
+}
+
+/* A float's payload: the IEEE 754 double, 8 bytes little-endian. */
+static inline void cs_put_f64(unsigned char *w, lua_Number x) {
+  double d = (double)x;
+  uint64_t u;
+  memcpy(&u, &d, 8);
+#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
+  memcpy(w, &u, 8);
+#else
+  { int j; for (j = 0; j < 8; j++) w[j] = (unsigned char)(u >> (8 * j)); }
+#endif
+}
+
+/* The float whose 8 payload bytes are at q (the caller checked them). */
+static inline lua_Number cs_get_f64(const unsigned char *q) {
+  uint64_t u;
+  double x;
+#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
+  memcpy(&u, q, 8);
+#else
+  { int j; for (u = 0, j = 0; j < 8; j++) u |= (uint64_t)q[j] << (8 * j); }
+#endif
+  memcpy(&x, &u, 8);
+  return (lua_Number)x;
+}
+
 /* Write one value at w, which has room for 11 bytes (n + 11 for a
    string); the bytes written. */
 static inline size_t cs_wr_int(unsigned char *w, lua_Integer i) {
-  uint64_t u = (uint64_t)i;
   if (i >= 0 && i < 0x80) {
     w[0] = (unsigned char)(T_FIXINT | (int)i);
     return 1;
   }
   w[0] = T_INT;
-  return 1 + cs_put_varint(w + 1, (u << 1) ^ (i < 0 ? ~(uint64_t)0 : 0));
+  return 1 + cs_put_varint(w + 1, cs_zigzag(i));
 }
 
 static inline size_t cs_wr_float(unsigned char *w, lua_Number x) {
-  double d = (double)x;
-  uint64_t u;
-  int j;
-  memcpy(&u, &d, 8);
   w[0] = T_FLOAT;
-  for (j = 0; j < 8; j++) w[1 + j] = (unsigned char)(u >> (8 * j));   /* LE */
+  cs_put_f64(w + 1, x);
   return 9;
 }
 
@@ -133,7 +167,7 @@ static inline const char *cs_get(lua_State *L, const char *p, const char *end) {
     lua_pushinteger(L, (lua_Integer)(tag - T_FIXINT));
   } else if (tag == T_INT) {                   /* the next most common */
     if (!cs_get_varint(&q, e, &v)) return NULL;
-    lua_pushinteger(L, (lua_Integer)((v >> 1) ^ (~(v & 1) + 1)));
+    lua_pushinteger(L, cs_unzigzag(v));
   } else if (tag >= T_SHORTSTR && tag <= T_SHORTSTR + SHORTSTR_MAX) {
     size_t n = tag - T_SHORTSTR;
     if ((size_t)(e - q) < n) return NULL;
@@ -144,16 +178,11 @@ static inline const char *cs_get(lua_State *L, const char *p, const char *end) {
     case T_NIL: lua_pushnil(L); break;
     case T_FALSE: lua_pushboolean(L, 0); break;
     case T_TRUE: lua_pushboolean(L, 1); break;
-    case T_FLOAT: {
-      double x;
-      int j;
+    case T_FLOAT:
       if (e - q < 8) return NULL;
-      for (v = 0, j = 0; j < 8; j++) v |= (uint64_t)q[j] << (8 * j);
-      memcpy(&x, &v, 8);
-      lua_pushnumber(L, (lua_Number)x);
+      lua_pushnumber(L, cs_get_f64(q));
       q += 8;
       break;
-    }
     case T_STR:
       if (!cs_get_varint(&q, e, &v) || v > (uint64_t)(e - q)) return NULL;
       lua_pushlstring(L, (const char *)q, (size_t)v);
@@ -191,7 +220,7 @@ static inline int cs_msg_getint(const char *p, size_t len, lua_Integer *i) {
   else if (len == 6 && q[3] >= 0x80 && q[4] >= 0x80 && q[5] < 0x80)
     v = (uint64_t)(q[3] & 0x7f) | (uint64_t)(q[4] & 0x7f) << 7 | (uint64_t)q[5] << 14;
   else return 0;
-  *i = (lua_Integer)((v >> 1) ^ (~(v & 1) + 1));
+  *i = cs_unzigzag(v);
   return 1;
 }
 

@@ -12,13 +12,15 @@
  *   - codec: mp_encode()/mp_decode() turn a Lua value into a message and
  *     back; a message may carry file descriptors (handles), collected in an
  *     mp_fdlist that the transport sends beside the bytes (SCM_RIGHTS) or,
- *     under fork, that the receiver already has. codec_scalar.c is its fast
- *     path for one scalar (the same bytes, without the general encoder's
- *     set-up); codec.h is the one definition of the format's tags.
+ *     under fork, that the receiver already has (codec_enc.c, codec_dec.c;
+ *     codec.c is mp.dumps and mp.loads). codec_scalar.c is its fast path
+ *     for one scalar (the same bytes, without the general encoder's
+ *     set-up); codec.h is the one definition of the format's tags,
+ *     codec_scalar.h of a scalar's bytes.
  *   - frames: every stream (a Connection, a pool channel) carries wire.c's
  *     frames, sent by its one send loop, mp_sendv().
  *   - handles: a userdata whose metatable has __mp_reduce travels as a
- *     handle (see codec.c); each kind is rebuilt by the function its C
+ *     handle (see codec_enc.c, codec_dec.c); each kind is rebuilt by the function its C
  *     file's opener registered with mp_register_handle (a kind made in
  *     Lua, a manager's proxy, with core.register_handle).
  *   - time: mp_deadline()/mp_remaining_ms() on CLOCK_MONOTONIC.
@@ -232,7 +234,8 @@ MP_API int mp_futex_wake(uint32_t *addr, int n);
    0, or EINTR when a signal cut the sleep short. */
 MP_API int mp_sleep_until(double t);
 
-/* -- codec.c -------------------------------------------------------- */
+/* -- codec.c, codec_enc.c, codec_dec.c (and codec_impl.h, what only they
+   share; codec.h, the format) ------------------------------------------ */
 #define MP_DECODE_NOFUNCS 1   /* refuse functions (untrusted source) */
 #define MP_DECODE_NOHANDLES 2 /* refuse handles: their fds (memfds that the
                                  sender can still truncate, sockets) must
@@ -271,15 +274,6 @@ MP_API int mp_encode_scalar(lua_State *L, int idx, mp_buf *b);
    scalar: 1; else 0, nothing pushed: the caller hands it to mp_decode
    (which decodes it, or raises saying what is wrong with it). */
 MP_API int mp_decode_scalar(lua_State *L, const char *p, size_t len);
-/* One value without the message header, in the codec's tags: append the
-   scalar at idx (1; 0 if it is none) / an integer / a float / a string. */
-MP_API int mp_scalar_put(lua_State *L, mp_buf *b, int idx);
-MP_API void mp_scalar_put_int(lua_State *L, mp_buf *b, lua_Integer i);
-MP_API void mp_scalar_put_float(lua_State *L, mp_buf *b, lua_Number x);
-MP_API void mp_scalar_put_str(lua_State *L, mp_buf *b, const char *s, size_t n);
-/* Push the scalar value at p (< end); the position after it, or NULL (nothing
-   pushed) when p holds no well-formed scalar. */
-MP_API const char *mp_scalar_get(lua_State *L, const char *p, const char *end);
 /* For transports that write a message in place (the queue's ring): */
 /* Bytes of a boolean's or number's message, or of a string's head, at most. */
 #define MP_CODEC_SCALAR_MAX 16

@@ -1,8 +1,11 @@
 /*
- * fuzz_decode.c: libFuzzer harness for the codec's decoder (csrc/codec.c).
+ * fuzz_decode.c: libFuzzer harness for the codec's decoder (csrc/codec_dec.c).
  *
  * One lua_State for the whole run, with multiprocessing.core opened and a
- * handle kind "fuzz" whose rebuild closes the fds it is given. Each input
+ * handle kind "fuzz" whose rebuild closes the fds it is given; the kinds
+ * that the core's openers register (Lock, Connection, ...) get that
+ * rebuild too, so that what is fuzzed is the decoder, not their rebuilds
+ * given a forged state (which only a peer that proved the key can send). Each input
  * is decoded by mp_decode with MP_DECODE_NOFUNCS (bytecode is never loaded
  * from untrusted bytes: it can crash Lua itself) and two fds of /dev/null
  * beside it, under lua_pcall. A finding is: a crash or sanitizer report, an
@@ -41,6 +44,13 @@ static int fuzz_rebuild(lua_State *L1) {
   lua_rawseti(L1, -2, 1);
   return 1;
 }
+
+/* The handle kinds the core's C openers register (mp_register_handle). */
+static const char *const core_kinds[] = {
+  "Connection", "FdBox", "PoolWorker", "Queue", "Value", "Array", "Lock",
+  "RLock", "Semaphore", "BoundedSemaphore", "Condition", "Event", "Barrier",
+  "fuzz", NULL
+};
 
 static int decode(lua_State *L1) {
   const char *p = (const char *)lua_touserdata(L1, 1);
@@ -103,6 +113,7 @@ static void check_scalar(const char *p, size_t size) {
 }
 
 static void setup(void) {
+  int i;
   L = luaL_newstate();
   if (L == NULL) abort();
   luaL_openlibs(L);
@@ -115,10 +126,12 @@ static void setup(void) {
   }
   lua_settop(L, 0);
   luaL_requiref(L, "multiprocessing.core", luaopen_multiprocessing_core, 0);
-  lua_getfield(L, -1, "register_handle");
-  lua_pushliteral(L, "fuzz");
-  lua_pushcfunction(L, fuzz_rebuild);
-  lua_call(L, 2, 0);
+  for (i = 0; core_kinds[i] != NULL; i++) {
+    lua_getfield(L, -1, "register_handle");
+    lua_pushstring(L, core_kinds[i]);
+    lua_pushcfunction(L, fuzz_rebuild);
+    lua_call(L, 2, 0);
+  }
   lua_settop(L, 0);
 }
 

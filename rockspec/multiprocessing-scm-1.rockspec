@@ -63,6 +63,8 @@ build = {
         "csrc/ground.c",
         "csrc/lock.c",
         "csrc/codec.c",
+        "csrc/codec_enc.c",
+        "csrc/codec_dec.c",
         "csrc/codec_scalar.c",
         "csrc/wire.c",
         "csrc/conn.c",
