@@ -413,7 +413,18 @@ static void dec_handle(dec *d) {
     d->fb->taken[pos[j]] = 1;            /* rebuild owns them from now on */
     lua_pushinteger(L, fd[j]);
   }
-  lua_call(L, 1 + (int)nfds, 1);
+  /* a rebuild that raises owns its fds still (it closes them); its error
+     object, or a signal's interrupt, goes up as it is; any other error
+     (a forged state the rebuild refused) says which kind could not be
+     rebuilt */
+  if (lua_pcall(L, 1 + (int)nfds, 1, 0) != LUA_OK) {
+    char what[200];
+    if (lua_type(L, -1) != LUA_TSTRING || mp_is_interrupt(L, -1)) lua_error(L);
+    lua_pushlstring(L, kind, n);
+    snprintf(what, sizeof what, "the rebuild of handle kind '%.60s' failed: %.100s",
+             lua_tostring(L, -1), lua_tostring(L, -2));
+    dec_fail(d, what);
+  }
   if (lua_isnil(L, -1)) {
     char what[120];
     lua_pushlstring(L, kind, n);

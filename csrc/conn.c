@@ -153,8 +153,12 @@ static int conn_from_fd(lua_State *L) {
 static int conn_rebuild(lua_State *L) {
   int fd = (int)luaL_checkinteger(L, 2), r, w;
   mp_conn *c;
-  luaL_checktype(L, 1, LUA_TTABLE);
   luaL_argcheck(L, fd >= 0, 2, "bad file descriptor");
+  if (!lua_istable(L, 1)) {              /* it owns fd: close it */
+    close(fd);
+    return mp_raise(L, "SerializationError", "a Connection handle's state "
+                    "must be a table, got %s", luaL_typename(L, 1));
+  }
   lua_rawgeti(L, 1, 1);
   r = lua_toboolean(L, -1);
   lua_rawgeti(L, 1, 2);

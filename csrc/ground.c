@@ -312,10 +312,18 @@ MP_API int mp_interrupted(lua_State *L) {
 /* core._is_interrupt(err) -> true when err is the error a signal's hook
    raised last in a wait (for the Lua code that must not swallow it under
    a pcall) */
+MP_API int mp_is_interrupt(lua_State *L, int idx) {
+  int r;
+  idx = lua_absindex(L, idx);
+  lua_getfield(L, LUA_REGISTRYINDEX, INTERRUPT_KEY);
+  r = !lua_isnil(L, -1) && lua_rawequal(L, idx, -1);
+  lua_pop(L, 1);
+  return r;
+}
+
 static int core__is_interrupt(lua_State *L) {
   luaL_checkany(L, 1);
-  lua_getfield(L, LUA_REGISTRYINDEX, INTERRUPT_KEY);
-  lua_pushboolean(L, !lua_isnil(L, -1) && lua_rawequal(L, 1, -1));
+  lua_pushboolean(L, mp_is_interrupt(L, 1));
   return 1;
 }
 

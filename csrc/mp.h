@@ -76,6 +76,9 @@ MP_API int mp_raise(lua_State *L, const char *type, const char *fmt, ...);
    11: resources that cannot be had raise this; expected outcomes return
    nil, reason). */
 MP_API int mp_raise_errno(lua_State *L, int err, const char *fmt, ...);
+/* Is the value at idx the error a signal's hook raised last in a wait
+   (mp_interrupted)? Code that catches errors must let it go on. */
+MP_API int mp_is_interrupt(lua_State *L, int idx);
 /* Push an error object without raising it. */
 MP_API void mp_pusherror(lua_State *L, const char *type, const char *fmt, ...);
 /* An expected outcome: push nil, why; returns 2 (return mp_reason(L, "timeout")). */

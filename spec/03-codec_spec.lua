@@ -449,6 +449,25 @@ describe("codec handles", function()
       a:close(); b:close()
     end)
 
+    -- regression (fuzz finding): the library's own kinds, forged: a bad
+    -- state or a missing fd is a SerializationError naming the kind, and
+    -- the fds that came are closed
+    it("refuses a forged handle of a library kind without leaking its fd", function()
+      local a, b = mp.Pipe()
+      local n0 = H.fd_count()
+      local bad_state = dumps(setmetatable({}, {
+        __mp_reduce = function() return "Connection", 42, a:fileno() end }))
+      local no_fd = dumps(setmetatable({}, {
+        __mp_reduce = function() return "Lock", false end }))
+      for _ = 1, 50 do
+        ser_error(function() loads(bad_state, { fds = { a:fileno() } }) end,
+                  "Connection handle's state must be a table")
+        ser_error(function() loads(no_fd) end, "the rebuild of handle kind 'Lock' failed")
+      end
+      assert.are.equal(n0, H.fd_count())
+      a:close(); b:close()
+    end)
+
     -- regression (fuzz finding): two handles on one fd each own a copy,
     -- and a failure part-way through leaks none
     it("gives each handle on a shared fd its own copy", function()
