@@ -84,11 +84,12 @@ end
 for _, kind in ipairs { "Lock", "RLock", "Semaphore", "BoundedSemaphore", "Condition" } do
   core[kind .. "_methods"].with = with
 end
+M.with = with               -- also the manager proxies' (any acquire/release)
 
 local cond = core.Condition_methods
 
 -- cond:wait_for(pred [, timeout]) -> the predicate's last value
-function cond.wait_for(self, pred, timeout)
+local function wait_for(self, pred, timeout)
   if not callable(pred) then
     check.argerror(1, "wait_for", "function expected, got " .. typename(pred))
   end
@@ -106,6 +107,8 @@ function cond.wait_for(self, pred, timeout)
   end
   return result
 end
+cond.wait_for = wait_for
+M.wait_for = wait_for       -- also the manager proxies' (any wait)
 
 local barrier = core.Barrier_methods
 

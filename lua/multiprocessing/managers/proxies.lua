@@ -11,12 +11,11 @@
 
 local core = require "multiprocessing.core"
 local errors = require "multiprocessing.errors"
+local sync = require "multiprocessing.synchronize"
 local client = require "multiprocessing.managers.client"
 
-local type, error, pairs, ipairs, pcall, tostring, setmetatable =
-      type, error, pairs, ipairs, pcall, tostring, setmetatable
-local pack, unpack = table.pack, table.unpack
-local monotonic = core.monotonic
+local type, error, pairs, ipairs, tostring, setmetatable =
+      type, error, pairs, ipairs, tostring, setmetatable
 local mathtype = math.type
 local call = client.call
 
@@ -143,36 +142,15 @@ local ns_mt = kind_mt("Namespace", {},
   function(p, k, v) ns_name(k) setitem(p, k, v) end)
 ns_mt.__pairs = snapshot
 
--- lock:with(fn, ...) -> fn's results, the lock held during fn
-local function with(self, fn, ...)
-  self:acquire()
-  local r = pack(pcall(fn, ...))
-  self:release()
-  if not r[1] then error(r[2], 0) end
-  return unpack(r, 2, r.n)
-end
+-- lock:with(fn, ...) and cond:wait_for(pred [, timeout]): the module's
+-- own (synchronize.lua), which use only acquire, release and wait
+local with, wait_for = sync.with, sync.wait_for
 
 kind_mt("Lock", { "acquire", "release", "locked" }, nil, nil, { with = with })
 mts.RLock = mts.Lock
 kind_mt("Semaphore", { "acquire", "release", "get_value" }, nil, nil, { with = with })
 mts.BoundedSemaphore = mts.Semaphore
 
--- cond:wait_for(pred [, timeout]) -> pred's last value
-local function wait_for(self, pred, timeout)
-  local r = pred()
-  if r then return r end
-  local deadline = timeout and monotonic() + timeout
-  while not r do
-    local left
-    if deadline then
-      left = deadline - monotonic()
-      if left <= 0 then break end
-    end
-    self:wait(left)
-    r = pred()
-  end
-  return r
-end
 kind_mt("Condition", { "acquire", "release", "locked", "wait", "notify", "notify_all" },
         nil, nil, { with = with, wait_for = wait_for })
 
