@@ -20,6 +20,11 @@ end
 
 local cluster = require "multiprocessing.cluster"
 local redis = require "multiprocessing.redis"
+local wire = require "multiprocessing.cluster.wire"
+local cqueues = require "cqueues"
+-- cqueues' poller for calls outside a loop holds fds for the life of the
+-- process: make it now, before the leak checks.
+cqueues.poll(0)
 
 local function sh(cmd)
   local p = io.popen(cmd .. " 2>&1")
@@ -115,7 +120,6 @@ end
 
 -- Wait until the queue's heartbeats show n workers.
 local function wait_workers(rs, n, queue)
-  local wire = require "multiprocessing.cluster.wire"
   local conn = require "multiprocessing.cluster.conn"
   local c = conn.new(rs.url)
   local ok = helpers.wait_until(function()
@@ -241,7 +245,7 @@ describe("cluster.Pool", function()
     local r = pool:map_async(f, { 1, 2 }, { callback = function(l) got = l end })
     assert.same({ 101, 102, n = 2 }, r:get(10))
     assert.same({ 101, 102, n = 2 }, got)
-    assert.equal(9, pool:submit(function(x) return x * x end, { 3 }):get(10))
+    assert.equal(9, pool:submit(function(x) return x * x end, 3):get(10))
     local r2 = pool:apply_async(function() return nil, 2 end)
     assert.is_true(r2:wait(10)); assert.is_true(r2:successful())
     assert.same({ nil, 2 }, { r2:get() })
@@ -286,7 +290,6 @@ describe("cluster.Pool", function()
     assert.same({ "b1", "b2", "b3", "b4", n = 4 }, r2:get(20))
     assert.same({ "a1", "a2", "a3", "a4", n = 4 }, r1:get(20))
     -- a second, correctly signed result for a task already done: dropped
-    local wire = require "multiprocessing.cluster.wire"
     local c = rs.cli()
     local m = mp.dumps({ t = 1, r = { "forged", n = 1 } })
     c:command("XADD", p1._rkey, "*", "t", 1, "m", m, "s", wire.sign("k", m))
@@ -305,6 +308,247 @@ describe("cluster.Pool", function()
     local done, total, workers = pool:progress()
     assert.equal(3, done); assert.equal(3, total); assert.equal(4, workers)
     pool:close(); pool:join()
+  end)
+end)
+
+-- The futures and the polling protocol: the AsyncResult is the local
+-- Pool's (pool_results.lua). The queue "idle" has no worker: its tasks stay
+-- in the stream, and a stand-in consumer ("spec") takes some of them.
+describe("cluster futures and event loops", function()
+  local rs, m1
+  setup(function()
+    rs = start_redis()
+    m1 = machine(rs, "m1")
+    assert(wait_workers(rs, 2), "the machine did not start")
+  end)
+  teardown(function()
+    m1.stop()
+    rs.stop()
+    remove_keyfiles()
+  end)
+  helpers.leakcheck()
+
+  local IDLE = "mp:{idle}:tasks"
+
+  local function wait_for(path)           -- a task: returns once path exists (10 s at most)
+    local c = require "multiprocessing.core"
+    for _ = 1, 1000 do
+      local f = io.open(path)
+      if f then f:close() return "went" end
+      c.poll({}, 0.01)
+    end
+  end
+
+  -- Answer task entry e (read by the stand-in consumer) with results r,
+  -- signed as a worker would.
+  local function answer(pool, e, r)
+    local f = wire.fields(e[2])
+    local m = mp.dumps({ t = math.tointeger(tonumber(f.t)), r = r })
+    local c = rs.cli()
+    c:command("XADD", pool._rkey, "*", "t", f.t, "m", m, "s", wire.sign("k", m))
+    c:command("XACK", IDLE, "workers", e[1])
+    c:command("XDEL", IDLE, e[1])
+    c:close()
+  end
+
+  it("submit(fn, ...) gives the arguments as they are, as the local Pool's", function()
+    local lp <close> = mp.Pool(1)
+    local pool <close> = cluster.Pool{ redis = rs.url, queue = "q", authkey = "k" }
+    local function f(...) return select("#", ...), ... end
+    local want = { lp:submit(f, 1, nil, "x", nil):get(10) }
+    assert.same({ 4, 1, nil, "x", nil }, want)
+    assert.same(want, { pool:submit(f, 1, nil, "x", nil):get(10) })
+    assert.same({ 0 }, { pool:submit(f):get(10) })
+    assert.error_matches(function() pool:submit(42) end,
+                         "bad argument #1 to 'submit' %(function expected, got number%)")
+    assert.equal(getmetatable(lp:submit(f)), getmetatable(pool:submit(f)))   -- one class
+    pool:close(); pool:join()
+  end)
+
+  it("done, and add_done_callback: called once, from the pool's calls", function()
+    local pool <close> = cluster.Pool{ redis = rs.url, queue = "q", authkey = "k" }
+    local flag = helpers.tmpname("go")
+    local r = pool:submit(wait_for, flag)
+    local calls = {}
+    r:add_done_callback(function(x) calls[#calls + 1] = { "first", x } end)
+    r:add_done_callback(function(x) calls[#calls + 1] = { "second", x } end)
+    assert.is_false(r:done())
+    assert.same({}, calls)
+    assert.equal("<AsyncResult(pending)>", tostring(r))
+    local f = assert(io.open(flag, "w")); f:close()
+    assert.equal("went", r:get(10))
+    assert.is_true(r:done())
+    assert.same({ { "first", r }, { "second", r } }, calls)
+    r:add_done_callback(function(x) calls[#calls + 1] = { "late", x } end)   -- at once
+    assert.same({ "late", r }, calls[3])
+    assert.is_true(r:successful())
+    assert.error_matches(function() r:add_done_callback(1) end,
+                         "bad argument #1 to 'add_done_callback' %(function expected, got number%)")
+    -- a failed map: its done callback too, after its error_callback
+    local seen = {}
+    local m = pool:map_async(function(x) if x == 2 then error("two") end return x end,
+                             { 1, 2, 3 }, { chunksize = 1, error_callback = function(e)
+                               seen[#seen + 1] = e.message end })
+    m:add_done_callback(function(x) seen[#seen + 1] = x end)
+    assert.is_true(m:wait(10))
+    assert.matches("two", seen[1]); assert.equal(m, seen[2])
+    assert.is_false(m:successful())
+    os.remove(flag)
+    pool:close(); pool:join()
+  end)
+
+  it("cancel: a task still in the stream is deleted and raises CancelledError", function()
+    local pool <close> = cluster.Pool{ redis = rs.url, queue = "idle", authkey = "k" }
+    local errd, called
+    local r = pool:apply_async(function() return 1 end, {}, { error_callback = function(e) errd = e end })
+    r:add_done_callback(function(x) called = x end)
+    local c = rs.cli()
+    assert.equal(1, c:command("XLEN", IDLE))
+    assert.is_true(r:cancel())
+    assert.equal(0, c:command("XLEN", IDLE))  -- gone from the stream: no worker will run it
+    assert.is_false(r:cancel())
+    assert.is_true(r:done()); assert.is_false(r:successful())
+    assert.equal("<AsyncResult(cancelled)>", tostring(r))
+    local ok, e = pcall(r.get, r, 0)
+    assert.is_false(ok); assert.is_true(mp.CancelledError:is(e))
+    assert.is_nil(called)                     -- callbacks run from the pool's calls
+    assert.equal(0, pool:poll(0))
+    assert.equal(r, called); assert.is_true(mp.CancelledError:is(errd))
+    local st = pool:stats()
+    assert.equal(1, st.done); assert.equal(1, st.failed); assert.equal(0, st.queued)
+    -- a task delivered to a worker is not cancelled
+    c:command("XGROUP", "CREATE", IDLE, "workers", "0", "MKSTREAM")
+    local a, b = pool:submit(function() return "a" end), pool:submit(function() return "b" end)
+    local got = c:command("XREADGROUP", "GROUP", "workers", "spec", "COUNT", 1, "STREAMS", IDLE, ">")
+    assert.is_false(a:cancel())               -- delivered: it runs
+    assert.is_true(b:cancel())
+    assert.equal(1, c:command("XLEN", IDLE))
+    answer(pool, got[1][2][1], { "a", n = 1 })
+    assert.equal("a", a:get(10))
+    assert.is_true(mp.CancelledError:is(select(2, pcall(b.get, b))))
+    c:close()
+    pool:close(); pool:join()
+  end)
+
+  it("cancel of a map: the chunks no worker took fail, the others run", function()
+    local pool <close> = cluster.Pool{ redis = rs.url, queue = "idle", authkey = "k" }
+    local c = rs.cli()
+    c:command("XGROUP", "CREATE", IDLE, "workers", "0", "MKSTREAM")
+    local r = pool:map_async(function(x) return x end, { 1, 2, 3, 4 }, 1)
+    local got = c:command("XREADGROUP", "GROUP", "workers", "spec", "COUNT", 2, "STREAMS", IDLE, ">")
+    assert.is_true(r:cancel())
+    assert.is_false(r:done())                 -- two chunks are a worker's
+    assert.equal(0, c:command("XLEN", IDLE) - 2)
+    for i, e in ipairs(got[1][2]) do answer(pool, e, { { i * 10, n = 1 } }) end
+    local ok, e = pcall(r.get, r, 10)
+    assert.is_false(ok); assert.is_true(mp.CancelledError:is(e))
+    assert.is_false(r:cancel())
+    local st = pool:stats()
+    assert.equal(4, st.done); assert.equal(2, st.failed)
+    c:close()
+    pool:close(); pool:join()
+  end)
+
+  it("terminate fails a pending task: its done callback runs", function()
+    local pool = cluster.Pool{ redis = rs.url, queue = "idle", authkey = "k" }
+    local r = pool:submit(function() return 1 end)
+    local called
+    r:add_done_callback(function(x) called = x end)
+    pool:terminate()
+    assert.equal(r, called)
+    assert.is_true(r:done()); assert.is_nil(r:pollfd()); assert.equal(0, r:timeout())
+    assert.has_error(function() r:fileno() end)
+    local ok, e = pcall(r.get, r)
+    assert.is_false(ok); assert.matches("terminated", e.message)
+    assert.is_false(r:cancel())
+    local c = rs.cli()
+    assert.equal(0, c:command("XLEN", IDLE))
+    c:close()
+  end)
+
+  it("as_completed across a local pool and a cluster pool", function()
+    local lp <close> = mp.Pool(1)
+    local pool <close> = cluster.Pool{ redis = rs.url, queue = "q", authkey = "k" }
+    local idle <close> = cluster.Pool{ redis = rs.url, queue = "idle", authkey = "k" }
+    local function f(x) return x end
+    -- finished already: they come in the order they finished, whatever the pool
+    local c1, l1 = pool:submit(f, "c1"), lp:submit(f, "l1")
+    assert.equal("c1", c1:get(10)); assert.equal("l1", l1:get(10))
+    local order = {}
+    for r, i in mp.as_completed({ l1, c1 }, 10) do order[#order + 1] = { r:get(), i } end
+    assert.same({ { "c1", 2 }, { "l1", 1 } }, order)
+    -- pending in both: each comes once, with its position
+    local rs2 = { lp:submit(f, "l2"), pool:submit(f, "c2"), pool:map_async(f, { 1, 2 }),
+                  lp:map_async(f, { 3 }) }
+    local got = {}
+    for r, i in mp.as_completed(rs2, 20) do got[i] = r:get(0) end
+    assert.same({ "l2", "c2", { 1, 2, n = 2 }, { 3, n = 1 } }, got)
+    -- one that never finishes (no worker serves "idle"): TimeoutError
+    local never = idle:submit(f, 1)
+    local it = mp.as_completed({ never, lp:submit(f, "l3") }, 0.5)
+    local r = it()
+    assert.equal("l3", r:get(0))
+    local ok, e = pcall(it)
+    assert.is_false(ok); assert.is_true(mp.TimeoutError:is(e))
+    assert.is_true(never:cancel())
+    pool:close(); pool:join(); idle:close(); idle:join()
+  end)
+
+  it("speaks the polling protocol: cqueues.poll and mp.wait on its AsyncResults", function()
+    local pool <close> = cluster.Pool{ redis = rs.url, queue = "q", authkey = "k" }
+    local r = pool:submit(function(x) return x + 1 end, 41)
+    assert.equal(pool:fileno(), r:fileno())
+    assert.equal(r:fileno(), r:pollfd()); assert.equal(pool:fileno(), pool:pollfd())
+    assert.equal("r", r:events()); assert.equal("r", pool:events())
+    local polls = 0
+    while not r:ready() and polls < 10 do
+      -- its socket wakes the poll (a result, or the read that waits in
+      -- Redis answering empty after a second): the poll never times out
+      assert.equal(r, cqueues.poll(r, 5))
+      polls = polls + 1
+    end
+    assert.equal(42, r:get(0))
+    assert.equal(r, cqueues.poll(r, 10))      -- ready: timeout() is 0
+    assert.equal(0, r:timeout())
+    local w = pool:submit(function() return "w" end)
+    local ready = mp.wait({ w }, 10)
+    polls = 0
+    while #ready == 0 and polls < 100 do ready = mp.wait({ w }, 10); polls = polls + 1 end
+    assert.same({ w }, ready)
+    assert.equal("w", w:get(0))
+    -- as luv uses it: the descriptor asked once, pool:poll() each time it
+    -- is readable (each step leaves a read waiting in Redis, so the
+    -- descriptor wakes again: first the waiting read's empty answer, then
+    -- the result)
+    local flag = helpers.tmpname("go")
+    local fd = pool:fileno()
+    local b = pool:submit(wait_for, flag)
+    local done, wakes = false, 0
+    b:add_done_callback(function() done = true end)
+    while not done and wakes < 10 do
+      assert.equal(1, #core.poll({ fd }, 5))
+      pool:poll(0)
+      wakes = wakes + 1
+      if wakes == 1 then local f = assert(io.open(flag, "w")); f:close() end
+    end
+    assert.is_true(done); assert.is_true(wakes >= 2)
+    assert.equal("went", b:get(0))
+    os.remove(flag)
+    -- several coroutines of one loop, each waiting for its own result
+    local loop = cqueues.new()
+    local got = {}
+    for i = 1, 4 do
+      loop:wrap(function()
+        local x = pool:submit(function(n) return n * 10 end, i)
+        while not x:ready() do cqueues.poll(x) end
+        got[i] = x:get(0)
+      end)
+    end
+    assert(loop:loop(20))
+    assert.is_true(loop:empty(), "the loop did not finish")
+    assert.same({ 10, 20, 30, 40 }, got)
+    pool:close(); pool:join()
+    assert.has_error(function() pool:fileno() end)
   end)
 end)
 

@@ -14,22 +14,38 @@ local mp = require "multiprocessing"
 local core = require "multiprocessing.core"
 local auth = require "multiprocessing.auth"
 local errors = require "multiprocessing.errors"
+local check = require "multiprocessing.check"
+local polling = require "multiprocessing.polling"
+local results = require "multiprocessing.pool_results"
 local conn = require "multiprocessing.cluster.conn"
 local wire = require "multiprocessing.cluster.wire"
 local worker = require "multiprocessing.cluster.worker"
 
 local type, tostring, tonumber, pairs, ipairs, error, setmetatable, pcall =
       type, tostring, tonumber, pairs, ipairs, error, setmetatable, pcall
-local unpack = table.unpack
+local unpack, pack = table.unpack, table.pack
 local monotonic = core.monotonic
 local math_min, math_max, math_ceil = math.min, math.max, math.ceil
+local new_result = results.new
+local nfinished = results.finished
 
 local M = {}
 M.serve = worker.serve
 
-local Pool, AsyncResult = {}, {}
-Pool.__index, AsyncResult.__index = Pool, AsyncResult
+-- The AsyncResults, the imap iterators and the callbacks are the local
+-- Pool's (pool_results.lua): this Pool gives them the protocol they use
+-- (_step, _until, _own, _cancel, _consumed, _fd, timeout, fileno, _state,
+-- and jobs with the same fields).
+local Pool = {}
+Pool.__index = Pool
 Pool.__name = "multiprocessing.cluster.Pool"
+for k, f in pairs(results.methods) do Pool[k] = f end
+
+-- The standing read of the result stream: an XREAD always waits in Redis
+-- (sent again at the end of each step), so that the result connection's
+-- socket is readable when a result comes, and at least this often (the
+-- read's empty answer), for an event loop that waits on it.
+local BLOCK_MS = 1000
 
 local function perr(msg, level) error(errors.new("ProcessError", msg), level + 1) end
 
@@ -67,6 +83,7 @@ function M.Pool(o)
     _n = 0, _tasks = {}, _ntasks = 0, _last = "0-0", _reading = false,
     _state = "running", _done = 0, _failed = 0, _refused = 0, _total = 0,
     _owner = core.getpid(), _expire_at = 0,
+    _cbq = {}, _cbhead = 1, _cbtail = 1,       -- (pool_results.lua's callbacks)
   }, Pool)
   local copts = { retry_for = o.retry_for }
   self._wc = conn.new(o.redis, copts)
@@ -76,12 +93,18 @@ function M.Pool(o)
   return self
 end
 
+-- pool:_own(level): raises unless this process made the pool
 function Pool:_own(level)
   if core.getpid() ~= self._owner then perr("cluster Pool used from another process", level + 1) end
+end
+
+-- The checks of a call that submits tasks.
+function Pool:_running(level)
+  self:_own(level + 1)
   if self._state ~= "running" then perr("Pool is not running", level + 1) end
 end
 
--- Queue one stream entry for the task (sent by _flush).
+-- Queue one stream entry for the task (sent by _send).
 function Pool:_add(job, pos, count, task, cmds)
   self._n = self._n + 1
   local t = self._n
@@ -103,73 +126,99 @@ function Pool:_send(cmds)
   end
 end
 
+-- A job: the fields pool_results.lua reads (see there), and callback,
+-- error_callback, progress, first_err_pos.
 local function new_job(self, mode, total, opts)
   local job = { pool = self, mode = mode, total = total, ndone = 0, results = {}, errs = {},
-                order = {}, ohead = 1, opts = opts or {} }
+                order = {}, ohead = 1, otail = 1 }
+  if opts then
+    job.callback, job.error_callback = opts.callback, opts.error_callback
+    local progress = opts.progress
+    if progress == true then
+      if core.isatty(2) then job.progress = true end
+    elseif progress then
+      job.progress = progress
+    end
+  end
   self._total = self._total + total
-  if total == 0 then job.done = true; job.results.n = 0 end
   return job
 end
 
--- Deliver one result message to its task.
-function Pool:_deliver(msg)
-  local task = self._tasks[msg.t]
-  if not task then return end                -- a second run's result: dropped
-  self._tasks[msg.t] = nil
-  self._ntasks = self._ntasks - 1
-  local job = task.job
-  local err = msg.err and errors.from_data(msg.err)
-  if err and msg.err.worker then err.worker = msg.err.worker end
-  if job.mode == "apply" then
-    if err then job.errs[1] = err else job.results[1] = msg.r end
-  else
-    for i = 0, task.count - 1 do
-      local pos = task.pos + i
-      if err then
-        if i == 0 then job.errs[pos] = err end
-      else
-        local r = msg.r[i + 1]
-        if job.mode == "map" then job.results[pos] = r[1] else job.results[pos] = r end
-      end
-      if not err or i == 0 then job.order[#job.order + 1] = pos end
-    end
-  end
-  job.ndone = job.ndone + task.count
-  self._done = self._done + task.count
-  if err then
-    self._failed = self._failed + task.count
-    if not job.first_pos or task.pos < job.first_pos then job.first_pos, job.first_err = task.pos, err end
-  end
-  local p = job.opts.progress
-  if type(p) == "function" then p(job.ndone, job.total) end
-  if job.ndone >= job.total then
-    job.done = true
-    if job.mode == "map" then job.results.n = job.total end
+-- job is done: number it (as_completed's order) and queue its callbacks
+-- for the end of the step (none but the done callbacks when aborted).
+function Pool:_finish(job)
+  job.done = true
+  local n = nfinished[1] + 1
+  nfinished[1] = n
+  job.finished = n
+  if job.mode == "map" then job.results.n = job.total end
+  if not job.aborted then
     if job.first_err then
-      if job.opts.error_callback then job.opts.error_callback(job.first_err) end
-    elseif job.opts.callback then
-      if job.mode == "apply" then job.opts.callback(unpack(job.results[1], 1, job.results[1].n))
-      else job.opts.callback(job.results) end
+      if job.error_callback then self:_later(job.error_callback, job.first_err) end
+    elseif job.callback then
+      self:_later(job.callback, job)
     end
   end
+  if job.done_cbs then self:_done_callbacks(job) end
 end
 
--- Make progress: read results for up to timeout seconds (nil: 1 s slices).
-function Pool:_step(timeout)
+-- Deliver task t's results (r: a packed call's, or a list of them for a
+-- chunk) or its error (which fails each of its positions).
+function Pool:_deliver(t, r, err)
+  local task = self._tasks[t]
+  if not task then return end                -- a second run's result: dropped
+  self._tasks[t] = nil
+  self._ntasks = self._ntasks - 1
+  local job = task.job
+  local first, count = task.pos, task.count
+  if job.mode == "apply" then
+    if err then job.errs[1] = err else job.results[1] = r end
+  else
+    local res, errs, map = job.results, job.errs, job.mode == "map"
+    for i = 0, count - 1 do
+      local pos = first + i
+      if err then errs[pos] = err
+      elseif map then res[pos] = r[i + 1][1]
+      else res[pos] = r[i + 1] end
+    end
+  end
+  local order, o = job.order, job.otail
+  for pos = first, first + count - 1 do order[o] = pos; o = o + 1 end
+  job.otail = o
+  job.ndone = job.ndone + count
+  self._done = self._done + count
+  if err then
+    self._failed = self._failed + count
+    if not job.first_err or first < job.first_err_pos then
+      job.first_err, job.first_err_pos = err, first
+    end
+  end
+  if job.progress and not job.progress_dirty then
+    job.progress_dirty = true
+    self:_later(false, job)
+  end
+  if job.ndone >= job.total then self:_finish(job) end
+end
+
+-- Send the standing read of the result stream (see BLOCK_MS).
+function Pool:_arm()
+  self._rc:send("XREAD", "COUNT", 1000, "BLOCK", BLOCK_MS, "STREAMS", self._rkey, self._last)
+  self._reading = true
+end
+
+-- Read the result stream for up to timeout seconds (nil: a while) and
+-- deliver what came.
+function Pool:_read(timeout)
   local now = monotonic()
   if now >= self._expire_at and self._ntasks > 0 then
     self._wc:call("PEXPIRE", self._rkey, self._ttl)     -- a live client keeps its stream
     self._expire_at = now + self._ttl / 3000
   end
-  if not self._reading then
-    local block = math.floor(math_min(timeout or 1, 1) * 1000)
-    if block < 1 then block = 1 end
-    self._rc:send("XREAD", "COUNT", 1000, "BLOCK", block, "STREAMS", self._rkey, self._last)
-    self._reading = true
-  end
+  if not self._reading then self:_arm() end
   local rep, why = self._rc:poll(math_min(timeout or 1.5, 1.5))
   if rep == nil and why == "timeout" then return end
   self._reading = false
+  if why == "reset" then polling.forget(self) end   -- (its fd is gone)
   if type(rep) ~= "table" then return end
   local ids = { "XDEL", self._rkey }
   for _, entry in ipairs(rep[1][2]) do
@@ -179,75 +228,187 @@ function Pool:_step(timeout)
     local t = math.tointeger(tonumber(f.t))
     if f.refused then
       if t and self._tasks[t] then
-        self:_deliver{ t = t, err = { type = "AuthenticationError", message =
-          "a worker refused the task (" .. f.refused .. "): its authkey is not this pool's" } }
+        self:_deliver(t, nil, errors.new("AuthenticationError", "a worker refused the task ("
+          .. f.refused .. "): its authkey is not this pool's"))
       end
     else
       local msg = wire.decode(self._authkey, f.m, f.s)
-      if type(msg) == "table" and msg.t == t then self:_deliver(msg)
-      else self._refused = self._refused + 1 end
+      if type(msg) == "table" and msg.t == t then
+        local err = msg.err
+        if err then
+          local e = errors.from_data(err)
+          if err.worker then e.worker = err.worker end
+          err = e
+        end
+        self:_deliver(t, msg.r, err)
+      else
+        self._refused = self._refused + 1
+      end
     end
   end
   if #ids > 2 then self._wc:call(unpack(ids)) end
 end
 
+-- One round (pool_results.lua's protocol): read results for up to timeout
+-- seconds (nil: a while), leave the next read waiting in Redis, then run
+-- the callbacks the results made.
+function Pool:_step(timeout)
+  local st = self._state
+  if st == "terminated" or st == "joined" then return end
+  self:_read(timeout)
+  if not self._reading then self:_arm() end
+  if self._cbhead < self._cbtail then self:_run_callbacks() end
+end
+
+-- Run steps until pred() or the deadline; true when pred() held. (A
+-- timeout of 0, or one that runs out, still makes one step.)
 function Pool:_until(pred, timeout)
   local deadline = timeout and monotonic() + timeout
+  local stepped = false
   while not pred() do
-    if self._state == "terminated" then return false end
+    local st = self._state
+    if st == "terminated" or st == "joined" then return pred() end
     local left
     if deadline then
       left = deadline - monotonic()
-      if left <= 0 then return false end
+      if left <= 0 then
+        if stepped then return false end
+        left = 0
+      end
     end
     self:_step(left)
+    stepped = true
   end
+  return true
+end
+
+function Pool:_consumed() end            -- (a map's items are all sent at once)
+
+-- Deletes, in one step, the entries of ARGV[2..] that were not yet
+-- delivered to the group ARGV[1] (ids after its last-delivered-id);
+-- returns the ids deleted.
+local CANCEL = [[
+local last = {0, 0}
+local function id(s)
+  local ms, seq = string.match(s, '^(%d+)-(%d+)$')
+  return {tonumber(ms), tonumber(seq)}
+end
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  for _, g in ipairs(redis.call('XINFO', 'GROUPS', KEYS[1])) do
+    local name, at
+    for i = 1, #g, 2 do
+      if g[i] == 'name' then name = g[i + 1] end
+      if g[i] == 'last-delivered-id' then at = g[i + 1] end
+    end
+    if name == ARGV[1] and at then last = id(at) end
+  end
+end
+local out = {}
+for i = 2, #ARGV do
+  local e = id(ARGV[i])
+  if (e[1] > last[1] or (e[1] == last[1] and e[2] > last[2]))
+     and redis.call('XDEL', KEYS[1], ARGV[i]) == 1 then
+    out[#out + 1] = ARGV[i]
+  end
+end
+return out
+]]
+
+-- pool:_cancel(job) -> true when some of job's tasks were still in the
+-- stream, not delivered to any worker: they are deleted (atomically: no
+-- worker can read them meanwhile) and fail with CancelledError; false
+-- when every task had been delivered.
+function Pool:_cancel(job)
+  local args, by = { "EVAL", CANCEL, 1, self._keys.tasks, wire.GROUP }, {}
+  for t, task in pairs(self._tasks) do
+    if task.job == job and task.entry then
+      args[#args + 1] = task.entry
+      by[task.entry] = t
+    end
+  end
+  if #args == 5 then return false end
+  local gone, msg = self._wc:call(unpack(args))
+  if type(gone) ~= "table" then error("cancel: " .. tostring(msg), 3) end
+  if #gone == 0 then return false end
+  job.cancelled = true
+  local err = errors.new("CancelledError", "the task was cancelled before it started")
+  for _, entry in ipairs(gone) do self:_deliver(by[entry], nil, err) end
   return true
 end
 
 -- ---- submitting --------------------------------------------------------
 
-local function new_result(job) return setmetatable({ _job = job }, AsyncResult) end
+local APPLY_OPTS = { callback = "function", error_callback = "function", timeout = true }
+local MAP_OPTS = { chunksize = true, callback = "function", error_callback = "function",
+                   progress = true }
 
--- pool:apply_async(fn, args [, {callback=, error_callback=, timeout=}]) -> AsyncResult
-function Pool:apply_async(fn, args, opts)
-  self:_own(2)
-  local function bad(i, what)
-    error(("bad argument #%d to 'apply_async' (%s expected)"):format(i, what), 3)
+-- The job of one call (level 3: the caller of the public method).
+function Pool:_apply(fname, fn, args, opts)
+  local L = 3
+  self:_running(L)
+  if type(fn) ~= "function" then
+    check.argerror(1, fname, "function expected, got " .. check.typename(fn), L)
   end
-  if type(fn) ~= "function" then bad(1, "function") end
-  if args ~= nil and type(args) ~= "table" then bad(2, "table") end
-  if opts ~= nil and type(opts) ~= "table" then bad(3, "table") end
+  if args ~= nil and type(args) ~= "table" then
+    check.argerror(2, fname, "table of arguments expected, got " .. check.typename(args), L)
+  end
+  opts = check.options(opts, 3, fname, APPLY_OPTS, L)
+  local timeout = check.number(opts.timeout, 3, fname, "'timeout'", 0, L)
   local job = new_job(self, "apply", 1, opts)
   local cmds = {}
   self:_add(job, 1, 1, { mode = "apply", fn = fn, args = args or {},
-                         timeout = opts and opts.timeout or self._timeout }, cmds)
+                         timeout = timeout or self._timeout }, cmds)
   self:_send(cmds)
-  return new_result(job)
+  return job
 end
-Pool.submit = Pool.apply_async
 
+-- pool:apply_async(fn, args [, {callback=, error_callback=, timeout=}]) -> AsyncResult
+function Pool:apply_async(fn, args, opts)
+  return new_result(self:_apply("apply_async", fn, args, opts))
+end
+
+-- pool:submit(fn, ...) -> AsyncResult: apply_async(fn, table.pack(...))
+function Pool:submit(fn, ...)
+  return new_result(self:_apply("submit", fn, pack(...), nil))
+end
+
+-- pool:apply(fn, args) -> the call's results
 function Pool:apply(fn, args)
-  return self:apply_async(fn, args):get()
+  return new_result(self:_apply("apply", fn, args, nil)):get()
 end
 
-function Pool:_map(mode, fn, xs, star, opts, level)
-  self:_own(level + 1)
-  if type(fn) ~= "function" then error("bad argument #1 (function expected)", level + 1) end
-  if type(opts) == "number" then opts = { chunksize = opts } end
-  if opts ~= nil and type(opts) ~= "table" then
-    error("bad argument #3 (chunksize or table expected)", level + 1)
+-- The job of a map call (level 3: the caller of the public method): the
+-- list cut into chunks, one stream entry each.
+function Pool:_map(fname, mode, fn, xs, star, opts)
+  local L = 3
+  self:_running(L)
+  if type(fn) ~= "function" then
+    check.argerror(1, fname, "function expected, got " .. check.typename(fn), L)
+  end
+  if type(opts) == "number" then opts = { chunksize = opts }
+  elseif opts ~= nil and type(opts) ~= "table" then
+    check.argerror(3, fname, "chunksize or options table expected, got "
+                   .. check.typename(opts), L)
+  end
+  opts = check.options(opts, 3, fname, MAP_OPTS, L)
+  local size = check.integer(opts.chunksize, 3, fname, "'chunksize'", 1, nil, L)
+  local progress = opts.progress
+  if progress ~= nil and progress ~= true and progress ~= false
+     and type(progress) ~= "function" then
+    check.argerror(3, fname, "'progress' must be true or a function, got "
+                   .. check.typename(progress), L)
   end
   local list = xs
   if type(xs) == "function" then                -- an iterator is read now
     list = {}
     for v in xs do list[#list + 1] = v end
   elseif type(xs) ~= "table" then
-    error("bad argument #2 (list or iterator expected)", level + 1)
+    check.argerror(2, fname, "table or iterator function expected, got "
+                   .. check.typename(xs), L)
   end
   local n = list.n or #list
   local job = new_job(self, mode, n, opts)
-  local size = opts and opts.chunksize
+  if n == 0 then self:_finish(job) return job end
   if not size then
     local _, workers = wire.alive(self._wc, self._keys)
     size = math_max(1, math_ceil(n / (4 * math_max(workers, 2))))
@@ -263,58 +424,75 @@ function Pool:_map(mode, fn, xs, star, opts, level)
   return job
 end
 
-function Pool:map_async(fn, xs, opts) return new_result(self:_map("map", fn, xs, false, opts, 2)) end
-function Pool:map(fn, xs, opts) return new_result(self:_map("map", fn, xs, false, opts, 2)):get() end
-function Pool:starmap_async(fn, xs, opts) return new_result(self:_map("map", fn, xs, true, opts, 2)) end
-function Pool:starmap(fn, xs, opts) return new_result(self:_map("map", fn, xs, true, opts, 2)):get() end
+-- pool:map_async(fn, list [, chunksize | opts]) -> AsyncResult (of a list)
+function Pool:map_async(fn, xs, opts)
+  return new_result(self:_map("map_async", "map", fn, xs, false, opts))
+end
+
+-- pool:map(fn, list [, chunksize | opts]) -> list of first results (with .n)
+function Pool:map(fn, xs, opts)
+  return new_result(self:_map("map", "map", fn, xs, false, opts)):get()
+end
+
+-- pool:starmap_async(fn, list of argument tables [, chunksize | opts]) -> AsyncResult
+function Pool:starmap_async(fn, xs, opts)
+  return new_result(self:_map("starmap_async", "map", fn, xs, true, opts))
+end
+
+-- pool:starmap(fn, list of argument tables [, chunksize | opts]) -> list
+function Pool:starmap(fn, xs, opts)
+  return new_result(self:_map("starmap", "map", fn, xs, true, opts)):get()
+end
 
 -- pool:imap(fn, xs [, chunksize | opts]) -> iterator giving i, results... in order
 function Pool:imap(fn, xs, opts)
-  local job = self:_map("imap", fn, xs, false, opts, 2)
-  local pos = 0
-  return function()
-    local want = pos + 1
-    if want > job.total then return nil end
-    self:_until(function()
-      return job.results[want] ~= nil or job.errs[want] ~= nil or job.aborted ~= nil
-        or (job.ndone >= job.total and job.first_err ~= nil)
-    end)
-    pos = want
-    local r = job.results[want]
-    if r then job.results[want] = nil; return want, unpack(r, 1, r.n) end
-    error(job.errs[want] or job.aborted or job.first_err, 0)
-  end
+  return results.imap(self, self:_map("imap", "imap", fn, xs, false, opts))
 end
 
 -- pool:imap_unordered(...) -> iterator giving i, results... as they come
 function Pool:imap_unordered(fn, xs, opts)
-  local job = self:_map("imap", fn, xs, false, opts, 2)
-  return function()
-    self:_until(function()
-      return job.order[job.ohead] ~= nil or job.aborted ~= nil or job.done == true
-    end)
-    local pos = job.order[job.ohead]
-    if not pos then
-      if job.aborted then error(job.aborted, 0) end
-      return nil
-    end
-    job.ohead = job.ohead + 1
-    local r = job.results[pos]
-    if r == nil then error(job.errs[pos], 0) end
-    job.results[pos] = nil
-    return pos, unpack(r, 1, r.n)
-  end
+  return results.imap_unordered(self, self:_map("imap_unordered", "imap", fn, xs, false, opts))
 end
 
--- ---- the rest of the Pool API -----------------------------------------
+-- ---- for event loops, and numbers --------------------------------------
 
--- pool:poll([timeout]) -> number of unfinished tasks
+-- pool:poll([timeout]) -> number of unfinished tasks; makes progress and
+-- runs callbacks (for event loops: call it when pool:fileno() is readable)
 function Pool:poll(timeout)
-  if self._state ~= "terminated" then self:_step(timeout or 0) end
+  check.timeout(timeout, 1, "poll")
+  self:_step(timeout or 0)
   return self._ntasks
 end
 
-function Pool:fileno() return self._rc:fileno() end
+-- pool:_fd() -> the result connection's socket, with a read waiting in
+-- Redis (so that it becomes readable when a result comes)
+function Pool:_fd()
+  if not self._reading then self:_arm() end
+  return self._rc:fileno()
+end
+
+-- pool:fileno() -> fd that becomes readable when the pool has news (a
+-- result, or the standing read's empty answer, at least once a second);
+-- it changes when the connection to Redis is made again
+function Pool:fileno()
+  local st = self._state
+  if st == "terminated" or st == "joined" then perr("Pool is " .. st, 2) end
+  return self:_fd()
+end
+
+-- The polling protocol of cqueues (docs/eventloops.md): readable means
+-- "call pool:poll() now"; timeout() is 0 while callbacks wait to run or
+-- when news came that its socket does not show (an answer read with the
+-- request, or no read waiting), nil otherwise.
+function Pool:pollfd() return polling.remember(self, self:fileno()) end
+Pool.events = polling.events
+function Pool:timeout()
+  if self._cbhead < self._cbtail then return 0 end
+  local st = self._state
+  if st == "terminated" or st == "joined" then return nil end
+  if not self._reading or self._rc.early then return 0 end
+  return nil
+end
 
 -- pool:stats() -> {machines, workers, queued, done, failed, refused}
 function Pool:stats()
@@ -329,6 +507,8 @@ function Pool:progress()
   return self._done, self._total, workers
 end
 
+-- ---- lifecycle ---------------------------------------------------------
+
 function Pool:close()
   if self._state == "running" then self._state = "closed" end
 end
@@ -336,6 +516,7 @@ end
 -- Remove what this client left in Redis: its result stream, and the
 -- entries of its tasks that no worker finished.
 function Pool:_cleanup()
+  polling.forget(self)
   local cmds = { { "DEL", self._rkey } }
   for _, task in pairs(self._tasks) do
     if task.entry then
@@ -356,7 +537,8 @@ function Pool:join()
 end
 
 -- pool:terminate(): unfinished tasks fail with a ProcessError and are
--- taken off the queue
+-- taken off the queue; their done callbacks run (the first error one
+-- raises is raised after them all)
 function Pool:terminate()
   if self._state == "terminated" or self._state == "joined" then return end
   self._state = "terminated"
@@ -364,10 +546,19 @@ function Pool:terminate()
   local err = errors.new("ProcessError", "Pool was terminated before the task finished")
   for _, task in pairs(self._tasks) do
     local job = task.job
-    if not job.done then job.aborted, job.first_err, job.done = err, job.first_err or err, true end
+    if not job.done then
+      job.aborted, job.first_err = err, job.first_err or err
+      self:_finish(job)
+    end
   end
   self:_cleanup()
   self._tasks, self._ntasks = {}, 0
+  local first
+  while self._cbhead < self._cbtail do
+    local ok, e = pcall(self._run_callbacks, self)
+    if not ok and first == nil then first = e end
+  end
+  if first ~= nil then error(first, 0) end
 end
 Pool.__close = Pool.terminate
 
@@ -382,45 +573,6 @@ function Pool.__tostring(self)
   return ("<cluster.Pool(%s, %s)>"):format(self._keys.tasks, self._state)
 end
 
--- ---- AsyncResult -------------------------------------------------------
-
-function AsyncResult:ready()
-  local job = self._job
-  if not job.done and job.pool._state ~= "terminated" then job.pool:_step(0) end
-  return job.done == true
-end
-
-function AsyncResult:wait(timeout)
-  local job = self._job
-  return job.pool:_until(function() return job.done == true end, timeout)
-end
-
-function AsyncResult:successful()
-  if not self:ready() then perr("result is not ready", 2) end
-  return self._job.first_err == nil
-end
-
--- r:get([timeout]) -> the results | nil, "timeout"; raises the task's error
-function AsyncResult:get(timeout)
-  if timeout ~= nil and (type(timeout) ~= "number" or timeout < 0) then
-    error("bad argument #1 to 'get' (timeout must be a number >= 0)", 2)
-  end
-  local job = self._job
-  if not job.done and not job.pool:_until(function() return job.done == true end, timeout) then
-    if not job.done then return nil, "timeout" end
-  end
-  if job.first_err then error(job.first_err, 0) end
-  if job.mode == "apply" then
-    local r = job.results[1]
-    return unpack(r, 1, r.n)
-  end
-  return job.results
-end
-
-function AsyncResult.__tostring(self)
-  return ("<AsyncResult(%s)>"):format(self._job.done and "ready" or "pending")
-end
-
-M.AsyncResult = AsyncResult
+M.AsyncResult = results.AsyncResult
 M.PoolClass = Pool
 return M

@@ -300,6 +300,10 @@ function Pool:fileno()
   return self._pc:fileno()
 end
 
+-- pool:_fd() -> the same fd, unchecked (pool_results.lua's protocol: what
+-- an AsyncResult and mp.as_completed wait on)
+function Pool:_fd() return self._pc:fileno() end
+
 -- The polling protocol of cqueues (docs/eventloops.md): pool:pollfd() is
 -- pool:fileno(); readable means "call pool:poll() now". timeout() is 0
 -- while callbacks wait to run (one raised), and the seconds until a

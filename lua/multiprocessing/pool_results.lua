@@ -3,11 +3,30 @@
 -- the polling protocol of event loops), mp.as_completed, the imap and
 -- imap_unordered iterators, callbacks and progress.
 --
--- Each reads a job (see pool_scheduler.lua) and makes the pool progress
--- (pool:_step, pool:_until) while what it waits for is not there. The
--- callbacks and progress bars a step produced run at its end
--- (pool:_run_callbacks, installed in the Pool with pool:_later), never in
--- the middle of the books (docs/design.md, decision 7).
+-- Two pools share them: the local Pool (pool.lua) and the cluster pool
+-- (cluster.lua). Each reads a job and makes its pool progress while what
+-- it waits for is not there, through this small protocol, which both
+-- pools give:
+--
+--   job fields      pool, mode ("apply": results[1] is a packed call's
+--                   results; else results is a list), results, first_err,
+--                   done, finished (M.finished's number when it was
+--                   done), cancelled, done_cbs; for the iterators errs,
+--                   aborted, total, order/ohead (imap_unordered)
+--   pool:_step(t)   one round: wait up to t seconds (nil: a while) for
+--                   news, take it in, run the callbacks it made
+--   pool:_until(pred [, t]) -> whether pred() held (steps until it does)
+--   pool:_own(level)   raises unless this process owns the pool
+--   pool:_cancel(job) -> whether some of job's tasks were cancelled
+--   pool:_consumed(job)  an imap consumer took one more result
+--   pool:_fd()      the fd that is readable when the pool has news
+--   pool:timeout(), pool:fileno(), pool._state (a pool "terminated" or
+--                   "joined" makes no more progress)
+--
+-- The callbacks and progress bars a step produced run at its end
+-- (pool:_run_callbacks, installed in both pools with pool:_later and
+-- pool:_done_callbacks: M.methods), never in the middle of the books
+-- (docs/design.md, decision 7).
 
 local core = require "multiprocessing.core"
 local errors = require "multiprocessing.errors"
@@ -21,6 +40,11 @@ local monotonic, poll = core.monotonic, core.poll
 local stderr = io.stderr
 
 local M = {}
+
+-- The jobs finished in this process, every pool counted: M.finished[1],
+-- which a pool adds one to and copies into job.finished when a job is
+-- done (mp.as_completed's order across pools).
+M.finished = { 0 }
 
 -- ---- AsyncResult -----------------------------------------------------------
 
@@ -141,7 +165,7 @@ function AsyncResult:pollfd()
   local pool = self._job.pool
   local st = pool._state
   if st == "terminated" or st == "joined" then return nil end
-  return polling.remember(pool, pool._pc:fileno())
+  return polling.remember(pool, pool:_fd())
 end
 
 AsyncResult.events = polling.events
@@ -180,7 +204,7 @@ local function step_pools(pending, n, left)
       local st = pool._state
       if st ~= "terminated" and st ~= "joined" then
         pools[#pools + 1] = pool
-        fds[#fds + 1] = pool._pc:fileno()
+        fds[#fds + 1] = pool:_fd()
         local t = pool:timeout()
         if t and (not left or t < left) then left = t end
       end
@@ -322,6 +346,13 @@ function Pool:_later(f, arg)
   local t = self._cbtail                  -- not #: the head of the queue has holes
   self._cbq[t] = { f, arg }
   self._cbtail = t + 1
+end
+
+-- Queue job's done callbacks (add_done_callback) for the end of the step.
+function Pool:_done_callbacks(job)
+  local cbs = job.done_cbs
+  job.done_cbs = nil
+  for i = 1, #cbs do self:_later(cbs[i][1], cbs[i][2]) end
 end
 
 local function draw_bar(done, total)

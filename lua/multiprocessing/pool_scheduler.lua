@@ -36,6 +36,7 @@
 local errors = require "multiprocessing.errors"
 local core = require "multiprocessing.core"
 local log = require "multiprocessing.log"
+local results = require "multiprocessing.pool_results"
 
 local type, pairs, tostring, pcall = type, pairs, tostring, pcall
 local math_huge, math_min, math_max = math.huge, math.min, math.max
@@ -54,8 +55,9 @@ local QUEUED_US = 200
 -- An iterator input is read no further ahead of the consumer than this
 -- many items (an abandoned imap over an endless iterator stops there).
 local WINDOW_MIN = 256
--- Jobs finished in this process, every pool counted (job.finished).
-local nfinished = 0
+-- Jobs finished in this process, every pool counted (job.finished; the
+-- cluster pool's too).
+local nfinished = results.finished
 
 -- A task's error, as a worker sent it (errors.to_data), raised in the
 -- parent as a RemoteError (decision 9).
@@ -288,19 +290,13 @@ function Pool:_fail_range(job, first, n, err)
   self:_check_done(job)
 end
 
--- Queue job's done callbacks (add_done_callback) for the end of the step.
-function Pool:_done_callbacks(job)
-  local cbs = job.done_cbs
-  job.done_cbs = nil
-  for i = 1, #cbs do self:_later(cbs[i][1], cbs[i][2]) end
-end
-
 function Pool:_check_done(job)
   if job.done then return end
   if job.total and job.ndone >= job.total and not has_work(job) then
     job.done = true
-    nfinished = nfinished + 1
-    job.finished = nfinished
+    local n = nfinished[1] + 1
+    nfinished[1] = n
+    job.finished = n
     self._active = self._active - 1
     self._unfinished[job] = nil
     if job.iter_error and not job.first_err then
@@ -432,8 +428,9 @@ function Pool:_abort(err)
     job.first_err_pos = job.first_err_pos or 0
     job.aborted = err
     job.done = true
-    nfinished = nfinished + 1
-    job.finished = nfinished
+    local n = nfinished[1] + 1
+    nfinished[1] = n
+    job.finished = n
     self._unfinished[job] = nil
     if job.done_cbs then self:_done_callbacks(job) end
   end
