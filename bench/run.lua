@@ -4,8 +4,13 @@
 -- implementation and its ratio to ours ("lua-mp"). Lines starting with '#'
 -- are passed through once (exactness checks and notes).
 -- BENCH_ONLY=codec,pool limits the areas.
+-- BENCH_BEFORE=dir (a built checkout of an earlier commit) runs each Lua
+-- bench file a second time in the same round against that tree's library,
+-- reporting its lua-mp rates as impl "before": a before/after comparison
+-- within one run.
 local rounds = tonumber(os.getenv("BENCH_ROUNDS")) or 5
 local only = os.getenv("BENCH_ONLY")
+local before = os.getenv("BENCH_BEFORE")
 
 local function files()
   local p = io.popen("ls bench/*.lua bench/*.py 2>/dev/null")
@@ -24,26 +29,39 @@ end
 
 local samples, units, order, notes, seen_note = {}, {}, {}, {}, {}
 local lua = os.getenv("LUA") or "lua5.4"
+-- Run one bench program; as_before: keep only its lua-mp lines, as "before".
+local function run(cmd, as_before)
+  local p = io.popen(cmd)
+  for line in p:lines() do
+    if line:sub(1, 1) == "#" then
+      if not as_before and not seen_note[line] then
+        seen_note[line] = true; notes[#notes + 1] = line
+      end
+    else
+      local case, impl, rate, unit = line:match("^([^\t]+)\t([^\t]+)\t([^\t]+)\t([^\t]+)$")
+      rate = tonumber(rate)
+      if as_before then impl = impl == "lua-mp" and "before" or nil end
+      if case and impl and rate then
+        if not samples[case] then samples[case] = {}; order[#order + 1] = case end
+        samples[case][impl] = samples[case][impl] or {}
+        table.insert(samples[case][impl], rate)
+        units[case] = unit
+      end
+    end
+  end
+  p:close()
+end
+
 for round = 1, rounds do
   for _, f in ipairs(files()) do
     local cmd = (f:match("%.py$") and "python3 " or lua .. " ") .. f
     io.stderr:write(("round %d/%d: %s\n"):format(round, rounds, cmd))
-    local p = io.popen(cmd)
-    for line in p:lines() do
-      if line:sub(1, 1) == "#" then
-        if not seen_note[line] then seen_note[line] = true; notes[#notes + 1] = line end
-      else
-        local case, impl, rate, unit = line:match("^([^\t]+)\t([^\t]+)\t([^\t]+)\t([^\t]+)$")
-        rate = tonumber(rate)
-        if case and rate then
-          if not samples[case] then samples[case] = {}; order[#order + 1] = case end
-          samples[case][impl] = samples[case][impl] or {}
-          table.insert(samples[case][impl], rate)
-          units[case] = unit
-        end
-      end
+    run(cmd, false)
+    if before and f:match("%.lua$") then
+      io.stderr:write(("round %d/%d: %s (before: %s)\n"):format(round, rounds, cmd, before))
+      run(("LUA_PATH=%q LUA_CPATH=%q %s"):format(before .. "/lua/?.lua;" .. before
+          .. "/lua/?/init.lua;./?.lua;./?/init.lua;;", before .. "/lua/?.so;;", cmd), true)
     end
-    p:close()
   end
 end
 
