@@ -28,6 +28,8 @@
  *                 of the message: functions sharing an upvalue)
  *   0x0e HANDLE   string kind, varint nfds, nfds varint positions in the
  *                 message's fd list, then the state value
+ *   0x0f TBL_REG  string: a table registered with mp.register (a class, a
+ *                 metatable), which travels by its name wherever it is
  *   0x40..0x5f    string of length tag - 0x40 (short strings inline)
  *   0x80..0xff    integer tag - 0x80 (0..127 inline)
  * Strings inside tags (names, kinds) are STR or short-string values.
@@ -45,7 +47,7 @@
 
 enum {
   T_NIL, T_FALSE, T_TRUE, T_INT, T_FLOAT, T_STR, T_TABLE, T_TABLE_MT, T_REF,
-  T_GLOBALS, T_MODULE, T_FN_REG, T_FN_MOD, T_FN_LUA, T_HANDLE
+  T_GLOBALS, T_MODULE, T_FN_REG, T_FN_MOD, T_FN_LUA, T_HANDLE, T_TBL_REG
 };
 #define T_SHORTSTR 0x40    /* 0x40..0x5f: a string of tag - 0x40 bytes */
 #define SHORTSTR_MAX 31

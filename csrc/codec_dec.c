@@ -492,6 +492,9 @@ static void dec_value(dec *d) {
     push_registered(d, LUA_TFUNCTION, "function");
     return;
   }
+  case T_TBL_REG:                        /* this process's own, by name */
+    push_registered(d, LUA_TTABLE, "table");
+    return;
   case T_FN_MOD: {
     size_t nm, nk;
     const char *mod, *key;

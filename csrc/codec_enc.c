@@ -590,6 +590,16 @@ static void enc_table(enc *e, int idx) {
     lua_pop(L, 1);
     return;
   }
+  lua_pushvalue(L, idx);                 /* a registered class: by name */
+  if (lua_rawget(L, e->byval) == LUA_TSTRING) {
+    size_t n;
+    const char *name = lua_tolstring(L, -1, &n);
+    enc_byte(e, T_TBL_REG);
+    enc_str(e, name, n);
+    lua_pop(L, 1);
+    return;
+  }
+  lua_pop(L, 1);
   if (lua_getmetatable(L, idx)) {
     int mt = lua_gettop(L);
     size_t n;

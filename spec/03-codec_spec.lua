@@ -195,6 +195,19 @@ describe("codec classes", function()
     assert.are.equal(7, r[1]:norm1())
   end)
 
+  it("sends a registered class itself by its name, as a value and as an upvalue", function()
+    local r = rt({ cls = Point, again = Point })
+    assert.are.equal(Point, r.cls)                -- the receiver's own, not a copy
+    assert.are.equal(Point, r.again)
+    local function make(x) return setmetatable({ x = x, y = 0 }, Point) end
+    local make2 = rt(make)
+    assert.are.equal(Point, getmetatable(make2(5)))
+    assert.are.equal(5, rt(make2(5)):norm1())     -- and its objects travel again
+    -- TBL_REG "spec.Nope": a name the receiver has not registered
+    local msg = "\1\0\15" .. string.char(0x40 + 9) .. "spec.Nope"
+    ser_error(function() loads(msg) end, "table 'spec.Nope' is not registered")
+  end)
+
   it("refuses a table with an unregistered metatable", function()
     local mt = { __name = "spec.Unknown" }
     local e = ser_error(function()

@@ -311,6 +311,32 @@ for _, method in ipairs(METHODS) do
 end
 
 describe("the entry chunk under spawn", function()
+  -- regression: a closure whose upvalue was a registered class arrived
+  -- with a copy of the class, whose objects mp.dumps then refused
+  it("gives a spawned child its own registered class for an upvalue", function()
+    local out, code = H.run_lua([[
+      local mp = require "multiprocessing"
+      local Point = mp.register("spec.SpawnPoint", { __name = "spec.SpawnPoint" })
+      local function make() return setmetatable({ x = 1 }, Point) end
+      local function child()
+        local o = make()
+        local ok = getmetatable(o) == Point and pcall(mp.dumps, o)
+        os.exit(ok and 0 or 3)
+      end
+      if mp.is_main() then
+        for _, m in ipairs { "spawn", "forkserver" } do
+          local p = mp.get_context(m).Process{ target = child }
+          p:start()
+          assert(p:join(30) == 0, m)
+        end
+        require("multiprocessing.spawn")._forkserver_stop()
+        print("ok")
+      end
+    ]], 60)
+    assert.are.equal(0, code, out)
+    assert.are.equal("ok\n", out)
+  end)
+
   it("is re-run without the guarded block: the module-isolation seed", function()
     local out = shell("lua5.4 examples/module_isolation.lua")
     for _, want in ipairs({
