@@ -137,7 +137,10 @@ examples: deps all
 	@for f in examples/*.lua; do echo "== $$f"; \
 	  $(ENV) timeout 120 $(LUA) $$f || exit 1; done
 
-bench: all
+# the Python side of each case, and the other peers, are Debian packages too
+bench:
+	$(MAKE) deps DEPS="$(DEPS) python3 lua-cjson python3-rq python3-celery python3-redis"
+	$(MAKE) all
 	$(ENV) $(LUA) bench/run.lua
 
 # Fault and attack trials, not part of make test (docs/reliability.md):
