@@ -15,10 +15,11 @@ local M = {}
 
 local modules = {
   "errors", "codec", "process", "connection", "synchronize", "sharedctypes",
-  "queues", "context", "log", "managers",
+  "queues", "context", "log",
 }
 -- name -> module, for the modules loaded on first use
-local lazy = { Pool = "pool", as_completed = "pool" }
+local lazy = { Pool = "pool", as_completed = "pool", Manager = "managers",
+               SyncManager = "managers", BaseManager = "managers" }
 M._lazy = lazy
 M._modules = modules
 
@@ -37,6 +38,19 @@ local function merge(name)
 end
 
 for _, name in ipairs(modules) do merge(name) end
+
+-- The managers' handle kinds: a process that receives a proxy or a
+-- manager before it used the managers loads them then (their modules
+-- register the real rebuilds, replacing these).
+local core = require "multiprocessing.core"
+local MANAGER_KINDS = { Manager = "multiprocessing.managers",
+                        ManagerProxy = "multiprocessing.managers.proxies" }
+for kind, modname in pairs(MANAGER_KINDS) do
+  core.register_handle(kind, function(state)
+    merge("managers")
+    return require(modname)._rebuild(state)
+  end)
+end
 
 setmetatable(M, { __index = function(_, k)
   local name = lazy[k]

@@ -327,7 +327,7 @@ MMT.__mp_reduce = function(self)
   for t in pairs(self._registry) do ids[#ids + 1] = t end
   return "Manager", { addr = self.address, key = self._authkey, kind = self._kind, typeids = ids }
 end
-core.register_handle("Manager", function(st)
+local function rebuild_manager(st)
   if type(st) ~= "table" or type(st.addr) ~= "string" or type(st.key) ~= "string"
      or type(st.typeids) ~= "table" or type(st.kind) ~= "string" then
     error(errors.new("SerializationError", "malformed manager"), 0)
@@ -339,7 +339,9 @@ core.register_handle("Manager", function(st)
   m.address = st.addr
   m._state = "connected"
   return m
-end)
+end
+M._rebuild = rebuild_manager
+core.register_handle("Manager", rebuild_manager)
 
 return M
 

@@ -52,14 +52,16 @@ local function reduce(p)
                            exposed = st.exposed }
 end
 
-core.register_handle("ManagerProxy", function(st)
+local function rebuild_proxy(st)
   if type(st) ~= "table" or type(st.addr) ~= "string" or type(st.key) ~= "string"
      or mathtype(st.oid) ~= "integer" or type(st.kind) ~= "string"
      or (st.exposed ~= nil and type(st.exposed) ~= "table") then
     error(errors.new("SerializationError", "malformed manager proxy"), 0)
   end
   return new_proxy(st)
-end)
+end
+M._rebuild = rebuild_proxy
+core.register_handle("ManagerProxy", rebuild_proxy)
 
 local function tostr(p)
   local st = pstate[p]
