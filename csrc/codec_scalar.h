@@ -62,6 +62,25 @@ static inline int cs_get_varint(const unsigned char **p, const unsigned char *en
   return 0;
 }
 
+/* The varint at q when at least 10 bytes may be read there (no bounds
+   checks: the caller knows): the position after it, or NULL when it is
+   longer than 64 bits. The same values as cs_get_varint. */
+static inline const unsigned char *cs_get_varint10(const unsigned char *q, uint64_t *v) {
+  uint64_t x = 0;
+  int k;
+  for (k = 0; k < 9; k++) {              /* unrolled by the compiler */
+    unsigned c = q[k];
+    x |= (uint64_t)(c & 0x7f) << (7 * k);
+    if (c < 0x80) {
+      *v = x;
+      return q + k + 1;
+    }
+  }
+  if (q[9] > 1) return NULL;             /* the tenth byte holds bit 63 */
+  *v = x | (uint64_t)q[9] << 63;
+  return q + 10;
+}
+
 /* An integer as a varint: zigzag, so that small magnitudes of either
    sign are short. */
 static inline uint64_t cs_zigzag(lua_Integer i) {
@@ -203,23 +222,25 @@ static inline size_t cs_msg_int(unsigned char *w, lua_Integer i) {
   return 2 + cs_wr_int(w + 2, i);
 }
 
-/* Is p[0 .. len) a message of one integer of at most 3 varint bytes
-   (|i| < 2^20)? Then *i is it: 1; else 0 (cs_decode's then). */
+/* Is p[0 .. len) a message of one integer (of any size)? Then *i is it:
+   1; else 0 (cs_decode's then). Reads the varint as cs_get does. */
 static inline int cs_msg_getint(const char *p, size_t len, lua_Integer *i) {
-  const unsigned char *q = (const unsigned char *)p;
+  const unsigned char *q = (const unsigned char *)p, *r, *e;
   uint64_t v;
   if (len < 3 || q[0] != CODEC_VERSION || q[1] != 0) return 0;
-  if (len == 3 && q[2] >= T_FIXINT) {
+  if (q[2] >= T_FIXINT) {
+    if (len != 3) return 0;
     *i = (lua_Integer)(q[2] - T_FIXINT);
     return 1;
   }
   if (q[2] != T_INT) return 0;
-  if (len == 4 && q[3] < 0x80) v = q[3];
-  else if (len == 5 && q[3] >= 0x80 && q[4] < 0x80 && q[4] != 0)
-    v = (uint64_t)(q[3] & 0x7f) | (uint64_t)q[4] << 7;
-  else if (len == 6 && q[3] >= 0x80 && q[4] >= 0x80 && q[5] < 0x80)
-    v = (uint64_t)(q[3] & 0x7f) | (uint64_t)(q[4] & 0x7f) << 7 | (uint64_t)q[5] << 14;
-  else return 0;
+  r = q + 3;
+  e = q + len;
+  if (len == 4 && q[3] < 0x80) {         /* the commonest: one byte */
+    v = q[3];
+  } else if (!cs_get_varint(&r, e, &v) || r != e) {
+    return 0;
+  }
   *i = cs_unzigzag(v);
   return 1;
 }

@@ -489,13 +489,19 @@ static int pool_next(lua_State *L) {
   }
 }
 
-/* The position after the value at p (< end), without decoding it. */
+/* The position after the value at p (< end), without keeping it (a
+   message is not decoded; a plain value is read and dropped). */
 static const char *skip_value(lua_State *L, const char *p, const char *end) {
   uint32_t n;
-  if (end - p < 4) return mp_pool_corrupt(L), NULL;
-  n = pool_rd_u32(p);
-  if ((size_t)(end - p - 4) < n) return mp_pool_corrupt(L), NULL;
-  return p + 4 + n;
+  if (p < end && (unsigned char)*p == POOL_MSG) {
+    if (end - p < 5) return mp_pool_corrupt(L), NULL;
+    n = pool_rd_u32(p + 1);
+    if ((size_t)(end - p - 5) < n) return mp_pool_corrupt(L), NULL;
+    return p + 5 + n;
+  }
+  p = pool_get_value(L, p, end);
+  lua_pop(L, 1);
+  return p;
 }
 
 /* pc:take(i, results, pos, packed) -> nerr, errs | nil: the items of the

@@ -88,37 +88,62 @@ static inline void pool_frame_close(mp_buf *b, size_t at, uint32_t kind) {
   mp_frame_put(b->data + at, b->len - at - MP_FRAME_HDR, 0, kind);
 }
 
-/* Append the value at idx, of type t (lua_type, or -1: not known yet),
-   as u32 length + codec message (the pool's hottest path: inline; an
-   integer costs no lua_type). */
+/* A value in a task or result: a plain value (nil, boolean, number,
+   string) is the codec's bytes of that value, its tag and payload
+   (codec_scalar.h); anything else is POOL_MSG, a u32 length and a whole
+   codec message (mp_encode). POOL_MSG is no codec tag. */
+#define POOL_MSG 0x3f
+
+/* Append the value at idx, of type t (lua_type, or -1: not known yet)
+   (the pool's hottest path: inline; an integer costs no lua_type). */
 static inline __attribute__((always_inline)) void pool_put_value(lua_State *L, mp_buf *b, int idx, int t) {
-  size_t at = b->len;
+  size_t at;
   if (idx < 0) idx = lua_absindex(L, idx);
-  if (b->cap - b->len < 4 + 16) mp_buf_reserve(L, b, 4 + 16);  /* a number's room */
-  if ((t == LUA_TNUMBER || t < 0) && lua_isinteger(L, idx))
-    b->len += 4 + cs_msg_int((unsigned char *)b->data + at + 4, lua_tointeger(L, idx));
-  else {
-    if (t < 0) t = lua_type(L, idx);
-    b->len += 4;
-    if (!cs_encode(L, idx, t, b)) mp_encode(L, idx, b, NULL);
+  if (b->cap - b->len < 16) mp_buf_reserve(L, b, 16);   /* a number's room */
+  if ((t == LUA_TNUMBER || t < 0) && lua_isinteger(L, idx)) {
+    b->len += cs_wr_int((unsigned char *)b->data + b->len, lua_tointeger(L, idx));
+    return;
   }
-  if (b->len - at - 4 > UINT32_MAX) luaL_error(L, "value too large for a pool message");
-  pool_wr_u32(b->data + at, (uint32_t)(b->len - at - 4));
+  if (t < 0) t = lua_type(L, idx);
+  if (cs_put(L, b, idx, t, 0)) return;
+  at = b->len;                           /* not a plain value: a message */
+  b->data[at] = (char)POOL_MSG;
+  b->len += 5;
+  mp_encode(L, idx, b, NULL);
+  if (b->len - at - 5 > UINT32_MAX) luaL_error(L, "value too large for a pool message");
+  pool_wr_u32(b->data + at + 1, (uint32_t)(b->len - at - 5));
 }
 
 /* Push the value at p (< end); the position after it. Raises on a
    malformed one. */
 static inline __attribute__((always_inline)) const char *pool_get_value(lua_State *L, const char *p,
                                          const char *end) {
+  unsigned tag;
   uint32_t n;
-  lua_Integer i;
-  if (end - p < 4) return mp_pool_corrupt(L), NULL;
-  n = pool_rd_u32(p);
-  p += 4;
-  if ((size_t)(end - p) < n) return mp_pool_corrupt(L), NULL;
-  if (cs_msg_getint(p, n, &i)) lua_pushinteger(L, i);
-  else if (!cs_decode(L, p, n)) mp_decode(L, p, n, NULL, 0);
-  return p + n;
+  if (p >= end) return mp_pool_corrupt(L), NULL;
+  tag = (unsigned char)*p;
+  if (tag >= T_FIXINT) {                 /* the commonest: a small integer */
+    lua_pushinteger(L, (lua_Integer)(tag - T_FIXINT));
+    return p + 1;
+  }
+  if (tag == T_INT && end - p > 10) {    /* the next: any other integer */
+    uint64_t v;
+    const unsigned char *q = cs_get_varint10((const unsigned char *)p + 1, &v);
+    if (q == NULL) return mp_pool_corrupt(L), NULL;
+    lua_pushinteger(L, cs_unzigzag(v));
+    return (const char *)q;
+  }
+  if (tag == POOL_MSG) {
+    if (end - p < 5) return mp_pool_corrupt(L), NULL;
+    n = pool_rd_u32(p + 1);
+    p += 5;
+    if ((size_t)(end - p) < n) return mp_pool_corrupt(L), NULL;
+    mp_decode(L, p, n, NULL, 0);
+    return p + n;
+  }
+  p = cs_get(L, p, end);
+  if (p == NULL) return mp_pool_corrupt(L), NULL;
+  return p;
 }
 
 /* -- pool.c --------------------------------------------------------- */
