@@ -214,37 +214,6 @@ static inline const char *cs_get(lua_State *L, const char *p, const char *end) {
   return (const char *)q;
 }
 
-/* An integer as a whole message, at w (room for 13 bytes): the bytes
-   written. The commonest value of all, so small enough to inline. */
-static inline size_t cs_msg_int(unsigned char *w, lua_Integer i) {
-  w[0] = CODEC_VERSION;
-  w[1] = 0;
-  return 2 + cs_wr_int(w + 2, i);
-}
-
-/* Is p[0 .. len) a message of one integer (of any size)? Then *i is it:
-   1; else 0 (cs_decode's then). Reads the varint as cs_get does. */
-static inline int cs_msg_getint(const char *p, size_t len, lua_Integer *i) {
-  const unsigned char *q = (const unsigned char *)p, *r, *e;
-  uint64_t v;
-  if (len < 3 || q[0] != CODEC_VERSION || q[1] != 0) return 0;
-  if (q[2] >= T_FIXINT) {
-    if (len != 3) return 0;
-    *i = (lua_Integer)(q[2] - T_FIXINT);
-    return 1;
-  }
-  if (q[2] != T_INT) return 0;
-  r = q + 3;
-  e = q + len;
-  if (len == 4 && q[3] < 0x80) {         /* the commonest: one byte */
-    v = q[3];
-  } else if (!cs_get_varint(&r, e, &v) || r != e) {
-    return 0;
-  }
-  *i = cs_unzigzag(v);
-  return 1;
-}
-
 /* Append the scalar at idx, of type t (lua_type), as a whole codec
    message: 1; 0 (nothing appended) when it is none. */
 static inline int cs_encode(lua_State *L, int idx, int t, mp_buf *b) {
