@@ -260,27 +260,8 @@ function Pool:_step(timeout)
   if self._cbhead < self._cbtail then self:_run_callbacks() end
 end
 
--- Run steps until pred() or the deadline; true when pred() held. (A
--- timeout of 0, or one that runs out, still makes one step.)
-function Pool:_until(pred, timeout)
-  local deadline = timeout and monotonic() + timeout
-  local stepped = false
-  while not pred() do
-    local st = self._state
-    if st == "terminated" or st == "joined" then return pred() end
-    local left
-    if deadline then
-      left = deadline - monotonic()
-      if left <= 0 then
-        if stepped then return false end
-        left = 0
-      end
-    end
-    self:_step(left)
-    stepped = true
-  end
-  return true
-end
+-- pool:_until(pred [, timeout]): the local Pool's (pool_results.lua)
+Pool._until = results.methods._until
 
 function Pool:_consumed() end            -- (a map's items are all sent at once)
 

@@ -341,6 +341,29 @@ end
 local Pool = {}             -- the methods this module gives the Pool
 M.methods = Pool
 
+-- pool:_until(pred [, timeout]): run steps until pred() or the deadline;
+-- true when pred() held (the cluster pool takes it too).
+-- (A timeout of 0, or one that runs out, still makes one step: news that
+-- came is taken in before the answer is no.)
+function Pool:_until(pred, timeout)
+  local deadline = timeout and monotonic() + timeout
+  local stepped = false
+  while not pred() do
+    if self._state == "terminated" or self._state == "joined" then return pred() end
+    local left
+    if deadline then
+      left = deadline - monotonic()
+      if left <= 0 then
+        if stepped then return false end
+        left = 0
+      end
+    end
+    self:_step(left)
+    stepped = true
+  end
+  return true
+end
+
 -- Queue a callback (f false: job arg's progress) for the end of the step.
 function Pool:_later(f, arg)
   local t = self._cbtail                  -- not #: the head of the queue has holes

@@ -529,26 +529,5 @@ function Pool:_step(timeout)
   if self._cbhead < self._cbtail then self:_run_callbacks() end
 end
 
--- Run steps until pred() or the deadline; true when pred() held.
--- (A timeout of 0, or one that runs out, still makes one step: news that
--- came is taken in before the answer is no.)
-function Pool:_until(pred, timeout)
-  local deadline = timeout and monotonic() + timeout
-  local stepped = false
-  while not pred() do
-    if self._state == "terminated" or self._state == "joined" then return pred() end
-    local left
-    if deadline then
-      left = deadline - monotonic()
-      if left <= 0 then
-        if stepped then return false end
-        left = 0
-      end
-    end
-    self:_step(left)
-    stepped = true
-  end
-  return true
-end
 
 return { methods = Pool }
