@@ -321,6 +321,7 @@ static int read_timed(lua_State *L, mp_conn *c, char *dst, size_t *got,
       continue;
     }
     if (r == 0) return 0;
+    if (r == MP_RAISED) return MP_RAISED;  /* a signal's hook raised */
     if (errno != EAGAIN && errno != EWOULDBLOCK) return -1;
     r = poll_in(L, c, deadline);
     if (r == MP_RAISED) return MP_RAISED;
@@ -391,6 +392,7 @@ static int wait_readable(lua_State *L, mp_conn *c, double deadline) {
     return 1;
   }
   if (n == 0) return 1;                   /* end of stream */
+  if (n == MP_RAISED) return MP_RAISED;   /* a signal's hook raised */
   if (errno != EAGAIN && errno != EWOULDBLOCK) return -1;
   if (mp_remaining_ms(deadline) == 0) return 0;
   return poll_in(L, c, deadline);
@@ -607,7 +609,10 @@ static int conn__set_trusted(lua_State *L) {
 static int conn_poll(lua_State *L) {
   mp_conn *c = check_readable(L);
   double t = lua_isnoneornil(L, 2) ? 0 : mp_opttimeout(L, 2);
-  int r = wait_readable(L, c, mp_deadline(t));
+  double deadline = mp_deadline(t);
+  /* forever (wait_readable leaves that wait to the read that follows) */
+  int r = deadline < 0 && c->rlen == c->rpos && !c->eof ? poll_in(L, c, -1)
+                                                        : wait_readable(L, c, deadline);
   if (r == MP_RAISED) return lua_error(L);
   if (r < 0) return luaL_fileresult(L, 0, "poll");
   lua_pushboolean(L, r > 0);

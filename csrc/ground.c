@@ -124,7 +124,9 @@ MP_API double mp_opttimeout(lua_State *L, int i) {
 }
 
 MP_API double mp_deadline(double timeout) {
-  return timeout < 0 ? -1 : mp_now() + timeout;
+  /* a timeout past about three years is forever: its absolute time would
+     overflow a timespec (a futex wait then fails at once, and spins) */
+  return timeout < 0 || timeout > 1e8 ? -1 : mp_now() + timeout;
 }
 
 MP_API int mp_remaining_ms(double deadline) {

@@ -83,8 +83,7 @@ static inline int mp_lock_acquire(mp_lock *l, uint64_t me, double timeout,
   uint64_t z = 0;
   if (mp_atomic_cas(&l->owner, &z, me)) return MP_LOCK_OK;
   if (timeout == 0) return mp_lock_try_slow(l, me);
-  return mp_lock_acquire_until(l, me, timeout < 0 || timeout > 1e8 ? -1
-                               : mp_deadline(timeout), L, MP_LOCK_NAP);
+  return mp_lock_acquire_until(l, me, mp_deadline(timeout), L, MP_LOCK_NAP);
 }
 
 /* Acquire l as me for one copy (MP_LOCK_BRIEF): waits as long as it

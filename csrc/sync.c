@@ -143,7 +143,7 @@ static int sem_acquire(lua_State *L) {
     if (timeout != 0) mp_cpu_relax();
   }
   if (timeout == 0) goto busy;
-  deadline = timeout > 1e8 ? -1 : mp_deadline(timeout);
+  deadline = mp_deadline(timeout);
   for (;;) {
     int r;
     v = mp_atomic_load(&m->value);

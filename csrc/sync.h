@@ -154,8 +154,7 @@ static inline void value_wake(mp_syncmem *m, uint32_t *w, int n) {
 /* Deadline of the timeout argument i; a timeout of more than three years
    is forever (so that no time conversion overflows). */
 static inline double opt_deadline(lua_State *L, int i) {
-  double t = mp_opttimeout(L, i);
-  return t > 1e8 ? -1 : mp_deadline(t);
+  return mp_deadline(mp_opttimeout(L, i));
 }
 
 #endif

@@ -630,6 +630,51 @@ describe("Queue across processes", function()
   end)
 end)
 
+describe("a timeout too long for a timespec", function()
+  H.leakcheck()
+
+  -- regression: get(1e300) turned into an absolute time that overflowed
+  -- the futex's timespec, so the wait failed at once and spun the CPU
+  it("sleeps like no timeout (Queue get, Lock acquire, Pipe poll)", function()
+    local q <close> = mp.Queue()
+    local lock <close> = mp.Lock()
+    lock:acquire()
+    local p = mp.Process{ target = function()
+      if q:get(1e300) ~= "go" then os.exit(3) end
+      if not lock:acquire(1e300) then os.exit(4) end
+      os.exit(0)
+    end }
+    p:start()
+    local function state()
+      local f = io.open("/proc/" .. p.pid .. "/stat")
+      local s = f and f:read("a") or ""
+      if f then f:close() end
+      return s:match("^%d+ %(.-%) (%S)")
+    end
+    -- a waiting child sleeps (S); a spinning one runs (R)
+    assert.truthy(H.wait_until(function() return state() == "S" end, 10))
+    for _ = 1, 5 do
+      H.sleep(0.02)
+      assert.are.equal("S", state())
+    end
+    q:put("go")
+    H.sleep(0.05)
+    for _ = 1, 5 do
+      H.sleep(0.02)
+      assert.are.equal("S", state())     -- now asleep on the lock
+    end
+    lock:release()
+    assert.are.equal(0, p:join(30))
+    local a, b = mp.Pipe()
+    local c = mp.Process{ target = function() H.sleep(0.1); b:send(1) end }
+    c:start()
+    assert.is_true(a:poll(1e300))           -- waits for the message
+    assert.are.equal(1, a:recv(10))
+    assert.are.equal(0, c:join(30))
+    a:close(); b:close()
+  end)
+end)
+
 describe("Queue under every start method", function()
   H.leakcheck()
 
