@@ -12,8 +12,5 @@ M.exports = {
   register = core.register,  -- mp.register(name, mt_or_function) -> it
 }
 
--- For the library's own Lua-made kinds (the C classes' kinds are
--- registered by their C files): core.register_handle(kind, rebuild).
-M.register_handle = core.register_handle
 
 return M

@@ -40,7 +40,7 @@ local function ended(p) return not p:is_alive() end
 -- objects whose fd can wake spuriously the method that confirms it. A
 -- process that has no fd to poll (no pidfd: an old kernel, or valgrind)
 -- gets fd -1 and is confirmed every BLIND_SLICE seconds instead.
-local function fd_of(o, i)
+local function fd_of(o, i, seen)
   local t = type(o)
   if t == "number" then
     if mathtype(o) ~= "integer" or not fd_is_open(o) then
@@ -59,7 +59,7 @@ local function fd_of(o, i)
     argerror(1, "wait", "objects[" .. i .. "] is a process that is not started or is closed", 3)
   elseif (t == "table" or t == "userdata") and o.fileno then
     local confirm = o._ready
-    if confirm and confirm(o) then return -1, true end   -- (a finished
+    if confirm and confirm(o, seen) then return -1, true end   -- (a finished
     -- AsyncResult of a terminated pool has no fd any more)
     local tick = o.timeout
     return o:fileno(), false, confirm, type(tick) == "function" and tick or nil
@@ -75,8 +75,11 @@ function exports.wait(objects, timeout)
   end
   check.timeout(timeout, 2, "wait")
   local fds, confirms, ready, blind, ticking, tick = {}, {}, {}, {}, {}, {}
+  -- seen: per round, the pools whose news were taken in already (every
+  -- AsyncResult of a pool confirms through one step of it, not one each)
+  local seen = {}
   for i, o in ipairs(objects) do
-    local fd, now, confirm, timeout_of = fd_of(o, i)
+    local fd, now, confirm, timeout_of = fd_of(o, i, seen)
     fds[i], confirms[i] = fd, confirm or false
     if now then ready[#ready + 1] = o end
     if fd < 0 and confirm then blind[#blind + 1] = i end
@@ -97,13 +100,14 @@ function exports.wait(objects, timeout)
     end
     local hits = poll(fds, left)
     local hit = {}
+    seen = {}
     for _, i in ipairs(hits) do
       local o, confirm = objects[i], confirms[i]
       hit[i] = true
-      if not confirm or confirm(o) then ready[#ready + 1] = o end
+      if not confirm or confirm(o, seen) then ready[#ready + 1] = o end
     end
     for _, i in ipairs(blind) do
-      if confirms[i](objects[i]) then ready[#ready + 1] = objects[i] end
+      if confirms[i](objects[i], seen) then ready[#ready + 1] = objects[i] end
     end
     local tried = false
     for k = 1, #ticking do                -- their time came: try now
@@ -111,7 +115,7 @@ function exports.wait(objects, timeout)
       if due[i] and due[i] <= left and not hit[i] then
         tried = true
         local confirm = confirms[i]
-        if not confirm or confirm(objects[i]) then ready[#ready + 1] = objects[i] end
+        if not confirm or confirm(objects[i], seen) then ready[#ready + 1] = objects[i] end
       end
     end
     if #ready > 0 or (#hits == 0 and #blind == 0 and not tried) then return ready end
@@ -370,8 +374,7 @@ Lmt.__close = Lmethods.close
 -- asks to be tried again every HANDSHAKE_TICK seconds.
 M.HANDSHAKE_TICK = 0.01
 Lmethods.pollfd, Lmethods.events = polling.pollfd_method(Lmethods.fileno), events
-polling.cancel_on_close(Lmethods)
-Lmt.__close = Lmethods.close
+polling.cancel_on_close(Lmethods, CLASSES.Listener)
 function Lmethods.timeout(self)
   local list = pendings[self]
   if list and list[1] then return M.HANDSHAKE_TICK end

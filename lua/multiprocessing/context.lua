@@ -99,9 +99,7 @@ local function bind_manager(m, ctx)
   return function(a, b)
     local opts = a
     if a == ctx then opts = b end
-    if opts ~= nil and type(opts) ~= "table" then
-      error("bad argument #1 to 'Manager' (table expected, got " .. type(opts) .. ")", 2)
-    end
+    check.type(opts, "table", 1, "Manager")
     local o = {}
     for k, v in pairs(opts or {}) do o[k] = v end
     if o.start_method == nil then o.start_method = m end

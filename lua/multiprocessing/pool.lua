@@ -236,8 +236,7 @@ end
 
 -- pool:submit(fn, ...) -> AsyncResult: apply_async(fn, table.pack(...))
 function Pool:submit(fn, ...)
-  local args = table.pack(...)
-  dumpfn(args)                            -- raise now if it cannot travel
+  local args = call_args(table.pack(...), "submit")
   return new_result(self:_submit("submit", "apply", fn, args, true, nil))
 end
 

@@ -184,7 +184,20 @@ function AsyncResult:fileno()
   return (self._job.pool:fileno())
 end
 
-AsyncResult._ready = AsyncResult.ready     -- for mp.wait
+-- r:_ready([seen]) -> ready? for mp.wait: as ready, but a pool in seen
+-- (those mp.wait stepped this round) is not stepped again, so a wait on
+-- many results of one pool makes one step per round, not one per result
+function AsyncResult:_ready(seen)
+  local job = self._job
+  if not job.done then
+    local pool = job.pool
+    if not (seen and seen[pool]) then
+      pool:_step(0)
+      if seen then seen[pool] = true end
+    end
+  end
+  return job.done == true
+end
 
 -- ---- as_completed ------------------------------------------------------------
 

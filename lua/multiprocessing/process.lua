@@ -255,12 +255,25 @@ local function start_all(list, level)
     if not ok then break end
     n = i
   end
-  for i = 1, n do children[list[i]] = true end
+  -- a start that raised after its child was made (a Ctrl-C while the fork
+  -- server answered, a spawned child's boot messages that failed) still
+  -- leaves a started child: it is registered too, so that the exit path
+  -- reaps it
+  if not ok then
+    for i = n + 1, #list do
+      if list[i]._state == "started" then n = i end
+    end
+  end
+  for i = 1, n do
+    if list[i]._state == "started" then children[list[i]] = true end
+  end
   if n > 0 then arm_exit_guard() end
   if log.enabled("INFO") then
     for i = 1, n do
       local p = list[i]
-      log.info("process %s started (pid %d, %s)", p.name, p.pid, p._method or default_method)
+      if p._state == "started" then
+        log.info("process %s started (pid %d, %s)", p.name, p.pid, p._method or default_method)
+      end
     end
   end
   if not ok then error(err, 0) end
@@ -324,6 +337,5 @@ function M._with_method(m, fn, ...)
   return unpack(res, 2, res.n)
 end
 
-function M._children() return children end
 
 return M
