@@ -557,6 +557,10 @@ describe("Managers across processes", function()
       m:serve_forever()
       return 0
     end, path)
+    finally(function()            -- a failed assert leaves no server behind
+      if p._state == "started" and p:is_alive() then p:kill(); p:join(5) end
+      os.remove(path)
+    end)
     local c = mp.BaseManager{ address = path, authkey = "k" }
     c:register("box")
     assert(H.wait_until(function() return pcall(c.connect, c) end, 10))

@@ -24,7 +24,6 @@ local M = {}
 local exports = {}
 M.exports = exports
 M._call = call                       -- for the specs: a call by address
-M._proxy_state = proxies.state
 
 -- ---- managers ------------------------------------------------------------
 
@@ -41,7 +40,6 @@ local counter = 0
 local function default_authkey()
   return process.exports.current_process().authkey
 end
-M._default_authkey = default_authkey
 
 local OPTS = { address = "string", authkey = "string", start_method = "string" }
 
@@ -275,7 +273,7 @@ function Manager.shutdown(self)
   if self._state ~= "started" or self._owner ~= getpid() then return end
   self._state = "shutdown"
   local p, addr, key = self._process, self.address, self._authkey
-  if p:is_alive() then pcall(call, addr, key, 0, "shutdown") end
+  if p:is_alive() then pcall(client.post, addr, key, 0, "shutdown") end
   forget(addr .. "\0" .. key)
   if p:join(5) == nil then
     p:kill()

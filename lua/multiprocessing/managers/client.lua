@@ -250,6 +250,15 @@ local function call(addr, key, oid, method, ...)
   return sock_call(e, addr, id, my, msg, spinning)
 end
 M.call = call
+
+-- post(addr, key, oid, method): send the call and wait for nothing (the
+-- owner's shutdown: a server busy in a long call must not hold it)
+function M.post(addr, key, oid, method)
+  local e = connect(addr, key)
+  seq = seq + 1
+  local c = e.conn
+  c:send(pack(seq, oid, method))
+end
 M.forget = forget
 
 return M

@@ -67,7 +67,6 @@ local BUILTIN = {
   Value = function(_, typ, init) return objects.new_value(typ, init) end,
   Array = function(_, typ, init) return objects.new_array(typ, init) end,
 }
-M.BUILTIN = BUILTIN
 local SERVED = { dict = true, list = true, Namespace = true }
 
 -- server.new{address=, authkey=, registry=} -> Server (listening)

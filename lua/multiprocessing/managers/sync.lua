@@ -66,7 +66,6 @@ local function wake_lock(srv, o)
     w.on_lock(srv, o, w)
   end
 end
-M.wake_lock = wake_lock
 
 local function grant_acquire(srv, o, w)
   srv:grant(w, take(srv, o, w.conn))
