@@ -455,13 +455,7 @@ function Pool:_cancel(job)
   job.retry = {}
   job.cancelled = true
   local err = errors.new("CancelledError", "the task was cancelled before it started")
-  for i = 1, #ranges do
-    local r = ranges[i]
-    for pos = r[1], r[1] + r[2] - 1 do self:_fail_item(job, pos, err) end
-    job.ndone = job.ndone + r[2]
-    self._done = self._done + r[2]
-  end
-  self:_check_done(job)
+  for i = 1, #ranges do self:_fail_range(job, ranges[i][1], ranges[i][2], err) end
   return true
 end
 
