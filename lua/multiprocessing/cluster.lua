@@ -228,11 +228,19 @@ function Pool:_read(timeout)
     local t = math.tointeger(tonumber(f.t))
     if f.refused then
       if t and self._tasks[t] then
-        self:_deliver(t, nil, errors.new("AuthenticationError", "a worker refused the task ("
-          .. f.refused .. "): its authkey is not this pool's"))
+        -- only a bad signature says the keys differ; the worker may also
+        -- have failed to decode a task it could verify
+        local e
+        if f.refused == "bad signature" then
+          e = errors.new("AuthenticationError", "a worker refused the task ("
+            .. f.refused .. "): its authkey is not this pool's")
+        else
+          e = errors.new("ProcessError", "a worker refused the task: " .. tostring(f.refused))
+        end
+        self:_deliver(t, nil, e)
       end
     else
-      local msg = wire.decode(self._authkey, f.m, f.s)
+      local msg, why = wire.decode(self._authkey, f.m, f.s)
       if type(msg) == "table" and msg.t == t then
         local err = msg.err
         if err then
@@ -241,6 +249,11 @@ function Pool:_read(timeout)
           err = e
         end
         self:_deliver(t, msg.r, err)
+      elseif msg == nil and why ~= "bad signature" and t and self._tasks[t] then
+        -- signed with our key, so it is our task's result: fail the task
+        -- rather than drop it (a get() without timeout would wait forever)
+        self:_deliver(t, nil, errors.new("SerializationError",
+          "task result could not be decoded: " .. tostring(why)))
       else
         self._refused = self._refused + 1
       end
