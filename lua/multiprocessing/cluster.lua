@@ -240,7 +240,7 @@ function Pool:_read(timeout)
         self:_deliver(t, nil, e)
       end
     else
-      local msg, why = wire.decode(self._authkey, f.m, f.s)
+      local msg, bad = wire.decode(self._authkey, f.m, f.s)
       if type(msg) == "table" and msg.t == t then
         local err = msg.err
         if err then
@@ -249,11 +249,11 @@ function Pool:_read(timeout)
           err = e
         end
         self:_deliver(t, msg.r, err)
-      elseif msg == nil and why ~= "bad signature" and t and self._tasks[t] then
+      elseif msg == nil and bad ~= "bad signature" and t and self._tasks[t] then
         -- signed with our key, so it is our task's result: fail the task
         -- rather than drop it (a get() without timeout would wait forever)
         self:_deliver(t, nil, errors.new("SerializationError",
-          "task result could not be decoded: " .. tostring(why)))
+          "task result could not be decoded: " .. tostring(bad)))
       else
         self._refused = self._refused + 1
       end
