@@ -651,6 +651,19 @@ describe("cluster failures", function()
     pool:terminate()
   end)
 
+  it("a refused XADD raises and leaves no task for join to wait on", function()
+    local pool <close> = cluster.Pool{ redis = rs.url, queue = "q", authkey = "k" }
+    local c = rs.cli()
+    c:command("DEL", "mp:{q}:tasks"); c:command("SET", "mp:{q}:tasks", "not a stream")
+    assert.error_matches(function() pool:apply_async(function() return 1 end) end, "WRONGTYPE")
+    assert.error_matches(function() pool:map_async(function(x) return x end, { 1, 2, 3 }, 1) end,
+                         "WRONGTYPE")
+    assert.equal(0, pool:stats().queued)
+    assert.equal(0, select(2, pool:progress()))
+    c:command("DEL", "mp:{q}:tasks"); c:close()
+    pool:close(); pool:join()
+  end)
+
   it("a task sent with a key the workers do not share fails with AuthenticationError", function()
     local m1 = machine(rs, "m1", { processes = 1 })
     assert(wait_workers(rs, 1))

@@ -117,13 +117,30 @@ function Pool:_add(job, pos, count, task, cmds)
                       "l", self._lease, "m", m, "s", wire.sign(self._authkey, m), t = t }
 end
 
-function Pool:_send(cmds)
-  local replies = self._wc:pipeline(cmds)
+-- A submit that failed part way (an XADD refused, Redis out of reach, a
+-- chunk that could not be encoded): forget the job's tasks Redis did not
+-- get, else join() would wait for them forever; progress() adds up again.
+function Pool:_abort(job, cmds)
+  for i = 1, #cmds do
+    local t = cmds[i].t
+    local task = self._tasks[t]
+    if task and not task.entry then self._tasks[t] = nil; self._ntasks = self._ntasks - 1 end
+  end
+  self._total = self._total - (job.total - (job.nsent or 0))
+end
+
+-- Send the queued entries of one job; on a failure forget what was not
+-- sent, then raise.
+function Pool:_send(job, cmds)
+  local ok, replies = pcall(self._wc.pipeline, self._wc, cmds)
+  if not ok then self:_abort(job, cmds); error(replies, 0) end
+  local bad
   for i, r in ipairs(replies) do
     local task = self._tasks[cmds[i].t]
-    if task then task.entry = r[1] end
-    if r[1] == nil then error("XADD: " .. tostring(r[2]), 3) end
+    if r[1] == nil then bad = bad or r[2]
+    elseif task then task.entry = r[1]; job.nsent = (job.nsent or 0) + task.count end
   end
+  if bad then self:_abort(job, cmds); error("XADD: " .. tostring(bad), 3) end
 end
 
 -- A job: the fields pool_results.lua reads (see there), and callback,
@@ -350,9 +367,10 @@ function Pool:_apply(fname, fn, args, opts)
   local timeout = check.number(opts.timeout, 3, fname, "'timeout'", 0, L)
   local job = new_job(self, "apply", 1, opts)
   local cmds = {}
-  self:_add(job, 1, 1, { mode = "apply", fn = fn, args = args or {},
-                         timeout = timeout or self._timeout }, cmds)
-  self:_send(cmds)
+  local ok, e = pcall(self._add, self, job, 1, 1, { mode = "apply", fn = fn, args = args or {},
+                                                   timeout = timeout or self._timeout }, cmds)
+  if not ok then self:_abort(job, cmds); error(e, 0) end
+  self:_send(job, cmds)
   return job
 end
 
@@ -410,11 +428,12 @@ function Pool:_map(fname, mode, fn, xs, star, opts)
   local cmds = {}
   for first = 1, n, size do
     local last = math_min(n, first + size - 1)
-    self:_add(job, first, last - first + 1,
-              { mode = "chunk", star = star, fn = fn, args = { unpack(list, first, last) } }, cmds)
-    if #cmds >= 256 then self:_send(cmds); cmds = {} end
+    local ok, e = pcall(self._add, self, job, first, last - first + 1,
+      { mode = "chunk", star = star, fn = fn, args = { unpack(list, first, last) } }, cmds)
+    if not ok then self:_abort(job, cmds); error(e, 0) end
+    if #cmds >= 256 then self:_send(job, cmds); cmds = {} end
   end
-  if #cmds > 0 then self:_send(cmds) end
+  if #cmds > 0 then self:_send(job, cmds) end
   return job
 end
 
