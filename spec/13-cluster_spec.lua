@@ -79,6 +79,13 @@ local function keyfile(key)
   return keyfiles[key]
 end
 
+-- Every machine started, so that an after_each stops those a failed
+-- assertion left running.
+local started = {}
+local function stop_machines()
+  for i = #started, 1, -1 do started[i].stop(); started[i] = nil end
+end
+
 -- Start a machine: bin/mp-worker in a session of its own. Returns
 -- {pgid=, log=}.
 local function machine(rs, name, o)
@@ -104,6 +111,8 @@ local function machine(rs, name, o)
     return os.execute(("/bin/kill -0 -- -%d 2>/dev/null"):format(m.pgid)) == true
   end
   function m.stop()                         -- Ctrl-C: a clean stop
+    if m.stopped then return end            -- (its pgid may be another's now)
+    m.stopped = true
     if m.alive() then core.kill(m.pgid, 2) end
     if not helpers.wait_until(function() return not m.alive() end, 10) then m.kill() end
     helpers.wait_until(function() return not m.alive() end, 5)
@@ -115,6 +124,7 @@ local function machine(rs, name, o)
     if f then f:close() end
     return s
   end
+  started[#started + 1] = m
   return m
 end
 
@@ -556,7 +566,7 @@ end)
 describe("cluster failures", function()
   local rs
   before_each(function() rs = start_redis() end)
-  after_each(function() rs.stop(); remove_keyfiles() end)
+  after_each(function() stop_machines(); rs.stop(); remove_keyfiles() end)
 
   it("a machine killed mid-task: another takes the task after its lease", function()
     local m1 = machine(rs, "m1", { processes = 1 })
