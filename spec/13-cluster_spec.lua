@@ -79,6 +79,13 @@ local function keyfile(key)
   return keyfiles[key]
 end
 
+-- Every machine started, so that an after_each stops those a failed
+-- assertion left running.
+local started = {}
+local function stop_machines()
+  for i = #started, 1, -1 do started[i].stop(); started[i] = nil end
+end
+
 -- Start a machine: bin/mp-worker in a session of its own. Returns
 -- {pgid=, log=}.
 local function machine(rs, name, o)
@@ -104,6 +111,8 @@ local function machine(rs, name, o)
     return os.execute(("/bin/kill -0 -- -%d 2>/dev/null"):format(m.pgid)) == true
   end
   function m.stop()                         -- Ctrl-C: a clean stop
+    if m.stopped then return end            -- (its pgid may be another's now)
+    m.stopped = true
     if m.alive() then core.kill(m.pgid, 2) end
     if not helpers.wait_until(function() return not m.alive() end, 10) then m.kill() end
     helpers.wait_until(function() return not m.alive() end, 5)
@@ -115,6 +124,7 @@ local function machine(rs, name, o)
     if f then f:close() end
     return s
   end
+  started[#started + 1] = m
   return m
 end
 
@@ -556,7 +566,7 @@ end)
 describe("cluster failures", function()
   local rs
   before_each(function() rs = start_redis() end)
-  after_each(function() rs.stop(); remove_keyfiles() end)
+  after_each(function() stop_machines(); rs.stop(); remove_keyfiles() end)
 
   it("a machine killed mid-task: another takes the task after its lease", function()
     local m1 = machine(rs, "m1", { processes = 1 })
@@ -630,6 +640,38 @@ describe("cluster failures", function()
     assert.equal(1, pool:stats().refused)
     pool:close(); pool:join()
     m1.stop()
+  end)
+
+  it("a signed result that cannot be decoded fails its task; a refusal names its reason", function()
+    local pool <close> = cluster.Pool{ redis = rs.url, queue = "q", authkey = "k" }
+    local r1 = pool:apply_async(function() return 1 end)
+    local r2 = pool:apply_async(function() return 2 end)
+    local c = rs.cli()
+    c:command("XADD", pool._rkey, "*", "t", 1, "m", "garbage", "s", wire.sign("k", "garbage"))
+    c:command("XADD", pool._rkey, "*", "t", 2, "refused", "undecodable: bad tag")
+    c:close()
+    local ok, e = pcall(r1.get, r1, 15)
+    assert.is_false(ok); assert.is_true(mp.SerializationError:is(e))
+    assert.matches("task result could not be decoded", e.message)
+    ok, e = pcall(r2.get, r2, 15)
+    assert.is_false(ok); assert.is_true(mp.ProcessError:is(e))
+    assert.is_false(mp.AuthenticationError:is(e))
+    assert.matches("undecodable: bad tag", e.message)
+    assert.equal(0, pool:stats().refused)
+    pool:terminate()
+  end)
+
+  it("a refused XADD raises and leaves no task for join to wait on", function()
+    local pool <close> = cluster.Pool{ redis = rs.url, queue = "q", authkey = "k" }
+    local c = rs.cli()
+    c:command("DEL", "mp:{q}:tasks"); c:command("SET", "mp:{q}:tasks", "not a stream")
+    assert.error_matches(function() pool:apply_async(function() return 1 end) end, "WRONGTYPE")
+    assert.error_matches(function() pool:map_async(function(x) return x end, { 1, 2, 3 }, 1) end,
+                         "WRONGTYPE")
+    assert.equal(0, pool:stats().queued)
+    assert.equal(0, select(2, pool:progress()))
+    c:command("DEL", "mp:{q}:tasks"); c:close()
+    pool:close(); pool:join()
   end)
 
   it("a task sent with a key the workers do not share fails with AuthenticationError", function()

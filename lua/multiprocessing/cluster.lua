@@ -117,13 +117,30 @@ function Pool:_add(job, pos, count, task, cmds)
                       "l", self._lease, "m", m, "s", wire.sign(self._authkey, m), t = t }
 end
 
-function Pool:_send(cmds)
-  local replies = self._wc:pipeline(cmds)
+-- A submit that failed part way (an XADD refused, Redis out of reach, a
+-- chunk that could not be encoded): forget the job's tasks Redis did not
+-- get, else join() would wait for them forever; progress() adds up again.
+function Pool:_abort(job, cmds)
+  for i = 1, #cmds do
+    local t = cmds[i].t
+    local task = self._tasks[t]
+    if task and not task.entry then self._tasks[t] = nil; self._ntasks = self._ntasks - 1 end
+  end
+  self._total = self._total - (job.total - (job.nsent or 0))
+end
+
+-- Send the queued entries of one job; on a failure forget what was not
+-- sent, then raise.
+function Pool:_send(job, cmds)
+  local ok, replies = pcall(self._wc.pipeline, self._wc, cmds)
+  if not ok then self:_abort(job, cmds); error(replies, 0) end
+  local bad
   for i, r in ipairs(replies) do
     local task = self._tasks[cmds[i].t]
-    if task then task.entry = r[1] end
-    if r[1] == nil then error("XADD: " .. tostring(r[2]), 3) end
+    if r[1] == nil then bad = bad or r[2]
+    elseif task then task.entry = r[1]; job.nsent = (job.nsent or 0) + task.count end
   end
+  if bad then self:_abort(job, cmds); error("XADD: " .. tostring(bad), 3) end
 end
 
 -- A job: the fields pool_results.lua reads (see there), and callback,
@@ -228,11 +245,19 @@ function Pool:_read(timeout)
     local t = math.tointeger(tonumber(f.t))
     if f.refused then
       if t and self._tasks[t] then
-        self:_deliver(t, nil, errors.new("AuthenticationError", "a worker refused the task ("
-          .. f.refused .. "): its authkey is not this pool's"))
+        -- only a bad signature says the keys differ; the worker may also
+        -- have failed to decode a task it could verify
+        local e
+        if f.refused == "bad signature" then
+          e = errors.new("AuthenticationError", "a worker refused the task ("
+            .. f.refused .. "): its authkey is not this pool's")
+        else
+          e = errors.new("ProcessError", "a worker refused the task: " .. tostring(f.refused))
+        end
+        self:_deliver(t, nil, e)
       end
     else
-      local msg = wire.decode(self._authkey, f.m, f.s)
+      local msg, bad = wire.decode(self._authkey, f.m, f.s)
       if type(msg) == "table" and msg.t == t then
         local err = msg.err
         if err then
@@ -241,6 +266,11 @@ function Pool:_read(timeout)
           err = e
         end
         self:_deliver(t, msg.r, err)
+      elseif msg == nil and bad ~= "bad signature" and t and self._tasks[t] then
+        -- signed with our key, so it is our task's result: fail the task
+        -- rather than drop it (a get() without timeout would wait forever)
+        self:_deliver(t, nil, errors.new("SerializationError",
+          "task result could not be decoded: " .. tostring(bad)))
       else
         self._refused = self._refused + 1
       end
@@ -337,9 +367,10 @@ function Pool:_apply(fname, fn, args, opts)
   local timeout = check.number(opts.timeout, 3, fname, "'timeout'", 0, L)
   local job = new_job(self, "apply", 1, opts)
   local cmds = {}
-  self:_add(job, 1, 1, { mode = "apply", fn = fn, args = args or {},
-                         timeout = timeout or self._timeout }, cmds)
-  self:_send(cmds)
+  local ok, e = pcall(self._add, self, job, 1, 1, { mode = "apply", fn = fn, args = args or {},
+                                                   timeout = timeout or self._timeout }, cmds)
+  if not ok then self:_abort(job, cmds); error(e, 0) end
+  self:_send(job, cmds)
   return job
 end
 
@@ -397,11 +428,12 @@ function Pool:_map(fname, mode, fn, xs, star, opts)
   local cmds = {}
   for first = 1, n, size do
     local last = math_min(n, first + size - 1)
-    self:_add(job, first, last - first + 1,
-              { mode = "chunk", star = star, fn = fn, args = { unpack(list, first, last) } }, cmds)
-    if #cmds >= 256 then self:_send(cmds); cmds = {} end
+    local ok, e = pcall(self._add, self, job, first, last - first + 1,
+      { mode = "chunk", star = star, fn = fn, args = { unpack(list, first, last) } }, cmds)
+    if not ok then self:_abort(job, cmds); error(e, 0) end
+    if #cmds >= 256 then self:_send(job, cmds); cmds = {} end
   end
-  if #cmds > 0 then self:_send(cmds) end
+  if #cmds > 0 then self:_send(job, cmds) end
   return job
 end
 

@@ -66,15 +66,21 @@ local function open(cfg, timeout)
   local c, err = redis.connect{ path = cfg.path, host = cfg.host, port = cfg.port,
                                 connect_timeout = 2, timeout = timeout }
   if not c then return nil, err end
+  -- only an error reply is a refusal (wrong password, bad db); an I/O
+  -- failure on the way is a connection that broke, retried like any other
   if cfg.password then
-    local ok, e
-    if cfg.user then ok, e = c:command("AUTH", cfg.user, cfg.password)
-    else ok, e = c:command("AUTH", cfg.password) end
-    if not ok then c:close(); return nil, "AUTH: " .. tostring(e), "auth" end
+    local ok, e, kind
+    if cfg.user then ok, e, kind = c:command("AUTH", cfg.user, cfg.password)
+    else ok, e, kind = c:command("AUTH", cfg.password) end
+    if not ok then
+      c:close(); return nil, "AUTH: " .. tostring(e), kind == "error" and "auth" or nil
+    end
   end
   if cfg.db and cfg.db ~= 0 then
-    local ok, e = c:command("SELECT", cfg.db)
-    if not ok then c:close(); return nil, "SELECT: " .. tostring(e), "auth" end
+    local ok, e, kind = c:command("SELECT", cfg.db)
+    if not ok then
+      c:close(); return nil, "SELECT: " .. tostring(e), kind == "error" and "auth" or nil
+    end
   end
   return c
 end
@@ -104,31 +110,44 @@ function Conn:_reconnect(level)
   end
 end
 
+-- A call that kept failing for retry_for seconds: raise a ProcessError.
+local function give_up(self, deadline, word, msg)
+  if monotonic() > deadline then
+    error(errors.new("ProcessError", "Redis at " .. self.url .. ": " .. tostring(word)
+                     .. " failed: " .. tostring(msg)), 3)
+  end
+end
+
 -- c:call(word, ...) -> reply | nil, msg (a Redis error reply); a broken
--- connection is reopened and the command sent again
+-- connection (or a reply that timed out) is reopened and the command sent
+-- again, for up to retry_for seconds, then a ProcessError is raised
 function Conn:call(...)
-  for _ = 1, 1000 do
+  local deadline = monotonic() + self.retry_for
+  while true do
     if not self.c or self.c:closed() then self:_reconnect(2) end
     local r, msg, kind = self.c:command(...)
     if kind ~= "io" then return r, msg end
+    give_up(self, deadline, (...), msg)
   end
-  error("unreachable")
 end
 
 -- c:pipeline(cmds) -> list of {reply, msg} per command (each command a
--- list of words); resent whole after a reconnect
+-- list of words); resent whole after a reconnect, for up to retry_for
+-- seconds, then a ProcessError is raised
 function Conn:pipeline(cmds)
+  local deadline = monotonic() + self.retry_for
   while true do
     if not self.c or self.c:closed() then self:_reconnect(2) end
     local c = self.c
     for i = 1, #cmds do c:append(unpack(cmds[i], 1, cmds[i].n or #cmds[i])) end
-    local out, broken = {}, false
+    local out, broken = {}, nil
     for i = 1, #cmds do
       local r, msg, kind = c:recv()
-      if kind == "io" then broken = true break end
+      if kind == "io" then broken = msg break end
       out[i] = { r, msg }
     end
     if not broken then return out end
+    give_up(self, deadline, cmds[1] and cmds[1][1], broken)
   end
 end
 

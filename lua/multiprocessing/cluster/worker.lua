@@ -48,6 +48,17 @@ redis.call('DEL', KEYS[1], KEYS[2])
 return 1
 ]]
 
+-- A consumer leaving: deleted only when nothing is pending for it, since
+-- Redis drops a deleted consumer's pending entries from the group and no
+-- one could claim them again.
+local LEAVE = [[
+if #redis.call('XPENDING', KEYS[1], ARGV[1], '-', '+', 1, ARGV[2]) == 0 then
+  redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], ARGV[2])
+  return 1
+end
+return 0
+]]
+
 local function hostname()
   local f = io.open("/proc/sys/kernel/hostname")
   local h = f and f:read("l")
@@ -226,8 +237,8 @@ function M.serve(o)
 
   local reading = false
   local next_hb, next_claim = 0, monotonic() + 0.5
-  if o.ready then heartbeat(); next_hb = monotonic() + hb_every; o.ready() end
   local ok, err = pcall(function()
+    if o.ready then heartbeat(); next_hb = monotonic() + hb_every; o.ready() end
     while not stop() do
       local now = monotonic()
       if now >= next_hb then heartbeat(); next_hb = now + hb_every end
@@ -259,15 +270,16 @@ function M.serve(o)
     end
   end)
   pool:terminate()
+  -- the read in flight ends with its connection (what it was given stays
+  -- pending for this consumer); the results and acks not sent yet go first
+  rc:close()
   if wc.c and not wc.c:closed() then
-    -- a consumer's pending entries go with it: delete it only when it
-    -- holds none (the tasks it held are taken over when their leases end)
-    local cmds = { { "DEL", keys.hb .. me } }
-    if nheld == 0 then
-      cmds[2] = { "XGROUP", "DELCONSUMER", keys.tasks, wire.GROUP, me }
-      cmds[3] = { "EVAL", LAST_OUT, 2, keys.tasks, keys.key }
-    end
-    pcall(wc.pipeline, wc, cmds)
+    pcall(flush)
+    -- a consumer's pending entries go with it: LEAVE deletes it only when
+    -- none is left (the others are taken over when their leases end)
+    pcall(wc.pipeline, wc, { { "DEL", keys.hb .. me },
+                             { "EVAL", LEAVE, 1, keys.tasks, wire.GROUP, me },
+                             { "EVAL", LAST_OUT, 2, keys.tasks, keys.key } })
   end
   wc:close(); rc:close()
   if not ok then error(err, 0) end
