@@ -195,7 +195,35 @@ static int codec_register_handle(lua_State *L) {
   return 0;
 }
 
+/* core._test.handle_kinds() -> the registered handle kinds, sorted (the
+   fuzz harness replaces each one's rebuild) */
+static int codec_test_handle_kinds(lua_State *L) {
+  int n = 0;
+  lua_newtable(L);                       /* list */
+  mp_codec_env(L);
+  lua_rawgeti(L, -1, E_KINDS);           /* list, env, kinds */
+  lua_pushnil(L);
+  while (lua_next(L, -2)) {              /* list, env, kinds, kind, rebuild */
+    lua_pop(L, 1);
+    lua_pushvalue(L, -1);
+    lua_rawseti(L, -5, ++n);
+  }
+  lua_pop(L, 2);
+  lua_getglobal(L, "table");
+  if (lua_getfield(L, -1, "sort") == LUA_TFUNCTION) {
+    lua_pushvalue(L, -3);
+    lua_call(L, 1, 0);
+  } else {
+    lua_pop(L, 1);
+  }
+  lua_pop(L, 1);
+  return 1;
+}
+
 MP_API void mp_codec_open(lua_State *L) {
+  static const luaL_Reg tests[] = {
+    {"handle_kinds", codec_test_handle_kinds}, {NULL, NULL}
+  };
   static const luaL_Reg funcs[] = {
     {"dumps", codec_dumps},
     {"loads", codec_loads},
@@ -215,4 +243,5 @@ MP_API void mp_codec_open(lua_State *L) {
   lua_setfield(L, -2, "CODEC_VERSION");
   lua_pushinteger(L, MAXDEPTH);
   lua_setfield(L, -2, "CODEC_MAXDEPTH");
+  mp_add_tests(L, tests);
 }

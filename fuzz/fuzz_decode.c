@@ -45,13 +45,6 @@ static int fuzz_rebuild(lua_State *L1) {
   return 1;
 }
 
-/* The handle kinds the core's C openers register (mp_register_handle). */
-static const char *const core_kinds[] = {
-  "Connection", "FdBox", "PoolWorker", "Queue", "Value", "Array", "Lock",
-  "RLock", "Semaphore", "BoundedSemaphore", "Condition", "Event", "Barrier",
-  "fuzz", NULL
-};
-
 static int decode(lua_State *L1) {
   const char *p = (const char *)lua_touserdata(L1, 1);
   size_t n = (size_t)lua_tointeger(L1, 2);
@@ -113,7 +106,7 @@ static void check_scalar(const char *p, size_t size) {
 }
 
 static void setup(void) {
-  int i;
+  lua_Integer i, n;
   L = luaL_newstate();
   if (L == NULL) abort();
   luaL_openlibs(L);
@@ -126,9 +119,23 @@ static void setup(void) {
   }
   lua_settop(L, 0);
   luaL_requiref(L, "multiprocessing.core", luaopen_multiprocessing_core, 0);
-  for (i = 0; core_kinds[i] != NULL; i++) {
-    lua_getfield(L, -1, "register_handle");
-    lua_pushstring(L, core_kinds[i]);
+  /* every kind the core's openers registered (mp_register_handle), and
+     "fuzz" */
+  lua_getfield(L, -1, "register_handle");      /* core, register_handle */
+  lua_pushliteral(L, "fuzz");
+  lua_pushcfunction(L, fuzz_rebuild);
+  lua_call(L, 2, 0);
+  lua_getfield(L, -1, "_test");
+  lua_getfield(L, -1, "handle_kinds");
+  lua_call(L, 0, 1);                           /* core, _test, kinds */
+  n = (lua_Integer)lua_rawlen(L, -1);
+  if (n < 10) {
+    fprintf(stderr, "fuzz_decode: only %d handle kinds registered\n", (int)n);
+    exit(2);
+  }
+  for (i = 1; i <= n; i++) {
+    lua_getfield(L, 1, "register_handle");
+    lua_rawgeti(L, -2, i);
     lua_pushcfunction(L, fuzz_rebuild);
     lua_call(L, 2, 0);
   }

@@ -413,6 +413,21 @@ describe("codec handles", function()
               "value.h(state of spec.Thing).id: cannot serialize userdata")
   end)
 
+  it("lists the kinds registered, the C classes' and those made in Lua", function()
+    local kinds = core._test.handle_kinds()
+    local set = {}
+    for i, k in ipairs(kinds) do
+      set[k] = true
+      if i > 1 then assert.is_true(kinds[i - 1] < k) end
+    end
+    for _, k in ipairs({ "Connection", "FdBox", "PoolWorker", "Queue", "Value", "Array",
+                         "Lock", "RLock", "Semaphore", "BoundedSemaphore", "Condition",
+                         "Event", "Barrier", "spec.Thing" }) do
+      assert.is_true(set[k], k)
+    end
+    assert.is_nil(set["spec.Unknown.kind"])
+  end)
+
   it("refuses an unknown handle kind", function()
     local Other = { __mp_reduce = function() return "spec.Unknown.kind", 1 end }
     local s = dumps(setmetatable({}, Other))
