@@ -44,7 +44,6 @@
 typedef struct Redis {
   redisContext *c;        /* NULL: closed */
   int pending;            /* replies queued for and not read yet */
-  double timeout;         /* command timeout, seconds (<= 0: none) */
 } Redis;
 
 EXPORT int luaopen_multiprocessing_redis(lua_State *L);
@@ -176,7 +175,6 @@ static int redis_connect(lua_State *L) {
   r = (Redis *)lua_newuserdatauv(L, sizeof *r, 0);
   r->c = NULL;
   r->pending = 0;
-  r->timeout = to;
   luaL_setmetatable(L, REDIS_T);
   if (path) r->c = redisConnectUnixWithTimeout(path, to_tv(cto));
   else r->c = redisConnectWithTimeout(host, (int)port, to_tv(cto));
