@@ -52,8 +52,12 @@ describe("logging", function()
     assert.are.equal("WARN", log:getLevel())
     log:setLevel("CRITICAL")
     assert.are.equal("FATAL", log:getLevel())
-    assert.has_error(function() log:setLevel("LOUD") end)
-    assert.has_error(function() mp.log_to_stderr(3) end)
+    assert.has_error(function() log:setLevel("LOUD") end,
+      "bad argument #1 to 'setLevel' (level must be DEBUG, INFO, WARN, ERROR, FATAL or OFF, got LOUD)")
+    local ok, err = pcall(function() mp.log_to_stderr(3) end)
+    assert.is_false(ok)
+    assert.truthy(err:find("log_spec.lua:%d+: bad argument #1 to 'log_to_stderr' %(level must be"))
+    assert.truthy(err:find("got number", 1, true))
     log:setLevel(old)
   end)
 
@@ -167,7 +171,9 @@ describe("logging", function()
 
   it("set_logger refuses what is not a logger", function()
     local mp = require "multiprocessing"
-    assert.has_error(function() mp.set_logger(42) end)
-    assert.has_error(function() mp.set_logger({}) end)
+    assert.has_error(function() mp.set_logger(42) end, "bad argument #1 to 'set_logger' "
+      .. "(a logger with debug/info/warn/error/fatal methods expected, got number)")
+    assert.has_error(function() mp.set_logger({}) end, "bad argument #1 to 'set_logger' "
+      .. "(a logger with debug/info/warn/error/fatal methods expected, got table)")
   end)
 end)

@@ -15,9 +15,10 @@
 -- (M.config / M.configure, carried by the spawn bootstrap); a logger set
 -- with mp.set_logger lives in one process and its forked children.
 
-local format, concat, select, type, tostring, error =
-      string.format, table.concat, select, type, tostring, error
+local format, concat, select, type, tostring =
+      string.format, table.concat, select, type, tostring
 local stderr = io.stderr
+local check = require "multiprocessing.check"
 
 local M = {}
 local exports = {}
@@ -33,11 +34,12 @@ local rank = RANK.WARN          -- records below this rank are dropped
 local to_stderr = false         -- log_to_stderr() was called
 local target                    -- a logger given to mp.set_logger, or nil
 
+-- (level 3: the caller of fn)
 local function level_rank(level, fn)
   local r = type(level) == "string" and RANK[level:upper()]
   if not r then
-    error(format("%s: unknown level %s (DEBUG, INFO, WARN, ERROR, FATAL or OFF)",
-                 fn, tostring(level)), 3)
+    check.argerror(1, fn, "level must be DEBUG, INFO, WARN, ERROR, FATAL or OFF, got "
+                   .. (type(level) == "string" and level or check.typename(level)), 3)
   end
   return r
 end
@@ -125,8 +127,8 @@ end
 -- goes back to the library's own
 function exports.set_logger(l)
   if l ~= nil and (type(l) ~= "table" and type(l) ~= "userdata" or not l.warn) then
-    error("set_logger: expected a logger with debug/info/warn/error/fatal methods, got "
-          .. type(l), 2)
+    check.argerror(1, "set_logger", "a logger with debug/info/warn/error/fatal methods "
+                   .. "expected, got " .. check.typename(l))
   end
   if l == logger then l = nil end
   target = l
