@@ -218,11 +218,7 @@ static int send_result(lua_State *L, int err) {
     lua_pushboolean(L, 1);
     return 1;
   }
-  if (err == EPIPE || err == ECONNRESET) {
-    lua_pushnil(L);
-    lua_pushliteral(L, "closed");
-    return 2;
-  }
+  if (err == EPIPE || err == ECONNRESET) return mp_reason(L, "closed");
   return luaL_fileresult(L, 0, "send");
 }
 

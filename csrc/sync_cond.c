@@ -258,18 +258,14 @@ static int barrier_wait(lua_State *L) {
   }
   iunlock(m);
 broken:
-  lua_pushnil(L);
-  lua_pushliteral(L, "broken");
-  return 2;
+  return mp_reason(L, "broken");
 timedout_unlocked:
   ilock(m);
   if (m->bstate != B_BROKEN) barrier_break(m);
   iunlock(m);
   value_wake(m, &m->value, INT32_MAX);
 timedout:
-  lua_pushnil(L);
-  lua_pushliteral(L, "timeout");
-  return 2;
+  return mp_reason(L, "timeout");
 }
 
 /* b:_pass(): the action succeeded, release this generation */
