@@ -85,20 +85,16 @@ end
 
 function exports.Process(opts)
   opts = check_opts(opts)
-  counter = counter + 1
-  local fields = {
+  local daemon = opts.daemon
+  if daemon == nil then daemon = current ~= nil and current.daemon or false end
+  return M._new({
     target = opts.target,
     args = opts.args or {},
-    name = opts.name or ("Process-" .. counter),
-    daemon = opts.daemon,
+    name = opts.name or ("Process-" .. (counter + 1)),
+    daemon = daemon,
     run = opts.run,
-    authkey = (current or MainProcess).authkey,
     _method = opts.start_method,
-  }
-  if fields.daemon == nil then
-    fields.daemon = current ~= nil and current.daemon or false
-  end
-  return core.process_new(fields)
+  })
 end
 
 -- p:run(): target(unpack(args)) in the calling process
