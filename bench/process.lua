@@ -17,6 +17,9 @@ local floor = bench.c_rate("forkjoin", "300 1")
 if floor then emit("fork_start_join", "c-fork", floor, "ops/s") end
 floor = bench.c_rate("forkjoin_lua", "300", bench.LUA_CFLAGS)
 if floor then emit("fork_start_join", "c-fork-lua", floor, "ops/s") end
+-- and with the child calling an empty Lua function before it exits
+floor = bench.c_rate("forkjoin_lua", "300 call", bench.LUA_CFLAGS)
+if floor then emit("fork_start_join", "c-fork-lua-call", floor, "ops/s") end
 
 -- An echo child: values (recv/send) or raw bytes, until "stop".
 local function with_echo(bytes, f)
