@@ -464,3 +464,67 @@ describe("SIGINT interrupts a blocked wait", function()
     a:close(); b:close()
   end)
 end)
+
+-- A message that carries handles (their fds travel with it, SCM_RIGHTS)
+-- while its sender or its receiver dies: what arrived works, and nothing
+-- is left open in this process once every end is closed.
+describe("handles in flight when a process dies", function()
+  H.leakcheck()
+  local signal_kill = 9
+  local function stop_server(method)
+    if method == "forkserver" then require("multiprocessing.spawn")._forkserver_stop() end
+  end
+
+  for _, method in ipairs({ "fork", "spawn", "forkserver" }) do
+    it("a sender killed right after sending (" .. method .. ")", function()
+      local a, b = mp.Pipe()
+      local p = mp.Process{ start_method = method, args = { b }, target = function(c)
+        local ev, r, w = mp.Event(), mp.Pipe(false)
+        w:send("from the dead")
+        c:send({ ev = ev, r = r, w = w })
+        require("multiprocessing.core").kill(require("multiprocessing.core").getpid(), 9)
+      end }
+      p:start()
+      local got = a:recv(30)
+      assert.are.equal(-signal_kill, p:join(30))
+      p:close(); b:close()
+      assert.are.equal("from the dead", got.r:recv(5))
+      assert.is_false(got.ev:is_set())
+      got.ev:set()
+      assert.is_true(got.ev:wait(0))
+      got.w:send(7)
+      assert.are.equal(7, got.r:recv(5))
+      got.r:close(); got.w:close(); a:close()
+      stop_server(method)
+    end)
+
+    it("a receiver killed before it reads (" .. method .. ")", function()
+      local a, b = mp.Pipe()
+      local ready = mp.Event()
+      local p = mp.Process{ start_method = method, args = { ready }, target = function(e)
+        e:set()
+        mp.Event():wait(60)             -- never reads
+      end }
+      p:start()
+      assert.is_true(ready:wait(30))
+      local r, w = mp.Pipe(false)
+      local lock = mp.Lock()
+      assert.is_true(a:send({ r = r, w = w, lock = lock }))
+      p:kill()
+      assert.are.equal(-signal_kill, p:join(30))
+      p:close()
+      -- the message still waits in b: it arrives whole, its handles work
+      local got = b:recv(5)
+      got.w:send("still")
+      assert.are.equal("still", r:recv(5))
+      assert.is_true(got.lock:acquire(0))
+      assert.is_false(lock:acquire(0))
+      got.lock:release()
+      -- and a message nobody reads is closed with the pipe, fds and all
+      a:send({ r = r, w = w })
+      r:close(); w:close(); got.r:close(); got.w:close()
+      a:close(); b:close()
+      stop_server(method)
+    end)
+  end
+end)
