@@ -159,6 +159,24 @@ static void enc_str(enc *e, const char *s, size_t n) {
   e->b->len += cs_wr_str(wr(e, n + 11), s, n);
 }
 
+/* tag, then the string at stack index i */
+static void enc_tag_name(enc *e, int tag, int i) {
+  size_t n;
+  const char *name = lua_tolstring(e->L, i, &n);
+  enc_byte(e, tag);
+  enc_str(e, name, n);
+}
+
+/* A value registered by value (mp.register): tag and its name; 0 if not */
+static int enc_registered(enc *e, int idx, int tag) {
+  lua_State *L = e->L;
+  lua_pushvalue(L, idx);
+  if (lua_rawget(L, e->byval) == LUA_TSTRING) enc_tag_name(e, tag, -1);
+  else tag = 0;
+  lua_pop(L, 1);
+  return tag != 0;
+}
+
 static void enc_int(enc *e, lua_Integer i) {
   e->b->len += cs_wr_int(wr(e, 11), i);
 }
@@ -583,27 +601,13 @@ static void enc_table(enc *e, int idx) {
   if (id) { enc_ref(e, id); return; }
   if (lua_rawequal(L, idx, e->globals)) { enc_byte(e, T_GLOBALS); return; }
   if (module_name(e, idx, 0)) {
-    size_t n;
-    const char *name = lua_tolstring(L, -1, &n);
-    enc_byte(e, T_MODULE);
-    enc_str(e, name, n);
+    enc_tag_name(e, T_MODULE, -1);
     lua_pop(L, 1);
     return;
   }
-  lua_pushvalue(L, idx);                 /* a registered class: by name */
-  if (lua_rawget(L, e->byval) == LUA_TSTRING) {
-    size_t n;
-    const char *name = lua_tolstring(L, -1, &n);
-    enc_byte(e, T_TBL_REG);
-    enc_str(e, name, n);
-    lua_pop(L, 1);
-    return;
-  }
-  lua_pop(L, 1);
+  if (enc_registered(e, idx, T_TBL_REG)) return;   /* a class: by name */
   if (lua_getmetatable(L, idx)) {
     int mt = lua_gettop(L);
-    size_t n;
-    const char *name;
     if (lua_getfield(L, mt, "__mp_reduce") != LUA_TNIL) {
       lua_remove(L, mt);
       enc_handle(e, idx);
@@ -617,10 +621,8 @@ static void enc_table(enc *e, int idx) {
                "(%.60s; register it with mp.register)", push_mtname(L, mt));
       enc_fail(e, what);
     }
-    name = lua_tolstring(L, -1, &n);
     enter(e);
-    enc_byte(e, T_TABLE_MT);
-    enc_str(e, name, n);
+    enc_tag_name(e, T_TABLE_MT, -1);
     lua_settop(L, mt - 1);
   } else {
     enter(e);
@@ -643,23 +645,12 @@ static void enc_function(enc *e, int idx) {
   size_t at;
   seg s;
   if (id) { enc_ref(e, id); return; }
-  lua_pushvalue(L, idx);
-  if (lua_rawget(L, e->byval) == LUA_TSTRING) {
-    size_t n;
-    const char *name = lua_tolstring(L, -1, &n);
-    enc_byte(e, T_FN_REG);
-    enc_str(e, name, n);
-    lua_pop(L, 1);
-    return;
-  }
-  lua_pop(L, 1);
+  if (enc_registered(e, idx, T_FN_REG)) return;
   if (module_name(e, idx, 1)) {          /* mod, key */
     size_t n;
-    const char *s1 = lua_tolstring(L, -2, &n);
-    enc_byte(e, T_FN_MOD);
-    enc_str(e, s1, n);
-    s1 = lua_tolstring(L, -1, &n);
-    enc_str(e, s1, n);
+    const char *key = lua_tolstring(L, -1, &n);
+    enc_tag_name(e, T_FN_MOD, -2);
+    enc_str(e, key, n);
     lua_pop(L, 2);
     return;
   }
