@@ -268,38 +268,28 @@ timedout:
   return mp_reason(L, "timeout");
 }
 
-/* b:_pass(): the action succeeded, release this generation */
-static int barrier_pass(lua_State *L) {
+/* Change a barrier's state under its lock, then wake every waiter. */
+enum { B_PASS, B_ABORT, B_RESET };
+static int barrier_change(lua_State *L, int how) {
   mp_sync *b = check_sync(L, 1, 1u << K_BARRIER);
   mp_syncmem *m = b->m;
   ilock(m);
-  if (m->bstate == B_ACTING) barrier_next(m, 0);
+  if (how == B_ABORT) barrier_break(m);
+  else if (how == B_RESET) barrier_next(m, 1);
+  else if (m->bstate == B_ACTING) barrier_next(m, 0);
   iunlock(m);
   value_wake(m, &m->value, INT32_MAX);
   return 0;
 }
+
+/* b:_pass(): the action succeeded, release this generation */
+static int barrier_pass(lua_State *L) { return barrier_change(L, B_PASS); }
 
 /* b:abort(): break the barrier; waiting and future waits say "broken" */
-static int barrier_abort(lua_State *L) {
-  mp_sync *b = check_sync(L, 1, 1u << K_BARRIER);
-  mp_syncmem *m = b->m;
-  ilock(m);
-  barrier_break(m);
-  iunlock(m);
-  value_wake(m, &m->value, INT32_MAX);
-  return 0;
-}
+static int barrier_abort(lua_State *L) { return barrier_change(L, B_ABORT); }
 
 /* b:reset(): parties waiting now get "broken"; the barrier is usable again */
-static int barrier_reset(lua_State *L) {
-  mp_sync *b = check_sync(L, 1, 1u << K_BARRIER);
-  mp_syncmem *m = b->m;
-  ilock(m);
-  barrier_next(m, 1);
-  iunlock(m);
-  value_wake(m, &m->value, INT32_MAX);
-  return 0;
-}
+static int barrier_reset(lua_State *L) { return barrier_change(L, B_RESET); }
 
 /* b:_state() -> {action=, timeout=} */
 static int barrier_state(lua_State *L) {
