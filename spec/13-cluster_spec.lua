@@ -710,8 +710,11 @@ describe("cluster failures", function()
     pool:close(); pool:join()
     local k = keys(rs)
     assert.equal(3, #k)                       -- the queue's own: heartbeat, key check, stream
-    assert.matches("^mp:{q}:hb:m1/", k[1]); assert.equal("mp:{q}:key", k[2]); assert.equal("mp:{q}:tasks", k[3])
+    assert.equal("mp:{q}:hb", k[1]); assert.equal("mp:{q}:key", k[2]); assert.equal("mp:{q}:tasks", k[3])
     local c = rs.cli()
+    local hb = c:command("HGETALL", "mp:{q}:hb")
+    assert.equal(2, #hb)                      -- one worker: "m1/<pid>", "2 <expiry>"
+    assert.matches("^m1/%d+$", hb[1]); assert.matches("^2 %d+$", hb[2])
     assert.equal(0, c:command("XLEN", "mp:{q}:tasks"))
     c:close()
     m1.stop()

@@ -6,7 +6,7 @@
 -- queue on one node):
 --   mp:{Q}:tasks        stream of tasks, consumer group "workers"
 --   mp:{Q}:r:<client>   one client's result stream (expires if it dies)
---   mp:{Q}:hb:<worker>  a worker's heartbeat: "<processes>", with expiry
+--   mp:{Q}:hb           the workers' heartbeats: a hash, see HEARTBEAT
 --   mp:{Q}:key          the key check: HMAC(authkey, KEYCHECK), with expiry
 -- A task entry has fields c (client), t (task number), l (lease, ms),
 -- m (the message: mp.dumps of the task) and s (HMAC-SHA256 of m); a result
@@ -25,7 +25,7 @@ M.KEY_TTL = 60                 -- seconds the key check outlives its users
 
 function M.keys(queue)
   local p = "mp:{" .. queue .. "}:"
-  return { prefix = p, tasks = p .. "tasks", key = p .. "key", hb = p .. "hb:",
+  return { prefix = p, tasks = p .. "tasks", key = p .. "key", hb = p .. "hb",
            result = function(client) return p .. "r:" .. client end }
 end
 
@@ -73,25 +73,46 @@ function M.check_key(conn, keys, authkey, level)
   return mine
 end
 
+-- Heartbeats: one hash per queue, field "<machine>/<pid>", value
+-- "<processes> <expiry>", the expiry in Redis's own clock (TIME, in
+-- milliseconds), so that machines whose clocks differ agree. A worker
+-- refreshes its field (HEARTBEAT: its id, processes, time to live in ms);
+-- ALIVE drops the expired fields and returns the others as id, processes
+-- pairs. The hash expires with its last live field. O(workers), whatever
+-- else the Redis holds.
+local NOW = [[
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+]]
+M.HEARTBEAT = NOW .. [[
+local ttl = tonumber(ARGV[3])
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2] .. ' ' .. (now + ttl))
+if redis.call('PTTL', KEYS[1]) < ttl then redis.call('PEXPIRE', KEYS[1], ttl) end
+return 1
+]]
+local ALIVE = NOW .. [[
+local v, out = redis.call('HGETALL', KEYS[1]), {}
+for i = 1, #v, 2 do
+  local n, exp = string.match(v[i + 1], '^(%d+) (%d+)$')
+  if n and tonumber(exp) > now then
+    out[#out + 1] = v[i]; out[#out + 1] = n
+  else
+    redis.call('HDEL', KEYS[1], v[i])
+  end
+end
+return out
+]]
+
 -- wire.alive(conn, keys) -> machines, workers: heartbeats not expired
 function M.alive(conn, keys)
-  local cursor, names = "0", {}
-  repeat
-    local r = conn:call("SCAN", cursor, "MATCH", keys.hb .. "*", "COUNT", 1000)
-    if not r then break end
-    cursor = r[1]
-    for _, k in ipairs(r[2]) do names[#names + 1] = k end
-  until cursor == "0"
+  local r = conn:call("EVAL", ALIVE, 1, keys.hb)
   local machines, workers, seen = 0, 0, {}
-  if #names > 0 then
-    local v = conn:call("MGET", table.unpack(names))
-    for i, k in ipairs(names) do
-      local n = v and tonumber(v[i])
-      if n then
-        workers = workers + n
-        local machine = k:sub(#keys.hb + 1):match("^(.*)/%d+$") or k
-        if not seen[machine] then seen[machine] = true; machines = machines + 1 end
-      end
+  for i = 1, type(r) == "table" and #r or 0, 2 do
+    local n = tonumber(r[i + 1])
+    if n then
+      workers = workers + n
+      local machine = r[i]:match("^(.*)/%d+$") or r[i]
+      if not seen[machine] then seen[machine] = true; machines = machines + 1 end
     end
   end
   return machines, workers

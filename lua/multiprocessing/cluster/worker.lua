@@ -231,7 +231,8 @@ function M.serve(o)
   end
 
   local function heartbeat()
-    wc:pipeline{ { "SET", keys.hb .. me, tostring(nproc), "PX", math.floor(hb_every * 3000) },
+    wc:pipeline{ { "EVAL", wire.HEARTBEAT, 1, keys.hb, me, tostring(nproc),
+                   tostring(math.floor(hb_every * 3000)) },
                  { "EXPIRE", keys.key, wire.KEY_TTL } }
   end
 
@@ -277,7 +278,7 @@ function M.serve(o)
     pcall(flush)
     -- a consumer's pending entries go with it: LEAVE deletes it only when
     -- none is left (the others are taken over when their leases end)
-    pcall(wc.pipeline, wc, { { "DEL", keys.hb .. me },
+    pcall(wc.pipeline, wc, { { "HDEL", keys.hb, me },
                              { "EVAL", LEAVE, 1, keys.tasks, wire.GROUP, me },
                              { "EVAL", LAST_OUT, 2, keys.tasks, keys.key } })
   end
