@@ -590,6 +590,35 @@ describe("cluster failures", function()
     m2.stop(); m1.stop()
   end)
 
+  it("a machine killed holding several tasks: all are taken over, each once", function()
+    local m1 = machine(rs, "m1", { processes = 3 })
+    assert(wait_workers(rs, 3))
+    local pool <close> = cluster.Pool{ redis = rs.url, queue = "q", authkey = "k", lease = 1 }
+    local flags, rs_ = {}, {}
+    for i = 1, 3 do
+      flags[i] = helpers.tmpname("started" .. i)
+      rs_[i] = pool:apply_async(function(path, v)
+        local f = io.open(path, "a"); f:write("x"); f:close()
+        local t = os.time() + 1 while os.time() <= t do end
+        return v
+      end, { flags[i], i * 10 })
+    end
+    assert(helpers.wait_until(function()
+      for i = 1, 3 do if not io.open(flags[i]) then return false end end
+      return true
+    end, 15))
+    m1.kill()
+    local m2 = machine(rs, "m2", { processes = 3 })
+    for i = 1, 3 do
+      assert.equal(i * 10, rs_[i]:get(30))
+      local f = io.open(flags[i]); assert.equal(2, #f:read("a")); f:close()
+      os.remove(flags[i])
+    end
+    assert.equal(3, pool:stats().done)
+    pool:close(); pool:join()
+    m2.stop(); m1.stop()
+  end)
+
   it("a task that kills its worker each time fails with WorkerLostError after max_retries", function()
     local m1 = machine(rs, "m1", { processes = 1 })
     assert(wait_workers(rs, 1))

@@ -208,24 +208,37 @@ function M.serve(o)
     end
   end
 
-  -- take over tasks whose lease ran out (their holder died)
+  -- take over tasks whose lease ran out (their holder died): the
+  -- candidates' leases are read in one pipeline, and those past it
+  -- claimed in another (XCLAIM's min-idle makes one worker win each)
   local function reclaim()
     if nheld >= room then return end
     local pend = wc:call("XPENDING", keys.tasks, wire.GROUP, "IDLE", 1000, "-", "+", room - nheld)
     if type(pend) ~= "table" then return end
+    local cand, reads = {}, {}
     for _, p in ipairs(pend) do
-      local id, holder, idle, count = p[1], p[2], p[3], p[4]
-      if not held[id] then
-        local ent = wc:call("XRANGE", keys.tasks, id, id)
-        local f = ent and ent[1] and wire.fields(ent[1][2]) or {}
-        local lease = tonumber(f.l) or 10000
-        if idle >= lease then
-          local got = wc:call("XCLAIM", keys.tasks, wire.GROUP, me, lease, id)
-          if type(got) == "table" and got[1] then
-            log("took over", id, "from", holder, "delivery", count + 1)
-            take(id, got[1][2], count + 1, holder)
-          end
-        end
+      if not held[p[1]] then
+        cand[#cand + 1] = p
+        reads[#reads + 1] = { "XRANGE", keys.tasks, p[1], p[1] }
+      end
+    end
+    if #cand == 0 then return end
+    local ents, past, claims = wc:pipeline(reads), {}, {}
+    for i, p in ipairs(cand) do
+      local ent = ents[i][1]
+      local f = type(ent) == "table" and ent[1] and wire.fields(ent[1][2]) or {}
+      local lease = tonumber(f.l) or 10000
+      if p[3] >= lease then
+        past[#past + 1] = p
+        claims[#claims + 1] = { "XCLAIM", keys.tasks, wire.GROUP, me, lease, p[1] }
+      end
+    end
+    if #claims == 0 then return end
+    for i, rep in ipairs(wc:pipeline(claims)) do
+      local got, p = rep[1], past[i]
+      if type(got) == "table" and got[1] then
+        log("took over", p[1], "from", p[2], "delivery", p[4] + 1)
+        take(p[1], got[1][2], p[4] + 1, p[2])
       end
     end
   end
