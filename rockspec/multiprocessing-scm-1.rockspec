@@ -33,6 +33,7 @@ build = {
     ["multiprocessing.cluster.conn"] = "lua/multiprocessing/cluster/conn.lua",
     ["multiprocessing.cluster.wire"] = "lua/multiprocessing/cluster/wire.lua",
     ["multiprocessing.cluster.worker"] = "lua/multiprocessing/cluster/worker.lua",
+    ["multiprocessing.cluster.results"] = "lua/multiprocessing/cluster/results.lua",
     ["multiprocessing.codec"] = "lua/multiprocessing/codec.lua",
     ["multiprocessing.connection"] = "lua/multiprocessing/connection.lua",
     ["multiprocessing.context"] = "lua/multiprocessing/context.lua",
