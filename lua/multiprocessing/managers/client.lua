@@ -35,6 +35,11 @@ local seq = 0
 -- of their own, never from a finalizer.
 local pending = {}          -- id -> {oid, ...}
 M._pending = pending
+-- The connection entry whose call is being encoded (M.sending) and whose
+-- answer is being decoded (M.receiving), for proxies.lua: a proxy of the
+-- manager a call goes to needs no transit reference, and one in its
+-- answer holds a reference of the connection it came by.
+M.sending, M.receiving = nil, nil
 -- A caller spins (tries to receive without sleeping) for up to SPIN
 -- seconds for its answer before it sleeps: the server usually answers
 -- within microseconds, and waking from a sleep costs tens of them on a busy
@@ -99,7 +104,10 @@ end
 -- timeout is 0; raises ProcessError when the manager is gone.
 local function sock_recv(e, addr, id, timeout)
   local c = e.conn
+  local prev = M.receiving
+  M.receiving = e
   local okr, r, rwhy = pcall(c.recv, c, timeout)
+  M.receiving = prev
   if not okr then
     -- a reply that cannot be decoded here (a class this process has not
     -- registered) was read whole: the connection is still in step
@@ -163,7 +171,10 @@ local function chan_wait(e, addr, id, my, spinning)
   if spinning then
     local t0 = monotonic()
     repeat
+      local prev = M.receiving
+      M.receiving = e
       local ok, r = pcall(rep.get, rep, 0)
+      M.receiving = prev
       if not ok then break end               -- the loop below sees it again
       if r ~= nil and mine(r, my) then
         fails = 0
@@ -173,7 +184,10 @@ local function chan_wait(e, addr, id, my, spinning)
     fails = fails + 1
   end
   while true do
+    local prev = M.receiving
+    M.receiving = e
     local ok, r = pcall(rep.get, rep, slice)
+    M.receiving = prev
     if not ok then
       if core._is_interrupt(r) or errors.is_error(r) then error(r, 0) end
       forget(id)
