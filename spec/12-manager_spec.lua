@@ -897,6 +897,25 @@ describe("Managers: object lifetime (reference counting)", function()
     assert.are.same({ "a", "b" }, m:jobs():totable())   -- the server's table survived
   end)
 
+  it("a proxy in Pool task arguments: each transit reference is adopted, none left over", function()
+    local m <close> = mp.Manager()
+    local d = m:dict{ n = 0 }
+    do
+      local pool <close> = mp.Pool(2)
+      local rs = {}
+      for i = 1, 6 do rs[i] = pool:apply_async(function(dd) return dd:incr("n") end, { d }) end
+      for i = 1, 6 do assert.is_number(rs[i]:get(20)) end
+      assert.are.equal(42, pool:submit(function(dd, k) return dd.n * k end, d, 7):get(20))
+      pool:close()
+      pool:join()
+    end
+    assert.are.equal(6, d.n)
+    assert(H.wait_until(function()                 -- the workers' connections closed
+      local o = m:_debug_info()[1]
+      return o.refs == 1 and o.transit == 0
+    end, 10), "refs " .. m:_debug_info()[1].refs .. ", transit " .. m:_debug_info()[1].transit)
+  end)
+
   it("a proxy of a manager that is gone travels without a reference", function()
     local m = mp.Manager()
     local d = m:dict()

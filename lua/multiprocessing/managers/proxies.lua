@@ -72,16 +72,18 @@ local function remote(name)
   end
 end
 
--- Is this the trial encoding of a spawn or forkserver start (spawn.lua's
--- _start checks that the payload serializes with core.dumps, drops the
--- bytes, then sends it)? Nothing decodes those bytes: no transit reference.
-local getinfo, loaded = debug.getinfo, package.loaded
+-- Is this a trial encoding, whose bytes nothing decodes? spawn.lua's
+-- start and pool.lua's argument check call core.dumps only to see that a
+-- value serializes (and raise at the caller's line if not), then drop the
+-- bytes and send the value: no transit reference for those.
+local getinfo = debug.getinfo
+local TRIAL = { ["multiprocessing/spawn.lua"] = true, ["multiprocessing/pool.lua"] = true }
 local function trial()
-  local sp = loaded["multiprocessing.spawn"]
-  if not (sp and type(sp) == "table" and sp._start) then return false end
-  local c = getinfo(3, "f")                            -- 1 reduce, 2 the encoder
-  local f = getinfo(4, "f")
-  return c ~= nil and f ~= nil and c.func == core.dumps and f.func == sp._start
+  local c = getinfo(3, "f")                      -- 1 trial, 2 reduce, 3 the encoder
+  if not (c and c.func == core.dumps) then return false end
+  local f = getinfo(4, "S")
+  local src = f and f.source or ""
+  return TRIAL[src:match("multiprocessing/[%w_]+%.lua$") or ""] == true
 end
 
 -- A proxy being serialized takes a reference for its receiver first:
