@@ -8,7 +8,8 @@
 -- the pid changed (after a fork, two processes never share one socket or
 -- answer queue). A call is {seq, oid, method, args...} -> {seq, ok,
 -- results...}; the answer of an earlier call that a signal interrupted is
--- skipped by its seq.
+-- skipped by its seq. The references that proxies give back, and the one
+-- a proxy without a reference takes, ride on the calls (msg.rel, msg.inc).
 
 local core = require "multiprocessing.core"
 local errors = require "multiprocessing.errors"

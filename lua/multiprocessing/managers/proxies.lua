@@ -7,7 +7,8 @@
 -- (including "_x") is free for d[k]. A proxy is a handle (__mp_reduce,
 -- docs/design.md, decision 1) of kind "ManagerProxy" with no fds: it
 -- travels through pipes, queues and process arguments and reconnects in
--- the receiver. Each method is one call (managers/client.lua).
+-- the receiver. Each method is one call (managers/client.lua). Each proxy
+-- holds a reference to its object, given back by its __gc (below).
 
 local core = require "multiprocessing.core"
 local errors = require "multiprocessing.errors"
