@@ -605,13 +605,24 @@ for _, method in ipairs({ "spawn", "forkserver" }) do
           print("join=" .. tostring(p:join(20)))
           print("n=" .. d.n, "list=" .. table.concat(l:totable(), ","),
                 "other=" .. tostring(d.pid ~= mp.current_process().pid))
+          -- the args' transit references were adopted by the child, and
+          -- went with its connection: each object has this process's only
+          local monotonic = require("multiprocessing.core").monotonic
+          local refs, deadline = "", monotonic() + 10
+          repeat
+            local t = {}
+            for _, o in ipairs(m:_debug_info()) do t[#t + 1] = o.refs .. "/" .. o.transit end
+            refs = table.concat(t, ",")
+          until refs == "1/0,1/0,1/0,1/0" or monotonic() > deadline
+          print("refs=" .. refs)
           m:shutdown()
           print("end=ok")
         end
       ]]
       local out, code = H.run_lua(src, 60)
       assert.are.equal(0, code, out)
-      for _, want in ipairs({ "got=done", "join=0", "n=6", "list=child", "other=true", "end=ok" }) do
+      for _, want in ipairs({ "got=done", "join=0", "n=6", "list=child", "other=true",
+                              "refs=1/0,1/0,1/0,1/0\n", "end=ok" }) do
         assert.truthy(out:find(want, 1, true), out)
       end
     end)
@@ -734,5 +745,322 @@ describe("Managers and failures", function()
     local p = start(function(dd) dd.late = true end, d)
     assert.are.equal(0, H.finish(p))
     assert.is_true(d.late)
+  end)
+end)
+
+describe("Managers: object lifetime (reference counting)", function()
+  H.leakcheck()
+
+  -- the objects the server holds, once this process's dropped proxies are
+  -- collected (their references go with the call itself)
+  local function objects(m)
+    collectgarbage(); collectgarbage()
+    return m:_number_of_objects()
+  end
+
+  it("1000 short-lived dicts: the server's object count stays small", function()
+    local m <close> = mp.Manager()
+    local keep = m:dict{ kept = true }
+    local most = 0
+    for i = 1, 1000 do
+      local d = m:dict{ i = i }
+      d.x = i
+      assert.are.equal(i, d.i)
+      if i % 100 == 0 then
+        collectgarbage()
+        local n = m:info().objects               -- no full collection in the server
+        if n > most then most = n end
+      end
+    end
+    assert.is_true(most <= 150, "at most " .. most .. " objects at once")
+    assert.are.equal(1, objects(m))
+    assert.is_true(keep.kept)                    -- the one still referenced lives
+    keep = nil                                   -- luacheck: ignore
+    assert.are.equal(0, objects(m))
+  end)
+
+  it("_debug_info shows each object's references", function()
+    local m <close> = mp.Manager()
+    local d, l = m:dict(), m:list()
+    local info = m:_debug_info()
+    assert.are.equal(2, #info)
+    assert.are.same({ "dict", 1, 0 }, { info[1].kind, info[1].refs, info[1].transit })
+    assert.are.same({ "list", 1, 0 }, { info[2].kind, info[2].refs, info[2].transit })
+    assert.truthy(d and l)
+  end)
+
+  it("a proxy sent through a Pipe or a Queue outlives its sender's (transit reference)", function()
+    local m <close> = mp.Manager()
+    local a, b = mp.Pipe()
+    local q = mp.Queue()
+    local go = mp.Event()
+    local p = start(function(bb, qq, ev)
+      assert(ev:wait(20))                        -- the sender's proxies are gone by now
+      local d = bb:recv(10)
+      local l = qq:get(10)
+      l:append(d.v)
+      return d.v == 42 and 0 or 3
+    end, b, q, go)
+    do
+      local d = m:dict{ v = 42 }
+      a:send(d)
+      q:put(m:list())
+    end
+    assert.are.equal(2, objects(m))              -- only their transit references left
+    for _, o in ipairs(m:_debug_info()) do assert.are.same({ 1, 1 }, { o.refs, o.transit }) end
+    go:set()
+    assert.are.equal(0, H.finish(p))
+    -- the child's references went with its connection (which the server
+    -- may see close a moment after the join)
+    assert(H.wait_until(function() return objects(m) == 0 end, 10))
+    a:close(); b:close(); q:close()
+  end)
+
+  it("a proxy encoded twice takes two transit references, each adopted", function()
+    local m <close> = mp.Manager()
+    local a, b = mp.Pipe()
+    local d = m:dict{ v = 1 }
+    a:send(d); a:send(d)
+    assert.are.equal(2, m:_debug_info()[1].transit)
+    local d1, d2 = b:recv(5), b:recv(5)                    -- this process adopts both
+    assert.are.equal(1, d1.v)
+    local info = m:_debug_info()[1]
+    assert.are.same({ 3, 0 }, { info.refs, info.transit })
+    d = nil; d1 = nil                                      -- luacheck: ignore
+    collectgarbage(); collectgarbage()
+    assert.are.equal(1, objects(m))
+    assert.are.equal(1, d2.v)
+    d2 = nil                                               -- luacheck: ignore
+    assert.are.equal(0, objects(m))
+    a:close(); b:close()
+  end)
+
+  it("a process holding proxies is killed: its references go", function()
+    local m <close> = mp.Manager()
+    -- d reaches the child through fork's copy of memory only (not p.args,
+    -- which would keep the parent's proxy alive)
+    local holder = { d = m:dict{ v = 7 } }
+    local ready = m:Event()
+    local p = start(function(mm, ev)
+      local dd = holder.d
+      assert(dd.v == 7)                          -- an inherited proxy takes its own reference
+      local mine = { mm:dict(), mm:list(), mm:Lock() }
+      ev:set()
+      H.sleep(60)
+      return #mine + dd.v
+    end, m, ready)
+    assert.is_true(ready:wait(10))
+    assert.are.equal(5, objects(m))              -- d, ready, and the child's three
+    holder.d = nil
+    assert.are.equal(5, objects(m))              -- the child still holds d's object
+    p:kill()
+    assert.are.equal(-9, p:join(10))
+    p:close()
+    assert(H.wait_until(function() return objects(m) == 1 end, 10))   -- ready only
+  end)
+
+  it("a nested proxy is kept alive by its container, and freed with it", function()
+    local m <close> = mp.Manager()
+    local outer, l = m:dict(), m:list()
+    outer.sub = m:dict{ a = 1 }                  -- no proxy of it is left here
+    l:append(m:dict{ b = 2 })
+    assert.are.equal(4, objects(m))
+    assert.are.equal(1, outer.sub.a)
+    assert.are.equal(2, l[1].b)
+    outer.sub = nil                              -- overwritten: freed
+    assert.are.equal(3, objects(m))
+    l:append(m:Lock())
+    outer.again = l[1]                           -- two containers hold it
+    assert.are.equal(4, objects(m))
+    l:pop(1)
+    assert.are.equal(4, objects(m))
+    outer:clear()
+    assert.are.equal(3, objects(m))              -- outer, l and the Lock in l
+    l = nil                                      -- luacheck: ignore
+    assert.are.equal(1, objects(m))              -- the container went, and what it held
+    outer = nil                                  -- luacheck: ignore
+    assert.are.equal(0, objects(m))
+  end)
+
+  it("a registered callable's shared value: the entry is freed, the value lives on", function()
+    local jobs = { "a" }
+    local m <close> = mp.BaseManager()
+    m:register("jobs", function() return jobs end, { proxytype = "list" })
+    m:start()
+    local j = m:jobs()
+    j:append("b")
+    local j2 = m:jobs()                          -- the same object, a second reference
+    assert.are.equal(2, #j2)
+    assert.are.equal(1, objects(m))
+    j = nil; j2 = nil                            -- luacheck: ignore
+    assert.are.equal(0, objects(m))
+    assert.are.same({ "a", "b" }, m:jobs():totable())   -- the server's table survived
+  end)
+
+  it("a proxy in Pool task arguments: each transit reference is adopted, none left over", function()
+    local m <close> = mp.Manager()
+    local d = m:dict{ n = 0 }
+    do
+      local pool <close> = mp.Pool(2)
+      local rs = {}
+      for i = 1, 6 do rs[i] = pool:apply_async(function(dd) return dd:incr("n") end, { d }) end
+      for i = 1, 6 do assert.is_number(rs[i]:get(20)) end
+      assert.are.equal(42, pool:submit(function(dd, k) return dd.n * k end, d, 7):get(20))
+      pool:close()
+      pool:join()
+    end
+    assert.are.equal(6, d.n)
+    assert(H.wait_until(function()                 -- the workers' connections closed
+      local o = m:_debug_info()[1]
+      return o.refs == 1 and o.transit == 0
+    end, 10), "refs " .. m:_debug_info()[1].refs .. ", transit " .. m:_debug_info()[1].transit)
+  end)
+
+  it("a proxy of a manager that is gone travels without a reference", function()
+    local m = mp.Manager()
+    local d = m:dict()
+    m:shutdown()
+    local a, b = mp.Pipe()
+    a:send(d)
+    local d2 = b:recv(5)
+    local ok, err = pcall(function() return d2.x end)
+    assert.is_false(ok)
+    assert.is_true(mp.ProcessError:is(err), tostring(err))
+    a:close(); b:close()
+  end)
+end)
+
+describe("Managers: method_to_typeid", function()
+  H.leakcheck()
+
+  local Counter = {}
+  Counter.__index = Counter
+  function Counter.new(n) return setmetatable({ n = n or 0 }, Counter) end
+  function Counter.add(self, k) self.n = self.n + k; return self.n end
+  function Counter.spawn(self) return Counter.new(self.n * 10) end
+  function Counter.history(self) return { self.n, self.n + 1 } end
+  function Counter.nothing() return nil end
+
+  it("checks its option at register", function()
+    local m = mp.BaseManager()
+    local function err_of(...)
+      local ok, err = pcall(m.register, m, ...)
+      assert.is_false(ok)
+      return err
+    end
+    assert.matches("method_to_typeid.*table", err_of("C", Counter.new, { method_to_typeid = "x" }))
+    assert.matches("strings", err_of("C", Counter.new, { method_to_typeid = { spawn = 5 } }))
+    assert.matches("strings", err_of("C", Counter.new, { method_to_typeid = { "C" } }))
+    assert.matches("unknown typeid 'Nope'",
+                   err_of("C", Counter.new, { method_to_typeid = { spawn = "Nope" } }))
+    assert.matches("not in 'exposed'", err_of("C", Counter.new,
+                   { exposed = { "add" }, method_to_typeid = { spawn = "C" } }))
+    assert.matches("proxytype", err_of("C", Counter.new,
+                   { proxytype = "dict", method_to_typeid = { spawn = "C" } }))
+    local s = mp.SyncManager()
+    local ok, err = pcall(function()
+      s:register("C", Counter.new, { method_to_typeid = { spawn = "Lock" } })
+    end)
+    assert.is_false(ok)
+    assert.matches("cannot serve", err)
+    -- the error points at the caller's line
+    assert.matches("12%-manager_spec%.lua:%d+:", err)
+    -- these are fine: itself, a type registered before, dict/list/Namespace
+    m:register("Other", Counter.new)
+    m:register("C", Counter.new, { method_to_typeid = { spawn = "C", history = "list",
+                                                         add = "Other" } })
+  end)
+
+  it("a method's result comes back as a proxy of the given typeid", function()
+    local m <close> = mp.BaseManager()
+    m:register("Counter", Counter.new, { method_to_typeid = { spawn = "Counter",
+                                         history = "list", nothing = "Counter" } })
+    m:start()
+    local c = m:Counter(2)
+    local c2 = c:spawn()                         -- a new Counter in the server
+    assert.are.equal("multiprocessing.Proxy", getmetatable(c2).__name)
+    assert.are.equal(21, c2:add(1))
+    assert.are.equal(2, c:add(0))                -- c is another object
+    local h = c:history()                        -- a list proxy of the returned table
+    assert.are.equal("multiprocessing.listProxy", getmetatable(h).__name)
+    assert.are.same({ 2, 3 }, h:totable())
+    h:append(4)
+    assert.are.equal(3, #h)
+    assert.is_nil(c:nothing())
+    -- the proxies travel and count like any other
+    do
+      local a, b = mp.Pipe()
+      local p = start(function(bb) return bb:recv(10):add(1) == 22 and 0 or 3 end, b)
+      a:send(c2)
+      assert.are.equal(0, H.finish(p))
+      a:close(); b:close()
+    end
+    collectgarbage(); collectgarbage()
+    assert.are.equal(3, m:_number_of_objects())
+    c2 = nil; h = nil                            -- luacheck: ignore
+    assert(H.wait_until(function()               -- the child's connection closed too
+      collectgarbage(); collectgarbage()
+      return m:_number_of_objects() == 1
+    end, 10))
+  end)
+
+  it("in a SyncManager, a method can return a dict proxy", function()
+    local m <close> = mp.SyncManager()
+    m:register("Counter", Counter.new, { method_to_typeid = { history = "dict" } })
+    m:start()
+    local d = m:Counter(5):history()
+    assert.are.equal("multiprocessing.dictProxy", getmetatable(d).__name)
+    assert.are.equal(6, d[2])
+  end)
+end)
+
+describe("Managers: get_server", function()
+  H.leakcheck()
+
+  it("binds at once (port 0 resolved) and serves here until a client shuts it down", function()
+    local m = mp.BaseManager{ address = "127.0.0.1:0", authkey = "k" }
+    local store = {}
+    m:register("store", function() return store end, { proxytype = "dict" })
+    local srv = m:get_server()
+    local port = tonumber(srv.address:match("^127%.0%.0%.1:(%d+)$"))
+    assert.is_true(port ~= nil and port > 0, srv.address)
+    assert.are.equal(srv.address, m.address)
+    assert.has_error(function() m:get_server() end)        -- once
+    assert.has_error(function() m:serve_forever() end)
+    local client = start(function(addr)
+      local ok = pcall(function()
+        local c = mp.BaseManager{ address = addr, authkey = "k" }
+        c:register("store")
+        c:connect()
+        c:store().from_child = mp.current_process().pid
+      end)
+      require("multiprocessing.managers")._call(addr, "k", 0, "shutdown")
+      return ok and 0 or 3
+    end, srv.address)
+    -- a watchdog: if the client fails to stop the server, it does
+    local dog = start(function(addr)
+      H.sleep(30)
+      pcall(require("multiprocessing.managers")._call, addr, "k", 0, "shutdown")
+    end, srv.address)
+    srv:serve_forever()
+    dog:kill(); dog:join(5); dog:close()
+    assert.are.equal(0, H.finish(client))
+    assert.are.equal(client.pid or store.from_child, store.from_child)
+    assert.is_number(store.from_child)
+    assert.has_error(function() srv:serve_forever() end)   -- it served
+    srv:close()
+  end)
+
+  it("a server closed without serving frees its address", function()
+    local path = H.tmpname("mgr.sock")
+    local m = mp.BaseManager{ address = path, authkey = "k" }
+    local srv = m:get_server()
+    assert.are.equal(path, srv.address)
+    srv:close()
+    srv:close()
+    assert.truthy(tostring(srv):find("closed", 1, true))
+    local m2 = mp.BaseManager{ address = path, authkey = "k" }
+    local srv2 <close> = m2:get_server()
+    assert.are.equal(path, srv2.address)
   end)
 end)

@@ -83,7 +83,8 @@ end
 
 local PROXYTYPES = { dict = true, list = true, Namespace = true }
 
--- m:register(typeid [, callable [, {exposed={names}, proxytype=kind}]]) -> m
+-- m:register(typeid [, callable [, {exposed={names}, proxytype=kind,
+--   method_to_typeid={method=typeid}}]]) -> m; raises on bad arguments
 function Manager.register(self, typeid, callable, opts)
   if type(typeid) ~= "string" or typeid == "" or typeid:sub(1, 1) == "_" or Manager[typeid] then
     error("bad argument #1 to 'register' (a typeid: a name that is not a manager method "
@@ -100,7 +101,7 @@ function Manager.register(self, typeid, callable, opts)
   end
   opts = opts or {}
   for k in pairs(opts) do
-    if k ~= "exposed" and k ~= "proxytype" then
+    if k ~= "exposed" and k ~= "proxytype" and k ~= "method_to_typeid" then
       error("register: unknown option '" .. tostring(k) .. "'", 2)
     end
   end
@@ -113,11 +114,43 @@ function Manager.register(self, typeid, callable, opts)
   if opts.proxytype ~= nil and not PROXYTYPES[opts.proxytype] then
     error("register: 'proxytype' must be \"dict\", \"list\" or \"Namespace\"", 2)
   end
+  local m2t = opts.method_to_typeid
+  if m2t ~= nil then
+    if type(m2t) ~= "table" then
+      error("register: 'method_to_typeid' must be a table {method = typeid}", 2)
+    end
+    if opts.proxytype ~= nil then
+      error("register: 'method_to_typeid' is for a type's methods: a proxytype has none", 2)
+    end
+    local copy = {}
+    for name, t in pairs(m2t) do
+      if type(name) ~= "string" or type(t) ~= "string" then
+        error("register: 'method_to_typeid' maps method names to typeids (strings), got "
+              .. type(name) .. " -> " .. type(t), 2)
+      end
+      local e = self._registry[t]
+      local ok = t == typeid or PROXYTYPES[t] or (e and (e.builtin == nil or PROXYTYPES[e.builtin]))
+      if not ok then
+        error("register: 'method_to_typeid' names " .. (e and "typeid '" .. t .. "', which "
+              .. "cannot serve a method's result" or "unknown typeid '" .. t .. "'")
+              .. " (register it first; dict, list and Namespace are always known)", 2)
+      end
+      if opts.exposed then
+        local found = false
+        for _, n in ipairs(opts.exposed) do found = found or n == name end
+        if not found then
+          error("register: 'method_to_typeid' names '" .. name .. "', which is not in 'exposed'", 2)
+        end
+      end
+      copy[name] = t
+    end
+    m2t = copy
+  end
   if self._state == "started" or self._state == "serving" then
     error("register: the manager's server is already running", 2)
   end
   self._registry[typeid] = { callable = callable, exposed = opts.exposed,
-                             proxytype = opts.proxytype }
+                             proxytype = opts.proxytype, method_to_typeid = m2t }
   return self
 end
 
@@ -142,10 +175,11 @@ local function creator(typeid)
     end
     check_running(self, typeid)
     local addr, key = self.address, self._authkey
-    local oid, kind, exposed = call(addr, key, 0, "create", typeid, ...)
-    -- the proxy keeps its manager alive (its __gc would stop the server)
+    local oid, kind, exposed, sid = call(addr, key, 0, "create", typeid, ...)
+    -- the proxy keeps its manager alive (its __gc would stop the server);
+    -- it holds the reference that create gave this process's connection
     return new_proxy({ addr = addr, key = key, oid = oid, kind = kind, exposed = exposed,
-                       mgr = self })
+                       sid = sid, mgr = self, owner = client.owner(addr, key) })
   end
 end
 local creators = {}
@@ -237,24 +271,76 @@ function Manager.connect(self)
   return self
 end
 
+-- A manager's server in this process (m:get_server()): it listens from
+-- the start; srv:serve_forever() serves until a client calls shutdown.
+local ServerMT = { __name = "multiprocessing.ManagerServer" }
+ServerMT.__index = {}
+
+-- srv:serve_forever(): serve in this process until a client calls
+-- shutdown, then close; raises if it served already
+function ServerMT.__index.serve_forever(self)
+  local srv = self._srv
+  if not srv then error(errors.new("ProcessError", "serve_forever: the server is closed"), 2) end
+  self._srv = nil
+  local ok, err = pcall(srv.serve, srv)
+  self._mgr._state = "shutdown"
+  if not ok then pcall(srv.close, srv); error(err, 0) end
+end
+
+-- srv:close(): stop listening without serving (twice is fine)
+function ServerMT.__index.close(self)
+  local srv = self._srv
+  if not srv then return end
+  self._srv = nil
+  self._mgr._state = "shutdown"
+  pcall(srv.close, srv)
+end
+ServerMT.__close = ServerMT.__index.close
+ServerMT.__gc = ServerMT.__index.close
+ServerMT.__tostring = function(self)
+  return "<ManagerServer(" .. tostring(self.address) .. (self._srv and "" or ", closed") .. ")>"
+end
+
+-- m:get_server() -> a server that listens at the manager's address now
+-- (srv.address: port 0 resolved); srv:serve_forever() serves here
+function Manager.get_server(self)
+  if self._state ~= "initial" then
+    error(errors.new("ProcessError", "get_server: the manager is " .. self._state), 2)
+  end
+  if not self._address then error("get_server: the manager needs an address", 2) end
+  local srv = require("multiprocessing.managers.server").new(server_spec(self, self._address))
+  self.address = srv.address
+  self._state = "serving"
+  return setmetatable({ address = srv.address, _srv = srv, _mgr = self }, ServerMT)
+end
+
 -- m:serve_forever(): this process serves until a client calls shutdown
 function Manager.serve_forever(self)
   if self._state ~= "initial" then
     error(errors.new("ProcessError", "serve_forever: the manager is " .. self._state), 2)
   end
   if not self._address then error("serve_forever: the manager needs an address", 2) end
-  local srv = require("multiprocessing.managers.server").new(server_spec(self, self._address))
-  self.address = srv.address
-  self._state = "serving"
-  local ok, err = pcall(srv.serve, srv)
-  self._state = "shutdown"
-  if not ok then pcall(srv.close, srv); error(err, 0) end
+  Manager.get_server(self):serve_forever()
 end
 
 -- m:info() -> {objects=, clients=, parked=, pending=, refused=}, server pid
 function Manager.info(self)
   check_running(self, "info")
   return call(self.address, self._authkey, 0, "info")
+end
+
+-- m:_number_of_objects() -> the objects the server holds, after a full
+-- collection in the server (for specs and debugging, as Python's)
+function Manager._number_of_objects(self)
+  check_running(self, "_number_of_objects")
+  return (call(self.address, self._authkey, 0, "number_of_objects"))
+end
+
+-- m:_debug_info() -> {{id=, kind=, refs=, transit=}, ...}: each object
+-- the server holds and its references, after a full collection
+function Manager._debug_info(self)
+  check_running(self, "_debug_info")
+  return (call(self.address, self._authkey, 0, "debug_info"))
 end
 
 local function cleanup(self)

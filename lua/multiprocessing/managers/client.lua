@@ -8,7 +8,8 @@
 -- the pid changed (after a fork, two processes never share one socket or
 -- answer queue). A call is {seq, oid, method, args...} -> {seq, ok,
 -- results...}; the answer of an earlier call that a signal interrupted is
--- skipped by its seq.
+-- skipped by its seq. The references that proxies give back, and the one
+-- a proxy without a reference takes, ride on the calls (msg.rel, msg.inc).
 
 local core = require "multiprocessing.core"
 local errors = require "multiprocessing.errors"
@@ -27,8 +28,19 @@ local has_log, log = pcall(require, "multiprocessing.log")
 if not (has_log and type(log) == "table" and log.enabled) then log = nil end
 M.log = log
 
-local conns = {}            -- address .. "\0" .. authkey -> {conn=, pid=}
+local conns = {}            -- address .. "\0" .. authkey -> {conn=, pid=, addr=, key=}
 local seq = 0
+-- Reference counting (docs/managers.md, "Object lifetime"): the object
+-- ids whose references this process's proxies gave back (their __gc),
+-- per manager, sent with the next call to it (msg.rel); never a message
+-- of their own, never from a finalizer.
+local pending = {}          -- id -> {oid, ...}
+M._pending = pending
+-- The connection entry whose call is being encoded (M.sending) and whose
+-- answer is being decoded (M.receiving), for proxies.lua: a proxy of the
+-- manager a call goes to needs no transit reference, and one in its
+-- answer holds a reference of the connection it came by.
+M.sending, M.receiving = nil, nil
 -- A caller spins (tries to receive without sleeping) for up to SPIN
 -- seconds for its answer before it sleeps: the server usually answers
 -- within microseconds, and waking from a sleep costs tens of them on a busy
@@ -68,6 +80,7 @@ end
 local function forget(id)
   local e = conns[id]
   conns[id] = nil
+  pending[id] = nil
   if e and e.pid == getpid() then
     pcall(e.conn.close, e.conn)
     for _, q in ipairs({ e.req, e.rep }) do
@@ -92,7 +105,10 @@ end
 -- timeout is 0; raises ProcessError when the manager is gone.
 local function sock_recv(e, addr, id, timeout)
   local c = e.conn
+  local prev = M.receiving
+  M.receiving = e
   local okr, r, rwhy = pcall(c.recv, c, timeout)
+  M.receiving = prev
   if not okr then
     -- a reply that cannot be decoded here (a class this process has not
     -- registered) was read whole: the connection is still in step
@@ -116,7 +132,10 @@ end
 -- one call over the socket; my is the seq sent (negated if spinning)
 local function sock_call(e, addr, id, my, msg, spinning)
   local c = e.conn
+  local prev = M.sending
+  M.sending = e
   local ok, sent, why = pcall(c.send, c, msg)
+  M.sending = prev
   if not ok then
     if errors.is_error(sent) or core._is_interrupt(sent) then error(sent, 0) end
     forget(id)
@@ -153,7 +172,10 @@ local function chan_wait(e, addr, id, my, spinning)
   if spinning then
     local t0 = monotonic()
     repeat
+      local prev = M.receiving
+      M.receiving = e
       local ok, r = pcall(rep.get, rep, 0)
+      M.receiving = prev
       if not ok then break end               -- the loop below sees it again
       if r ~= nil and mine(r, my) then
         fails = 0
@@ -163,7 +185,10 @@ local function chan_wait(e, addr, id, my, spinning)
     fails = fails + 1
   end
   while true do
+    local prev = M.receiving
+    M.receiving = e
     local ok, r = pcall(rep.get, rep, slice)
+    M.receiving = prev
     if not ok then
       if core._is_interrupt(r) or errors.is_error(r) then error(r, 0) end
       forget(id)
@@ -204,6 +229,7 @@ local function connect(addr, key)
     -- inherited through a fork: the parent's socket, not ours to use;
     -- closing our copy of the fd leaves the parent's open
     conns[id] = nil
+    pending[id] = nil                  -- the parent's to send, not ours
     pcall(e.conn.close, e.conn)
   end
   local ok, c = pcall(connection.exports.Client, addr, { authkey = key })
@@ -215,7 +241,7 @@ local function connect(addr, key)
     local why = errors.OSError:is(c) and c.message or tostring(c):gsub("^.-: ", "", 1)
     error(gone(addr, "cannot connect: " .. why), 0)
   end
-  e = { conn = c, pid = pid }
+  e = { conn = c, pid = pid, addr = addr, key = key }
   conns[id] = e
   if M.CHANNEL and not addr:find(":%d+$") then      -- a Unix socket: fds travel
     seq = seq + 1
@@ -228,18 +254,24 @@ local function connect(addr, key)
   return e, id
 end
 
--- call(addr, key, oid, method, ...) -> the results of method on object oid
-local function call(addr, key, oid, method, ...)
-  local e, id = connect(addr, key)
-  seq = seq + 1
-  probe = probe + 1
-  local spinning = (fails < M.FAILS or probe & 15 == 0) and may_spin()
-  local my = spinning and -seq or seq
-  local msg = pack(my, oid, method, ...)
+-- send msg (on the channel, else the socket) and wait for its answer;
+-- st: the proxy state whose reference msg.inc takes, once msg is sent
+local function go(e, addr, id, my, msg, spinning, st)
+  local rel = pending[id]
+  if rel then
+    pending[id] = nil                  -- lost if the send fails: the safe side
+    msg.rel = rel
+  end
   local req = e.req
   if req then
+    local prev = M.sending
+    M.sending = e
     local ok, err = pcall(req.put, req, msg)
-    if ok then return chan_wait(e, addr, id, my, spinning) end
+    M.sending = prev
+    if ok then
+      if st then st.owner = e end
+      return chan_wait(e, addr, id, my, spinning)
+    end
     if core._is_interrupt(err) then error(err, 0) end
     if not errors.is_error(err) then
       forget(id)
@@ -247,9 +279,85 @@ local function call(addr, key, oid, method, ...)
     end
     -- a value the queue cannot carry (a handle with fds): by the socket
   end
+  if st then st.owner = e end          -- sock_call raises if the send fails
   return sock_call(e, addr, id, my, msg, spinning)
 end
+
+-- call(addr, key, oid, method, ...) -> the results of method on object oid
+local function call(addr, key, oid, method, ...)
+  local e, id = connect(addr, key)
+  seq = seq + 1
+  probe = probe + 1
+  local spinning = (fails < M.FAILS or probe & 15 == 0) and may_spin()
+  local my = spinning and -seq or seq
+  return go(e, addr, id, my, pack(my, oid, method, ...), spinning)
+end
 M.call = call
+
+-- call_st(st, method, ...): a proxy's call (st: its state). A proxy that
+-- holds no reference of this process's connection (inherited through a
+-- fork, or its manager's connection opened again) takes one with the call
+-- (msg.inc), so that what it names lives while it does.
+function M.call_st(st, method, ...)
+  local e, id = connect(st.addr, st.key)
+  seq = seq + 1
+  probe = probe + 1
+  local spinning = (fails < M.FAILS or probe & 15 == 0) and may_spin()
+  local my = spinning and -seq or seq
+  local msg = pack(my, st.oid, method, ...)
+  if st.owner ~= e then
+    msg.inc = true
+    return go(e, st.addr, id, my, msg, spinning, st)
+  end
+  return go(e, st.addr, id, my, msg, spinning)
+end
+
+-- client.owner(addr, key) -> this process's connection entry for the
+-- manager (what a proxy's st.owner names when it holds a reference), or nil
+function M.owner(addr, key)
+  local e = conns[addr .. "\0" .. key]
+  if e and e.pid == getpid() then return e end
+  return nil
+end
+
+-- client.release(st): a proxy's __gc: give its reference back with the
+-- next call to its manager; nothing if it holds none, or its connection
+-- is gone. Never raises, never blocks, sends nothing.
+function M.release(st)
+  local e = st.owner
+  if not e or e.pid ~= getpid() then return end
+  local id = st.addr .. "\0" .. st.key
+  if conns[id] ~= e then return end
+  local l = pending[id]
+  if not l then
+    l = {}
+    pending[id] = l
+  end
+  l[#l + 1] = st.oid
+end
+
+-- client.transit(st) -> true if the manager took a transit reference for
+-- the proxy being serialized (docs/managers.md), false if it could not
+-- (the manager or the object is gone: the proxy is of no use anyway)
+function M.transit(st)
+  local ok, got = pcall(call, st.addr, st.key, 0, "transit", st.oid)
+  if not ok then
+    if core._is_interrupt(got) then error(got, 0) end
+    return false
+  end
+  return got == true
+end
+
+-- client.adopt(st): the receiver of a proxy with a transit reference makes
+-- it its connection's (at once: nothing is pending if it never calls)
+function M.adopt(st)
+  local ok, got = pcall(call, st.addr, st.key, 0, "adopt", st.oid)
+  if not ok then
+    if core._is_interrupt(got) then error(got, 0) end
+    return
+  end
+  if got then st.owner = M.owner(st.addr, st.key) end
+end
 
 -- post(addr, key, oid, method): send the call and wait for nothing (the
 -- owner's shutdown: a server busy in a long call must not hold it)

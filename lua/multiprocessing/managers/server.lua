@@ -15,6 +15,15 @@
 -- bounded by HANDSHAKE_TIMEOUT, messages of at most HANDSHAKE_MAX bytes).
 -- A connection that drops has its parked calls withdrawn and what it held
 -- (locks, semaphores) released: sync.release_dropped.
+--
+-- Reference counting (docs/managers.md, "Object lifetime"): each object
+-- counts its references (o.refs): those of each connection (cl.refs[oid],
+-- given back by a request's rel list or when the connection drops),
+-- transit ones (o.transit: a proxy on its way, taken by its sender and
+-- adopted by its receiver) and those of proxies that live in this server
+-- (stored in a dict, a queue...: proxies.lua marks them st.inner, their
+-- __gc queues the id in srv.freeq, which the loop empties). An object
+-- whose count falls to 0 leaves srv.objects; Lua's GC does the rest.
 
 local core = require "multiprocessing.core"
 local connection = require "multiprocessing.connection"
@@ -22,8 +31,11 @@ local errors = require "multiprocessing.errors"
 local objects = require "multiprocessing.managers.objects"
 local sync = require "multiprocessing.managers.sync"
 
+local proxies = require "multiprocessing.managers.proxies"
+
 local type, pairs, ipairs, pcall, xpcall, error, tostring, setmetatable, require, next =
       type, pairs, ipairs, pcall, xpcall, error, tostring, setmetatable, require, next
+local collectgarbage = collectgarbage
 local pack, unpack = table.pack, table.unpack
 local mathtype = math.type
 local monotonic, getpid = core.monotonic, core.getpid
@@ -68,21 +80,28 @@ local BUILTIN = {
   Array = function(_, typ, init) return objects.new_array(typ, init) end,
 }
 local SERVED = { dict = true, list = true, Namespace = true }
+M.SERVED = SERVED
 
--- server.new{address=, authkey=, registry=} -> Server (listening)
+-- server.new{address=, authkey=, registry=} -> Server (listening); this
+-- process's proxies of it are now its own (proxies.server)
 function M.new(spec)
   local l = connection.exports.Listener(spec.address, { authkey = spec.authkey, backlog = 128 })
-  return setmetatable({
+  local rnd = require("multiprocessing.auth").random_bytes(8)
+  local srv = setmetatable({
     listener = l, address = l.address, authkey = spec.authkey,
+    sid = rnd:gsub(".", function(ch) return ("%02x"):format(ch:byte()) end),
     registry = spec.registry or {},
-    clients = {},      -- conn -> {parked = {w = true}, held = {obj = true}}
+    clients = {},      -- conn -> {parked = {w = true}, held = {obj = true}, refs = {oid = n}}
     objects = {},      -- oid -> object
-    ids = {},          -- value a registered callable returned -> oid
+    ids = {},          -- value a registered callable returned -> object
     nextid = 0,
     timed = {},        -- parked requests with a deadline
+    freeq = {},        -- ids whose inner proxies were collected
     stopping = false,
     refused = 0,       -- peers that failed the handshake
   }, Server)
+  proxies.server = srv
+  return srv
 end
 
 -- ---- what objects.lua calls ---------------------------------------------
@@ -122,11 +141,115 @@ local function error_data(e)
   return { type = "RemoteError", message = msg, traceback = tb, pid = getpid() }
 end
 
+-- ---- references -----------------------------------------------------------
+
+local function unref(self, oid, n)
+  local o = self.objects[oid]
+  if not o then return end
+  o.refs = o.refs - n
+  if o.refs <= 0 then
+    self.objects[oid] = nil
+    local v = o.served
+    if v ~= nil and self.ids[v] == o then self.ids[v] = nil end
+  end
+end
+
+local function cl_unref(self, cl, oid)
+  local n = cl.refs[oid]
+  if not n then return end                -- not this connection's: ignored
+  cl.refs[oid] = n > 1 and n - 1 or nil
+  unref(self, oid, 1)
+end
+
+local function cl_ref(cl, o)
+  o.refs = o.refs + 1
+  cl.refs[o.id] = (cl.refs[o.id] or 0) + 1
+end
+
+-- srv:ref_out(oid) -> "c" | "t" | nil: a proxy of this server being
+-- serialized (proxies.lua): a reference for the client the answer being
+-- encoded goes to, or else a transit one; nil if the object is gone
+function Server:ref_out(oid)
+  local o = self.objects[oid]
+  if not o then return nil end
+  local cl = self.enc_cl
+  if cl then
+    cl_ref(cl, o)
+    local log = self.enc_log
+    if not log then
+      log = {}
+      self.enc_log = log
+    end
+    log[#log + 1] = oid
+    return "c"
+  end
+  o.refs = o.refs + 1
+  o.transit = o.transit + 1
+  return "t"
+end
+
+-- srv:ref_in(oid, transit) -> true if the object exists: a proxy of this
+-- server rebuilt here holds a reference (adopting a transit one)
+function Server:ref_in(oid, transit)
+  local o = self.objects[oid]
+  if not o then return false end
+  if transit and o.transit > 0 then o.transit = o.transit - 1
+  else o.refs = o.refs + 1 end
+  return true
+end
+
+-- srv:unref_later(oid): an inner proxy's __gc (no work in a finalizer)
+function Server:unref_later(oid)
+  local q = self.freeq
+  q[#q + 1] = oid
+end
+
+local function run_freeq(self)
+  local q = self.freeq
+  self.freeq = {}
+  for i = 1, #q do unref(self, q[i], 1) end
+end
+
+-- srv:collect(): a full collection, until no inner proxy is left to free
+-- (a freed container's proxies are found by the next one)
+function Server:collect()
+  for _ = 1, 32 do
+    collectgarbage("collect")
+    if self.freeq[1] == nil then return end
+    run_freeq(self)
+  end
+end
+
+-- a request's reference traffic: inc (the proxy making the call takes a
+-- reference for this connection), rel (ids whose references it gives back)
+local function refs_msg(self, cl, oid, inc, rel)
+  if inc then
+    local o = self.objects[oid]
+    if o then cl_ref(cl, o) end
+  end
+  if type(rel) == "table" then
+    for i = 1, #rel do cl_unref(self, cl, rel[i]) end
+  end
+end
+
+-- the references an answer that could not be sent gave its client
+local function undo_refs(self)
+  local cl, log = self.enc_cl, self.enc_log
+  self.enc_log = nil
+  if log then
+    for i = 1, #log do cl_unref(self, cl, log[i]) end
+  end
+end
+
 local function send_sock(self, conn, msg)
   local ok, sent = pcall(conn.send, conn, msg)
   if not ok then
-    if core._is_interrupt(sent) then error(sent, 0) end
+    if core._is_interrupt(sent) then
+      self.enc_cl, self.enc_log = nil, nil
+      error(sent, 0)
+    end
     if errors.is_error(sent) then          -- a result that cannot be serialized
+      undo_refs(self)
       ok, sent = pcall(conn.send, conn, { msg[1], false, error_data(sent) })
     end
   end
@@ -134,18 +257,25 @@ local function send_sock(self, conn, msg)
 end
 
 -- answer on the channel when the request came by it, else (or when the
--- answer holds a handle with fds, which a queue cannot carry) on the socket
+-- answer holds a handle with fds, which a queue cannot carry) on the socket;
+-- the proxies of this server in it take references for cl (ref_out)
 local function send(self, w, msg)
   local conn = w.conn
   local cl = self.clients[conn]
   if not cl then return end
+  self.enc_cl, self.enc_log = cl, nil
   if w.chan and cl.rep then
     local ok, err = pcall(cl.rep.put, cl.rep, msg)
-    if ok then return end
-    if core._is_interrupt(err) then error(err, 0) end
-    if not errors.is_error(err) then return self:drop(conn) end
+    if ok then
+      self.enc_cl, self.enc_log = nil, nil
+      return
+    end
+    undo_refs(self)
+    if core._is_interrupt(err) then self.enc_cl = nil; error(err, 0) end
+    if not errors.is_error(err) then self.enc_cl = nil; return self:drop(conn) end
   end
   send_sock(self, conn, msg)
+  self.enc_cl, self.enc_log = nil, nil
 end
 
 -- srv:grant(w, ...): answer w with results ...
@@ -180,45 +310,122 @@ end
 
 -- the object a proxy of this manager names, or nil
 function Server:resolve(p)
-  local st = require("multiprocessing.managers.proxies").state(p)
-  if st and st.addr == self.address then return self.objects[st.oid] end
+  local st = proxies.state(p)
+  if st and (st.sid == self.sid or st.sid == nil and st.addr == self.address) then
+    return self.objects[st.oid]
+  end
   return nil
 end
 
 local function add(self, o)
   self.nextid = self.nextid + 1
   o.id = self.nextid
+  o.refs, o.transit = 0, 0
   self.objects[o.id] = o
   return o
 end
 
-local own = {}
--- create(typeid, ...) -> oid, kind, exposed
-function own.create(self, _, _, typeid, ...)
-  local e = self.registry[typeid]
-  if e == nil then error("unknown typeid " .. tostring(typeid), 0) end
-  if e.builtin then
-    local o = add(self, BUILTIN[e.builtin](self, ...))
-    return o.id, o.kind
-  end
-  local v = e.callable(...)
-  if v == nil then error("the callable of typeid '" .. typeid .. "' returned nil", 0) end
+-- the object that serves value v as typeid (registry entry e; nil for a
+-- dict, list or Namespace that a method_to_typeid names in a BaseManager):
+-- the one made before for the same value, or a new one
+local function serve_value(self, typeid, e, v)
   local old = self.ids[v]
-  if old then return old.id, old.kind, old.exposed end
+  if old then return old end
   local o
-  if SERVED[e.proxytype] then
+  local kind = typeid
+  if e then kind = e.proxytype or e.builtin or "custom" end
+  if SERVED[kind] then
     if type(v) ~= "table" then
-      error("typeid '" .. typeid .. "': a " .. e.proxytype .. " proxy needs a table", 0)
+      error("typeid '" .. typeid .. "': a " .. kind .. " proxy needs a table, got "
+            .. type(v), 0)
     end
-    o = add(self, { kind = e.proxytype, t = v })
+    o = add(self, { kind = kind, t = v, served = v })
+  elseif kind ~= "custom" then
+    error("typeid '" .. typeid .. "' cannot serve a value", 0)
   else
     local exposed = e.exposed or objects.exposed_of(v)
     local set = {}
     for _, name in ipairs(exposed) do set[name] = true end
-    o = add(self, { kind = "custom", obj = v, exposed = exposed, exposed_set = set })
+    o = add(self, { kind = "custom", obj = v, served = v, exposed = exposed, exposed_set = set,
+                    m2t = e.method_to_typeid })
   end
   self.ids[v] = o
-  return o.id, o.kind, o.exposed
+  return o
+end
+
+local own = {}
+-- create(typeid, ...) -> oid, kind, exposed, sid; the object gets one
+-- reference, the calling connection's
+function own.create(self, _, w, typeid, ...)
+  local e = self.registry[typeid]
+  if e == nil then error("unknown typeid " .. tostring(typeid), 0) end
+  local o
+  if e.builtin then
+    o = add(self, BUILTIN[e.builtin](self, ...))
+  else
+    local v = e.callable(...)
+    if v == nil then error("the callable of typeid '" .. typeid .. "' returned nil", 0) end
+    o = serve_value(self, typeid, e, v)
+  end
+  cl_ref(self.clients[w.conn], o)
+  return o.id, o.kind, o.exposed, self.sid
+end
+
+-- a method_to_typeid method's result: a proxy (of this server, st.inner)
+-- of the object that serves it as typeid; its answer gives the caller a
+-- reference (ref_out), and this proxy's own goes with it (collected)
+local function as_proxy(self, typeid, v)
+  if v == nil then return nil end
+  local o = serve_value(self, typeid, self.registry[typeid], v)
+  local st = { addr = self.address, key = self.authkey, oid = o.id, kind = o.kind,
+               exposed = o.exposed, sid = self.sid }
+  self:ref_in(o.id, false)
+  st.inner = self
+  return proxies.new(st)
+end
+
+-- transit(oid) -> true: a transit reference for a proxy being serialized
+-- by its holder (false: no such object)
+function own.transit(self, _, _, oid)
+  local o = self.objects[oid]
+  if not o then return false end
+  o.refs = o.refs + 1
+  o.transit = o.transit + 1
+  return true
+end
+
+-- adopt(oid) -> true: the receiver of such a proxy makes a transit
+-- reference its connection's (false: no such object)
+function own.adopt(self, _, w, oid)
+  local o = self.objects[oid]
+  if not o then return false end
+  local cl = self.clients[w.conn]
+  if o.transit > 0 then
+    o.transit = o.transit - 1
+    o.refs = o.refs - 1
+  end
+  cl_ref(cl, o)
+  return true
+end
+
+-- number_of_objects() -> n: the objects alive, after a full collection
+function own.number_of_objects(self)
+  self:collect()
+  local n = 0
+  for _ in pairs(self.objects) do n = n + 1 end
+  return n
+end
+
+-- debug_info() -> {{id=, kind=, refs=, transit=}, ...} (by id), after a
+-- full collection
+function own.debug_info(self)
+  self:collect()
+  local r = {}
+  for id, o in pairs(self.objects) do
+    r[#r + 1] = { id = id, kind = o.kind, refs = o.refs, transit = o.transit }
+  end
+  table.sort(r, function(a, b) return a.id < b.id end)
+  return r
 end
 
 -- channel() -> req, rep: two queues for this client's calls (managers.lua)
@@ -251,10 +458,13 @@ function own.info(self)
 end
 
 local function custom_method(name)
-  return function(_, o, _, ...)
+  return function(self, o, _, ...)
     if not o.exposed_set[name] then
       error("'" .. tostring(name) .. "' is not exposed by this object", 0)
     end
+    local m2t = o.m2t
+    local typeid = m2t and m2t[name]
+    if typeid then return as_proxy(self, typeid, (objects.custom_call(o, name, ...))) end
     return objects.custom_call(o, name, ...)
   end
 end
@@ -267,6 +477,8 @@ function Server:dispatch(conn, msg, chan)
   end
   local seq, oid, method = msg[1], msg[2], msg[3]
   local w = { conn = conn, seq = seq, chan = chan }
+  local inc, rel = msg.inc, msg.rel
+  if inc or rel then refs_msg(self, self.clients[conn], oid, inc, rel) end
   if mathtype(seq) == "integer" and seq < 0 then self.peer_spins = true end
   local fn, o
   if oid == 0 then
@@ -309,6 +521,7 @@ function Server:drop(conn)
   end
   for o in pairs(cl.held) do sync.release_dropped(self, o, conn) end
   close_channel(cl)
+  for oid, n in pairs(cl.refs) do unref(self, oid, n) end   -- its proxies' references
 end
 
 function Server:on_readable(conn)
@@ -362,7 +575,7 @@ function Server:accept_all()
         log.warn("manager %s refused a peer: %s", self.address, tostring(c))
       end
     elseif c then
-      self.clients[c] = { parked = {}, held = {} }
+      self.clients[c] = { parked = {}, held = {}, refs = {} }
       if c:_buffered() then            -- its first request came with the handshake
         self.again = self.again or {}
         self.again[c] = true
@@ -436,6 +649,7 @@ function Server:serve()
   local nextd, fails, probe = nil, 0, 0
   self.dirty = true
   while not self.stopping do
+    if self.freeq[1] ~= nil then run_freeq(self) end
     if self.dirty or self.nhs > 0 then fdlist(self) end
     local fds, conns, chans, hdl = self.fds, self.fdconns, self.fdchans, self.hdl
     local d = nextd
@@ -492,6 +706,7 @@ function Server:close()
     close_channel(cl)
   end
   self.listener:close()
+  if proxies.server == self then proxies.server = nil end
 end
 
 return M
