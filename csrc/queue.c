@@ -724,6 +724,15 @@ static int queue_test_chan_send(lua_State *L) {
   return 1;
 }
 
+/* core._test.queue_chan_sndbuf(q, bytes): set the channel's send buffer
+   (specs only: a channel that fills after a few items) */
+static int queue_test_chan_sndbuf(lua_State *L) {
+  mp_queue *q = check_queue(L, 1);
+  int n = (int)luaL_checkinteger(L, 2);
+  setsockopt(q->afd, SOL_SOCKET, SO_SNDBUF, &n, sizeof n);
+  return 0;
+}
+
 /* core._test.queue_lock(q [, "held" | "reused"]): take the queue's lock
    and keep it (specs only: the caller is a child about to be killed). With
    "reused", the lock then names the caller's pid with another start time:
@@ -801,6 +810,7 @@ MP_API void mp_queue_open(lua_State *L) {
     {"queue_crash", queue_test_crash},
     {"queue_lock", queue_test_lock},
     {"queue_chan_send", queue_test_chan_send},
+    {"queue_chan_sndbuf", queue_test_chan_sndbuf},
     {NULL, NULL}
   };
   static const luaL_Reg funcs[] = {
