@@ -10,7 +10,11 @@
  * a string's bytes are copied once into the ring and once out of it,
  * straight into a Lua string when large), any other value through
  * mp_encode, before the lock is taken, so that an unserializable value
- * raises in put. An unbounded put never blocks: beyond a few MiB queued,
+ * raises in put. An item whose message carries fds (it holds handles) is
+ * a marked record whose fds go as a datagram of the queue's channel
+ * (queue_chan.c): put_fds sends them, get receives them once it took the
+ * record; plain items pay one compare of their first byte in get.
+ * An unbounded put never blocks: beyond a few MiB queued,
  * items wait in the producer's feeder, so that the ring stays small and its
  * pages stay mapped and cached. maxsize bounds the number of items.
  *
@@ -373,26 +377,46 @@ static int push_lstring(lua_State *L) {
   return 1;
 }
 
-/* The rest of a get that took a marked record (its payload copied to buf
-   when small, else to q->rbuf): decode its message with the fds that came
-   (the decoder owns them), or raise when they were lost. */
-static int get_fds(lua_State *L, mp_queue *q, char *buf, uint64_t len,
-                   mpq_take *ft) {
+/* A get whose head record (payload, len; st the state) is marked: copy
+   its message out, take the record and its fds from the channel, let the
+   lock go, then decode it with them (the decoder owns them), or raise
+   when they were lost. Kept out of queue_get_t (noinline), so that the
+   plain path's frame and code stay as they were. */
+static __attribute__((noinline)) int get_fds(lua_State *L, mp_queue *q,
+                                             qstate *st, const char *payload,
+                                             uint64_t len) {
+  mpq_take ft;
   mp_buf *b;
-  if (!ft->ok)
+  ft.ok = mpq_mark_parse(payload, len, &ft.id, &ft.nfds);
+  ft.fds.n = 0;
+  if (q->rcap < len) {
+    char *nb = (char *)realloc(q->rbuf, (size_t)len);
+    if (nb == NULL) {
+      mpq_unlock(q->shm);
+      return luaL_error(L, "Queue.get: not enough memory for a %I-byte item",
+                        (lua_Integer)len);
+    }
+    q->rbuf = nb;
+    q->rcap = (size_t)len;
+  }
+  memcpy(q->rbuf, payload, (size_t)len);
+  mpq_pop(q, st, len, &ft);             /* lets the lock go */
+  if (!ft.ok)
     return mp_raise(L, "SerializationError", "Queue.get: the item's "
                     "descriptors were lost (dropped the item)");
-  if (len <= STACK_ITEM) {
-    mp_decode(L, buf + MARK_LEN, (size_t)(len - MARK_LEN), &ft->fds, 0);
-    return 1;
-  }
   b = mp_buf_push(L, 0);                /* owns the read buffer (as below) */
   b->data = q->rbuf;
   b->cap = q->rcap;
   b->len = (size_t)len;
   q->rbuf = NULL;
   q->rcap = 0;
-  mp_decode(L, b->data + MARK_LEN, b->len - MARK_LEN, &ft->fds, 0);
+  mp_decode(L, b->data + MARK_LEN, b->len - MARK_LEN, &ft.fds, 0);
+  if (q->shm != NULL && q->rbuf == NULL && b->cap <= KEEP_RBUF) {
+    q->rbuf = b->data;
+    q->rcap = b->cap;
+    b->data = NULL;
+    b->cap = b->len = 0;
+  }
   return 1;
 }
 
@@ -410,7 +434,6 @@ static int queue_get_t(lua_State *L, double timeout) {
     uint64_t len = 0;
     size_t off;
     int err, pushed = 0;
-    mpq_take ft, *ftp = NULL;            /* a marked record's fds */
     if (mp_atomic_load(&s->st.nitems) == 0) {
       if (timeout == 0) goto empty;
       if (deadline >= 0 && mp_now() >= deadline) goto timedout;
@@ -425,15 +448,11 @@ static int queue_get_t(lua_State *L, double timeout) {
       if (err == Q_CORRUPT) return q_corrupt(L, "Queue.get", what);
       return mp_raise_errno(L, err, "Queue.get: mmap");
     }
-    if (len > 0 && (unsigned char)payload[0] == MARK_BYTE) {
-      /* an item with fds: they come from the channel once it is taken */
-      ftp = &ft;
-      ft.ok = mpq_mark_parse(payload, len, &ft.id, &ft.nfds);
-      ft.fds.n = 0;
-    }
+    if (len > 0 && (unsigned char)payload[0] == MARK_BYTE)
+      return get_fds(L, q, &st, payload, len);   /* an item with fds */
     if (len <= STACK_ITEM) {
       memcpy(stackbuf, payload, (size_t)len);
-    } else if (ftp == NULL && mp_decode_strhead(payload, (size_t)len, &off)) {
+    } else if (mp_decode_strhead(payload, (size_t)len, &off)) {
       /* a string: its bytes straight into a Lua string (off and len, not
          the head, which others may rewrite, bound the copy), under the
          lock: protect the allocation (a memory error must not leave the
@@ -463,9 +482,8 @@ static int queue_get_t(lua_State *L, double timeout) {
       }
       memcpy(q->rbuf, payload, (size_t)len);
     }
-    mpq_pop(q, &st, len, ftp);           /* lets the lock go */
+    mpq_pop(q, &st, len, NULL);          /* lets the lock go */
     if (pushed) return 1;
-    if (ftp != NULL) return get_fds(L, q, stackbuf, len, &ft);
     if (len <= STACK_ITEM) {
       if (!mp_decode_scalar(L, stackbuf, (size_t)len)) {
         mp_fdlist none;

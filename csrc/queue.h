@@ -1,5 +1,6 @@
 /*
- * queue.h: what the queue's files share; no other file includes it.
+ * queue.h: what the queue's files share; no other file of the core includes
+ * it (the fuzz target does, for the readers of the marker and datagram).
  *
  *   queue.c         the Lua classes Queue, SimpleQueue, JoinableQueue:
  *                   put, get, the other methods, handles

@@ -19,7 +19,9 @@
  * it, clear the mark) and every locker replays a valid journal first, so a
  * process killed at any point leaves either the old state or the new one:
  * a half-written item is never visible and its room is reused, a consumer
- * killed in get loses no item. The lock is not interrupted by signals: it
+ * killed in get loses no item (one that took a marked record and died
+ * before receiving its datagram leaves an orphan datagram, which the next
+ * such get drops: queue_chan.c). The lock is not interrupted by signals: it
  * is held for one copy.
  *
  * What the segment holds is untrusted: a state is checked (mpq_sane) and a

@@ -82,7 +82,7 @@ for _, m in ipairs(METHODS) do
         local rs, ws = {}, {}
         for k = 1, K do rs[k], ws[k] = mp.Pipe(false) end
         local procs = {}
-        for c = 1, NC do
+        for _ = 1, NC do
           procs[#procs + 1] = start(m, function(qq, pq)
             while true do
               local it = qq:get(20)
@@ -90,7 +90,6 @@ for _, m in ipairs(METHODS) do
               if type(it) == "table" then it.w:send(it.i) else pq:put(it) end
             end
           end, q, plain)
-          assert(c)
         end
         for pr = 1, NP do
           procs[#procs + 1] = start(m, function(qq, base, n, k, ...)
