@@ -27,6 +27,7 @@
  */
 #include "queue.h"
 
+#include <fcntl.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/eventfd.h>
@@ -238,14 +239,30 @@ static int put_fds(lua_State *L, mp_queue *q, const char *p, size_t len,
     return 1;
   }
   f = mpq_feeder_start(L, q);
-  mpq_feeder_put(L, f, NULL, 0, p, len, vi, fds);   /* dups the fds */
-  if (q->kind == K_JOINABLE) {            /* counted now, as Python does */
-    qstate st;
-    mpq_lock(s);
-    st = s->st;
-    st.unfinished++;
-    mpq_commit(s, &st);
-    mpq_unlock(s);
+  {
+    /* snapshots: the caller may close its handles once put returns */
+    mp_fdlist own;
+    int i;
+    own.n = 0;
+    for (i = 0; i < fds->n; i++) {
+      int d = fcntl(fds->fd[i], F_DUPFD_CLOEXEC, 0);
+      if (d < 0) {
+        int e = errno;
+        mp_fdlist_close(&own);
+        return mp_raise_errno(L, e, "Queue.put: cannot keep the item's descriptors");
+      }
+      own.fd[own.n++] = d;
+    }
+    if (q->kind == K_JOINABLE) {          /* counted before a consumer can
+                                             take it, as Python does */
+      qstate st;
+      mpq_lock(s);
+      st = s->st;
+      st.unfinished++;
+      mpq_commit(s, &st);
+      mpq_unlock(s);
+    }
+    mpq_feeder_put(L, f, NULL, 0, p, len, vi, &own);
   }
   lua_pushboolean(L, 1);
   return 1;

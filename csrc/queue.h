@@ -224,10 +224,11 @@ MP_API int mpq_feeder_pending(lua_State *L, mp_queue *q, int *err);
 MP_API struct feeder *mpq_feeder_start(lua_State *L, mp_queue *q);
 /* Queue the item h[0, hlen) then p[0, len) in f; p is in the value at
    stack index vi, kept alive until written. fds (NULL or empty: none):
-   the item's fds, duplicated now (raises OSError when it cannot be). */
+   the item's fds, duplicates that the feeder owns from the call on (it
+   closes them once sent or dropped, or when this raises). */
 MP_API void mpq_feeder_put(lua_State *L, struct feeder *f, const char *h,
                            size_t hlen, const char *p, uint64_t len, int vi,
-                           const mp_fdlist *fds);
+                           mp_fdlist *fds);
 /* Drop the kept values of written items (any call on the queue). */
 MP_API void mpq_feeder_tidy(lua_State *L, mp_queue *q);
 /* Items still waiting are dropped when the feeder finishes. */

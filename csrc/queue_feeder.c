@@ -20,7 +20,6 @@
  */
 #include "queue.h"
 
-#include <fcntl.h>
 #include <pthread.h>
 #include <signal.h>
 #include <stdlib.h>
@@ -315,18 +314,30 @@ MP_API struct feeder *mpq_feeder_start(lua_State *L, mp_queue *q) {
 
 MP_API void mpq_feeder_put(lua_State *L, struct feeder *f, const char *h,
                            size_t hlen, const char *p, uint64_t len, int vi,
-                           const mp_fdlist *fds) {
-  int small = len <= INLINE_MAX;
+                           mp_fdlist *fds) {
+  int small = len <= INLINE_MAX, nfds = fds != NULL ? fds->n : 0;
   pnode *n = (pnode *)malloc(sizeof(pnode) + (small ? (size_t)len : 0));
-  if (n == NULL) luaL_error(L, "Queue.put: not enough memory");
+  int *fv = nfds > 0 ? (int *)malloc(sizeof(int) * (size_t)nfds) : NULL;
+  if (n == NULL || (nfds > 0 && fv == NULL)) {
+    free(n);
+    free(fv);
+    if (fds != NULL) mp_fdlist_close(fds);
+    luaL_error(L, "Queue.put: not enough memory");
+    return;                               /* not reached */
+  }
   n->next = NULL;
   n->len = len;
   if (hlen) memcpy(n->head, h, hlen);
   n->hlen = hlen;
   n->done = 0;
   n->ref = LUA_NOREF;
-  n->nfds = 0;
-  n->fds = NULL;
+  n->nfds = nfds;
+  n->fds = fv;
+  if (nfds > 0) {                         /* the node owns them from here */
+    memcpy(fv, fds->fd, sizeof(int) * (size_t)nfds);
+    fds->n = 0;
+    n->hlen = MARK_LEN;                   /* its marker, written when sent */
+  }
   if (small) {
     if (len) memcpy(n->inl, p, (size_t)len);
     n->p = n->inl;
@@ -336,27 +347,6 @@ MP_API void mpq_feeder_put(lua_State *L, struct feeder *f, const char *h,
     lua_pushvalue(L, vi);
     n->ref = luaL_ref(L, -2);             /* may raise: n is not linked yet */
     lua_pop(L, 1);
-  }
-  if (fds != NULL && fds->n > 0) {
-    /* snapshots: the caller may close its handles once put returns */
-    int i, e;
-    n->fds = (int *)malloc(sizeof(int) * (size_t)fds->n);
-    if (n->fds == NULL) { node_free(n); luaL_error(L, "Queue.put: not enough memory"); }
-    for (i = 0; i < fds->n; i++) {
-      int d = fcntl(fds->fd[i], F_DUPFD_CLOEXEC, 0);
-      if (d < 0) {
-        e = errno;
-        if (n->ref != LUA_NOREF) {
-          lua_getiuservalue(L, 1, 1);
-          luaL_unref(L, -1, n->ref);
-          lua_pop(L, 1);
-        }
-        node_free(n);
-        mp_raise_errno(L, e, "Queue.put: cannot keep the item's descriptors");
-      }
-      n->fds[n->nfds++] = d;
-    }
-    n->hlen = MARK_LEN;                   /* its marker, written when sent */
   }
   pthread_mutex_lock(&f->mu);
   if (f->tail) f->tail->next = n; else f->head = n;

@@ -205,6 +205,27 @@ describe("handles in Queue items", function()
     r:close(); w:close()
   end)
 
+  it("a JoinableQueue counts items with handles that wait in the feeder", function()
+    local jq <close> = mp.JoinableQueue()
+    local r, w = mp.Pipe(false)
+    jq:put(string.rep("j", 5 << 20))          -- the next ones wait in the feeder
+    for i = 1, 3 do assert.is_true(jq:put({ i = i, w = w })) end
+    w:close()                                 -- the feeder holds its own copies
+    assert.are.equal(4, jq:_stats().unfinished)
+    assert.are.equal(5 << 20, #jq:get(10))
+    jq:task_done()
+    for i = 1, 3 do
+      local it = jq:get(10)
+      assert.are.equal(i, it.i)
+      it.w:send(i)
+      it.w:close()
+      assert.are.equal(i, r:recv(5))
+      jq:task_done()
+    end
+    assert.is_true(jq:join(5))
+    r:close()
+  end)
+
   it("a producer killed between its datagram and its record loses only its item", function()
     local q <close> = mp.Queue()
     local r1, w1 = mp.Pipe(false)
