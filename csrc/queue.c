@@ -10,7 +10,11 @@
  * a string's bytes are copied once into the ring and once out of it,
  * straight into a Lua string when large), any other value through
  * mp_encode, before the lock is taken, so that an unserializable value
- * raises in put. An unbounded put never blocks: beyond a few MiB queued,
+ * raises in put. An item whose message carries fds (it holds handles) is
+ * a marked record whose fds go as a datagram of the queue's channel
+ * (queue_chan.c): put_fds sends them, get receives them once it took the
+ * record; plain items pay one compare of their first byte in get.
+ * An unbounded put never blocks: beyond a few MiB queued,
  * items wait in the producer's feeder, so that the ring stays small and its
  * pages stay mapped and cached. maxsize bounds the number of items.
  *
@@ -23,10 +27,13 @@
  */
 #include "queue.h"
 
+#include <fcntl.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/eventfd.h>
 #include <sys/mman.h>
+#include <sys/socket.h>
+#include <sys/uio.h>
 #include <unistd.h>
 
 #define STACK_ITEM  8192                /* items copied out through the C stack */
@@ -84,7 +91,9 @@ static void queue_release(mp_queue *q, int mode) {
   q->mapcap = 0;
   if (q->fd >= 0) close(q->fd);
   if (q->efd >= 0) close(q->efd);
-  q->fd = q->efd = -1;
+  if (q->afd >= 0) close(q->afd);
+  if (q->bfd >= 0) close(q->bfd);
+  q->fd = q->efd = q->afd = q->bfd = -1;
   q->watching = 0;
   free(q->rbuf);
   q->rbuf = NULL;
@@ -94,7 +103,7 @@ static void queue_release(mp_queue *q, int mode) {
 static mp_queue *queue_push(lua_State *L, int kind) {
   mp_queue *q = (mp_queue *)lua_newuserdatauv(L, sizeof(mp_queue), 1);
   memset(q, 0, sizeof *q);
-  q->fd = q->efd = -1;
+  q->fd = q->efd = q->afd = q->bfd = -1;
   q->kind = kind;
   q->spin = SPIN_SECS;
   luaL_setmetatable(L, kind_classes[kind]);
@@ -117,6 +126,7 @@ static int queue_new(lua_State *L) {
     return mp_raise_errno(L, err, "Queue: ftruncate");
   q->efd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
   if (q->efd < 0) return mp_raise_errno(L, errno, "Queue: eventfd");
+  mpq_chan_new(L, q);
   q->shm->magic = MAGIC;
   q->shm->kind = (uint32_t)kind;
   q->shm->maxsize = (uint64_t)maxsize;
@@ -124,10 +134,11 @@ static int queue_new(lua_State *L) {
   return 1;
 }
 
-/* core.queue_from_fds(state, memfd, eventfd) -> queue (rebuilt handle; it
-   owns both fds) */
+/* core.queue_from_fds(state, memfd, eventfd, chan_a, chan_b) -> queue
+   (rebuilt handle; it owns the fds) */
 static int queue_from_fds(lua_State *L) {
   int fd = (int)luaL_checkinteger(L, 2), efd = (int)luaL_checkinteger(L, 3);
+  int afd = (int)luaL_optinteger(L, 4, -1), bfd = (int)luaL_optinteger(L, 5, -1);
   mp_queue *q;
   size_t size;
   const char *why;
@@ -137,7 +148,12 @@ static int queue_from_fds(lua_State *L) {
   q = queue_push(L, K_QUEUE);
   q->fd = fd;
   q->efd = efd;
+  q->afd = afd;
+  q->bfd = bfd;
   if ((why = mp_shm_check(fd, HDR_BYTES, &size)) != NULL)
+    return mp_raise(L, "SerializationError", "cannot map a Queue from fd %d: %s",
+                    fd, why);
+  if ((why = mpq_chan_check(afd, bfd)) != NULL)
     return mp_raise(L, "SerializationError", "cannot map a Queue from fd %d: %s",
                     fd, why);
   p = mmap(NULL, HDR_BYTES, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
@@ -154,11 +170,102 @@ static int queue_from_fds(lua_State *L) {
 
 /* ---- put ---------------------------------------------------------- */
 
-/* Raise for a write that failed: a corrupt shared state, or the errno of a
-   ring that could not grow. */
+/* Raise for a write that failed: a corrupt shared state, the errno of a
+   ring that could not grow, or (negated) that of a datagram the feeder
+   could not send. */
 static int put_failed(lua_State *L, int err) {
   if (err == Q_CORRUPT) return q_corrupt(L, "Queue.put", "ring state");
+  if (err < 0)
+    return mp_raise_errno(L, -err, "Queue.put: an earlier item's descriptors "
+                          "could not be sent (it was dropped)");
   return mp_raise_errno(L, err, "Queue.put: cannot grow the queue");
+}
+
+/* A put of an item whose message p[0, len) (in the value at vi) carries
+   fds: they go as a datagram of the channel, the record is marked
+   (queue_chan.c); a full channel is waited for as a full bounded queue is,
+   and an unbounded put leaves the item to the feeder instead. */
+static int put_fds(lua_State *L, mp_queue *q, const char *p, size_t len,
+                   mp_fdlist *fds, double timeout, int vi) {
+  qshm *s = q->shm;
+  uint64_t need = mpq_rec_size(MARK_LEN + (uint64_t)len);
+  double deadline = mp_deadline(timeout);
+  struct feeder *f;
+  for (;;) {
+    qstate st;
+    char mark[MARK_LEN];
+    int err, wake = 0;
+    if (s->maxsize == 0) {
+      int ferr;
+      if (mpq_feeder_pending(L, q, &ferr)) {
+        if (ferr != 0) return put_failed(L, ferr);
+        break;                            /* behind this producer's others */
+      }
+      if (ferr != 0) return put_failed(L, ferr);
+    } else if (!mpq_can_go(s, 0)) {
+      if (timeout == 0) return mp_reason(L, "full");
+      if (deadline >= 0 && mp_now() >= deadline) return mp_reason(L, "timeout");
+      if (mpq_wait(L, q, 0, deadline) < 0) return lua_error(L);
+      continue;
+    }
+    mpq_lock(s);
+    st = s->st;
+    if (s->maxsize != 0 && st.nitems >= s->maxsize) { mpq_unlock(s); continue; }
+    if (st.nitems == 0) st.head = st.tail = st.wrap = 0;
+    if (s->maxsize == 0 && st.nitems > 0 && mpq_used(&st) + need > SOFT_BYTES) {
+      mpq_unlock(s);
+      break;
+    }
+    err = mpq_chan_send(q, fds->fd, fds->n, mark);
+    if (err == EAGAIN) {                  /* the channel is full */
+      mpq_unlock(s);
+      if (s->maxsize == 0) break;         /* the feeder sends it later */
+      if (timeout == 0) return mp_reason(L, "full");
+      if (deadline >= 0 && mp_now() >= deadline) return mp_reason(L, "timeout");
+      if (mp_interrupted(L)) return lua_error(L);
+      mpq_chan_wait(q, deadline, 1.0);
+      continue;
+    }
+    if (err != 0) {
+      mpq_unlock(s);
+      return mp_raise_errno(L, err, "Queue.put: cannot send the item's descriptors");
+    }
+    /* a write that fails leaves the datagram an orphan (dropped later) */
+    err = mpq_write(q, &st, mark, MARK_LEN, p, len, q->kind == K_JOINABLE, &wake);
+    mpq_unlock(s);
+    if (wake) mpq_wake(s, &s->not_empty, 1);
+    if (err != 0) return put_failed(L, err);
+    lua_pushboolean(L, 1);
+    return 1;
+  }
+  f = mpq_feeder_start(L, q);
+  {
+    /* snapshots: the caller may close its handles once put returns */
+    mp_fdlist own;
+    int i;
+    own.n = 0;
+    for (i = 0; i < fds->n; i++) {
+      int d = fcntl(fds->fd[i], F_DUPFD_CLOEXEC, 0);
+      if (d < 0) {
+        int e = errno;
+        mp_fdlist_close(&own);
+        return mp_raise_errno(L, e, "Queue.put: cannot keep the item's descriptors");
+      }
+      own.fd[own.n++] = d;
+    }
+    if (q->kind == K_JOINABLE) {          /* counted before a consumer can
+                                             take it, as Python does */
+      qstate st;
+      mpq_lock(s);
+      st = s->st;
+      st.unfinished++;
+      mpq_commit(s, &st);
+      mpq_unlock(s);
+    }
+    mpq_feeder_put(L, f, NULL, 0, p, len, vi, &own);
+  }
+  lua_pushboolean(L, 1);
+  return 1;
 }
 
 static int queue_put_t(lua_State *L, double timeout) {
@@ -182,7 +289,14 @@ static int queue_put_t(lua_State *L, double timeout) {
       break;
     default: {
       mp_buf *b = mp_buf_push(L, 0);       /* encode before locking: raises here */
-      mp_encode_named(L, 2, b, NULL, "item");
+      mp_fdlist fds;                       /* the fds of its handles (theirs) */
+      fds.n = 0;
+      mp_encode_named(L, 2, b, &fds, "item");
+      if (fds.n > 0) {
+        if ((uint64_t)b->len > MAX_ITEM)
+          return luaL_argerror(L, 2, "item too large (more than 1 TiB)");
+        return put_fds(L, q, b->data, b->len, &fds, timeout, lua_gettop(L));
+      }
       p = b->data;
       len = b->len;
       vi = lua_gettop(L);
@@ -222,7 +336,7 @@ static int queue_put_t(lua_State *L, double timeout) {
       mpq_commit(s, &st);
       mpq_unlock(s);
     }
-    mpq_feeder_put(L, f, head, hlen, p, len, vi);
+    mpq_feeder_put(L, f, head, hlen, p, len, vi, NULL);
     lua_pushboolean(L, 1);
     return 1;
   }
@@ -280,6 +394,49 @@ static int push_lstring(lua_State *L) {
   return 1;
 }
 
+/* A get whose head record (payload, len; st the state) is marked: copy
+   its message out, take the record and its fds from the channel, let the
+   lock go, then decode it with them (the decoder owns them), or raise
+   when they were lost. Kept out of queue_get_t (noinline), so that the
+   plain path's frame and code stay as they were. */
+static __attribute__((noinline)) int get_fds(lua_State *L, mp_queue *q,
+                                             qstate *st, const char *payload,
+                                             uint64_t len) {
+  mpq_take ft;
+  mp_buf *b;
+  ft.ok = mpq_mark_parse(payload, len, &ft.id, &ft.nfds);
+  ft.fds.n = 0;
+  if (q->rcap < len) {
+    char *nb = (char *)realloc(q->rbuf, (size_t)len);
+    if (nb == NULL) {
+      mpq_unlock(q->shm);
+      return luaL_error(L, "Queue.get: not enough memory for a %I-byte item",
+                        (lua_Integer)len);
+    }
+    q->rbuf = nb;
+    q->rcap = (size_t)len;
+  }
+  memcpy(q->rbuf, payload, (size_t)len);
+  mpq_pop(q, st, len, &ft);             /* lets the lock go */
+  if (!ft.ok)
+    return mp_raise(L, "SerializationError", "Queue.get: the item's "
+                    "descriptors were lost (dropped the item)");
+  b = mp_buf_push(L, 0);                /* owns the read buffer (as below) */
+  b->data = q->rbuf;
+  b->cap = q->rcap;
+  b->len = (size_t)len;
+  q->rbuf = NULL;
+  q->rcap = 0;
+  mp_decode(L, b->data + MARK_LEN, b->len - MARK_LEN, &ft.fds, 0);
+  if (q->shm != NULL && q->rbuf == NULL && b->cap <= KEEP_RBUF) {
+    q->rbuf = b->data;
+    q->rcap = b->cap;
+    b->data = NULL;
+    b->cap = b->len = 0;
+  }
+  return 1;
+}
+
 static int queue_get_t(lua_State *L, double timeout) {
   mp_queue *q = check_queue(L, 1);
   qshm *s = q->shm;
@@ -308,6 +465,8 @@ static int queue_get_t(lua_State *L, double timeout) {
       if (err == Q_CORRUPT) return q_corrupt(L, "Queue.get", what);
       return mp_raise_errno(L, err, "Queue.get: mmap");
     }
+    if (len > 0 && (unsigned char)payload[0] == MARK_BYTE)
+      return get_fds(L, q, &st, payload, len);   /* an item with fds */
     if (len <= STACK_ITEM) {
       memcpy(stackbuf, payload, (size_t)len);
     } else if (mp_decode_strhead(payload, (size_t)len, &off)) {
@@ -340,7 +499,7 @@ static int queue_get_t(lua_State *L, double timeout) {
       }
       memcpy(q->rbuf, payload, (size_t)len);
     }
-    mpq_pop(q, &st, len);                /* lets the lock go */
+    mpq_pop(q, &st, len, NULL);          /* lets the lock go */
     if (pushed) return 1;
     if (len <= STACK_ITEM) {
       if (!mp_decode_scalar(L, stackbuf, (size_t)len)) {
@@ -537,7 +696,7 @@ static int queue__tostring(lua_State *L) {
   return 1;
 }
 
-/* __mp_reduce(q) -> "Queue", {kind}, memfd, eventfd */
+/* __mp_reduce(q) -> "Queue", {kind}, memfd, eventfd, chan_a, chan_b */
 static int queue__reduce(lua_State *L) {
   mp_queue *q = check_queue(L, 1);
   lua_pushliteral(L, "Queue");
@@ -546,12 +705,66 @@ static int queue__reduce(lua_State *L) {
   lua_rawseti(L, -2, 1);
   lua_pushinteger(L, q->fd);
   lua_pushinteger(L, q->efd);
-  return 4;
+  lua_pushinteger(L, q->afd);
+  lua_pushinteger(L, q->bfd);
+  return 6;
 }
 
 /* core._test.queue_crash(stage): see mpq_crash_stage (specs only) */
 static int queue_test_crash(lua_State *L) {
   mpq_crash_stage = (int)luaL_checkinteger(L, 1);
+  return 0;
+}
+
+/* core._test.queue_chan_send(q, bytes [, fd...]) -> true | nil, errno: send
+   one datagram of any bytes, with the fds, on q's channel, as any process
+   holding q can (specs only: forged datagrams) */
+static int queue_test_chan_send(lua_State *L) {
+  mp_queue *q = check_queue(L, 1);
+  size_t n;
+  const char *p = luaL_checklstring(L, 2, &n);
+  int i, top = lua_gettop(L);
+  union {
+    char buf[CMSG_SPACE(sizeof(int) * 8)];
+    struct cmsghdr align;
+  } u;
+  struct iovec iov;
+  struct msghdr msg;
+  luaL_argcheck(L, top - 2 <= 8, 3, "at most 8 fds");
+  iov.iov_base = (void *)(uintptr_t)p;
+  iov.iov_len = n;
+  memset(&msg, 0, sizeof msg);
+  memset(u.buf, 0, sizeof u.buf);
+  msg.msg_iov = &iov;
+  msg.msg_iovlen = 1;
+  if (top > 2) {
+    struct cmsghdr *cm;
+    msg.msg_control = u.buf;
+    msg.msg_controllen = CMSG_SPACE(sizeof(int) * (size_t)(top - 2));
+    cm = CMSG_FIRSTHDR(&msg);
+    cm->cmsg_level = SOL_SOCKET;
+    cm->cmsg_type = SCM_RIGHTS;
+    cm->cmsg_len = CMSG_LEN(sizeof(int) * (size_t)(top - 2));
+    for (i = 3; i <= top; i++) {
+      int fd = (int)luaL_checkinteger(L, i);
+      memcpy(CMSG_DATA(cm) + sizeof(int) * (size_t)(i - 3), &fd, sizeof fd);
+    }
+  }
+  if (sendmsg(q->afd, &msg, MSG_DONTWAIT | MSG_NOSIGNAL) < 0) {
+    lua_pushnil(L);
+    lua_pushinteger(L, errno);
+    return 2;
+  }
+  lua_pushboolean(L, 1);
+  return 1;
+}
+
+/* core._test.queue_chan_sndbuf(q, bytes): set the channel's send buffer
+   (specs only: a channel that fills after a few items) */
+static int queue_test_chan_sndbuf(lua_State *L) {
+  mp_queue *q = check_queue(L, 1);
+  int n = (int)luaL_checkinteger(L, 2);
+  setsockopt(q->afd, SOL_SOCKET, SO_SNDBUF, &n, sizeof n);
   return 0;
 }
 
@@ -631,6 +844,8 @@ MP_API void mp_queue_open(lua_State *L) {
   static const luaL_Reg tests[] = {
     {"queue_crash", queue_test_crash},
     {"queue_lock", queue_test_lock},
+    {"queue_chan_send", queue_test_chan_send},
+    {"queue_chan_sndbuf", queue_test_chan_sndbuf},
     {NULL, NULL}
   };
   static const luaL_Reg funcs[] = {
@@ -651,7 +866,8 @@ MP_API void mp_queue_open(lua_State *L) {
   lua_pop(L, 1);
   luaL_setfuncs(L, funcs, 0);
   luaL_setfuncs(L, mpq_feeder_funcs, 0);
-  lua_pushcfunction(L, queue_from_fds);   /* rebuild(state, memfd, eventfd) */
+  lua_pushcfunction(L, queue_from_fds);   /* rebuild(state, memfd, eventfd,
+                                             chan_a, chan_b) */
   mp_register_handle(L, "Queue");
   mp_add_tests(L, tests);
 }

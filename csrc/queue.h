@@ -1,5 +1,6 @@
 /*
- * queue.h: what the queue's files share; no other file includes it.
+ * queue.h: what the queue's files share; no other file of the core includes
+ * it (the fuzz target does, for the readers of the marker and datagram).
  *
  *   queue.c         the Lua classes Queue, SimpleQueue, JoinableQueue:
  *                   put, get, the other methods, handles
@@ -9,6 +10,8 @@
  *                   announced in the header, futex wakes, the eventfd
  *   queue_feeder.c  the feeder: a helper thread that writes a producer's
  *                   waiting items into the ring
+ *   queue_chan.c    the descriptor channel beside the ring: the fds of
+ *                   items that hold handles, one datagram per item
  *
  * The segment is a memfd: a 4 KiB header (qshm: the lock, the ring's
  * state, futex words) followed by a byte ring of whole records. Everything
@@ -16,6 +19,12 @@
  * untrusted: a state is checked (mpq_sane) and a record's length against
  * its run before any offset is used, and the ring is mapped only as far as
  * the segment reaches.
+ *
+ * An item whose message carries fds (it holds handles) is a marked record:
+ * its payload starts with a marker (MARK_LEN bytes: MARK_BYTE, the number
+ * of fds, zeros, the item's id), then the codec message; its fds travel as
+ * one datagram of the queue's channel (queue_chan.c) that names the same
+ * id. Plain records begin with the codec's version byte, never MARK_BYTE.
  */
 #ifndef MP_QUEUE_H
 #define MP_QUEUE_H
@@ -35,6 +44,8 @@
 #define SPIN_SECS   50e-6               /* longest spin before a futex sleep */
 #define NSLEEPERS   64                  /* processes announced asleep at once */
 #define REC_HDR     8                   /* a record: u64 length, payload */
+#define MARK_BYTE   0xfd                /* a marked record's first byte */
+#define MARK_LEN    16                  /* its marker: byte, nfds, zeros, u64 id */
 
 /* what a sleeper waits for: an item, room (bounded put), room (feeder) */
 enum { W_GET, W_PUT, W_FEED };
@@ -57,7 +68,8 @@ typedef struct qshm {
   uint32_t magic, kind, pad0;
   uint64_t maxsize;     /* 0: unbounded */
   qstate jr;            /* journal */
-  char pad1[64];
+  uint64_t fdseq;       /* last id given to an item with fds (under the lock) */
+  char pad1[56];
   uint32_t not_empty;   /* futex sequence words, bumped when waiters */
   uint32_t not_full;
   uint32_t watchers;    /* queue objects that called fileno() */
@@ -85,6 +97,8 @@ typedef struct mp_queue {
   char *ring;           /* ring mapping (mapcap bytes), NULL until first use */
   size_t mapcap;
   int fd, efd;          /* memfd, eventfd */
+  int afd, bfd;         /* the descriptor channel: every process sends on
+                           afd and receives on bfd (queue_chan.c) */
   int kind;
   int watching;         /* pid that counted this object in watchers, or 0 */
   char *rbuf;           /* read buffer for large encoded items */
@@ -129,12 +143,24 @@ MP_API int mpq_write(mp_queue *q, qstate *st, const char *h, size_t hlen,
    wrong, or an errno (the ring could not be mapped). */
 MP_API int mpq_head(mp_queue *q, qstate *st, const char **payload,
                     uint64_t *len, const char **what);
-/* Drop the head record (len bytes of payload) from st and commit, give
-   back the pages of a large drained ring, let the lock go and wake whom
-   the room or the items left concern. */
-MP_API void mpq_pop(mp_queue *q, qstate *st, uint64_t len);
+/* What a get of a marked record wants from the channel: the fds of item
+   id (nfds of them); ok: the marker was well formed, then whether they
+   came. */
+typedef struct mpq_take {
+  uint64_t id;
+  int nfds, ok;
+  mp_fdlist fds;
+} mpq_take;
+/* Drop the head record (len bytes of payload) from st and commit, take
+   a marked record's fds from the channel (ft, or NULL for a plain one),
+   give back the pages of a large drained ring, let the lock go and wake
+   whom the room or the items left concern. */
+MP_API void mpq_pop(mp_queue *q, qstate *st, uint64_t len, mpq_take *ft);
 /* Specs only: the next commit of this process dies (_exit) after the item
-   was written (1) or after the journal was (2), holding the lock. */
+   was written (1) or after the journal was (2), holding the lock; a put
+   with fds dies after its datagram was sent, before its record is
+   written (3); a get of a marked record dies after its record was taken,
+   before its datagram was received (4). */
 MP_API extern int mpq_crash_stage;
 
 /* -- queue_wait.c --------------------------------------------------- */
@@ -158,6 +184,28 @@ MP_API void mpq_wake(qshm *s, uint32_t *seq, int n);
 MP_API void mpq_efd_set(int efd);
 MP_API void mpq_efd_clear(int efd);
 
+/* -- queue_chan.c --------------------------------------------------- */
+/* Make q's channel (q->afd, q->bfd); raises OSError. */
+MP_API void mpq_chan_new(lua_State *L, mp_queue *q);
+/* Why afd, bfd (received with a handle) cannot be a channel, or NULL. */
+MP_API const char *mpq_chan_check(int afd, int bfd);
+/* Under the lock: give the item an id, send its fds (n of them) as one
+   datagram and write its marker to mark (MARK_LEN bytes). 0, EAGAIN when
+   the channel is full, or an errno (nothing was sent). */
+MP_API int mpq_chan_send(mp_queue *q, const int *fds, int n, char *mark);
+/* Wait (nothing held) until the channel may take a datagram, or the
+   deadline (-1: forever), at most max_wait seconds; EINTR ends it early. */
+MP_API void mpq_chan_wait(mp_queue *q, double deadline, double max_wait);
+/* Under the lock, the record of item ft->id taken: receive its datagram
+   into ft->fds (drop those of older items, orphans, and malformed ones);
+   1, or 0 when its fds are lost (nothing then waits for it). */
+MP_API int mpq_chan_take(mp_queue *q, mpq_take *ft);
+/* Read a marker (a record's first bytes) / a datagram's bytes, both
+   untrusted: 1 with the id and the number of fds, or 0 when malformed. */
+MP_API int mpq_mark_parse(const char *p, uint64_t len, uint64_t *id, int *nfds);
+MP_API int mpq_dgram_parse(const char *p, size_t len, uint64_t *id, int *nfds);
+#define DGRAM_LEN 16      /* a datagram's bytes: u32 magic, u32 nfds, u64 id */
+
 /* -- queue_feeder.c ------------------------------------------------- */
 /* how a feeder's items get into the ring */
 enum {
@@ -169,14 +217,18 @@ enum {
 };
 /* For a put on q (the queue at stack index 1): drop what this process's
    feeder has written; whether items still wait in it (a put then goes
-   behind them); *err: the errno of a write that failed, or 0. */
+   behind them); *err: the errno of a write that failed, minus that of a
+   datagram that could not be sent (its item dropped; reported once), or 0. */
 MP_API int mpq_feeder_pending(lua_State *L, mp_queue *q, int *err);
 /* This process's feeder of q, started now if it has none (raises). */
 MP_API struct feeder *mpq_feeder_start(lua_State *L, mp_queue *q);
 /* Queue the item h[0, hlen) then p[0, len) in f; p is in the value at
-   stack index vi, kept alive until written. */
+   stack index vi, kept alive until written. fds (NULL or empty: none):
+   the item's fds, duplicates that the feeder owns from the call on (it
+   closes them once sent or dropped, or when this raises). */
 MP_API void mpq_feeder_put(lua_State *L, struct feeder *f, const char *h,
-                           size_t hlen, const char *p, uint64_t len, int vi);
+                           size_t hlen, const char *p, uint64_t len, int vi,
+                           mp_fdlist *fds);
 /* Drop the kept values of written items (any call on the queue). */
 MP_API void mpq_feeder_tidy(lua_State *L, mp_queue *q);
 /* Items still waiting are dropped when the feeder finishes. */

@@ -24,11 +24,15 @@
 #include <signal.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #define INLINE_MAX  256   /* items this small are copied into the node */
 #define DRAIN_IDLE  0.01  /* FEED_DRAIN: seconds without a get before the
                              rest is written at once */
 #define FEED_BATCH  64    /* items the thread writes under one lock */
+#define CHAN_IDLE   1.0   /* FEED_DRAIN: seconds without a get before items
+                             the full descriptor channel cannot take are
+                             dropped */
 
 typedef struct pnode {
   struct pnode *next;
@@ -40,6 +44,8 @@ typedef struct pnode {
   size_t hlen;
   int ref;                /* slot in the keep table, or LUA_NOREF */
   int done;               /* in the ring (set by the thread) */
+  int nfds;               /* an item with fds: its dups, until sent */
+  int *fds;
   char inl[1];            /* small payloads are copied here */
 } pnode;
 
@@ -50,6 +56,8 @@ typedef struct feeder {
   int started, stop, cancel;
   int pid;                /* the process that owns it */
   int error;              /* errno of a write that failed (ring growth) */
+  int chan_error;         /* errno of a datagram that could not be sent
+                             (its item was dropped), until put reports it */
   mp_queue *q;
   pnode *head, *tail;     /* every node not yet released by the Lua side */
   pnode *next;            /* first node not yet in the ring */
@@ -57,6 +65,20 @@ typedef struct feeder {
 } feeder;
 
 static feeder *all_feeders;
+
+/* Close a node's fds (sent or dropped). */
+static void node_close_fds(pnode *n) {
+  int i;
+  for (i = 0; i < n->nfds; i++) close(n->fds[i]);
+  free(n->fds);
+  n->fds = NULL;
+  n->nfds = 0;
+}
+
+static void node_free(pnode *n) {
+  node_close_fds(n);
+  free(n);
+}
 
 /* Write v[0], then as many of v[1..cnt) as fit, into the ring (mode: see
    FEED_*); *written says how many. Returns 0, -1 when the thread is asked
@@ -69,7 +91,7 @@ static int feed_some(mp_queue *q, feeder *f, pnode **v, int cnt, int mode,
   double idle_since = mp_now();
   for (;;) {
     qstate st;
-    int err, wake = 0, i, slot;
+    int err, wake = 0, i, slot, chan_full = 0;
     uint32_t seq;
     mpq_lock(s);
     st = s->st;
@@ -100,6 +122,15 @@ static int feed_some(mp_queue *q, feeder *f, pnode **v, int cnt, int mode,
       if (i > 0 && mode != FEED_GROW &&
           mpq_used(&st) + mpq_rec_size(n->hlen + n->len) > SOFT_BYTES)
         break;
+      if (n->nfds > 0) {                  /* its fds first, then its record */
+        int e = mpq_chan_send(q, n->fds, n->nfds, n->head);
+        if (e == EAGAIN) { chan_full = 1; break; }
+        node_close_fds(n);                /* the datagram holds its own */
+        if (e != 0) {                     /* dropped; the next put says so */
+          f->chan_error = e;
+          continue;
+        }
+      }
       if ((err = mpq_write(q, &st, n->head, n->hlen, n->p, n->len, 0, &w)) != 0)
         break;
       wake |= w;
@@ -107,6 +138,18 @@ static int feed_some(mp_queue *q, feeder *f, pnode **v, int cnt, int mode,
     *written = i;
     mpq_unlock(s);
     if (wake) mpq_wake(s, &s->not_empty, 1);
+    if (chan_full && i == 0) {            /* wait for room in the channel */
+      if (mode == FEED_GROW) return -1;   /* never waits: the rest is dropped */
+      if (mode == FEED_DRAIN) {
+        uint64_t g = mp_atomic_load(&s->ngets);
+        double now = mp_now();
+        if (g != seen) { seen = g; idle_since = now; }
+        if (now - idle_since >= CHAN_IDLE) return -1;
+      }
+      mpq_chan_wait(q, -1, 0.02);
+      if (mode == FEED_WAIT && mp_atomic_load_acquire(&f->stop)) return -1;
+      continue;
+    }
     return err;
   }
 }
@@ -165,7 +208,7 @@ MP_API void mpq_feeder_finish(mp_queue *q, int mode) {
     }
   for (n = f->head; n != NULL; n = nx) {
     nx = n->next;
-    free(n);
+    node_free(n);
   }
   for (pp = &all_feeders; *pp != NULL; pp = &(*pp)->link)
     if (*pp == f) { *pp = f->link; break; }
@@ -218,7 +261,7 @@ static void feeder_release(lua_State *L, mp_queue *q, feeder *f, int qi) {
   for (n = done; n != NULL; n = done) {
     done = n->next;
     if (n->ref != LUA_NOREF && lua_istable(L, -1)) luaL_unref(L, -1, n->ref);
-    free(n);
+    node_free(n);
   }
   lua_pop(L, 1);
   (void)q;
@@ -270,16 +313,31 @@ MP_API struct feeder *mpq_feeder_start(lua_State *L, mp_queue *q) {
 }
 
 MP_API void mpq_feeder_put(lua_State *L, struct feeder *f, const char *h,
-                           size_t hlen, const char *p, uint64_t len, int vi) {
-  int small = len <= INLINE_MAX;
+                           size_t hlen, const char *p, uint64_t len, int vi,
+                           mp_fdlist *fds) {
+  int small = len <= INLINE_MAX, nfds = fds != NULL ? fds->n : 0;
   pnode *n = (pnode *)malloc(sizeof(pnode) + (small ? (size_t)len : 0));
-  if (n == NULL) luaL_error(L, "Queue.put: not enough memory");
+  int *fv = nfds > 0 ? (int *)malloc(sizeof(int) * (size_t)nfds) : NULL;
+  if (n == NULL || (nfds > 0 && fv == NULL)) {
+    free(n);
+    free(fv);
+    if (fds != NULL) mp_fdlist_close(fds);
+    luaL_error(L, "Queue.put: not enough memory");
+    return;                               /* not reached */
+  }
   n->next = NULL;
   n->len = len;
-  memcpy(n->head, h, hlen);
+  if (hlen) memcpy(n->head, h, hlen);
   n->hlen = hlen;
   n->done = 0;
   n->ref = LUA_NOREF;
+  n->nfds = nfds;
+  n->fds = fv;
+  if (nfds > 0) {                         /* the node owns them from here */
+    memcpy(fv, fds->fd, sizeof(int) * (size_t)nfds);
+    fds->n = 0;
+    n->hlen = MARK_LEN;                   /* its marker, written when sent */
+  }
   if (small) {
     if (len) memcpy(n->inl, p, (size_t)len);
     n->p = n->inl;
@@ -307,6 +365,10 @@ MP_API int mpq_feeder_pending(lua_State *L, mp_queue *q, int *err) {
   pthread_mutex_lock(&f->mu);
   behind = f->next != NULL;
   *err = f->error;
+  if (*err == 0 && f->chan_error != 0) {  /* reported once */
+    *err = -f->chan_error;
+    f->chan_error = 0;
+  }
   pthread_mutex_unlock(&f->mu);
   return behind;
 }

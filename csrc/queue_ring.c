@@ -19,7 +19,9 @@
  * it, clear the mark) and every locker replays a valid journal first, so a
  * process killed at any point leaves either the old state or the new one:
  * a half-written item is never visible and its room is reused, a consumer
- * killed in get loses no item. The lock is not interrupted by signals: it
+ * killed in get loses no item (one that took a marked record and died
+ * before receiving its datagram leaves an orphan datagram, which the next
+ * such get drops: queue_chan.c). The lock is not interrupted by signals: it
  * is held for one copy.
  *
  * What the segment holds is untrusted: a state is checked (mpq_sane) and a
@@ -213,7 +215,7 @@ MP_API int mpq_head(mp_queue *q, qstate *st, const char **payload,
   return 0;
 }
 
-MP_API void mpq_pop(mp_queue *q, qstate *st, uint64_t len) {
+MP_API void mpq_pop(mp_queue *q, qstate *st, uint64_t len, mpq_take *ft) {
   qshm *s = q->shm;
   uint64_t oldcap;
   int wake_put, wake_get, shrink = 0;
@@ -227,6 +229,12 @@ MP_API void mpq_pop(mp_queue *q, qstate *st, uint64_t len) {
     if (st->cap > SHRINK_CAP) { st->cap = BASE_CAP; shrink = 1; }
   }
   mpq_commit(s, st);
+  /* the record is taken: then its datagram (a consumer killed in between
+     leaves an orphan, which the next get of a marked record drops) */
+  if (ft != NULL) {
+    if (mpq_crash_stage == 4) _exit(9);
+    if (ft->ok) ft->ok = mpq_chan_take(q, ft);
+  }
   if (shrink) {
     /* the segment cannot shrink (sealed): give back the pages of the
        ring beyond its base size instead; the size stays for a regrowth */

@@ -17,10 +17,18 @@
  * too and decode to the same value, bit for bit, so that the two readers
  * of the one wire format never disagree.
  *
+ * The queue's two readers of bytes that other processes write beside the
+ * codec's (csrc/queue_chan.c) read each input too: a marked record's
+ * marker and a descriptor-channel datagram. What they accept must be in
+ * bounds (an fd count in 1..MP_MAX_FDS, a nonzero id, the sizes they
+ * need), and a marked record's message after its marker is decoded as
+ * the queue's get decodes it.
+ *
  * Built and run by `make fuzz` (FUZZ_SECONDS, default 600) and `make
  * fuzz-ci` (60 s) from the repository root, on fuzz/corpus.
  */
 #include "mp.h"
+#include "queue.h"
 #include "multiprocessing.h"
 #include "lualib.h"
 
@@ -105,6 +113,23 @@ static void check_scalar(const char *p, size_t size) {
   lua_settop(L, top);
 }
 
+/* The queue's marker and datagram readers (see the head of this file). */
+static void check_queue_bytes(const char *p, size_t size) {
+  uint64_t id = 0;
+  int nfds = 0;
+  if (mpq_mark_parse(p, size, &id, &nfds) &&
+      (size < MARK_LEN || (unsigned char)p[0] != MARK_BYTE || id == 0 ||
+       nfds < 1 || nfds > MP_MAX_FDS)) {
+    fprintf(stderr, "fuzz_decode: a marker accepted out of bounds\n");
+    abort();
+  }
+  if (mpq_dgram_parse(p, size, &id, &nfds) &&
+      (size != DGRAM_LEN || id == 0 || nfds < 1 || nfds > MP_MAX_FDS)) {
+    fprintf(stderr, "fuzz_decode: a datagram accepted out of bounds\n");
+    abort();
+  }
+}
+
 static void setup(void) {
   lua_Integer i, n;
   L = luaL_newstate();
@@ -153,6 +178,12 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
   if (copy == NULL) abort();
   memcpy(copy, data, size);
   check_scalar(copy, size);
+  check_queue_bytes(copy, size);
+  /* a marked record: the message after its marker is what get decodes */
+  if (size >= MARK_LEN && (unsigned char)copy[0] == MARK_BYTE) {
+    memmove(copy, copy + MARK_LEN, size - MARK_LEN);
+    size -= MARK_LEN;
+  }
   fd0 = open("/dev/null", O_RDONLY | O_CLOEXEC);
   fd1 = open("/dev/null", O_RDONLY | O_CLOEXEC);
   if (fd0 < 0 || fd1 < 0) abort();

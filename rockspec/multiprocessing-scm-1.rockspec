@@ -77,6 +77,7 @@ build = {
         "csrc/pool_worker.c",
         "csrc/process.c",
         "csrc/queue.c",
+        "csrc/queue_chan.c",
         "csrc/queue_feeder.c",
         "csrc/queue_ring.c",
         "csrc/queue_wait.c",
