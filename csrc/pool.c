@@ -912,6 +912,20 @@ static int pool_dumpfn(lua_State *L) {
   return 2;
 }
 
+/* core.pool_dumps(v, name) -> bytes of v for a pool whose transport
+   cannot carry fds (the cluster's, over Redis): a handle raises
+   SerializationError naming where it sits (name: the root of the path) */
+static int pool_dumps(lua_State *L) {
+  mp_buf *b;
+  const char *root = luaL_optstring(L, 2, NULL);
+  luaL_checkany(L, 1);
+  lua_settop(L, 2);
+  b = mp_buf_push(L, 256);
+  mp_encode_named(L, 1, b, NULL, root);
+  lua_pushlstring(L, b->data, b->len);
+  return 1;
+}
+
 /* core.pool_table(n) -> a table with room for n list items */
 static int pool_table(lua_State *L) {
   lua_Integer n = luaL_checkinteger(L, 1);
@@ -949,6 +963,7 @@ MP_API void mp_pool_open(lua_State *L) {
   static const luaL_Reg funcs[] = {
     {"pool_new", pool_new},
     {"pool_dumpfn", pool_dumpfn},
+    {"pool_dumps", pool_dumps},
     {"pool_table", pool_table},
     {NULL, NULL}
   };
