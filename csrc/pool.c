@@ -501,6 +501,7 @@ static int pool_task(lua_State *L) {
       pool_put_value(L, &s->out, 9, t, &s->oq, s->frame_start);
     } else {
       lua_Integer argc, j;
+      size_t istart;
       if (lua_type(L, 9) != LUA_TTABLE)
         return luaL_error(L, "arguments of task %d must be a table (got %s)",
                           (int)k, luaL_typename(L, 9));
@@ -509,10 +510,29 @@ static int pool_task(lua_State *L) {
       lua_pop(L, 1);
       if (argc < 0 || argc > 250)
         return luaL_error(L, "task %d has too many arguments", (int)k);
+      istart = s->out.len;
       put_u32(L, &s->out, (uint32_t)argc);
       for (j = 1; j <= argc; j++) {
-        lua_rawgeti(L, 9, j);
-        pool_put_value(L, &s->out, 10, -1, &s->oq, s->frame_start);
+        int ta = lua_rawgeti(L, 9, j);
+        if (ta != LUA_TNIL && ta != LUA_TBOOLEAN && ta != LUA_TNUMBER && ta != LUA_TSTRING) {
+          lua_pop(L, 1);                 /* not all plain: one message */
+          break;
+        }
+        pool_put_value(L, &s->out, 10, ta, &s->oq, s->frame_start);
+        lua_pop(L, 1);
+      }
+      if (j <= argc) {                   /* {args..., n = argc} as one value, so
+                                            that a handle given twice is one */
+        s->out.len = istart;
+        put_u32(L, &s->out, POOL_ARGS_ONE);
+        lua_createtable(L, (int)argc, 1);
+        for (j = 1; j <= argc; j++) {
+          lua_rawgeti(L, 9, j);
+          lua_rawseti(L, 10, j);
+        }
+        lua_pushinteger(L, argc);
+        lua_setfield(L, 10, "n");
+        pool_put_value(L, &s->out, 10, LUA_TTABLE, &s->oq, s->frame_start);
         lua_pop(L, 1);
       }
     }

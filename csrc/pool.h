@@ -8,7 +8,10 @@
  * MP_FRAME_DEF .. MP_FRAME_INITFAIL of mp.h). Payloads, u32 fields in the
  * host's byte order:
  *   DEF      u32 fnid, a codec message of the function
- *   TASK     u32 seq, u32 fnid, u32 n, n items: u32 argc, argc values
+ *   TASK     u32 seq, u32 fnid, u32 n, n items: u32 argc, argc values,
+ *            or u32 POOL_ARGS_ONE, one value: the table {args..., n=argc}
+ *            (arguments that are not all plain: one message, so that a
+ *            handle or table given twice is one in the task)
  *   CLEAR    forget the cached functions;  EXIT   leave the loop
  *   RESULT   u32 seq, u32 n, u32 microseconds, n items:
  *            u8 0, u32 count, count values | u8 1, the error value
@@ -42,6 +45,7 @@
 #include <string.h>
 
 #define RBUF_INIT 65536                /* a channel buffer's first size */
+#define POOL_ARGS_ONE 0xffffffffu      /* a TASK item's arguments as one value */
 
 /* The fds to send with the frames of an output buffer: per frame that
    carries handles, its group of copies (pool.c). The groups are in stream

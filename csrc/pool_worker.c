@@ -93,14 +93,28 @@ static int pool_runner(lua_State *L) {
     if (c->end - c->p < 4) return mp_pool_corrupt(L);
     argc = pool_rd_u32(c->p);
     c->p += 4;
-    if (argc > 250) return mp_pool_corrupt(L);
-    if (argc > 8)                       /* a C function has 20 slots free */
-      luaL_checkstack(L, (int)argc + 8, "too many arguments");
+    if (argc > 250 && argc != POOL_ARGS_ONE) return mp_pool_corrupt(L);
     c->item_start = c->out->len;
     c->k++;
     lua_settop(L, 2);
     lua_pushvalue(L, 1);
-    for (j = 0; j < argc; j++) c->p = pool_get_value(L, c->p, c->end, c->ff);
+    if (argc == POOL_ARGS_ONE) {        /* {args..., n = argc} */
+      lua_Integer n;
+      c->p = pool_get_value(L, c->p, c->end, c->ff);
+      if (lua_type(L, 4) != LUA_TTABLE || lua_getfield(L, 4, "n") != LUA_TNUMBER)
+        return mp_pool_corrupt(L);
+      n = lua_tointeger(L, 5);
+      if (n < 0 || n > 250) return mp_pool_corrupt(L);
+      argc = (uint32_t)n;
+      lua_pop(L, 1);
+      luaL_checkstack(L, (int)argc + 8, "too many arguments");
+      for (j = 1; j <= argc; j++) lua_rawgeti(L, 4, j);
+      lua_remove(L, 4);
+    } else {
+      if (argc > 8)                     /* a C function has 20 slots free */
+        luaL_checkstack(L, (int)argc + 8, "too many arguments");
+      for (j = 0; j < argc; j++) c->p = pool_get_value(L, c->p, c->end, c->ff);
+    }
     lua_call(L, (int)argc, LUA_MULTRET);
     nres = lua_gettop(L) - 2;
     if (nres > 255) luaL_error(L, "a task may return at most 255 values");
