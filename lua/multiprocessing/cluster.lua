@@ -10,7 +10,6 @@
 -- result (a task run twice after a lease ran out). A result that fails
 -- its signature check is dropped and counted (stats().refused).
 
-local mp = require "multiprocessing"
 local core = require "multiprocessing.core"
 local auth = require "multiprocessing.auth"
 local errors = require "multiprocessing.errors"
