@@ -141,6 +141,27 @@ for _, m in ipairs(METHODS) do
       end)
     end)
 
+    it("holds no more fds after many tasks with handles than after a few", function()
+      with_pool(m, 2, function(pool, ctx)
+        local q = ctx.Queue()
+        local function round()
+          local vs = pool:starmap(function(qq, i)
+            qq:put(i)
+            return require("multiprocessing").Value("i", i)
+          end, range(40, function(i) return { q, i } end), 4)
+          assert.are.equal(40, vs[40].value)
+          assert.are.equal(40, #drain(q, 40))
+          vs = nil                          -- luacheck: ignore
+          collectgarbage(); collectgarbage()
+        end
+        round()
+        local n1 = H.fd_count()
+        for _ = 1, 5 do round() end
+        assert.is_true(H.fd_count() <= n1, ("%d fds, then %d"):format(n1, H.fd_count()))
+        q:close()
+      end)
+    end)
+
     it("leaves no fd when a worker is killed with handles queued for it and in flight", function()
       with_pool(m, 1, function(pool, ctx)
         local q, ev = ctx.Queue(), ctx.Event()
