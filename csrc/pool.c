@@ -212,10 +212,6 @@ MP_API void mp_pool_claim(lua_State *L, pool_fifo *ff, uint32_t nfds) {
   ff->claimed = (int)nfds;
 }
 
-MP_API int mp_pool_fifo_unclaimed(const pool_fifo *ff) {
-  return fifo_end(ff) - ff->head > (size_t)ff->claimed;
-}
-
 MP_API void mp_pool_fifo_free(pool_fifo *ff) {
   size_t i, n = fifo_end(ff);
   for (i = ff->head; i < n; i++) close(*fifo_at(ff, i));
@@ -419,7 +415,7 @@ static void fr_begin(lua_State *L, slot *s, int kind) {
   if (s->building) {
     s->out.len = s->frame_start;
     s->building = 0;
-    mp_pool_fdq_drop_from(&s->oq, s->frame_start);
+    if (s->oq.g.len > 0) mp_pool_fdq_drop_from(&s->oq, s->frame_start);
   }
   if (s->outpos == s->out.len) s->outpos = s->out.len = 0;
   s->frame_start = s->out.len;
@@ -430,7 +426,7 @@ static void fr_begin(lua_State *L, slot *s, int kind) {
 
 static void fr_end(slot *s) {
   pool_frame_close(&s->out, s->frame_start, (uint32_t)s->kind,
-                   mp_pool_fdq_count(&s->oq, s->frame_start));
+                   pool_fdq_count(&s->oq, s->frame_start));
   s->building = 0;
 }
 
@@ -567,7 +563,7 @@ static void flush_slot(pcore *pc, slot *s) {
     }
   }
   if (s->outpos == s->out.len) {
-    mp_pool_fdq_shift(&s->oq, s->outpos);
+    if (s->oq.g.len > 0) mp_pool_fdq_shift(&s->oq, s->outpos);
     s->outpos = s->out.len = 0;
   } else if (s->outpos > 65536 && s->outpos * 2 > s->out.len) {
     memmove(s->out.data, s->out.data + s->outpos, s->out.len - s->outpos);
@@ -696,8 +692,8 @@ static int pool_next(lua_State *L) {
   size_t have = s->in.len - s->inpos, len;
   mp_frame f;
   s->cur = s->curend = NULL;
-  mp_pool_unclaim(&s->ff);               /* the last frame's fds */
-  if (have == 0 && mp_pool_fifo_unclaimed(&s->ff)) return mp_pool_corrupt(L);
+  pool_unclaim(&s->ff);                  /* the last frame's fds */
+  if (have == 0 && pool_fifo_unclaimed(&s->ff)) return mp_pool_corrupt(L);
   if (have < MP_FRAME_HDR) return 0;
   mp_frame_get(p, &f);
   if (f.nfds > MP_MAX_FDS || f.len > (uint64_t)SIZE_MAX / 4) return mp_pool_corrupt(L);
@@ -714,7 +710,7 @@ static int pool_next(lua_State *L) {
   body = p + MP_FRAME_HDR;
   end = body + len;
   s->inpos += MP_FRAME_HDR + len;
-  mp_pool_claim(L, &s->ff, f.nfds);
+  pool_claim(L, &s->ff, f.nfds);
   switch (f.kind) {
   case MP_FRAME_RESULT:
     if (len < 12) return mp_pool_corrupt(L);
@@ -806,7 +802,7 @@ static int pool_take(lua_State *L) {
       lua_rawseti(L, 6, (lua_Integer)k + 1);
     }
   }
-  mp_pool_unclaim(&s->ff);               /* every value took its copies */
+  pool_unclaim(&s->ff);                  /* every value took its copies */
   lua_pushinteger(L, nerr);
   lua_pushvalue(L, 6);
   return 2;

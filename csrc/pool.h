@@ -140,6 +140,9 @@ static inline void pool_frame_close(mp_buf *b, size_t at, uint32_t kind,
 MP_API int mp_pool_fdq_add(lua_State *L, pool_fdq *q, size_t off, int fd);
 /* Number of fds of the frame at off (0: none). */
 MP_API uint32_t mp_pool_fdq_count(const pool_fdq *q, size_t off);
+static inline uint32_t pool_fdq_count(const pool_fdq *q, size_t off) {
+  return q->g.len == 0 ? 0 : mp_pool_fdq_count(q, off);   /* no call: no handles */
+}
 /* Close and forget the groups of frames at from and after (a frame that
    will not be sent) / before `to` (bytes that will not be sent). */
 MP_API void mp_pool_fdq_drop_from(pool_fdq *q, size_t from);
@@ -161,8 +164,16 @@ MP_API ssize_t mp_pool_recv(lua_State *L, int fd, char *p, size_t len,
    the frame taken now (raises "pool: corrupt message" if fewer came). */
 MP_API void mp_pool_unclaim(pool_fifo *ff);
 MP_API void mp_pool_claim(lua_State *L, pool_fifo *ff, uint32_t nfds);
+static inline void pool_unclaim(pool_fifo *ff) {
+  if (ff->claimed > 0) mp_pool_unclaim(ff);   /* no call: no handles */
+}
+static inline void pool_claim(lua_State *L, pool_fifo *ff, uint32_t nfds) {
+  if (nfds > 0 || ff->claimed > 0) mp_pool_claim(L, ff, nfds);
+}
 /* Are fds there that no frame claimed (with no bytes left: corrupt)? */
-MP_API int mp_pool_fifo_unclaimed(const pool_fifo *ff);
+static inline int pool_fifo_unclaimed(const pool_fifo *ff) {
+  return ff->f.len / sizeof(int) - ff->head > (size_t)ff->claimed;
+}
 /* Close every fd and free the FIFO. */
 MP_API void mp_pool_fifo_free(pool_fifo *ff);
 /* The slow paths of pool_put_value and pool_get_value: a value as a whole

@@ -82,6 +82,23 @@ typedef struct wctx {
   size_t fstart;                     /* where the RESULT frame starts in out */
 } wctx;
 
+/* Push the arguments of an item sent as one value, {args..., n = argc}
+   (out of the runner's way: its plain path stays small); returns argc. */
+static __attribute__((noinline)) uint32_t unpack_args(lua_State *L, wctx *c) {
+  lua_Integer n, j;
+  int t = lua_gettop(L) + 1;
+  c->p = pool_get_value(L, c->p, c->end, c->ff);
+  if (lua_type(L, t) != LUA_TTABLE || lua_getfield(L, t, "n") != LUA_TNUMBER)
+    return (uint32_t)mp_pool_corrupt(L);
+  n = lua_tointeger(L, -1);
+  if (n < 0 || n > 250) return (uint32_t)mp_pool_corrupt(L);
+  lua_pop(L, 1);
+  luaL_checkstack(L, (int)n + 8, "too many arguments");
+  for (j = 1; j <= n; j++) lua_rawgeti(L, t, j);
+  lua_remove(L, t);
+  return (uint32_t)n;
+}
+
 /* The runner: items ctx->k .. n-1 of a chunk, called under lua_pcall with
    (fn, ctx); an item that raises ends this call, the loop resumes after it. */
 static int pool_runner(lua_State *L) {
@@ -98,18 +115,8 @@ static int pool_runner(lua_State *L) {
     c->k++;
     lua_settop(L, 2);
     lua_pushvalue(L, 1);
-    if (argc == POOL_ARGS_ONE) {        /* {args..., n = argc} */
-      lua_Integer n;
-      c->p = pool_get_value(L, c->p, c->end, c->ff);
-      if (lua_type(L, 4) != LUA_TTABLE || lua_getfield(L, 4, "n") != LUA_TNUMBER)
-        return mp_pool_corrupt(L);
-      n = lua_tointeger(L, 5);
-      if (n < 0 || n > 250) return mp_pool_corrupt(L);
-      argc = (uint32_t)n;
-      lua_pop(L, 1);
-      luaL_checkstack(L, (int)argc + 8, "too many arguments");
-      for (j = 1; j <= argc; j++) lua_rawgeti(L, 4, j);
-      lua_remove(L, 4);
+    if (argc == POOL_ARGS_ONE) {
+      argc = unpack_args(L, c);
     } else {
       if (argc > 8)                     /* a C function has 20 slots free */
         luaL_checkstack(L, (int)argc + 8, "too many arguments");
@@ -186,7 +193,7 @@ static double run_chunk(lua_State *L, wloop *w, const char *p, size_t len) {
   us = (mp_now() - t0) * 1e6;
   pool_wr_u32(w->out->data + fstart + MP_FRAME_HDR + 8,
               us > 4e9 ? 4000000000u : (uint32_t)us);
-  pool_frame_close(w->out, fstart, MP_FRAME_RESULT, mp_pool_fdq_count(&w->q, fstart));
+  pool_frame_close(w->out, fstart, MP_FRAME_RESULT, pool_fdq_count(&w->q, fstart));
   __atomic_store_n(&w->sh->finished, seq, __ATOMIC_RELEASE);
   if (fstart == 0) w->held_since = t0;
   return us;
@@ -263,15 +270,15 @@ static void serve(lua_State *L, int fd, shslot *sh, lua_Integer maxtasks,
   for (;;) {
     const char *p;
     size_t len;
-    mp_pool_unclaim(&w.ff);              /* the last frame's fds */
-    if (w.pos == w.in->len && mp_pool_fifo_unclaimed(&w.ff)) mp_pool_corrupt(L);
+    pool_unclaim(&w.ff);                 /* the last frame's fds */
+    if (w.pos == w.in->len && pool_fifo_unclaimed(&w.ff)) mp_pool_corrupt(L);
     /* about to wait: send what is held back */
     if (!frame_ready(w.in, w.pos, &f) && send_buf(fd, w.out, &w.q) != 0) break;
     if (!read_frame(L, &w, &f)) break;
     p = w.in->data + w.pos + MP_FRAME_HDR;
     len = (size_t)f.len;
     w.pos += MP_FRAME_HDR + len;
-    mp_pool_claim(L, &w.ff, f.nfds);
+    pool_claim(L, &w.ff, f.nfds);
     if (f.kind == MP_FRAME_EXIT) break;
     if (f.kind == MP_FRAME_CLEAR) {
       lua_newtable(L);
