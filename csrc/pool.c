@@ -272,7 +272,7 @@ MP_API const char *mp_pool_get_msg(lua_State *L, const char *p, const char *end,
     }
     p += k;
   }
-  mp_decode(L, msg, n, &fds, 0);          /* owns them */
+  mp_decode(L, msg, n, &fds, ff != NULL ? ff->flags : 0);   /* owns them */
   return p;
 }
 

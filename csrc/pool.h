@@ -67,6 +67,9 @@ typedef struct pool_fifo {
   mp_buf f;
   size_t head;
   int claimed;
+  int flags;                           /* mp_decode's: 0 (the two ends of a
+                                          channel trust each other) but in
+                                          the fuzzer (fuzz/fuzz_decode.c) */
 } pool_fifo;
 
 /* One worker's record in shared memory (a cache line each). */
