@@ -201,6 +201,25 @@ for _, m in ipairs(METHODS) do
   end)
 end
 
+describe("Pool handles: limits", function()
+  H.leakcheck()
+
+  it("more than 64 distinct fds in one chunk fail its tasks with SerializationError; "
+     .. "smaller chunks carry them", function()
+    with_pool("fork", 2, function(pool)
+      local ends = {}
+      for i = 1, 70 do ends[i] = mp.Pipe() end
+      local ok, err = pcall(pool.map, pool, function(c) return c.readable end, ends, 70)
+      assert.is_false(ok)
+      assert.are.equal("SerializationError", err.type)
+      assert.truthy(err.message:find("more than 64 file descriptors", 1, true), err.message)
+      local r = pool:map(function(c) return c.readable end, ends, 10)
+      for i = 1, 70 do assert.is_true(r[i]) end
+      for i = 1, 70 do ends[i]:close() end
+    end)
+  end)
+end)
+
 describe("Pool handles: transports without fds", function()
   H.leakcheck()
 
