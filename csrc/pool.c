@@ -18,7 +18,11 @@
  * file moves bytes: it frames many tasks into one write and reads many
  * results per read. Every value goes through the codec (scalars by its
  * fast path, codec_scalar.c); frames are wire.c's, sent by its one send
- * loop.
+ * loop. A frame whose values hold handles carries their fds (pool.h):
+ * copies queued per slot with the offset of their frame's first byte
+ * (pool_fdq, sent by mp_pool_send as the output is flushed), and the fds
+ * read queued per slot until a frame claims them (pool_fifo); both sides
+ * share these functions.
  */
 #include "pool.h"
 
