@@ -18,7 +18,11 @@
  * file moves bytes: it frames many tasks into one write and reads many
  * results per read. Every value goes through the codec (scalars by its
  * fast path, codec_scalar.c); frames are wire.c's, sent by its one send
- * loop.
+ * loop. A frame whose values hold handles carries their fds (pool.h):
+ * copies queued per slot with the offset of their frame's first byte
+ * (pool_fdq, sent by mp_pool_send as the output is flushed), and the fds
+ * read queued per slot until a frame claims them (pool_fifo); both sides
+ * share these functions.
  */
 #include "pool.h"
 
@@ -74,6 +78,208 @@ MP_API int mp_pool_corrupt(lua_State *L) {
   return luaL_error(L, "pool: corrupt message");
 }
 
+/* ---- fds in frames (pool.h) ---------------------------------------- */
+
+static pool_fdgrp *fdq_at(const pool_fdq *q, size_t i) {
+  return (pool_fdgrp *)(void *)q->g.data + i;
+}
+
+static size_t fdq_end(const pool_fdq *q) {
+  return q->g.len / sizeof(pool_fdgrp);
+}
+
+MP_API int mp_pool_fdq_add(lua_State *L, pool_fdq *q, size_t off, int fd) {
+  size_t n = fdq_end(q);
+  pool_fdgrp *g = n > q->head ? fdq_at(q, n - 1) : NULL;
+  int k, d;
+  if (g == NULL || g->off != off) {
+    mp_buf_reserve(L, &q->g, sizeof(pool_fdgrp));
+    g = fdq_at(q, n);
+    g->off = off;
+    g->orig.n = g->dup.n = 0;
+    q->g.len += sizeof(pool_fdgrp);
+  }
+  for (k = 0; k < g->orig.n; k++)
+    if (g->orig.fd[k] == fd) return k;
+  if (g->orig.n >= MP_MAX_FDS)
+    return mp_raise(L, "SerializationError", "more than %d file descriptors "
+                    "in one pool message (use a smaller chunksize)", MP_MAX_FDS);
+  d = fcntl(fd, F_DUPFD_CLOEXEC, 0);
+  if (d < 0) return mp_raise_errno(L, errno, "pool: dup");
+  g->orig.fd[g->orig.n++] = fd;
+  g->dup.fd[g->dup.n++] = d;
+  return k;
+}
+
+MP_API uint32_t mp_pool_fdq_count(const pool_fdq *q, size_t off) {
+  size_t n = fdq_end(q);
+  if (n > q->head && fdq_at(q, n - 1)->off == off) return (uint32_t)fdq_at(q, n - 1)->dup.n;
+  return 0;
+}
+
+MP_API void mp_pool_fdq_drop_from(pool_fdq *q, size_t from) {
+  size_t n = fdq_end(q);
+  while (n > q->head && fdq_at(q, n - 1)->off >= from) {
+    mp_fdlist_close(&fdq_at(q, --n)->dup);
+    q->g.len -= sizeof(pool_fdgrp);
+  }
+  if (n == q->head) q->g.len = q->head = 0;
+}
+
+MP_API void mp_pool_fdq_drop_before(pool_fdq *q, size_t to) {
+  size_t n = fdq_end(q);
+  while (q->head < n && fdq_at(q, q->head)->off < to)
+    mp_fdlist_close(&fdq_at(q, q->head++)->dup);
+  if (q->head == n) q->g.len = q->head = 0;
+}
+
+MP_API void mp_pool_fdq_shift(pool_fdq *q, size_t by) {
+  size_t i, n = fdq_end(q);
+  for (i = q->head; i < n; i++) fdq_at(q, i)->off -= by;
+}
+
+MP_API void mp_pool_fdq_free(pool_fdq *q) {
+  mp_pool_fdq_drop_before(q, SIZE_MAX);
+  mp_buf_free(&q->g);
+  q->head = 0;
+}
+
+MP_API int mp_pool_send(int fd, mp_buf *b, size_t *pos, size_t end,
+                        pool_fdq *q, int flags) {
+  while (*pos < end) {
+    size_t n = fdq_end(q), stop = end;
+    pool_fdgrp *g = q->head < n ? fdq_at(q, q->head) : NULL;
+    const mp_fdlist *fds = NULL;
+    struct iovec iov;
+    int one = 1, sent, e;
+    if (g != NULL && g->off < *pos) {    /* cannot be: its frame went */
+      mp_pool_fdq_drop_before(q, *pos);
+      continue;
+    }
+    if (g != NULL && g->off == *pos) {   /* its fds ride from here */
+      fds = &g->dup;
+      if (q->head + 1 < n && fdq_at(q, q->head + 1)->off < stop)
+        stop = fdq_at(q, q->head + 1)->off;
+    } else if (g != NULL && g->off < stop) {
+      stop = g->off;                     /* up to the next group's frame */
+    }
+    iov.iov_base = b->data + *pos;
+    iov.iov_len = stop - *pos;
+    e = mp_sendv(NULL, fd, &iov, &one, fds, flags, &sent);
+    if (fds != NULL && sent) mp_pool_fdq_drop_before(q, *pos + 1);   /* they went */
+    *pos = stop - (one ? iov.iov_len : 0);
+    if (e != 0) return e;
+  }
+  return 0;
+}
+
+static int *fifo_at(const pool_fifo *ff, size_t i) {
+  return (int *)(void *)ff->f.data + i;
+}
+
+static size_t fifo_end(const pool_fifo *ff) {
+  return ff->f.len / sizeof(int);
+}
+
+MP_API ssize_t mp_pool_recv(lua_State *L, int fd, char *p, size_t len,
+                            int flags, pool_fifo *ff) {
+  mp_fdlist got;
+  ssize_t r;
+  int i;
+  if (ff->f.cap - ff->f.len < sizeof(int) * MP_MAX_FDS) {
+    if (ff->head > 0 && ff->head * 2 >= fifo_end(ff)) {   /* room at the front */
+      memmove(ff->f.data, fifo_at(ff, ff->head), ff->f.len - ff->head * sizeof(int));
+      ff->f.len -= ff->head * sizeof(int);
+      ff->head = 0;
+    }
+    mp_buf_reserve(L, &ff->f, sizeof(int) * MP_MAX_FDS);
+  }
+  got.n = 0;
+  r = mp_recv_fds(fd, p, len, flags, &got);
+  for (i = 0; i < got.n; i++) *fifo_at(ff, fifo_end(ff) + (size_t)i) = got.fd[i];
+  ff->f.len += sizeof(int) * (size_t)got.n;
+  return r;
+}
+
+MP_API void mp_pool_unclaim(pool_fifo *ff) {
+  while (ff->claimed > 0) {
+    close(*fifo_at(ff, ff->head++));
+    ff->claimed--;
+  }
+  if (ff->head == fifo_end(ff)) ff->f.len = ff->head = 0;
+}
+
+MP_API void mp_pool_claim(lua_State *L, pool_fifo *ff, uint32_t nfds) {
+  mp_pool_unclaim(ff);
+  if (nfds == 0) return;
+  if (nfds > MP_MAX_FDS || nfds > fifo_end(ff) - ff->head) mp_pool_corrupt(L);
+  ff->claimed = (int)nfds;
+}
+
+MP_API void mp_pool_fifo_free(pool_fifo *ff) {
+  size_t i, n = fifo_end(ff);
+  for (i = ff->head; i < n; i++) close(*fifo_at(ff, i));
+  mp_buf_free(&ff->f);
+  ff->head = 0;
+  ff->claimed = 0;
+}
+
+MP_API void mp_pool_put_msg(lua_State *L, mp_buf *b, int idx, pool_fdq *q,
+                            size_t off) {
+  size_t at = b->len;
+  mp_fdlist fds;
+  int i;
+  fds.n = 0;
+  mp_buf_reserve(L, b, 5);
+  b->data[at] = (char)POOL_MSG;
+  b->len += 5;
+  mp_encode(L, idx, b, q != NULL ? &fds : NULL);
+  if (b->len - at - 5 > UINT32_MAX) luaL_error(L, "value too large for a pool message");
+  pool_wr_u32(b->data + at + 1, (uint32_t)(b->len - at - 5));
+  if (fds.n == 0) return;
+  b->data[at] = (char)POOL_MSGFD;        /* its fds: their places in the frame's */
+  mp_buf_reserve(L, b, 1 + (size_t)fds.n);
+  b->data[b->len++] = (char)fds.n;
+  for (i = 0; i < fds.n; i++)
+    b->data[b->len++] = (char)mp_pool_fdq_add(L, q, off, fds.fd[i]);
+}
+
+MP_API const char *mp_pool_get_msg(lua_State *L, const char *p, const char *end,
+                                   const pool_fifo *ff) {
+  int fd = (unsigned char)*p == POOL_MSGFD;
+  const char *msg;
+  mp_fdlist fds;
+  uint32_t n;
+  int k, i;
+  if (end - p < 5) return mp_pool_corrupt(L), NULL;
+  n = pool_rd_u32(p + 1);
+  p += 5;
+  if ((size_t)(end - p) < n) return mp_pool_corrupt(L), NULL;
+  msg = p;
+  p += n;
+  fds.n = 0;
+  if (fd) {
+    if (p >= end) return mp_pool_corrupt(L), NULL;
+    k = (unsigned char)*p++;
+    if (k == 0 || k > MP_MAX_FDS || end - p < k || ff == NULL)
+      return mp_pool_corrupt(L), NULL;
+    for (i = 0; i < k; i++)
+      if ((unsigned char)p[i] >= ff->claimed) return mp_pool_corrupt(L), NULL;
+    for (i = 0; i < k; i++) {             /* the value's own copies */
+      int d = fcntl(*fifo_at(ff, ff->head + (unsigned char)p[i]), F_DUPFD_CLOEXEC, 0);
+      if (d < 0) {
+        int e = errno;
+        mp_fdlist_close(&fds);
+        return mp_raise_errno(L, e, "pool: dup"), NULL;
+      }
+      fds.fd[fds.n++] = d;
+    }
+    p += k;
+  }
+  mp_decode(L, msg, n, &fds, ff != NULL ? ff->flags : 0);   /* owns them */
+  return p;
+}
+
 /* ---- the PoolCore object ------------------------------------------- */
 
 MP_API pcore *mp_pool_to(lua_State *L, int i) {
@@ -102,6 +308,8 @@ static void slot_release(pcore *pc, slot *s) {
   if (s->wfd >= 0) close(s->wfd);
   mp_buf_free(&s->out);
   mp_buf_free(&s->in);
+  mp_pool_fdq_free(&s->oq);
+  mp_pool_fifo_free(&s->ff);
   memset(s, 0, sizeof *s);
   s->fd = s->wfd = s->pidfd = -1;
 }
@@ -211,6 +419,7 @@ static void fr_begin(lua_State *L, slot *s, int kind) {
   if (s->building) {
     s->out.len = s->frame_start;
     s->building = 0;
+    if (s->oq.g.len > 0) mp_pool_fdq_drop_from(&s->oq, s->frame_start);
   }
   if (s->outpos == s->out.len) s->outpos = s->out.len = 0;
   s->frame_start = s->out.len;
@@ -220,20 +429,36 @@ static void fr_begin(lua_State *L, slot *s, int kind) {
 }
 
 static void fr_end(slot *s) {
-  pool_frame_close(&s->out, s->frame_start, (uint32_t)s->kind);
+  pool_frame_close(&s->out, s->frame_start, (uint32_t)s->kind,
+                   pool_fdq_count(&s->oq, s->frame_start));
   s->building = 0;
 }
 
-/* pc:def(i, fnid, bytes): a function for slot i's cache */
+/* The copies of the fds of a function's handles that pool_dumpfn made,
+   for the DEF frames that send it (MP_POOLFDS_T). */
+#define MP_POOLFDS_T "multiprocessing.PoolFds"
+
+static int poolfds__gc(lua_State *L) {
+  mp_fdlist_close((mp_fdlist *)luaL_checkudata(L, 1, MP_POOLFDS_T));
+  return 0;
+}
+
+/* pc:def(i, fnid, bytes [, fds]): a function for slot i's cache; fds:
+   pool_dumpfn's second result */
 static int pool_def(lua_State *L) {
   pcore *pc = mp_pool_check(L, 1);
   slot *s = mp_pool_slot(L, pc, 2);
   uint32_t id = (uint32_t)luaL_checkinteger(L, 3);
   size_t n;
   const char *p = luaL_checklstring(L, 4, &n);
+  const mp_fdlist *fds = lua_isnoneornil(L, 5) ? NULL
+                         : (const mp_fdlist *)luaL_checkudata(L, 5, MP_POOLFDS_T);
+  int i;
   fr_begin(L, s, MP_FRAME_DEF);
   put_u32(L, &s->out, id);
   mp_buf_add(L, &s->out, p, n);
+  for (i = 0; fds != NULL && i < fds->n; i++)   /* in order: the message's */
+    mp_pool_fdq_add(L, &s->oq, s->frame_start, fds->fd[i]);
   fr_end(s);
   return 0;
 }
@@ -273,9 +498,10 @@ static int pool_task(lua_State *L) {
       if (s->out.cap - s->out.len < 4) mp_buf_reserve(L, &s->out, 4);
       pool_wr_u32(s->out.data + s->out.len, 1);
       s->out.len += 4;
-      pool_put_value(L, &s->out, 9, t);
+      pool_put_value(L, &s->out, 9, t, &s->oq, s->frame_start);
     } else {
       lua_Integer argc, j;
+      size_t istart;
       if (lua_type(L, 9) != LUA_TTABLE)
         return luaL_error(L, "arguments of task %d must be a table (got %s)",
                           (int)k, luaL_typename(L, 9));
@@ -284,10 +510,29 @@ static int pool_task(lua_State *L) {
       lua_pop(L, 1);
       if (argc < 0 || argc > 250)
         return luaL_error(L, "task %d has too many arguments", (int)k);
+      istart = s->out.len;
       put_u32(L, &s->out, (uint32_t)argc);
       for (j = 1; j <= argc; j++) {
-        lua_rawgeti(L, 9, j);
-        pool_put_value(L, &s->out, 10, -1);
+        int ta = lua_rawgeti(L, 9, j);
+        if (ta != LUA_TNIL && ta != LUA_TBOOLEAN && ta != LUA_TNUMBER && ta != LUA_TSTRING) {
+          lua_pop(L, 1);                 /* not all plain: one message */
+          break;
+        }
+        pool_put_value(L, &s->out, 10, ta, &s->oq, s->frame_start);
+        lua_pop(L, 1);
+      }
+      if (j <= argc) {                   /* {args..., n = argc} as one value, so
+                                            that a handle given twice is one */
+        s->out.len = istart;
+        put_u32(L, &s->out, POOL_ARGS_ONE);
+        lua_createtable(L, (int)argc, 1);
+        for (j = 1; j <= argc; j++) {
+          lua_rawgeti(L, 9, j);
+          lua_rawseti(L, 10, j);
+        }
+        lua_pushinteger(L, argc);
+        lua_setfield(L, 10, "n");
+        pool_put_value(L, &s->out, 10, LUA_TTABLE, &s->oq, s->frame_start);
         lua_pop(L, 1);
       }
     }
@@ -313,22 +558,22 @@ static void set_wantout(pcore *pc, slot *s, int want) {
 static void flush_slot(pcore *pc, slot *s) {
   size_t end = s->building ? s->frame_start : s->out.len;
   if (s->outpos < end && s->fd >= 0) {
-    struct iovec iov;
-    int one = 1, sent, e;
-    iov.iov_base = s->out.data + s->outpos;
-    iov.iov_len = end - s->outpos;
-    e = mp_sendv(NULL, s->fd, &iov, &one, NULL, MSG_DONTWAIT, &sent);
-    if (e == 0 || e == EAGAIN || e == EWOULDBLOCK)
-      s->outpos = end - (one ? iov.iov_len : 0);
-    else   /* EPIPE, ECONNRESET: it is gone. Drop what it will never read,
-              but keep reading: its last results may still be in the socket. */
+    int e = mp_pool_send(s->fd, &s->out, &s->outpos, end, &s->oq, MSG_DONTWAIT);
+    if (e != 0 && e != EAGAIN && e != EWOULDBLOCK) {
+      /* EPIPE, ECONNRESET: it is gone. Drop what it will never read, but
+         keep reading: its last results may still be in the socket. */
       s->outpos = end;
+      mp_pool_fdq_drop_before(&s->oq, end);
+    }
   }
-  if (s->outpos == s->out.len) s->outpos = s->out.len = 0;
-  else if (s->outpos > 65536 && s->outpos * 2 > s->out.len) {
+  if (s->outpos == s->out.len) {
+    if (s->oq.g.len > 0) mp_pool_fdq_shift(&s->oq, s->outpos);
+    s->outpos = s->out.len = 0;
+  } else if (s->outpos > 65536 && s->outpos * 2 > s->out.len) {
     memmove(s->out.data, s->out.data + s->outpos, s->out.len - s->outpos);
     s->out.len -= s->outpos;
     if (s->building) s->frame_start -= s->outpos;
+    mp_pool_fdq_shift(&s->oq, s->outpos);
     s->outpos = 0;
   }
   set_wantout(pc, s, s->outpos < (s->building ? s->frame_start : s->out.len));
@@ -347,7 +592,8 @@ static void fill_slot(lua_State *L, slot *s) {
   while (got < READ_MAX) {
     ssize_t r;
     if (s->in.cap - s->in.len < RBUF_INIT / 4) mp_buf_reserve(L, &s->in, RBUF_INIT);
-    r = recv(s->fd, s->in.data + s->in.len, s->in.cap - s->in.len, MSG_DONTWAIT);
+    r = mp_pool_recv(L, s->fd, s->in.data + s->in.len, s->in.cap - s->in.len,
+                     MSG_DONTWAIT, &s->ff);
     if (r < 0) {
       if (errno == EINTR) continue;
       if (errno != EAGAIN && errno != EWOULDBLOCK) s->eof = 1;
@@ -450,9 +696,11 @@ static int pool_next(lua_State *L) {
   size_t have = s->in.len - s->inpos, len;
   mp_frame f;
   s->cur = s->curend = NULL;
+  pool_unclaim(&s->ff);                  /* the last frame's fds */
+  if (have == 0 && pool_fifo_unclaimed(&s->ff)) return mp_pool_corrupt(L);
   if (have < MP_FRAME_HDR) return 0;
   mp_frame_get(p, &f);
-  if (f.nfds != 0 || f.len > (uint64_t)SIZE_MAX / 4) return mp_pool_corrupt(L);
+  if (f.nfds > MP_MAX_FDS || f.len > (uint64_t)SIZE_MAX / 4) return mp_pool_corrupt(L);
   len = (size_t)f.len;
   if (have - MP_FRAME_HDR < len) {       /* make room for a large frame */
     if (s->inpos > 0) {
@@ -466,6 +714,7 @@ static int pool_next(lua_State *L) {
   body = p + MP_FRAME_HDR;
   end = body + len;
   s->inpos += MP_FRAME_HDR + len;
+  pool_claim(L, &s->ff, f.nfds);
   switch (f.kind) {
   case MP_FRAME_RESULT:
     if (len < 12) return mp_pool_corrupt(L);
@@ -482,7 +731,7 @@ static int pool_next(lua_State *L) {
     return 1;
   case MP_FRAME_INITFAIL:
     lua_pushliteral(L, "initfail");
-    pool_get_value(L, body, end);
+    pool_get_value(L, body, end, &s->ff);
     return 2;
   default:
     return mp_pool_corrupt(L);
@@ -493,13 +742,19 @@ static int pool_next(lua_State *L) {
    message is not decoded; a plain value is read and dropped). */
 static const char *skip_value(lua_State *L, const char *p, const char *end) {
   uint32_t n;
-  if (p < end && (unsigned char)*p == POOL_MSG) {
+  if (p < end && ((unsigned char)*p == POOL_MSG || (unsigned char)*p == POOL_MSGFD)) {
+    int fd = (unsigned char)*p == POOL_MSGFD;
     if (end - p < 5) return mp_pool_corrupt(L), NULL;
     n = pool_rd_u32(p + 1);
     if ((size_t)(end - p - 5) < n) return mp_pool_corrupt(L), NULL;
-    return p + 5 + n;
+    p += 5 + n;
+    if (fd) {                            /* its fds: closed with the frame's */
+      if (p >= end || end - p - 1 < (unsigned char)*p) return mp_pool_corrupt(L), NULL;
+      p += 1 + (unsigned char)*p;
+    }
+    return p;
   }
-  p = pool_get_value(L, p, end);
+  p = pool_get_value(L, p, end, NULL);
   lua_pop(L, 1);
   return p;
 }
@@ -530,7 +785,7 @@ static int pool_take(lua_State *L) {
       if (packed) {
         lua_createtable(L, (int)c, 1);
         for (j = 1; j <= c; j++) {
-          p = pool_get_value(L, p, end);
+          p = pool_get_value(L, p, end, &s->ff);
           lua_rawseti(L, -2, j);
         }
         lua_pushinteger(L, c);
@@ -538,7 +793,7 @@ static int pool_take(lua_State *L) {
       } else if (c == 0) {
         lua_pushnil(L);
       } else {
-        p = pool_get_value(L, p, end);
+        p = pool_get_value(L, p, end, &s->ff);
         for (j = 2; j <= c; j++) p = skip_value(L, p, end);   /* the others */
       }
       lua_rawseti(L, 3, pos + (lua_Integer)k);
@@ -547,10 +802,11 @@ static int pool_take(lua_State *L) {
         lua_newtable(L);
         lua_replace(L, 6);
       }
-      p = pool_get_value(L, p, end);
+      p = pool_get_value(L, p, end, &s->ff);
       lua_rawseti(L, 6, (lua_Integer)k + 1);
     }
   }
+  pool_unclaim(&s->ff);                  /* every value took its copies */
   lua_pushinteger(L, nerr);
   lua_pushvalue(L, 6);
   return 2;
@@ -608,6 +864,8 @@ static void close_others(pcore *pc, int me) {
     if (i != me) s->wfd = -1;
     mp_buf_free(&s->out);
     mp_buf_free(&s->in);
+    mp_pool_fdq_free(&s->oq);            /* copies of the parent's handles */
+    mp_pool_fifo_free(&s->ff);
   }
   if (pc->epfd >= 0) close(pc->epfd);
   if (pc->tfd >= 0) close(pc->tfd);
@@ -649,13 +907,41 @@ static int pool_drop_inherited(lua_State *L) {
   return 0;
 }
 
-/* core.pool_dumpfn(fn) -> bytes of fn for pc:def */
+/* core.pool_dumpfn(fn) -> bytes of fn for pc:def [, fds: copies of the
+   fds of the handles it holds (its upvalues'), owned until collected] */
 static int pool_dumpfn(lua_State *L) {
   mp_buf *b;
+  mp_fdlist *fds, *dups;
+  int i;
   luaL_checkany(L, 1);
   lua_settop(L, 1);
+  b = mp_buf_push(L, 256);               /* 2 */
+  fds = (mp_fdlist *)lua_newuserdatauv(L, sizeof(mp_fdlist), 0);   /* 3 */
+  fds->n = 0;
+  mp_encode_named(L, 1, b, fds, "fn");
+  lua_pushlstring(L, b->data, b->len);
+  if (fds->n == 0) return 1;
+  dups = (mp_fdlist *)lua_newuserdatauv(L, sizeof(mp_fdlist), 0);
+  dups->n = 0;
+  luaL_setmetatable(L, MP_POOLFDS_T);
+  for (i = 0; i < fds->n; i++) {
+    int d = fcntl(fds->fd[i], F_DUPFD_CLOEXEC, 0);
+    if (d < 0) return mp_raise_errno(L, errno, "pool: dup");
+    dups->fd[dups->n++] = d;
+  }
+  return 2;
+}
+
+/* core.pool_dumps(v, name) -> bytes of v for a pool whose transport
+   cannot carry fds (the cluster's, over Redis): a handle raises
+   SerializationError naming where it sits (name: the root of the path) */
+static int pool_dumps(lua_State *L) {
+  mp_buf *b;
+  const char *root = luaL_optstring(L, 2, NULL);
+  luaL_checkany(L, 1);
+  lua_settop(L, 2);
   b = mp_buf_push(L, 256);
-  mp_encode_named(L, 1, b, NULL, "fn");
+  mp_encode_named(L, 1, b, NULL, root);
   lua_pushlstring(L, b->data, b->len);
   return 1;
 }
@@ -697,14 +983,20 @@ MP_API void mp_pool_open(lua_State *L) {
   static const luaL_Reg funcs[] = {
     {"pool_new", pool_new},
     {"pool_dumpfn", pool_dumpfn},
+    {"pool_dumps", pool_dumps},
     {"pool_table", pool_table},
     {NULL, NULL}
   };
   static const luaL_Reg pool_meta[] = {
     {"__gc", pool__gc}, {"__close", pool__gc}, {NULL, NULL}
   };
+  static const luaL_Reg poolfds_meta[] = {
+    {"__gc", poolfds__gc}, {"__close", poolfds__gc}, {NULL, NULL}
+  };
   mp_newclass(L, MP_POOL_T, (const luaL_Reg *const[]){ pool_methods, NULL },
               pool_meta, NULL, NULL);
+  lua_pop(L, 1);
+  mp_newclass(L, MP_POOLFDS_T, NULL, poolfds_meta, NULL, NULL);
   lua_pop(L, 1);
   luaL_setfuncs(L, funcs, 0);
 }

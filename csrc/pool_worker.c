@@ -39,14 +39,20 @@
 #define BATCH_MAX 65536              /* bytes of results held back at most */
 #define BATCH_AGE 0.001              /* seconds a result is held back at most */
 
-/* Send the whole of b on fd and empty it: 0, or an errno. */
-static int send_buf(int fd, mp_buf *b) {
+/* Send the whole of b on fd, the fds of q (NULL: none) with their frames,
+   and empty both: 0, or an errno. */
+static int send_buf(int fd, mp_buf *b, pool_fdq *q) {
   struct iovec iov;
+  size_t pos = 0;
   int e;
   if (b->len == 0) return 0;
-  iov.iov_base = b->data;
-  iov.iov_len = b->len;
-  e = mp_sendall(fd, &iov, 1, NULL);
+  if (q != NULL) e = mp_pool_send(fd, b, &pos, b->len, q, 0);
+  else {
+    iov.iov_base = b->data;
+    iov.iov_len = b->len;
+    e = mp_sendall(fd, &iov, 1, NULL);
+  }
+  if (q != NULL) mp_pool_fdq_drop_before(q, SIZE_MAX);   /* none, unless it failed */
   b->len = 0;
   return e;
 }
@@ -58,9 +64,9 @@ static void send_initfail(lua_State *L, int fd, int idx) {
   idx = lua_absindex(L, idx);
   b = mp_buf_push(L, 256);
   at = pool_frame_open(L, b);
-  pool_put_value(L, b, idx, -1);
-  pool_frame_close(b, at, MP_FRAME_INITFAIL);
-  if (fd >= 0) send_buf(fd, b);
+  pool_put_value(L, b, idx, -1, NULL, 0);
+  pool_frame_close(b, at, MP_FRAME_INITFAIL, 0);
+  if (fd >= 0) send_buf(fd, b, NULL);
   lua_pop(L, 1);
 }
 
@@ -71,7 +77,27 @@ typedef struct wctx {
   uint32_t k, n;                     /* next item, items */
   mp_buf *out;
   size_t item_start;                 /* where the running item's result starts */
+  const pool_fifo *ff;               /* the chunk's fds */
+  pool_fdq *q;                       /* the results' fds */
+  size_t fstart;                     /* where the RESULT frame starts in out */
 } wctx;
+
+/* Push the arguments of an item sent as one value, {args..., n = argc}
+   (out of the runner's way: its plain path stays small); returns argc. */
+static __attribute__((noinline)) uint32_t unpack_args(lua_State *L, wctx *c) {
+  lua_Integer n, j;
+  int t = lua_gettop(L) + 1;
+  c->p = pool_get_value(L, c->p, c->end, c->ff);
+  if (lua_type(L, t) != LUA_TTABLE || lua_getfield(L, t, "n") != LUA_TNUMBER)
+    return (uint32_t)mp_pool_corrupt(L);
+  n = lua_tointeger(L, -1);
+  if (n < 0 || n > 250) return (uint32_t)mp_pool_corrupt(L);
+  lua_pop(L, 1);
+  luaL_checkstack(L, (int)n + 8, "too many arguments");
+  for (j = 1; j <= n; j++) lua_rawgeti(L, t, j);
+  lua_remove(L, t);
+  return (uint32_t)n;
+}
 
 /* The runner: items ctx->k .. n-1 of a chunk, called under lua_pcall with
    (fn, ctx); an item that raises ends this call, the loop resumes after it. */
@@ -84,14 +110,18 @@ static int pool_runner(lua_State *L) {
     if (c->end - c->p < 4) return mp_pool_corrupt(L);
     argc = pool_rd_u32(c->p);
     c->p += 4;
-    if (argc > 250) return mp_pool_corrupt(L);
-    if (argc > 8)                       /* a C function has 20 slots free */
-      luaL_checkstack(L, (int)argc + 8, "too many arguments");
+    if (argc > 250 && argc != POOL_ARGS_ONE) return mp_pool_corrupt(L);
     c->item_start = c->out->len;
     c->k++;
     lua_settop(L, 2);
     lua_pushvalue(L, 1);
-    for (j = 0; j < argc; j++) c->p = pool_get_value(L, c->p, c->end);
+    if (argc == POOL_ARGS_ONE) {
+      argc = unpack_args(L, c);
+    } else {
+      if (argc > 8)                     /* a C function has 20 slots free */
+        luaL_checkstack(L, (int)argc + 8, "too many arguments");
+      for (j = 0; j < argc; j++) c->p = pool_get_value(L, c->p, c->end, c->ff);
+    }
     lua_call(L, (int)argc, LUA_MULTRET);
     nres = lua_gettop(L) - 2;
     if (nres > 255) luaL_error(L, "a task may return at most 255 values");
@@ -99,7 +129,7 @@ static int pool_runner(lua_State *L) {
     w[0] = 0;                                    /* ok */
     pool_wr_u32(w + 1, (uint32_t)nres);
     c->out->len += 5;
-    for (i = 3; i <= nres + 2; i++) pool_put_value(L, c->out, i, -1);
+    for (i = 3; i <= nres + 2; i++) pool_put_value(L, c->out, i, -1, c->q, c->fstart);
   }
   return 0;
 }
@@ -115,6 +145,8 @@ typedef struct wloop {
                                         the running chunk's function */
   mp_buf *in, *out;                  /* boxed in slots msgh+1, msgh+2 */
   size_t pos;                        /* unread: in->data[pos .. len) */
+  pool_fifo ff;                      /* fds read; the frame's claimed */
+  pool_fdq q;                        /* fds of the results in out */
   double held_since;                 /* when out's first result was made */
 } wloop;
 
@@ -132,7 +164,9 @@ static double run_chunk(lua_State *L, wloop *w, const char *p, size_t len) {
   c.k = 0;
   c.n = pool_rd_u32(p + 8);
   c.out = w->out;
-  fstart = pool_frame_open(L, w->out);
+  c.ff = &w->ff;
+  c.q = &w->q;
+  fstart = c.fstart = pool_frame_open(L, w->out);
   h = mp_buf_reserve(L, w->out, 12);
   pool_wr_u32(h, seq);
   pool_wr_u32(h + 4, c.n);
@@ -149,7 +183,7 @@ static double run_chunk(lua_State *L, wloop *w, const char *p, size_t len) {
       w->out->len = c.item_start;
       *mp_buf_reserve(L, w->out, 1) = 1;           /* failed */
       w->out->len++;
-      pool_put_value(L, w->out, -1, -1);
+      pool_put_value(L, w->out, -1, -1, NULL, 0);
       lua_pop(L, 1);
       if (c.k == 0) break;                         /* corrupt: give up */
     }
@@ -159,7 +193,7 @@ static double run_chunk(lua_State *L, wloop *w, const char *p, size_t len) {
   us = (mp_now() - t0) * 1e6;
   pool_wr_u32(w->out->data + fstart + MP_FRAME_HDR + 8,
               us > 4e9 ? 4000000000u : (uint32_t)us);
-  pool_frame_close(w->out, fstart, MP_FRAME_RESULT);
+  pool_frame_close(w->out, fstart, MP_FRAME_RESULT, pool_fdq_count(&w->q, fstart));
   __atomic_store_n(&w->sh->finished, seq, __ATOMIC_RELEASE);
   if (fstart == 0) w->held_since = t0;
   return us;
@@ -194,7 +228,7 @@ static int read_frame(lua_State *L, wloop *w, mp_frame *f) {
       mp_buf_reserve(L, in, (size_t)f->len + MP_FRAME_HDR - have);
     }
     if (in->cap - in->len < 4096) mp_buf_reserve(L, in, RBUF_INIT);
-    r = recv(w->fd, in->data + in->len, in->cap - in->len, 0);
+    r = mp_pool_recv(L, w->fd, in->data + in->len, in->cap - in->len, 0, &w->ff);
     if (r < 0 && errno == EINTR) continue;
     if (r <= 0) return 0;
     in->len += (size_t)r;
@@ -215,7 +249,7 @@ static int over_memory(lua_State *L, double maxmem) {
 /* The worker's loop: serve the channel fd until EXIT, its end, maxtasks
    tasks or a heap above maxmem bytes after a chunk, recording progress in
    sh. The message handler is at the top of the stack; on return the stack
-   is as it was. Closes nothing. */
+   is as it was. Closes nothing but the fds that came. */
 static void serve(lua_State *L, int fd, shslot *sh, lua_Integer maxtasks,
                   double maxmem) {
   wloop w;
@@ -236,18 +270,28 @@ static void serve(lua_State *L, int fd, shslot *sh, lua_Integer maxtasks,
   for (;;) {
     const char *p;
     size_t len;
+    pool_unclaim(&w.ff);                 /* the last frame's fds */
+    if (w.pos == w.in->len && pool_fifo_unclaimed(&w.ff)) mp_pool_corrupt(L);
     /* about to wait: send what is held back */
-    if (!frame_ready(w.in, w.pos, &f) && send_buf(fd, w.out) != 0) break;
+    if (!frame_ready(w.in, w.pos, &f) && send_buf(fd, w.out, &w.q) != 0) break;
     if (!read_frame(L, &w, &f)) break;
     p = w.in->data + w.pos + MP_FRAME_HDR;
     len = (size_t)f.len;
     w.pos += MP_FRAME_HDR + len;
+    pool_claim(L, &w.ff, f.nfds);
     if (f.kind == MP_FRAME_EXIT) break;
     if (f.kind == MP_FRAME_CLEAR) {
       lua_newtable(L);
       lua_replace(L, w.fns);
     } else if (f.kind == MP_FRAME_DEF && len >= 4) {
-      mp_decode(L, p + 4, len - 4, NULL, 0);
+      mp_fdlist fds;                     /* the function's handles own them */
+      int i;
+      fds.n = w.ff.claimed;
+      for (i = 0; i < fds.n; i++)
+        fds.fd[i] = ((const int *)(const void *)w.ff.f.data)[w.ff.head + (size_t)i];
+      w.ff.head += (size_t)fds.n;
+      w.ff.claimed = 0;
+      mp_decode(L, p + 4, len - 4, &fds, 0);
       lua_rawseti(L, w.fns, pool_rd_u32(p));
     } else if (f.kind == MP_FRAME_TASK && len >= 12) {
       double us = run_chunk(L, &w, p, len);
@@ -257,17 +301,19 @@ static void serve(lua_State *L, int fd, shslot *sh, lua_Integer maxtasks,
       if (!last && us < QUICK_US && w.out->len < BATCH_MAX &&
           frame_ready(w.in, w.pos, &f) && mp_now() - w.held_since < BATCH_AGE)
         continue;
-      if (send_buf(fd, w.out) != 0 || last) break;
+      if (send_buf(fd, w.out, &w.q) != 0 || last) break;
       if (over_memory(L, w.maxmem)) {
-        pool_frame_close(w.out, pool_frame_open(L, w.out), MP_FRAME_RETIRE);
-        send_buf(fd, w.out);
+        pool_frame_close(w.out, pool_frame_open(L, w.out), MP_FRAME_RETIRE, 0);
+        send_buf(fd, w.out, &w.q);
         break;
       }
     } else {
       mp_pool_corrupt(L);
     }
   }
-  send_buf(fd, w.out);
+  send_buf(fd, w.out, &w.q);
+  mp_pool_fifo_free(&w.ff);
+  mp_pool_fdq_free(&w.q);
   lua_settop(L, w.msgh);
 }
 

@@ -24,11 +24,22 @@
  * need), and a marked record's message after its marker is decoded as
  * the queue's get decodes it.
  *
+ * The same input is then read as a pool frame's values (csrc/pool.h: what
+ * a worker or the parent reads from the other end of its channel): its
+ * first byte says how many of two fds (of /dev/null, queued as if they
+ * had come with the frame) the frame claims (its header's nfds, 0..3),
+ * the rest is values read by pool_get_value until the end, the values
+ * that hold handles taking copies of the claimed fds. A finding is also:
+ * an error that is neither "pool: corrupt message" nor a
+ * SerializationError, a stack not restored, or an fd left open once the
+ * frame's fds are released.
+ *
  * Built and run by `make fuzz` (FUZZ_SECONDS, default 600) and `make
  * fuzz-ci` (60 s) from the repository root, on fuzz/corpus.
  */
 #include "mp.h"
 #include "queue.h"
+#include "pool.h"
 #include "multiprocessing.h"
 #include "lualib.h"
 
@@ -69,6 +80,66 @@ static int decode_plain(lua_State *L1) {
   mp_decode(L1, (const char *)lua_touserdata(L1, 1),
             (size_t)lua_tointeger(L1, 2), &none, MP_DECODE_NOFUNCS);
   return 1;
+}
+
+/* pool_values(p, n, ff): claim p[0] % 4 of ff's fds, then read the
+   values of p[1 .. n) as a frame's; pushes nothing */
+static int pool_values(lua_State *L1) {
+  const char *p = (const char *)lua_touserdata(L1, 1);
+  const char *end = p + lua_tointeger(L1, 2);
+  pool_fifo *ff = (pool_fifo *)lua_touserdata(L1, 3);
+  if (p == end) return 0;
+  pool_claim(L1, ff, (uint32_t)((unsigned char)*p % 4));
+  p++;
+  while (p < end) {
+    p = pool_get_value(L1, p, end, ff);
+    lua_pop(L1, 1);
+  }
+  return 0;
+}
+
+/* The lowest fd number free now. */
+static int lowest_free(void) {
+  int fd = fcntl(0, F_DUPFD, 0);
+  if (fd >= 0) close(fd);
+  return fd;
+}
+
+/* The input as a pool frame's values (see the head of this file). */
+static void check_pool(const char *p, size_t size) {
+  int top = lua_gettop(L), lo = lowest_free(), fd[2], st;
+  pool_fifo ff;
+  memset(&ff, 0, sizeof ff);
+  ff.flags = MP_DECODE_NOFUNCS;
+  fd[0] = open("/dev/null", O_RDONLY | O_CLOEXEC);
+  fd[1] = open("/dev/null", O_RDONLY | O_CLOEXEC);
+  if (fd[0] < 0 || fd[1] < 0) abort();
+  mp_buf_add(L, &ff.f, fd, sizeof fd);   /* as if they came with the frame */
+  lua_pushcfunction(L, pool_values);
+  lua_pushlightuserdata(L, (void *)(uintptr_t)p);
+  lua_pushinteger(L, (lua_Integer)size);
+  lua_pushlightuserdata(L, &ff);
+  st = lua_pcall(L, 3, 0, 0);
+  if (st != LUA_OK) {
+    const char *type = NULL, *msg = lua_tostring(L, -1);
+    if (lua_istable(L, -1)) {
+      lua_getfield(L, -1, "type");
+      type = lua_tostring(L, -1);
+    }
+    if ((type == NULL || strcmp(type, "SerializationError") != 0) &&
+        (msg == NULL || strcmp(msg, "pool: corrupt message") != 0)) {
+      lua_settop(L, top + 1);
+      fprintf(stderr, "fuzz_decode: pool values: unexpected error: %s\n",
+              luaL_tolstring(L, -1, NULL));
+      abort();
+    }
+  }
+  lua_settop(L, top);
+  mp_pool_fifo_free(&ff);                /* the frame's fds, claimed or not */
+  if (lowest_free() != lo) {
+    fprintf(stderr, "fuzz_decode: pool values: an fd leaked\n");
+    abort();
+  }
 }
 
 /* Are the values at -1 and -2 the same, bit for bit? */
@@ -178,6 +249,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
   if (copy == NULL) abort();
   memcpy(copy, data, size);
   check_scalar(copy, size);
+  check_pool(copy, size);
   check_queue_bytes(copy, size);
   /* a marked record: the message after its marker is what get decodes */
   if (size >= MARK_LEN && (unsigned char)copy[0] == MARK_BYTE) {

@@ -45,4 +45,28 @@ for i, v in ipairs(values) do
   f:write(s)
   f:close()
 end
-print(#values .. " seeds in fuzz/corpus")
+
+-- Pool frames' values (csrc/pool.h; the harness's second reading): a byte
+-- of claimed fds, then values: plain ones in the codec's bytes, others as
+-- POOL_MSG (0x3f, u32 length, message) or, holding handles, POOL_MSGFD
+-- (0x3e, the same, then u8 k and k positions in the frame's fds).
+local function msg(v)
+  local m, fds = mp.dumps(v)
+  if not fds then return "\x3f" .. string.pack("=I4", #m) .. m end
+  local pos = {}
+  for i = 1, #fds do pos[i] = string.char((i - 1) % 2) end
+  return "\x3e" .. string.pack("=I4", #m) .. m .. string.char(#fds) .. table.concat(pos)
+end
+local frames = {
+  "\0" .. "\x81\x82" .. msg({ 1, 2 }),
+  "\2" .. msg(setmetatable({ state = "q" }, Fuzz)) .. "\x80",
+  "\2" .. msg({ setmetatable({ state = 1 }, Dup), setmetatable({ state = 2 }, Fuzz) }),
+  "\1" .. msg(setmetatable({ state = 1 }, Fuzz)),      -- names fd 2 of 1 claimed
+  "\3" .. msg(true),                                     -- claims more than came
+}
+for i, fr in ipairs(frames) do
+  local f = assert(io.open(string.format("fuzz/corpus/pool-%02d.bin", i), "wb"))
+  f:write(fr)
+  f:close()
+end
+print(#values .. " seeds and " .. #frames .. " pool frames in fuzz/corpus")

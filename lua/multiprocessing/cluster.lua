@@ -10,7 +10,6 @@
 -- result (a task run twice after a lease ran out). A result that fails
 -- its signature check is dropped and counted (stats().refused).
 
-local mp = require "multiprocessing"
 local core = require "multiprocessing.core"
 local auth = require "multiprocessing.auth"
 local errors = require "multiprocessing.errors"
@@ -102,7 +101,7 @@ function Pool:_add(job, pos, count, task, cmds)
   local t = self._n
   task.c, task.t, task.lease = self._client, t, self._lease
   task.max_retries, task.ttl = self._max_retries, self._ttl
-  local m = mp.dumps(task)
+  local m = core.pool_dumps(task, "task")   -- a handle raises: Redis carries no fds
   self._tasks[t] = { job = job, pos = pos, count = count }
   self._ntasks = self._ntasks + 1
   cmds[#cmds + 1] = { "XADD", self._keys.tasks, "*", "c", self._client, "t", t,

@@ -42,12 +42,15 @@ local getupvalue = debug.getupvalue
 -- receiver's globals, whatever its value) do not change: they are made
 -- once per function (the commonest task function: a local function of
 -- the program). Any other closure is dumped at each call, since the
--- values of its upvalues travel with it.
+-- values of its upvalues travel with it; one whose upvalues hold handles
+-- also gives copies of their fds, which its DEF frames carry.
 local static_bytes = setmetatable({}, { __mode = "k" })
 local function fn_bytes(fn)
   local b = static_bytes[fn]
   if b then return b end
-  b = dumpfn(fn)
+  local fds
+  b, fds = dumpfn(fn)
+  if fds then return b, fds end
   local name = getupvalue(fn, 1)
   if name == nil or (name == "_ENV" and getupvalue(fn, 2) == nil) then
     static_bytes[fn] = b
@@ -146,8 +149,9 @@ function Pool:_submit(fname, mode, fn, xs, star, opts)
   if type(fn) ~= "function" then
     check.argerror(1, fname, "function expected, got " .. check.typename(fn), L)
   end
-  local fnbytes = fn_bytes(fn)
-  local job = { pool = self, mode = mode, fnid = self:_fn_id(fnbytes), fnbytes = fnbytes,
+  local fnbytes, fnfds = fn_bytes(fn)
+  local job = { pool = self, mode = mode, fnid = self:_fn_id(fnbytes, fnfds),
+                fnbytes = fnbytes, fnfds = fnfds,
                 star = star, cursor = 1, retry = {}, results = {}, errs = {},
                 ndone = 0, nfail = 0, packed = mode ~= "map" }
   if mode == "apply" then

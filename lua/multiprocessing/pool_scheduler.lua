@@ -124,10 +124,12 @@ local function take_chunk(job, maxn)
   return first, n
 end
 
--- pool:_fn_id(fnbytes) -> the number workers know the function by; the
--- caches (ours, the workers') are cleared once MAXFN are known
-function Pool:_fn_id(fnbytes)
-  local fnid = self._fnids[fnbytes]
+-- pool:_fn_id(fnbytes [, fnfds]) -> the number workers know the function
+-- by; the caches (ours, the workers') are cleared once MAXFN are known. A
+-- function with handles (fnfds) gets a number of its own: the same bytes
+-- may stand for other handles.
+function Pool:_fn_id(fnbytes, fnfds)
+  local fnid = not fnfds and self._fnids[fnbytes]
   if fnid then return fnid end
   if self._fncount >= MAXFN then
     self._fnids, self._fncount, self._ewma = {}, 0, {}
@@ -138,7 +140,7 @@ function Pool:_fn_id(fnbytes)
   end
   self._nfn = self._nfn + 1
   fnid = self._nfn
-  self._fnids[fnbytes] = fnid
+  if not fnfds then self._fnids[fnbytes] = fnid end
   self._fncount = self._fncount + 1
   return fnid
 end
@@ -210,7 +212,7 @@ function Pool:_send(slot, w, job, first, n)
   self._seq = seq
   local fnid = job.fnid
   if not w.sent[fnid] then
-    pc:def(slot, fnid, job.fnbytes)
+    pc:def(slot, fnid, job.fnbytes, job.fnfds)
     w.sent[fnid] = true
   end
   local ok, err = pcall(pc.task, pc, slot, seq, fnid, job.star,
