@@ -28,6 +28,7 @@ local core = require "multiprocessing.core"
 local errors = require "multiprocessing.errors"
 local process = require "multiprocessing.process"
 local check = require "multiprocessing.check"
+local codec = require "multiprocessing.codec"
 local results = require "multiprocessing.pool_results"
 local polling = require "multiprocessing.polling"
 
@@ -225,7 +226,7 @@ local function call_args(args, fname)
   for i = 1, args.n or #args do
     local t = type(args[i])
     if t ~= "number" and t ~= "string" and t ~= "boolean" and t ~= "nil" then
-      core.dumps(args, "args")
+      codec.check(args, "args")
       break
     end
   end

@@ -25,6 +25,7 @@ local core = require "multiprocessing.core"
 local errors = require "multiprocessing.errors"
 local process = require "multiprocessing.process"
 local check = require "multiprocessing.check"
+local codec = require "multiprocessing.codec"
 
 local type, error, pairs, ipairs, tostring, pcall, xpcall, require, loadfile, load =
       type, error, pairs, ipairs, tostring, pcall, xpcall, require, loadfile, load
@@ -239,7 +240,7 @@ end
 -- process.lua's start for "spawn" and "forkserver"
 function M._start(p, method, ppid, pname)
   local payload = payload_of(p)
-  core.dumps(payload, "process")     -- raises here, before any child exists
+  codec.check(payload, "process")    -- raises here, before any child exists
   local prep = M._prep_message(ppid, pname, M.get_main_chunk(), method == "spawn")
   if method == "spawn" then M._spawn_raw(p, prep, payload)
   else require("multiprocessing.forkserver")._start(p, prep, payload) end

@@ -14,6 +14,7 @@ local core = require "multiprocessing.core"
 local errors = require "multiprocessing.errors"
 local sync = require "multiprocessing.synchronize"
 local client = require "multiprocessing.managers.client"
+local codec = require "multiprocessing.codec"
 
 local type, error, pairs, ipairs, tostring, setmetatable =
       type, error, pairs, ipairs, tostring, setmetatable
@@ -73,20 +74,6 @@ local function remote(name)
   end
 end
 
--- Is this a trial encoding, whose bytes nothing decodes? spawn.lua's
--- start and pool.lua's argument check call core.dumps only to see that a
--- value serializes (and raise at the caller's line if not), then drop the
--- bytes and send the value: no transit reference for those.
-local getinfo = debug.getinfo
-local TRIAL = { ["multiprocessing/spawn.lua"] = true, ["multiprocessing/pool.lua"] = true }
-local function trial()
-  local c = getinfo(3, "f")                      -- 1 trial, 2 reduce, 3 the encoder
-  if not (c and c.func == core.dumps) then return false end
-  local f = getinfo(4, "S")
-  local src = f and f.source or ""
-  return TRIAL[src:match("multiprocessing/[%w_]+%.lua$") or ""] == true
-end
-
 -- A proxy being serialized takes a reference for its receiver first:
 -- in its own server, one for the client the answer goes to ("c") or a
 -- transit one ("t"); in a call to its own manager, none (the server takes
@@ -101,7 +88,7 @@ local function reduce(p)
     ref = srv:ref_out(st.oid)
   else
     local s = client.sending
-    if not (s and s.addr == st.addr and s.key == st.key) and not trial()
+    if not (s and s.addr == st.addr and s.key == st.key) and not codec.checking()
        and client.transit(st) then
       ref = "t"
     end
