@@ -49,7 +49,13 @@ describe("Manager arguments", function()
     assert.has_error(function() m:register("x", 5) end)
     assert.has_error(function() m:register("x", nil, { exposed = "add" }) end)
     assert.has_error(function() m:register("x", nil, { proxytype = "set" }) end)
-    assert.has_error(function() m:register("x", nil, { what = 1 }) end)
+    assert.has_error(function() m:register("x", nil, { what = 1 }) end,
+                     "bad argument #3 to 'register' (unknown option 'what')")
+    assert.has_error(function() m:register("x", 5) end,
+                     "bad argument #2 to 'register' (callable expected, got number)")
+    assert.has_error(function() m:register("x", nil, { proxytype = "set" }) end,
+                     "bad argument #3 to 'register' ('proxytype' must be \"dict\", "
+                     .. "\"list\" or \"Namespace\", got set)")
     assert.has_error(function() m:connect() end)            -- no address
     assert.has_error(function() m:serve_forever() end)      -- no address
   end)

@@ -83,63 +83,55 @@ end
 
 local PROXYTYPES = { dict = true, list = true, Namespace = true }
 
+local REGISTER_OPTS = { exposed = "table", proxytype = true, method_to_typeid = true }
+
 -- m:register(typeid [, callable [, {exposed={names}, proxytype=kind,
 --   method_to_typeid={method=typeid}}]]) -> m; raises on bad arguments
 function Manager.register(self, typeid, callable, opts)
   if type(typeid) ~= "string" or typeid == "" or typeid:sub(1, 1) == "_" or Manager[typeid] then
-    error("bad argument #1 to 'register' (a typeid: a name that is not a manager method "
-          .. "and does not start with '_', got " .. tostring(typeid) .. ")", 2)
+    check.argerror(1, "register", "a typeid: a name that is not a manager method "
+                   .. "and does not start with '_', got " .. tostring(typeid))
   end
-  if callable ~= nil and type(callable) ~= "function" then
-    local mt = getmetatable(callable)
-    if not (type(mt) == "table" and mt.__call) then
-      error("bad argument #2 to 'register' (function expected, got " .. type(callable) .. ")", 2)
-    end
-  end
-  if opts ~= nil and type(opts) ~= "table" then
-    error("bad argument #3 to 'register' (table expected, got " .. type(opts) .. ")", 2)
-  end
-  opts = opts or {}
-  for k in pairs(opts) do
-    if k ~= "exposed" and k ~= "proxytype" and k ~= "method_to_typeid" then
-      error("register: unknown option '" .. tostring(k) .. "'", 2)
-    end
-  end
+  check.type(callable, "callable", 2, "register")
+  opts = check.options(opts, 3, "register", REGISTER_OPTS)
   if opts.exposed ~= nil then
-    if type(opts.exposed) ~= "table" then error("register: 'exposed' must be a list of names", 2) end
     for _, n in ipairs(opts.exposed) do
-      if type(n) ~= "string" then error("register: 'exposed' must be a list of names", 2) end
+      if type(n) ~= "string" then
+        check.argerror(3, "register", "'exposed' must be a list of names, got a "
+                       .. type(n) .. " in it")
+      end
     end
   end
-  if opts.proxytype ~= nil and not PROXYTYPES[opts.proxytype] then
-    error("register: 'proxytype' must be \"dict\", \"list\" or \"Namespace\"", 2)
-  end
+  check.choice(opts.proxytype, { "dict", "list", "Namespace" }, 3, "register", "'proxytype'")
   local m2t = opts.method_to_typeid
   if m2t ~= nil then
     if type(m2t) ~= "table" then
-      error("register: 'method_to_typeid' must be a table {method = typeid}", 2)
+      check.argerror(3, "register", "'method_to_typeid' must be a table {method = typeid}")
     end
     if opts.proxytype ~= nil then
-      error("register: 'method_to_typeid' is for a type's methods: a proxytype has none", 2)
+      check.argerror(3, "register",
+                     "'method_to_typeid' is for a type's methods: a proxytype has none")
     end
     local copy = {}
     for name, t in pairs(m2t) do
       if type(name) ~= "string" or type(t) ~= "string" then
-        error("register: 'method_to_typeid' maps method names to typeids (strings), got "
-              .. type(name) .. " -> " .. type(t), 2)
+        check.argerror(3, "register", "'method_to_typeid' maps method names to typeids "
+                       .. "(strings), got " .. type(name) .. " -> " .. type(t))
       end
       local e = self._registry[t]
       local ok = t == typeid or PROXYTYPES[t] or (e and (e.builtin == nil or PROXYTYPES[e.builtin]))
       if not ok then
-        error("register: 'method_to_typeid' names " .. (e and "typeid '" .. t .. "', which "
-              .. "cannot serve a method's result" or "unknown typeid '" .. t .. "'")
-              .. " (register it first; dict, list and Namespace are always known)", 2)
+        check.argerror(3, "register", "'method_to_typeid' names " .. (e and "typeid '" .. t
+                       .. "', which cannot serve a method's result" or "unknown typeid '"
+                       .. t .. "'") .. " (register it first; dict, list and Namespace are "
+                       .. "always known)")
       end
       if opts.exposed then
         local found = false
         for _, n in ipairs(opts.exposed) do found = found or n == name end
         if not found then
-          error("register: 'method_to_typeid' names '" .. name .. "', which is not in 'exposed'", 2)
+          check.argerror(3, "register", "'method_to_typeid' names '" .. name
+                         .. "', which is not in 'exposed'")
         end
       end
       copy[name] = t
