@@ -513,6 +513,23 @@ describe("Managers across processes", function()
     a:close(); b:close(); q:close()
   end)
 
+  it("a short timed wait times out while a longer one parked before it still waits", function()
+    local m <close> = mp.Manager()
+    local long, short = m:Queue(), m:Queue()
+    local d = m:dict{ parked = false }
+    local p = start(function(q, dd)
+      dd.parked = true
+      local v = q:get(120)                                  -- parked first, deadline far
+      return v == "late" and 0 or 3
+    end, long, d)
+    assert.is_true(H.wait_until(function() return d.parked end, 30))
+    H.sleep(0.1)                                           -- the child's get reaches the server
+    assert.are.same({ nil, "timeout" }, { short:get(0.2) })  -- the nearer deadline ends first
+    assert.is_true(p:is_alive())                           -- the far one still waits
+    long:put("late")
+    assert.are.equal(0, H.finish(p))
+  end)
+
   it("a manager object travels as a client of its server", function()
     local m <close> = mp.Manager()
     local d = m:dict()

@@ -119,8 +119,10 @@ function Server:park(w, timeout, on_timeout)
   if cl then cl.parked[w] = true end
   w.on_timeout = on_timeout
   if timeout then
-    w.deadline = monotonic() + timeout
+    local d = monotonic() + timeout
+    w.deadline = d
     self.timed[#self.timed + 1] = w
+    if not self.nextd or d < self.nextd then self.nextd = d end
   end
   return PARK
 end
@@ -588,11 +590,17 @@ function Server:accept_all()
   end
 end
 
--- answer the parked requests whose deadline passed; -> the next deadline
+-- answer the parked requests whose deadline passed; -> the next deadline.
+-- The list is scanned only once the earliest deadline known (self.nextd,
+-- lowered by park; a woken request's may make it early, never late) has
+-- come, not at every turn of the loop.
 function Server:expire()
   local timed = self.timed
-  if timed[1] == nil then return nil end
-  local now, keep, nextd = monotonic(), {}, nil
+  if timed[1] == nil then self.nextd = nil return nil end
+  local now, nextd = monotonic(), self.nextd
+  if nextd and now < nextd then return nextd end
+  local keep = {}
+  nextd = nil
   self.timed = keep
   for _, w in ipairs(timed) do
     local d = w.deadline
@@ -612,6 +620,7 @@ function Server:expire()
     local d = w.deadline
     if d and not w.done and (not nextd or d < nextd) then nextd = d end
   end
+  self.nextd = nextd
   return nextd
 end
 
