@@ -282,7 +282,7 @@ static int conn_send_bytes(lua_State *L) {
    MP_RAISED when the hook raised (error pushed). */
 static ssize_t rawread(lua_State *L, mp_conn *c, char *p, size_t len, int flags) {
   for (;;) {
-    ssize_t n = mp_recv_fds(c->fd, p, len, flags, &c->rfds);
+    ssize_t n = mp_recv_fds(c->fd, p, len, flags, &c->rfds, NULL);
     if (n == 0) c->eof = 1;
     if (n >= 0 || errno != EINTR) return n;
     if (mp_interrupted(L)) return MP_RAISED;

@@ -148,7 +148,7 @@ static int core__recv_fd(lua_State *L) {
   fdbox *b = push_fdbox(L);
   fds.n = 0;
   for (;;) {
-    n = mp_recv_fds(sock, &one, 1, 0, &fds);
+    n = mp_recv_fds(sock, &one, 1, 0, &fds, NULL);
     if (n >= 0 || errno != EINTR) break;
     if (mp_interrupted(L)) return lua_error(L);   /* nothing came */
   }

@@ -195,8 +195,11 @@ MP_API int mp_sendall(int fd, struct iovec *iov, int niov, const mp_fdlist *fds)
 /* One recvmsg of up to len bytes into p, adding the fds that came to fds
    (beyond MP_MAX_FDS closed). >0 bytes, 0 at end of stream, -1 on error
    (errno; EAGAIN with MSG_DONTWAIT; EINTR too: the caller lets the
-   signal's hook run, mp_interrupted, and reads again). */
-MP_API ssize_t mp_recv_fds(int fd, char *p, size_t len, int flags, mp_fdlist *fds);
+   signal's hook run, mp_interrupted, and reads again). *bad (unless
+   NULL): the data or the control data was cut short, fds were closed
+   past MP_MAX_FDS, or control data other than fds came. */
+MP_API ssize_t mp_recv_fds(int fd, char *p, size_t len, int flags, mp_fdlist *fds,
+                           int *bad);
 
 /* -- conn.c: Connection -------------------------------------------- */
 typedef struct mp_conn mp_conn;

@@ -195,7 +195,7 @@ MP_API ssize_t mp_pool_recv(lua_State *L, int fd, char *p, size_t len,
     mp_buf_reserve(L, &ff->f, sizeof(int) * MP_MAX_FDS);
   }
   got.n = 0;
-  r = mp_recv_fds(fd, p, len, flags, &got);
+  r = mp_recv_fds(fd, p, len, flags, &got, NULL);
   for (i = 0; i < got.n; i++) *fifo_at(ff, fifo_end(ff) + (size_t)i) = got.fd[i];
   ff->f.len += sizeof(int) * (size_t)got.n;
   return r;

@@ -143,42 +143,10 @@ MP_API void mpq_chan_wait(mp_queue *q, double deadline, double max_wait) {
    longer one shows) and its fds, which go to fds: its length, or -1
    (errno). *bad: the control data was cut short or was not only fds. */
 static ssize_t chan_recv(int fd, char *p, mp_fdlist *fds, int *bad) {
-  union {
-    char buf[CMSG_SPACE(sizeof(int) * MP_MAX_FDS)];
-    struct cmsghdr align;
-  } u;
-  struct msghdr msg;
-  struct iovec iov;
-  struct cmsghdr *cm;
   ssize_t n;
-  iov.iov_base = p;
-  iov.iov_len = DGRAM_LEN + 1;
-  memset(&msg, 0, sizeof msg);
-  msg.msg_iov = &iov;
-  msg.msg_iovlen = 1;
-  msg.msg_control = u.buf;
-  msg.msg_controllen = sizeof u.buf;
   fds->n = 0;
-  *bad = 0;
-  do n = recvmsg(fd, &msg, MSG_DONTWAIT | MSG_CMSG_CLOEXEC);
+  do n = mp_recv_fds(fd, p, DGRAM_LEN + 1, MSG_DONTWAIT, fds, bad);
   while (n < 0 && errno == EINTR);
-  if (n < 0) return n;
-  if (msg.msg_flags & (MSG_CTRUNC | MSG_TRUNC)) *bad = 1;
-  if (msg.msg_controllen == 0) return n;
-  for (cm = CMSG_FIRSTHDR(&msg); cm; cm = CMSG_NXTHDR(&msg, cm)) {
-    if (cm->cmsg_level == SOL_SOCKET && cm->cmsg_type == SCM_RIGHTS) {
-      int k = (int)((cm->cmsg_len - CMSG_LEN(0)) / sizeof(int)), i;
-      const char *d = (const char *)CMSG_DATA(cm);
-      for (i = 0; i < k; i++) {
-        int g;
-        memcpy(&g, d + sizeof(int) * (size_t)i, sizeof g);
-        if (fds->n < MP_MAX_FDS) fds->fd[fds->n++] = g;
-        else { close(g); *bad = 1; }
-      }
-    } else {
-      *bad = 1;                           /* credentials: not ours */
-    }
-  }
   return n;
 }
 

@@ -99,7 +99,8 @@ MP_API int mp_sendall(int fd, struct iovec *iov, int niov, const mp_fdlist *fds)
   return mp_sendv(NULL, fd, iov, &niov, fds, 0, &sent);
 }
 
-MP_API ssize_t mp_recv_fds(int fd, char *p, size_t len, int flags, mp_fdlist *fds) {
+MP_API ssize_t mp_recv_fds(int fd, char *p, size_t len, int flags, mp_fdlist *fds,
+                           int *bad) {
   union {
     char buf[CMSG_SPACE(sizeof(int) * MP_MAX_FDS)];
     struct cmsghdr align;
@@ -108,6 +109,7 @@ MP_API ssize_t mp_recv_fds(int fd, char *p, size_t len, int flags, mp_fdlist *fd
   struct iovec iov;
   struct cmsghdr *cm;
   ssize_t n;
+  int cut = 0;
   iov.iov_base = p;
   iov.iov_len = len;
   memset(&msg, 0, sizeof msg);
@@ -116,16 +118,22 @@ MP_API ssize_t mp_recv_fds(int fd, char *p, size_t len, int flags, mp_fdlist *fd
   msg.msg_control = u.buf;
   msg.msg_controllen = sizeof u.buf;
   n = recvmsg(fd, &msg, MSG_CMSG_CLOEXEC | flags);
-  if (n <= 0 || msg.msg_controllen == 0) return n;
-  for (cm = CMSG_FIRSTHDR(&msg); cm; cm = CMSG_NXTHDR(&msg, cm)) {
+  if (n < 0) return n;
+  if (msg.msg_flags & (MSG_CTRUNC | MSG_TRUNC)) cut = 1;
+  for (cm = msg.msg_controllen ? CMSG_FIRSTHDR(&msg) : NULL; cm; cm = CMSG_NXTHDR(&msg, cm)) {
     if (cm->cmsg_level == SOL_SOCKET && cm->cmsg_type == SCM_RIGHTS) {
       int k = (int)((cm->cmsg_len - CMSG_LEN(0)) / sizeof(int)), i;
-      int *got = (int *)(void *)CMSG_DATA(cm);
+      const char *d = (const char *)CMSG_DATA(cm);
       for (i = 0; i < k; i++) {
-        if (fds->n < MP_MAX_FDS) fds->fd[fds->n++] = got[i];
-        else close(got[i]);
+        int g;
+        memcpy(&g, d + sizeof(int) * (size_t)i, sizeof g);
+        if (fds->n < MP_MAX_FDS) fds->fd[fds->n++] = g;
+        else { close(g); cut = 1; }
       }
+    } else {
+      cut = 1;                            /* credentials: not ours */
     }
   }
+  if (bad) *bad = cut;
   return n;
 }
