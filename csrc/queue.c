@@ -181,6 +181,17 @@ static int put_failed(lua_State *L, int err) {
   return mp_raise_errno(L, err, "Queue.put: cannot grow the queue");
 }
 
+/* A bounded put that finds no room: "full" (put_nowait), "timeout" when
+   the deadline passed (2: nil, reason pushed), else wait for room (0: try
+   again). A signal's hook that raises while it waits: nothing is held,
+   the item (if encoded) is in a boxed buffer. */
+static int put_no_room(lua_State *L, mp_queue *q, double timeout, double deadline) {
+  if (timeout == 0) return mp_reason(L, "full");
+  if (deadline >= 0 && mp_now() >= deadline) return mp_reason(L, "timeout");
+  if (mpq_wait(L, q, 0, deadline) < 0) return lua_error(L);
+  return 0;
+}
+
 /* A put of an item whose message p[0, len) (in the value at vi) carries
    fds: they go as a datagram of the channel, the record is marked
    (queue_chan.c); a full channel is waited for as a full bounded queue is,
@@ -203,9 +214,8 @@ static int put_fds(lua_State *L, mp_queue *q, const char *p, size_t len,
       }
       if (ferr != 0) return put_failed(L, ferr);
     } else if (!mpq_can_go(s, 0)) {
-      if (timeout == 0) return mp_reason(L, "full");
-      if (deadline >= 0 && mp_now() >= deadline) return mp_reason(L, "timeout");
-      if (mpq_wait(L, q, 0, deadline) < 0) return lua_error(L);
+      int r = put_no_room(L, q, timeout, deadline);
+      if (r) return r;
       continue;
     }
     mpq_lock(s);
@@ -344,11 +354,8 @@ static int queue_put_t(lua_State *L, double timeout) {
     qstate st;
     int err, wake_get = 0;
     if (!mpq_can_go(s, 0)) {
-      if (timeout == 0) goto full;
-      if (deadline >= 0 && mp_now() >= deadline) goto timedout;
-      /* a signal's hook that raises: nothing is held, the item (if
-         encoded) is in a boxed buffer */
-      if (mpq_wait(L, q, 0, deadline) < 0) return lua_error(L);
+      int r = put_no_room(L, q, timeout, deadline);
+      if (r) return r;
       continue;
     }
     mpq_lock(s);
@@ -362,14 +369,6 @@ static int queue_put_t(lua_State *L, double timeout) {
     lua_pushboolean(L, 1);
     return 1;
   }
-full:
-  lua_pushnil(L);
-  lua_pushliteral(L, "full");
-  return 2;
-timedout:
-  lua_pushnil(L);
-  lua_pushliteral(L, "timeout");
-  return 2;
 }
 
 /* q:put(v [, timeout]) -> true | nil, "full" | nil, "timeout" */
