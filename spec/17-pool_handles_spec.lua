@@ -117,6 +117,26 @@ for _, m in ipairs(METHODS) do
       end)
     end)
 
+    it("frames with handles queued behind a busy worker (partial writes) keep their own fds", function()
+      with_pool(m, 1, function(pool, ctx)
+        local q1, q2, ev = ctx.Queue(), ctx.Queue(), ctx.Event()
+        local function f(q, s, k) if q then q:put(k) end; return #s end
+        pool:starmap(f, { { false, "a", 1 }, { false, "b", 2 } })   -- quick: many chunks ahead
+        local blk = pool:apply_async(function(e) return e:wait(20) end, { ev })
+        local big = string.rep("x", 60000)
+        local r = pool:starmap_async(f, range(60, function(i)
+          return { i % 2 == 1 and q1 or q2, big, i }
+        end), 1)
+        ev:set()
+        assert.is_true(blk:get(20))
+        local res = r:get(30)
+        for i = 1, 60 do assert.are.equal(60000, res[i]) end
+        for _, v in ipairs(drain(q1, 30)) do assert.are.equal(1, v % 2) end
+        for _, v in ipairs(drain(q2, 30)) do assert.are.equal(0, v % 2) end
+        q1:close(); q2:close()
+      end)
+    end)
+
     it("a Lock given to tasks that increment a shared Value under it: exact total", function()
       with_pool(m, 2, function(pool, ctx)
         local lock, v = ctx.Lock(), ctx.Value("i", 0)
