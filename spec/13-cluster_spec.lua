@@ -619,6 +619,19 @@ describe("cluster failures", function()
     m2.stop(); m1.stop()
   end)
 
+  it("a result that holds a handle fails its task with SerializationError naming where", function()
+    local m1 = machine(rs, "m1", { processes = 1 })
+    assert(wait_workers(rs, 1))
+    local pool <close> = cluster.Pool{ redis = rs.url, queue = "q", authkey = "k" }
+    local ok, e = pcall(pool.apply, pool, function() return "x", mp.Queue() end)
+    assert.is_false(ok)
+    assert.is_true(mp.SerializationError:is(e))
+    assert.truthy(e.message:find("result.r[2]: cannot serialize Queue handle here", 1, true), e.message)
+    assert.equal(5, pool:apply(function() return 5 end))   -- the machine still serves
+    pool:close(); pool:join()
+    m1.stop()
+  end)
+
   it("a task that kills its worker each time fails with WorkerLostError after max_retries", function()
     local m1 = machine(rs, "m1", { processes = 1 })
     assert(wait_workers(rs, 1))

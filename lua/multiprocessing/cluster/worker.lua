@@ -123,7 +123,13 @@ function M.serve(o)
   end
 
   local function publish(id, client, t, ttl, msg)
-    local m = mp.dumps(msg)
+    -- Redis carries no fds: a result that holds a handle fails its task
+    -- with the SerializationError naming where the handle sits
+    local okm, m = pcall(core.pool_dumps, msg, "result")
+    if not okm then
+      local why = errors.is_error(m) and m or errors.new("SerializationError", tostring(m))
+      m = core.pool_dumps({ t = msg.t, err = errors.to_data(why) }, "result")
+    end
     local rkey = keys.result(client)
     out[#out + 1] = { "XADD", rkey, "*", "t", t, "m", m, "s", wire.sign(authkey, m) }
     out[#out + 1] = { "PEXPIRE", rkey, ttl }
