@@ -125,7 +125,8 @@ static int pool_runner(lua_State *L) {
     lua_call(L, (int)argc, LUA_MULTRET);
     nres = lua_gettop(L) - 2;
     if (nres > 255) luaL_error(L, "a task may return at most 255 values");
-    w = mp_buf_reserve(L, c->out, 5);
+    w = c->out->cap - c->out->len >= 5 ? c->out->data + c->out->len   /* no call */
+                                        : mp_buf_reserve(L, c->out, 5);
     w[0] = 0;                                    /* ok */
     pool_wr_u32(w + 1, (uint32_t)nres);
     c->out->len += 5;
