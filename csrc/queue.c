@@ -192,6 +192,20 @@ static int put_no_room(lua_State *L, mp_queue *q, double timeout, double deadlin
   return 0;
 }
 
+/* Take the lock and a copy of the state for a put (an empty ring starts
+   over at 0): 1, or 0 with the lock let go when a bounded queue filled
+   meanwhile (try again). */
+static int put_lock(qshm *s, qstate *st) {
+  mpq_lock(s);
+  *st = s->st;
+  if (s->maxsize != 0 && st->nitems >= s->maxsize) {
+    mpq_unlock(s);
+    return 0;
+  }
+  if (st->nitems == 0) st->head = st->tail = st->wrap = 0;
+  return 1;
+}
+
 /* A put of an item whose message p[0, len) (in the value at vi) carries
    fds: they go as a datagram of the channel, the record is marked
    (queue_chan.c); a full channel is waited for as a full bounded queue is,
@@ -218,10 +232,7 @@ static int put_fds(lua_State *L, mp_queue *q, const char *p, size_t len,
       if (r) return r;
       continue;
     }
-    mpq_lock(s);
-    st = s->st;
-    if (s->maxsize != 0 && st.nitems >= s->maxsize) { mpq_unlock(s); continue; }
-    if (st.nitems == 0) st.head = st.tail = st.wrap = 0;
+    if (!put_lock(s, &st)) continue;
     if (s->maxsize == 0 && st.nitems > 0 && mpq_used(&st) + need > SOFT_BYTES) {
       mpq_unlock(s);
       break;
@@ -358,10 +369,7 @@ static int queue_put_t(lua_State *L, double timeout) {
       if (r) return r;
       continue;
     }
-    mpq_lock(s);
-    st = s->st;
-    if (s->maxsize != 0 && st.nitems >= s->maxsize) { mpq_unlock(s); continue; }
-    if (st.nitems == 0) st.head = st.tail = st.wrap = 0;
+    if (!put_lock(s, &st)) continue;
     err = mpq_write(q, &st, head, hlen, p, len, q->kind == K_JOINABLE, &wake_get);
     mpq_unlock(s);
     if (err != 0) return put_failed(L, err);
