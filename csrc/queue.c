@@ -401,6 +401,42 @@ static int push_lstring(lua_State *L) {
   return 1;
 }
 
+/* Copy a record's payload (len bytes) to this process's read buffer,
+   under the lock (let go before a raise). */
+static void copy_out(lua_State *L, mp_queue *q, const char *payload, uint64_t len) {
+  if (q->rcap < len) {
+    char *nb = (char *)realloc(q->rbuf, (size_t)len);
+    if (nb == NULL) {
+      mpq_unlock(q->shm);
+      luaL_error(L, "Queue.get: not enough memory for a %I-byte item", (lua_Integer)len);
+    }
+    q->rbuf = nb;
+    q->rcap = (size_t)len;
+  }
+  memcpy(q->rbuf, payload, (size_t)len);
+}
+
+/* Push the value of the message in the read buffer's bytes [skip, len),
+   with fds (the decoder owns them). A box owns the buffer while decoding
+   (which may raise or, through a handle's rebuild, run Lua code); a
+   buffer of at most KEEP_RBUF bytes is kept for the next get. */
+static void decode_rbuf(lua_State *L, mp_queue *q, uint64_t len, size_t skip,
+                        mp_fdlist *fds) {
+  mp_buf *b = mp_buf_push(L, 0);
+  b->data = q->rbuf;
+  b->cap = q->rcap;
+  b->len = (size_t)len;
+  q->rbuf = NULL;
+  q->rcap = 0;
+  mp_decode(L, b->data + skip, b->len - skip, fds, 0);
+  if (q->shm != NULL && q->rbuf == NULL && b->cap <= KEEP_RBUF) {
+    q->rbuf = b->data;
+    q->rcap = b->cap;
+    b->data = NULL;
+    b->cap = b->len = 0;
+  }
+}
+
 /* A get whose head record (payload, len; st the state) is marked: copy
    its message out, take the record and its fds from the channel, let the
    lock go, then decode it with them (the decoder owns them), or raise
@@ -410,37 +446,14 @@ static __attribute__((noinline)) int get_fds(lua_State *L, mp_queue *q,
                                              qstate *st, const char *payload,
                                              uint64_t len) {
   mpq_take ft;
-  mp_buf *b;
   ft.ok = mpq_mark_parse(payload, len, &ft.id, &ft.nfds);
   ft.fds.n = 0;
-  if (q->rcap < len) {
-    char *nb = (char *)realloc(q->rbuf, (size_t)len);
-    if (nb == NULL) {
-      mpq_unlock(q->shm);
-      return luaL_error(L, "Queue.get: not enough memory for a %I-byte item",
-                        (lua_Integer)len);
-    }
-    q->rbuf = nb;
-    q->rcap = (size_t)len;
-  }
-  memcpy(q->rbuf, payload, (size_t)len);
+  copy_out(L, q, payload, len);
   mpq_pop(q, st, len, &ft);             /* lets the lock go */
   if (!ft.ok)
     return mp_raise(L, "SerializationError", "Queue.get: the item's "
                     "descriptors were lost (dropped the item)");
-  b = mp_buf_push(L, 0);                /* owns the read buffer (as below) */
-  b->data = q->rbuf;
-  b->cap = q->rcap;
-  b->len = (size_t)len;
-  q->rbuf = NULL;
-  q->rcap = 0;
-  mp_decode(L, b->data + MARK_LEN, b->len - MARK_LEN, &ft.fds, 0);
-  if (q->shm != NULL && q->rbuf == NULL && b->cap <= KEEP_RBUF) {
-    q->rbuf = b->data;
-    q->rcap = b->cap;
-    b->data = NULL;
-    b->cap = b->len = 0;
-  }
+  decode_rbuf(L, q, len, MARK_LEN, &ft.fds);
   return 1;
 }
 
@@ -494,17 +507,7 @@ static int queue_get_t(lua_State *L, double timeout) {
       if (status != LUA_OK) { mpq_unlock(s); return lua_error(L); }
       pushed = 1;
     } else {
-      if (q->rcap < len) {
-        char *nb = (char *)realloc(q->rbuf, (size_t)len);
-        if (nb == NULL) {
-          mpq_unlock(s);
-          return luaL_error(L, "Queue.get: not enough memory for a %I-byte item",
-                            (lua_Integer)len);
-        }
-        q->rbuf = nb;
-        q->rcap = (size_t)len;
-      }
-      memcpy(q->rbuf, payload, (size_t)len);
+      copy_out(L, q, payload, len);
     }
     mpq_pop(q, &st, len, NULL);          /* lets the lock go */
     if (pushed) return 1;
@@ -515,23 +518,9 @@ static int queue_get_t(lua_State *L, double timeout) {
         mp_decode(L, stackbuf, (size_t)len, &none, 0);
       }
     } else {
-      /* the box owns the read buffer while decoding (which may raise or,
-         through a handle's rebuild, run Lua code) */
       mp_fdlist none;
-      mp_buf *b = mp_buf_push(L, 0);
       none.n = 0;
-      b->data = q->rbuf;
-      b->cap = q->rcap;
-      b->len = (size_t)len;
-      q->rbuf = NULL;
-      q->rcap = 0;
-      mp_decode(L, b->data, b->len, &none, 0);
-      if (q->shm != NULL && q->rbuf == NULL && b->cap <= KEEP_RBUF) {
-        q->rbuf = b->data;
-        q->rcap = b->cap;
-        b->data = NULL;
-        b->cap = b->len = 0;
-      }
+      decode_rbuf(L, q, len, 0, &none);
     }
     return 1;
   }

@@ -101,14 +101,22 @@ local function result(addr, id, r)
   error(errors.new("RemoteError", e.message, { traceback = e.traceback, pid = e.pid }), 0)
 end
 
+-- pcall(f, a, b) with M[field] (sending or receiving) naming the
+-- connection entry e meanwhile: proxies.lua reads it while a call is
+-- encoded or an answer decoded
+local function pcall_as(field, e, f, a, b)
+  local prev = M[field]
+  M[field] = e
+  local ok, r1, r2 = pcall(f, a, b)
+  M[field] = prev
+  return ok, r1, r2
+end
+
 -- Receive on the socket: -> the reply r, or nil (nothing yet) when
 -- timeout is 0; raises ProcessError when the manager is gone.
 local function sock_recv(e, addr, id, timeout)
   local c = e.conn
-  local prev = M.receiving
-  M.receiving = e
-  local okr, r, rwhy = pcall(c.recv, c, timeout)
-  M.receiving = prev
+  local okr, r, rwhy = pcall_as("receiving", e, c.recv, c, timeout)
   if not okr then
     -- a reply that cannot be decoded here (a class this process has not
     -- registered) was read whole: the connection is still in step
@@ -132,10 +140,7 @@ end
 -- one call over the socket; my is the seq sent (negated if spinning)
 local function sock_call(e, addr, id, my, msg, spinning)
   local c = e.conn
-  local prev = M.sending
-  M.sending = e
-  local ok, sent, why = pcall(c.send, c, msg)
-  M.sending = prev
+  local ok, sent, why = pcall_as("sending", e, c.send, c, msg)
   if not ok then
     if errors.is_error(sent) or core._is_interrupt(sent) then error(sent, 0) end
     forget(id)
@@ -172,10 +177,7 @@ local function chan_wait(e, addr, id, my, spinning)
   if spinning then
     local t0 = monotonic()
     repeat
-      local prev = M.receiving
-      M.receiving = e
-      local ok, r = pcall(rep.get, rep, 0)
-      M.receiving = prev
+      local ok, r = pcall_as("receiving", e, rep.get, rep, 0)
       if not ok then break end               -- the loop below sees it again
       if r ~= nil and mine(r, my) then
         fails = 0
@@ -185,10 +187,7 @@ local function chan_wait(e, addr, id, my, spinning)
     fails = fails + 1
   end
   while true do
-    local prev = M.receiving
-    M.receiving = e
-    local ok, r = pcall(rep.get, rep, slice)
-    M.receiving = prev
+    local ok, r = pcall_as("receiving", e, rep.get, rep, slice)
     if not ok then
       if core._is_interrupt(r) or errors.is_error(r) then error(r, 0) end
       forget(id)
@@ -264,10 +263,7 @@ local function go(e, addr, id, my, msg, spinning, st)
   end
   local req = e.req
   if req then
-    local prev = M.sending
-    M.sending = e
-    local ok, err = pcall(req.put, req, msg)
-    M.sending = prev
+    local ok, err = pcall_as("sending", e, req.put, req, msg)
     if ok then
       if st then st.owner = e end
       return chan_wait(e, addr, id, my, spinning)

@@ -102,6 +102,16 @@ end
 
 function lock.locked(_, o) return o.owner ~= nil end
 
+-- v, or default when nil; raises "<what> must be an integer >= min (got v)"
+-- for anything else (in the server: the caller gets it as its error)
+local function int_at_least(v, default, min, what)
+  if v == nil then v = default end
+  if mathtype(v) ~= "integer" or v < min then
+    error(what .. " must be an integer >= " .. min .. " (got " .. tostring(v) .. ")", 0)
+  end
+  return v
+end
+
 -- ---- Semaphore, BoundedSemaphore -------------------------------------------
 
 local sem = {}
@@ -109,10 +119,7 @@ kinds.Semaphore = sem
 kinds.BoundedSemaphore = sem
 
 function M.new_semaphore(n, bounded)
-  if n == nil then n = 1 end
-  if mathtype(n) ~= "integer" or n < 0 then
-    error("Semaphore: the value must be an integer >= 0 (got " .. tostring(n) .. ")", 0)
-  end
+  n = int_at_least(n, 1, 0, "Semaphore: the value")
   return { kind = bounded and "BoundedSemaphore" or "Semaphore", value = n,
            bound = bounded and n or nil, holders = {}, abandoned = 0, waiters = {} }
 end
@@ -224,8 +231,7 @@ local function notify(srv, o, w, n)
 end
 
 function cond.notify(srv, o, w, n)
-  if n == nil then n = 1 end
-  if mathtype(n) ~= "integer" or n < 0 then error("notify: n must be an integer >= 0", 0) end
+  n = int_at_least(n, 1, 0, "notify: n")
   notify(srv, o, w, n)
 end
 function cond.notify_all(srv, o, w) notify(srv, o, w, math.huge) end
@@ -261,9 +267,7 @@ local barrier = {}
 kinds.Barrier = barrier
 
 function M.new_barrier(parties, action, timeout)
-  if mathtype(parties) ~= "integer" or parties < 1 then
-    error("Barrier: parties must be an integer >= 1 (got " .. tostring(parties) .. ")", 0)
-  end
+  int_at_least(parties, nil, 1, "Barrier: parties")
   if action ~= nil and type(action) ~= "function" then
     error("Barrier: action must be a function (got " .. type(action) .. ")", 0)
   end
@@ -337,10 +341,7 @@ kinds.Queue = queue
 kinds.JoinableQueue = queue
 
 function M.new_queue(maxsize, joinable)
-  if maxsize == nil then maxsize = 0 end
-  if mathtype(maxsize) ~= "integer" or maxsize < 0 then
-    error("Queue: maxsize must be an integer >= 0 (got " .. tostring(maxsize) .. ")", 0)
-  end
+  maxsize = int_at_least(maxsize, 0, 0, "Queue: maxsize")
   return { kind = joinable and "JoinableQueue" or "Queue", maxsize = maxsize,
            items = {}, head = 1, tail = 0, getters = {}, putters = {},
            unfinished = 0, joiners = {} }
