@@ -594,10 +594,28 @@ static void enc_handle(enc *e, int idx) {
   lua_settop(L, base);
 }
 
+/* A table's or userdata's metatable: pushed, its stack index returned;
+   0 when it has none; -1 when it has __mp_reduce: the value was encoded
+   as a handle (nothing left pushed). */
+static int enc_mt_or_handle(enc *e, int idx) {
+  lua_State *L = e->L;
+  int mt;
+  if (!lua_getmetatable(L, idx)) return 0;
+  mt = lua_gettop(L);
+  if (lua_getfield(L, mt, "__mp_reduce") != LUA_TNIL) {
+    lua_remove(L, mt);
+    enc_handle(e, idx);
+    return -1;
+  }
+  lua_pop(L, 1);
+  return mt;
+}
+
 static void enc_table(enc *e, int idx) {
   lua_State *L = e->L;
   const void *p = lua_topointer(L, idx);
   uint32_t id = phash_get(&e->seen, p);
+  int mt;
   if (id) { enc_ref(e, id); return; }
   if (lua_rawequal(L, idx, e->globals)) { enc_byte(e, T_GLOBALS); return; }
   if (module_name(e, idx, 0)) {
@@ -606,14 +624,9 @@ static void enc_table(enc *e, int idx) {
     return;
   }
   if (enc_registered(e, idx, T_TBL_REG)) return;   /* a class: by name */
-  if (lua_getmetatable(L, idx)) {
-    int mt = lua_gettop(L);
-    if (lua_getfield(L, mt, "__mp_reduce") != LUA_TNIL) {
-      lua_remove(L, mt);
-      enc_handle(e, idx);
-      return;
-    }
-    lua_pop(L, 1);
+  mt = enc_mt_or_handle(e, idx);
+  if (mt < 0) return;                    /* a handle */
+  if (mt > 0) {
     lua_pushvalue(L, mt);
     if (lua_rawget(L, e->byval) != LUA_TSTRING || lua_isfunction(L, mt)) {
       char what[160];
@@ -721,15 +734,11 @@ static void enc_userdata(enc *e, int idx) {
   lua_State *L = e->L;
   uint32_t id = phash_get(&e->seen, lua_topointer(L, idx));
   char what[128];
+  int mt;
   if (id) { enc_ref(e, id); return; }
-  if (lua_getmetatable(L, idx)) {
-    int mt = lua_gettop(L);
-    if (lua_getfield(L, mt, "__mp_reduce") != LUA_TNIL) {
-      lua_remove(L, mt);
-      enc_handle(e, idx);
-      return;
-    }
-    lua_pop(L, 1);
+  mt = enc_mt_or_handle(e, idx);
+  if (mt < 0) return;                    /* a handle */
+  if (mt > 0) {
     snprintf(what, sizeof what, "userdata (%.80s)", push_mtname(L, mt));
   } else {
     snprintf(what, sizeof what, "userdata");
