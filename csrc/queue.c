@@ -41,7 +41,6 @@
 #define MAGIC       0x4d505131u         /* "MPQ1" */
 
 /* queue kinds */
-enum { K_QUEUE, K_SIMPLE, K_JOINABLE };
 static const char *const kind_names[] = {"Queue", "SimpleQueue", "JoinableQueue", NULL};
 static const char *const kind_classes[] = {MP_QUEUE_T, MP_SIMPLEQUEUE_T,
                                            MP_JOINABLEQUEUE_T};
@@ -153,6 +152,11 @@ static int queue_from_fds(lua_State *L) {
   if ((why = mp_shm_check(fd, HDR_BYTES, &size)) != NULL)
     return mp_raise(L, "SerializationError", "cannot map a Queue from fd %d: %s",
                     fd, why);
+  /* the channel's ends are optional here only so that q owns (and its
+     __gc closes) the fds that did come when they are missing */
+  if (afd < 0 || bfd < 0)
+    return mp_raise(L, "SerializationError", "cannot map a Queue from fd %d: "
+                    "its handle came without the descriptor channel's two fds", fd);
   if ((why = mpq_chan_check(afd, bfd)) != NULL)
     return mp_raise(L, "SerializationError", "cannot map a Queue from fd %d: %s",
                     fd, why);

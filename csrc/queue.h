@@ -47,6 +47,9 @@
 #define MARK_BYTE   0xfd                /* a marked record's first byte */
 #define MARK_LEN    16                  /* its marker: byte, nfds, zeros, u64 id */
 
+/* the three classes (mp_queue.kind, qshm.kind) */
+enum { K_QUEUE, K_SIMPLE, K_JOINABLE };
+
 /* what a sleeper waits for: an item, room (bounded put), room (feeder) */
 enum { W_GET, W_PUT, W_FEED };
 

@@ -83,8 +83,17 @@ static void node_free(pnode *n) {
 /* Write v[0], then as many of v[1..cnt) as fit, into the ring (mode: see
    FEED_*); *written says how many. Returns 0, -1 when the thread is asked
    to stop, or an errno. */
+/* A JoinableQueue's items are counted at put: one dropped unwritten (its
+   descriptors could not be sent, or the process exits with the channel
+   full) is taken back from the count, under the lock, so that join()
+   does not wait for an item no consumer will ever get. */
+static void uncount(mp_queue *q, qstate *st, uint32_t n) {
+  if (q->kind != K_JOINABLE) return;
+  st->unfinished = st->unfinished > n ? st->unfinished - n : 0;
+}
+
 static int feed_some(mp_queue *q, feeder *f, pnode **v, int cnt, int mode,
-                     int *written) {
+                     int *written, int *chan_err) {
   qshm *s = q->shm;
   pnode *n = v[0];
   uint64_t seen = mp_atomic_load(&s->ngets);
@@ -127,7 +136,8 @@ static int feed_some(mp_queue *q, feeder *f, pnode **v, int cnt, int mode,
         if (e == EAGAIN) { chan_full = 1; break; }
         node_close_fds(n);                /* the datagram holds its own */
         if (e != 0) {                     /* dropped; the next put says so */
-          f->chan_error = e;
+          *chan_err = e;
+          uncount(q, &st, 1);             /* never to be taken: join must not wait */
           continue;
         }
       }
@@ -136,8 +146,10 @@ static int feed_some(mp_queue *q, feeder *f, pnode **v, int cnt, int mode,
       wake |= w;
     }
     *written = i;
+    if (*chan_err != 0) mpq_commit(s, &st);   /* the counts uncount took back */
     mpq_unlock(s);
     if (wake) mpq_wake(s, &s->not_empty, 1);
+    if (*chan_err != 0 && st.unfinished == 0) mp_futex_wake(&s->st.unfinished, 0x7fffffff);
     if (chan_full && i == 0) {            /* wait for room in the channel */
       if (mode == FEED_GROW) return -1;   /* never waits: the rest is dropped */
       if (mode == FEED_DRAIN) {
@@ -159,13 +171,14 @@ static void *feeder_main(void *arg) {
   pthread_mutex_lock(&f->mu);
   for (;;) {
     pnode *v[FEED_BATCH], *n;
-    int r, k = 0, written = 0, i;
+    int r, k = 0, written = 0, i, cerr = 0;
     while (!f->stop && f->next == NULL) pthread_cond_wait(&f->cv, &f->mu);
     if (f->stop) break;
     for (n = f->next; n != NULL && k < FEED_BATCH; n = n->next) v[k++] = n;
     pthread_mutex_unlock(&f->mu);
-    r = feed_some(f->q, f, v, k, FEED_WAIT, &written);
+    r = feed_some(f->q, f, v, k, FEED_WAIT, &written, &cerr);
     pthread_mutex_lock(&f->mu);
+    if (cerr != 0) f->chan_error = cerr;  /* (read under the mutex) */
     for (i = 0; i < written; i++) v[i]->done = 1;
     if (written > 0) f->next = v[written - 1]->next;
     if (r > 0) {
@@ -202,10 +215,22 @@ MP_API void mpq_feeder_finish(mp_queue *q, int mode) {
     pthread_join(f->th, NULL);
   }
   if (mode != FEED_NONE && !f->cancel && f->error == 0)
-    for (n = f->next; n != NULL; n = n->next) {
-      int written;
-      if (feed_some(q, f, &n, 1, mode, &written) != 0) break;
+    for (; f->next != NULL; f->next = f->next->next) {
+      int written, cerr = 0;
+      n = f->next;
+      if (feed_some(q, f, &n, 1, mode, &written, &cerr) != 0) break;
     }
+  if (f->next != NULL && q->shm != NULL && q->kind == K_JOINABLE) {
+    uint32_t lost = 0;                    /* never written: see uncount */
+    qstate st;
+    for (n = f->next; n != NULL; n = n->next) lost++;
+    mpq_lock(q->shm);
+    st = q->shm->st;
+    uncount(q, &st, lost);
+    mpq_commit(q->shm, &st);
+    mpq_unlock(q->shm);
+    if (st.unfinished == 0) mp_futex_wake(&q->shm->st.unfinished, 0x7fffffff);
+  }
   for (n = f->head; n != NULL; n = nx) {
     nx = n->next;
     node_free(n);

@@ -226,6 +226,31 @@ describe("handles in Queue items", function()
     r:close()
   end)
 
+  it("a JoinableQueue whose producer exits with items its full channel never took: "
+     .. "join() does not wait for them", function()
+    local jq <close> = mp.JoinableQueue()
+    local r, w = mp.Pipe(false)
+    core._test.queue_chan_sndbuf(jq, 1)      -- a channel that fills at once
+    local N = 500
+    local p = H.start(function(q, ww)
+      for i = 1, N do q:put({ i = i, w = ww }) end
+      -- leaving: the feeder gives up on what the full channel cannot take
+    end, jq, w)
+    assert.are.equal(0, H.finish(p, 30))
+    local got = 0
+    while true do
+      local it = jq:get(0)
+      if it == nil then break end
+      got = got + 1
+      it.w:close()
+      jq:task_done()
+    end
+    assert.is_true(got > 0 and got < N, "got " .. got)   -- some were dropped
+    assert.are.equal(0, jq:_stats().unfinished)
+    assert.is_true(jq:join(5))
+    w:close(); r:close()
+  end)
+
   it("a producer killed between its datagram and its record loses only its item", function()
     local q <close> = mp.Queue()
     local r1, w1 = mp.Pipe(false)
