@@ -7,9 +7,8 @@
  * The bytes are exactly the codec's (docs/codec.md; codec.h lists the
  * tags, codec_scalar.h writes and reads a scalar for the encoder and the
  * decoder too): a value is its tag byte and payload, a message is the
- * version byte, a flags byte (0: no references) and one value. So what
- * mp_encode_scalar writes mp_decode reads, and mp_decode_scalar reads what
- * mp_encode writes for a scalar; mp_decode_scalar takes only a message it
+ * version byte, a flags byte (0: no references) and one value. So
+ * mp_decode_scalar reads what mp_encode writes for a scalar; mp_decode_scalar takes only a message it
  * is sure of (one well-formed scalar, nothing after it) and leaves
  * anything else, well-formed or not, to mp_decode, which raises on what is
  * wrong. The pool's per-value paths use codec_scalar.h's inline functions
@@ -18,10 +17,6 @@
  * bytes straight into a Lua string (mp_decode_strhead).
  */
 #include "codec_scalar.h"
-
-MP_API int mp_encode_scalar(lua_State *L, int idx, mp_buf *b) {
-  return cs_encode(L, idx, lua_type(L, idx), b);
-}
 
 MP_API int mp_decode_scalar(lua_State *L, const char *p, size_t len) {
   return cs_decode(L, p, len);

@@ -6,12 +6,11 @@
  * (codec_dec.c) reads their payloads with cs_get_varint, cs_unzigzag and
  * cs_get_f64, adding the bounds checks and the error messages that
  * untrusted input needs. The paths that run once per value use the rest
- * directly (codec_scalar.c's mp_encode_scalar and mp_decode_scalar, the
+ * directly (codec_scalar.c's mp_decode_scalar, the
  * pool's task and result items), where a call per value is measurable.
- * cs_put writes a value, or a whole message (the codec's header, then
- * the value); cs_get reads a value and refuses (NULL, nothing pushed)
- * what is not one well-formed scalar; cs_encode and cs_decode are the
- * whole-message forms.
+ * cs_put writes a value; cs_get reads a value and refuses (NULL, nothing pushed)
+ * what is not one well-formed scalar; cs_decode is the
+ * whole-message reader.
  */
 #ifndef MP_CODEC_SCALAR_H
 #define MP_CODEC_SCALAR_H
@@ -147,22 +146,16 @@ static inline size_t cs_wr_str(unsigned char *w, const char *s, size_t n) {
   return k + n;
 }
 
-/* Append the scalar at idx, of type t, to b, as a whole message (after
-   the codec's header) when msg: 1; 0 (nothing appended) when t is no
-   scalar type. */
-static inline int cs_put(lua_State *L, mp_buf *b, int idx, int t, int msg) {
+/* Append the scalar value at idx, of type t, to b: 1; 0 (nothing
+   appended) when t is no scalar type. */
+static inline int cs_put(lua_State *L, mp_buf *b, int idx, int t) {
   unsigned char *w;
-  size_t n = 0, h = msg ? 2 : 0;
+  size_t n = 0;
   const char *s = NULL;
   if (t == LUA_TSTRING) s = lua_tolstring(L, idx, &n);
   else if (t != LUA_TNUMBER && t != LUA_TNIL && t != LUA_TBOOLEAN) return 0;
-  if (b->cap - b->len < h + n + 11) mp_buf_reserve(L, b, h + n + 11);
+  if (b->cap - b->len < n + 11) mp_buf_reserve(L, b, n + 11);
   w = (unsigned char *)b->data + b->len;
-  if (msg) {
-    w[0] = CODEC_VERSION;
-    w[1] = 0;                            /* flags: no references */
-  }
-  w += h;
   switch (t) {
   case LUA_TNUMBER:
     n = lua_isinteger(L, idx) ? cs_wr_int(w, lua_tointeger(L, idx))
@@ -172,7 +165,7 @@ static inline int cs_put(lua_State *L, mp_buf *b, int idx, int t, int msg) {
   case LUA_TNIL: w[0] = T_NIL; n = 1; break;
   default: w[0] = lua_toboolean(L, idx) ? T_TRUE : T_FALSE; n = 1; break;
   }
-  b->len += h + n;
+  b->len += n;
   return 1;
 }
 
@@ -216,10 +209,6 @@ static inline const char *cs_get(lua_State *L, const char *p, const char *end) {
 
 /* Append the scalar at idx, of type t (lua_type), as a whole codec
    message: 1; 0 (nothing appended) when it is none. */
-static inline int cs_encode(lua_State *L, int idx, int t, mp_buf *b) {
-  return cs_put(L, b, idx, t, 1);
-}
-
 /* Push the value of the message p[0 .. len) if it is one well-formed
    scalar: 1; else 0, nothing pushed (mp_decode's then). */
 static inline int cs_decode(lua_State *L, const char *p, size_t len) {

@@ -272,10 +272,6 @@ MP_API void mp_register_handle(lua_State *L, const char *kind);
 
 /* -- codec_scalar.c: the codec's fast path for one scalar (the same bytes
    as mp_encode's and mp_decode's) --------------------------------------- */
-/* Append the scalar at idx (nil, boolean, number, string) as a whole codec
-   message that mp_decode reads: 1; 0 (nothing appended) for any other
-   type. */
-MP_API int mp_encode_scalar(lua_State *L, int idx, mp_buf *b);
 /* Push the value of the message p[0 .. len) if it is one well-formed
    scalar: 1; else 0, nothing pushed: the caller hands it to mp_decode
    (which decodes it, or raises saying what is wrong with it). */

@@ -209,7 +209,7 @@ static inline __attribute__((always_inline)) void pool_put_value(lua_State *L, m
     return;
   }
   if (t < 0) t = lua_type(L, idx);
-  if (cs_put(L, b, idx, t, 0)) return;
+  if (cs_put(L, b, idx, t)) return;
   mp_pool_put_msg(L, b, idx, q, off);   /* not a plain value: a message */
 }
 
