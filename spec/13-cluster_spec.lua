@@ -703,6 +703,18 @@ describe("cluster failures", function()
     pool:terminate()
   end)
 
+  it("starmap refuses an item that is not a table of arguments, at the caller's line", function()
+    local pool <close> = cluster.Pool{ redis = rs.url, queue = "q", authkey = "k" }
+    local ok, err = pcall(function()
+      pool:starmap_async(function(a, b) return a + b end, { { 1, 2 }, 3 })
+    end)
+    assert.is_false(ok)
+    assert.matches("13%-cluster_spec%.lua:%d+: bad argument #2 to 'starmap_async' "
+                   .. "%(item 2 is not a table of arguments%)", err)
+    assert.equal(0, pool:stats().queued)
+    pool:close(); pool:join()
+  end)
+
   it("a refused XADD raises and leaves no task for join to wait on", function()
     local pool <close> = cluster.Pool{ redis = rs.url, queue = "q", authkey = "k" }
     local c = rs.cli()

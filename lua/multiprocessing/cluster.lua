@@ -131,7 +131,11 @@ function Pool:_send(job, cmds)
     if r[1] == nil then bad = bad or r[2]
     elseif task then task.entry = r[1]; job.nsent = (job.nsent or 0) + task.count end
   end
-  if bad then self:_abort(job, cmds); error("XADD: " .. tostring(bad), 3) end
+  if bad then
+    self:_abort(job, cmds)
+    errors.raise("ProcessError", "cannot add the tasks to " .. self._keys.tasks
+                 .. ": " .. tostring(bad), 4)           -- (the public method's caller)
+  end
 end
 
 -- A job: the fields pool_results.lua reads (see there), and callback,
@@ -228,6 +232,7 @@ function Pool:_map(fname, mode, fn, xs, star, opts)
                    .. check.typename(xs), L)
   end
   local n = list.n or #list
+  if star then results.check_star_items(list, n, fname, L) end
   local job = new_job(self, mode, n, opts)
   if n == 0 then self:_finish(job) return job end
   if not size then

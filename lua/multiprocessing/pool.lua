@@ -206,11 +206,7 @@ function Pool:_submit(fname, mode, fn, xs, star, opts)
     end
   end
   if star and job.list and mode ~= "apply" then
-    for i = 1, job.total do
-      if type(job.list[i]) ~= "table" then
-        check.argerror(2, fname, "item " .. i .. " is not a table of arguments", L)
-      end
-    end
+    results.check_star_items(job.list, job.total, fname, L)
   end
   self:_add_job(job)
   return job

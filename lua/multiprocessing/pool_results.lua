@@ -54,6 +54,16 @@ AsyncResult.__name = "multiprocessing.AsyncResult"
 M.AsyncResult = AsyncResult
 
 -- pool_results.new(job) -> the AsyncResult of job
+-- results.check_star_items(list, n, fname, level): starmap's items must
+-- each be a table of arguments (both pools check at the caller's line)
+function M.check_star_items(list, n, fname, level)
+  for i = 1, n do
+    if type(list[i]) ~= "table" then
+      check.argerror(2, fname, "item " .. i .. " is not a table of arguments", level + 1)
+    end
+  end
+end
+
 function M.new(job)
   return setmetatable({ _job = job }, AsyncResult)
 end

@@ -154,9 +154,6 @@ function Pool:_step(timeout)
   if self._cbhead < self._cbtail then self:_run_callbacks() end
 end
 
--- pool:_until(pred [, timeout]): the local Pool's (pool_results.lua)
-Pool._until = results.methods._until
-
 function Pool:_consumed() end            -- (a map's items are all sent at once)
 
 -- Deletes, in one step, the entries of ARGV[2..] that were not yet

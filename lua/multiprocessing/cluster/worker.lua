@@ -289,7 +289,9 @@ function M.serve(o)
       flush()
     end
   end)
-  pool:terminate()
+  -- (a callback that raises in terminate must not skip the cleanup below)
+  local tok, terr = pcall(pool.terminate, pool)
+  if ok and not tok then ok, err = false, terr end
   -- the read in flight ends with its connection (what it was given stays
   -- pending for this consumer); the results and acks not sent yet go first
   rc:close()
