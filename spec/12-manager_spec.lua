@@ -812,6 +812,23 @@ describe("Managers: object lifetime (reference counting)", function()
     assert.truthy(d and l)
   end)
 
+  it("timed-out waits do not pile up in an idle object's waiter lists", function()
+    local m <close> = mp.Manager()
+    local q, ev, lk = m:Queue(), m:Event(), m:Lock()
+    assert.is_true(lk:acquire())
+    local p = start(function(qq, e, l)      -- another client polls all three
+      for _ = 1, 100 do
+        if qq:get(0.001) ~= nil or e:wait(0.001) or l:acquire(0.001) then return 3 end
+      end
+      return 0
+    end, q, ev, lk)
+    assert.are.equal(0, H.finish(p, 60))
+    for _, o in ipairs(m:_debug_info()) do
+      assert.is_true(o.parked <= 32, o.kind .. " keeps " .. o.parked .. " waiters")
+    end
+    lk:release()
+  end)
+
   it("a proxy sent through a Pipe or a Queue outlives its sender's (transit reference)", function()
     local m <close> = mp.Manager()
     local a, b = mp.Pipe()

@@ -35,7 +35,6 @@ local seq = 0
 -- per manager, sent with the next call to it (msg.rel); never a message
 -- of their own, never from a finalizer.
 local pending = {}          -- id -> {oid, ...}
-M._pending = pending
 -- The connection entry whose call is being encoded (M.sending) and whose
 -- answer is being decoded (M.receiving), for proxies.lua: a proxy of the
 -- manager a call goes to needs no transit reference, and one in its
@@ -214,7 +213,7 @@ M.CHANNEL = true
 
 local last_addr, last_key, last_id     -- the id of the last connect, cached
 -- -> the entry {conn=, pid=, req=, rep=} of this process for the manager
-local function connect(addr, key)
+local function connect(addr, key, nochan)
   local id
   if addr == last_addr and key == last_key then id = last_id
   else
@@ -242,7 +241,7 @@ local function connect(addr, key)
   end
   e = { conn = c, pid = pid, addr = addr, key = key }
   conns[id] = e
-  if M.CHANNEL and not addr:find(":%d+$") then      -- a Unix socket: fds travel
+  if M.CHANNEL and not nochan and not addr:find(":%d+$") then  -- a Unix socket: fds travel
     seq = seq + 1
     local okc, req, rep = pcall(sock_call, e, addr, id, seq, pack(seq, 0, "channel"), false)
     if okc and req and rep then e.req, e.rep = req, rep
@@ -358,7 +357,7 @@ end
 -- post(addr, key, oid, method): send the call and wait for nothing (the
 -- owner's shutdown: a server busy in a long call must not hold it)
 function M.post(addr, key, oid, method)
-  local e = connect(addr, key)
+  local e = connect(addr, key, true)   -- no channel: one message, no round trip
   seq = seq + 1
   local c = e.conn
   c:send(pack(seq, oid, method))

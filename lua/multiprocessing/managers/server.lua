@@ -80,7 +80,6 @@ local BUILTIN = {
   Array = function(_, typ, init) return objects.new_array(typ, init) end,
 }
 local SERVED = { dict = true, list = true, Namespace = true }
-M.SERVED = SERVED
 
 -- server.new{address=, authkey=, registry=} -> Server (listening); this
 -- process's proxies of it are now its own (proxies.server)
@@ -418,13 +417,21 @@ function own.number_of_objects(self)
   return n
 end
 
--- debug_info() -> {{id=, kind=, refs=, transit=}, ...} (by id), after a
--- full collection
+-- debug_info() -> {{id=, kind=, refs=, transit=, parked=}, ...} (by id),
+-- after a full collection; parked: the entries of a sync object's or
+-- queue's waiter lists (live or timed out, not yet dropped)
+local WAIT_LISTS = { "waiters", "getters", "putters", "joiners", "waiting" }
 function own.debug_info(self)
   self:collect()
   local r = {}
   for id, o in pairs(self.objects) do
-    r[#r + 1] = { id = id, kind = o.kind, refs = o.refs, transit = o.transit }
+    local parked = 0
+    if type(o) == "table" then
+      for _, k in ipairs(WAIT_LISTS) do
+        if type(rawget(o, k)) == "table" then parked = parked + #o[k] end
+      end
+    end
+    r[#r + 1] = { id = id, kind = o.kind, refs = o.refs, transit = o.transit, parked = parked }
   end
   table.sort(r, function(a, b) return a.id < b.id end)
   return r

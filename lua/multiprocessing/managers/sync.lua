@@ -29,6 +29,24 @@ local function check_timeout(t)
   return t
 end
 
+-- Append waiter w to list. A waiter whose wait timed out is only marked
+-- done (first_live drops it when the object next grants), so a client
+-- that polls an idle object with short timeouts would grow the list
+-- without end: every 32 appends the done ones are dropped first.
+local function push_waiter(list, w)
+  local n = #list
+  if n >= 32 and n % 32 == 0 then
+    local j = 0
+    for i = 1, n do
+      local x = list[i]
+      list[i] = nil
+      if not x.done then j = j + 1; list[j] = x end
+    end
+    n = j
+  end
+  list[n + 1] = w
+end
+
 -- the first waiter of list not done (removing the done ones before it)
 local function first_live(list)
   while list[1] and list[1].done do remove(list, 1) end
@@ -80,7 +98,7 @@ function lock.acquire(srv, o, w, timeout)
   end
   if timeout == 0 then return false end
   w.on_lock = grant_acquire
-  o.waiters[#o.waiters + 1] = w
+  push_waiter(o.waiters, w)
   return srv:park(w, timeout, function() return false end)
 end
 
@@ -148,7 +166,7 @@ function sem.acquire(srv, o, w, timeout)
   check_timeout(timeout)
   if o.value > 0 and not first_live(o.waiters) then return sem_take(srv, o, w.conn) end
   if timeout == 0 then return false end
-  o.waiters[#o.waiters + 1] = w
+  push_waiter(o.waiters, w)
   return srv:park(w, timeout, function() return false end)
 end
 
@@ -194,7 +212,7 @@ local function relock(srv, o, w, result)
   if o.lock.owner == nil then
     relock_grant(srv, o.lock, w)
   else
-    o.lock.waiters[#o.lock.waiters + 1] = w
+    push_waiter(o.lock.waiters, w)
   end
 end
 
@@ -206,7 +224,7 @@ function cond.wait(srv, o, w, timeout)
   srv:hold(l.owner, l, nil)
   l.owner, l.count = nil, 0
   wake_lock(srv, l)
-  o.waiters[#o.waiters + 1] = w
+  push_waiter(o.waiters, w)
   return srv:park(w, timeout, function()
     for i = 1, #o.waiters do
       if o.waiters[i] == w then remove(o.waiters, i) break end
@@ -257,7 +275,7 @@ function event.wait(srv, o, w, timeout)
   check_timeout(timeout)
   if o.flag then return true end
   if timeout == 0 then return false end
-  o.waiters[#o.waiters + 1] = w
+  push_waiter(o.waiters, w)
   return srv:park(w, timeout, function() return false end)
 end
 
@@ -398,7 +416,7 @@ function queue.put(srv, o, w, v, timeout)
   end
   if timeout == 0 then return nil, "full" end
   w.item = v
-  o.putters[#o.putters + 1] = w
+  push_waiter(o.putters, w)
   return srv:park(w, timeout, function() return nil, "timeout" end)
 end
 
@@ -410,7 +428,7 @@ function queue.get(srv, o, w, timeout)
     return v
   end
   if timeout == 0 then return nil, "empty" end
-  o.getters[#o.getters + 1] = w
+  push_waiter(o.getters, w)
   return srv:park(w, timeout, function() return nil, "timeout" end)
 end
 
@@ -434,7 +452,7 @@ function queue.join(srv, o, w, timeout)
   check_timeout(timeout)
   if o.unfinished == 0 then return true end
   if timeout == 0 then return nil, "timeout" end
-  o.joiners[#o.joiners + 1] = w
+  push_waiter(o.joiners, w)
   return srv:park(w, timeout, function() return nil, "timeout" end)
 end
 
