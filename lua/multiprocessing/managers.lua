@@ -222,9 +222,15 @@ function Manager.start(self)
     address = self._dir .. "/manager.sock"
   end
   local mp = require "multiprocessing"
-  local r, w = mp.Pipe(false)
-  local p = mp.Process{ target = M._serve_child, args = { server_spec(self, address), w },
-                        daemon = true, name = self._name, start_method = self._method }
+  local okn, r, w, p = pcall(function()
+    local r_, w_ = mp.Pipe(false)
+    return r_, w_, mp.Process{ target = M._serve_child, args = { server_spec(self, address), w_ },
+                               daemon = true, name = self._name, start_method = self._method }
+  end)
+  if not okn then                        -- (EMFILE...): leave no socket directory
+    if self._dir then os.remove(self._dir); self._dir = nil end
+    error(r, 0)
+  end
   local ok, err = pcall(p.start, p)
   w:close()
   local msg, why
