@@ -185,7 +185,7 @@ MP_API ssize_t mp_pool_recv(lua_State *L, int fd, char *p, size_t len,
                             int flags, pool_fifo *ff) {
   mp_fdlist got;
   ssize_t r;
-  int i;
+  int i, bad = 0;
   if (ff->f.cap - ff->f.len < sizeof(int) * MP_MAX_FDS) {
     if (ff->head > 0 && ff->head * 2 >= fifo_end(ff)) {   /* room at the front */
       memmove(ff->f.data, fifo_at(ff, ff->head), ff->f.len - ff->head * sizeof(int));
@@ -195,7 +195,8 @@ MP_API ssize_t mp_pool_recv(lua_State *L, int fd, char *p, size_t len,
     mp_buf_reserve(L, &ff->f, sizeof(int) * MP_MAX_FDS);
   }
   got.n = 0;
-  r = mp_recv_fds(fd, p, len, flags, &got, NULL);
+  r = mp_recv_fds(fd, p, len, flags, &got, &bad);
+  if (r >= 0 && bad) ff->lost = 1;
   for (i = 0; i < got.n; i++) *fifo_at(ff, fifo_end(ff) + (size_t)i) = got.fd[i];
   ff->f.len += sizeof(int) * (size_t)got.n;
   return r;
@@ -212,6 +213,9 @@ MP_API void mp_pool_unclaim(pool_fifo *ff) {
 MP_API void mp_pool_claim(lua_State *L, pool_fifo *ff, uint32_t nfds) {
   mp_pool_unclaim(ff);
   if (nfds == 0) return;
+  if (nfds <= MP_MAX_FDS && nfds > fifo_end(ff) - ff->head && ff->lost)
+    mp_raise_errno(L, EMFILE, "pool: a message's file descriptors were lost on "
+                   "the way (this process is at its open-file limit?)");
   if (nfds > MP_MAX_FDS || nfds > fifo_end(ff) - ff->head) mp_pool_corrupt(L);
   ff->claimed = (int)nfds;
 }

@@ -67,6 +67,8 @@ typedef struct pool_fifo {
   mp_buf f;
   size_t head;
   int claimed;
+  int lost;                            /* a read's fds were cut short (the
+                                          process at its open-file limit) */
   int flags;                           /* mp_decode's: 0 (the two ends of a
                                           channel trust each other) but in
                                           the fuzzer (fuzz/fuzz_decode.c) */
