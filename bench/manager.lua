@@ -2,7 +2,9 @@
 -- multiprocessing.Manager() (bench/manager.py): a dict set+get round trip,
 -- 4 processes incrementing one counter (d:incr against Python's
 -- `with lock: d['n'] += 1`, totals checked), and a Queue put+get round trip
--- between two processes. Prints <case>\t<impl>\t<rate>\t<unit>.
+-- between two processes. Beside the last two, their floors in C
+-- (bench/relay.c, impl "c-relay"): the same hops, one byte each, through a
+-- third process that does nothing else. Prints <case>\t<impl>\t<rate>\t<unit>.
 local mp = require "multiprocessing"
 local lib = require "bench.lib"
 local now = require("multiprocessing.core").monotonic
@@ -60,5 +62,9 @@ if mp.is_main() then
   lib.emit("manager_incr_4x2000", "lua-mp", rate, "incr/s")
   print(("# manager_incr_4x2000: lua-mp total %d (expected %d)%s"):format(
     total, PROCS * EACH, total == PROCS * EACH and "" or " WRONG"))
+  local floor = lib.c_rate("relay", ("fanin %d %d"):format(EACH, PROCS))
+  if floor then lib.emit("manager_incr_4x2000", "c-relay", floor, "incr/s") end
   lib.emit("manager_queue_rt", "lua-mp", queue_roundtrip(m, 10000), "rt/s")
+  floor = lib.c_rate("relay", "chain 10000")
+  if floor then lib.emit("manager_queue_rt", "c-relay", floor, "rt/s") end
 end
