@@ -709,7 +709,7 @@ static int pool_drop_inherited(lua_State *L) {
 static int pool_dumpfn(lua_State *L) {
   mp_buf *b;
   mp_fdlist *fds, *dups;
-  int i;
+  int err;
   luaL_checkany(L, 1);
   lua_settop(L, 1);
   b = mp_buf_push(L, 256);               /* 2 */
@@ -721,11 +721,7 @@ static int pool_dumpfn(lua_State *L) {
   dups = (mp_fdlist *)lua_newuserdatauv(L, sizeof(mp_fdlist), 0);
   dups->n = 0;
   luaL_setmetatable(L, MP_POOLFDS_T);
-  for (i = 0; i < fds->n; i++) {
-    int d = fcntl(fds->fd[i], F_DUPFD_CLOEXEC, 0);
-    if (d < 0) return mp_raise_errno(L, errno, "pool: dup");
-    dups->fd[dups->n++] = d;
-  }
+  if ((err = mp_fdlist_dup(fds, dups)) != 0) return mp_raise_errno(L, err, "pool: dup");
   return 2;
 }
 

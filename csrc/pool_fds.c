@@ -189,9 +189,10 @@ MP_API const char *mp_pool_get_msg(lua_State *L, const char *p, const char *end,
                                    const pool_fifo *ff) {
   int fd = (unsigned char)*p == POOL_MSGFD;
   const char *msg;
-  mp_fdlist fds;
+  mp_fdlist fds, used;                   /* the value's copies of the frame's
+                                            fds it uses */
   uint32_t n;
-  int k, i;
+  int k, i, err;
   if (end - p < 5) return mp_pool_corrupt(L), NULL;
   n = pool_rd_u32(p + 1);
   p += 5;
@@ -204,17 +205,13 @@ MP_API const char *mp_pool_get_msg(lua_State *L, const char *p, const char *end,
     k = (unsigned char)*p++;
     if (k == 0 || k > MP_MAX_FDS || end - p < k || ff == NULL)
       return mp_pool_corrupt(L), NULL;
-    for (i = 0; i < k; i++)
+    for (i = 0; i < k; i++) {
       if ((unsigned char)p[i] >= ff->claimed) return mp_pool_corrupt(L), NULL;
-    for (i = 0; i < k; i++) {             /* the value's own copies */
-      int d = fcntl(*fifo_at(ff, ff->head + (unsigned char)p[i]), F_DUPFD_CLOEXEC, 0);
-      if (d < 0) {
-        int e = errno;
-        mp_fdlist_close(&fds);
-        return mp_raise_errno(L, e, "pool: dup"), NULL;
-      }
-      fds.fd[fds.n++] = d;
+      used.fd[i] = *fifo_at(ff, ff->head + (unsigned char)p[i]);
     }
+    used.n = k;
+    if ((err = mp_fdlist_dup(&used, &fds)) != 0)
+      return mp_raise_errno(L, err, "pool: dup"), NULL;
     p += k;
   }
   mp_decode(L, msg, n, &fds, ff != NULL ? ff->flags : 0);   /* owns them */
