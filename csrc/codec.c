@@ -117,7 +117,7 @@ static int codec_loads(lua_State *L) {
     }
     lua_pop(L, 1);
   }
-  if ((err = mp_fdlist_dup(&given, &fl)) != 0)
+  if (given.n > 0 && (err = mp_fdlist_dup(&given, &fl)) != 0)
     return mp_raise_errno(L, err, "loads: cannot duplicate the fds");
   lua_settop(L, 1);
   mp_decode(L, s, n, &fl, flags);

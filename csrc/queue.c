@@ -27,7 +27,6 @@
  */
 #include "queue.h"
 
-#include <fcntl.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/eventfd.h>

@@ -28,7 +28,6 @@
  */
 #include "queue.h"
 
-#include <fcntl.h>
 #include <poll.h>
 #include <string.h>
 #include <sys/socket.h>
