@@ -73,10 +73,6 @@ static void put_u32(lua_State *L, mp_buf *b, uint32_t v) {
   mp_buf_add(L, b, &v, 4);
 }
 
-MP_API int mp_pool_corrupt(lua_State *L) {
-  return luaL_error(L, "pool: corrupt message");
-}
-
 /* ---- the PoolCore object ------------------------------------------- */
 
 MP_API pcore *mp_pool_to(lua_State *L, int i) {

@@ -113,7 +113,7 @@ typedef struct pcore {
   slot s[];
 } pcore;
 
-/* Raise "pool: corrupt message" (pool.c). */
+/* Raise "pool: corrupt message" (pool_fds.c). */
 MP_API int mp_pool_corrupt(lua_State *L);
 
 static inline void pool_wr_u32(char *p, uint32_t v) { memcpy(p, &v, 4); }

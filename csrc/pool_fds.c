@@ -17,6 +17,10 @@
 #include <sys/uio.h>
 #include <unistd.h>
 
+MP_API int mp_pool_corrupt(lua_State *L) {
+  return luaL_error(L, "pool: corrupt message");
+}
+
 static pool_fdgrp *fdq_at(const pool_fdq *q, size_t i) {
   return (pool_fdgrp *)(void *)q->g.data + i;
 }
