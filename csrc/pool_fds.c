@@ -6,7 +6,9 @@
  * byte (mp_pool_send); the receiver's FIFO of the fds read (pool_fifo),
  * which a frame claims as it is taken; and a value as a whole codec
  * message, the slow path of pool_put_value and pool_get_value, which says
- * which of its frame's fds its handles use.
+ * which of its frame's fds its handles use. It calls neither side
+ * (mp_pool_corrupt, the error both raise for a malformed frame, is here
+ * too), so the pool's files call in one direction only.
  */
 #include "pool.h"
 
