@@ -9,8 +9,6 @@
  */
 #include "codec_impl.h"
 
-#include <errno.h>
-#include <fcntl.h>
 #include <limits.h>
 #include <string.h>
 
@@ -79,9 +77,9 @@ static int codec_dumps(lua_State *L) {
 static int codec_loads(lua_State *L) {
   size_t n;
   const char *s = luaL_checklstring(L, 1, &n);
-  int flags = 0, i, nfds = 0;
-  mp_fdlist fl;
-  fl.n = 0;
+  int flags = 0, i, err;
+  mp_fdlist given, fl;              /* the caller's fds, our copies */
+  given.n = fl.n = 0;
   if (!lua_isnoneornil(L, 2)) {
     luaL_checktype(L, 2, LUA_TTABLE);
     lua_pushnil(L);
@@ -101,7 +99,7 @@ static int codec_loads(lua_State *L) {
     }
     lua_pop(L, 1);
     if (lua_getfield(L, 2, "fds") != LUA_TNIL) {
-      int t = lua_gettop(L);
+      int t = lua_gettop(L), nfds;
       luaL_argcheck(L, lua_istable(L, t), 2, "option 'fds' must be a list");
       nfds = (int)luaL_len(L, t);
       luaL_argcheck(L, nfds >= 0 && nfds <= MP_MAX_FDS, 2,
@@ -113,23 +111,14 @@ static int codec_loads(lua_State *L) {
         fd = lua_tointegerx(L, -1, &isnum);
         luaL_argcheck(L, isnum && fd >= 0 && fd <= INT_MAX, 2,
                       "option 'fds' must hold fd numbers");
-        fl.fd[i] = (int)fd;
+        given.fd[given.n++] = (int)fd;
         lua_pop(L, 1);
       }
     }
     lua_pop(L, 1);
   }
-  for (i = 0; i < nfds; i++) {
-    int fd = fcntl(fl.fd[i], F_DUPFD_CLOEXEC, 0);
-    if (fd < 0) {
-      int err = errno;
-      mp_fdlist_close(&fl);
-      return luaL_error(L, "loads: cannot duplicate fd %d: %s", fl.fd[i],
-                        strerror(err));
-    }
-    fl.fd[i] = fd;
-    fl.n = i + 1;
-  }
+  if (given.n > 0 && (err = mp_fdlist_dup(&given, &fl)) != 0)
+    return mp_raise_errno(L, err, "loads: cannot duplicate the fds");
   lua_settop(L, 1);
   mp_decode(L, s, n, &fl, flags);
   return 1;

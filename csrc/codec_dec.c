@@ -165,22 +165,30 @@ static void dec_item(dec *d) {
   }
 }
 
-/* Read a registered name and push what mp.register gave it, which must be
-   of type t; what (class, function) names it in the error. */
-static void push_registered(dec *d, int t, const char *what) {
+/* Push the entry of the name[0, n) in the codec's table e (E_BYNAME,
+   E_KINDS), which must be of type t; else fail with fmt, which names
+   what, then the name ("%s ... '%.60s'"). */
+static void push_entry(dec *d, int e, const char *name, size_t n, int t,
+                       const char *fmt, const char *what) {
   lua_State *L = d->L;
-  size_t n;
-  const char *name = rd_name(d, &n);
-  lua_rawgeti(L, d->env, E_BYNAME);
+  lua_rawgeti(L, d->env, e);
   lua_pushlstring(L, name, n);
   if (lua_rawget(L, -2) != t) {
     char msg[120];
     lua_pushlstring(L, name, n);
-    snprintf(msg, sizeof msg, "%s '%.60s' is not registered in this process",
-             what, lua_tostring(L, -1));
+    snprintf(msg, sizeof msg, fmt, what, lua_tostring(L, -1));
     dec_fail(d, msg);
   }
   lua_remove(L, -2);
+}
+
+/* Read a registered name and push what mp.register gave it, which must be
+   of type t; what (class, function) names it in the error. */
+static void push_registered(dec *d, int t, const char *what) {
+  size_t n;
+  const char *name = rd_name(d, &n);
+  push_entry(d, E_BYNAME, name, n, t, "%s '%.60s' is not registered in this process",
+             what);
 }
 
 /* The table at t gets the metatable just below it, which leaves the
@@ -380,16 +388,8 @@ static void dec_handle(dec *d) {
     pos[j] = (int)k;
   }
   luaL_checkstack(L, (int)nfds + 8, NULL);
-  lua_rawgeti(L, d->env, E_KINDS);
-  lua_pushlstring(L, kind, n);
-  if (lua_rawget(L, -2) != LUA_TFUNCTION) {
-    char what[120];
-    lua_pushlstring(L, kind, n);
-    snprintf(what, sizeof what, "unknown handle kind '%.60s'",
-             lua_tostring(L, -1));
-    dec_fail(d, what);
-  }
-  lua_remove(L, -2);                     /* rebuild */
+  push_entry(d, E_KINDS, kind, n, LUA_TFUNCTION, "unknown %s '%.60s'",
+             "handle kind");             /* rebuild */
   dec_enter(d);
   dec_value(d);                          /* rebuild, state */
   d->depth--;

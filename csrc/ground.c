@@ -11,6 +11,7 @@
 #include "mp.h"
 
 #include <errno.h>
+#include <fcntl.h>
 #include <signal.h>
 #include <stdarg.h>
 #include <stdio.h>
@@ -143,6 +144,21 @@ MP_API void mp_fdlist_close(mp_fdlist *l) {
   for (i = 0; i < l->n; i++)
     if (l->fd[i] >= 0) close(l->fd[i]);
   l->n = 0;
+}
+
+MP_API int mp_fdlist_dup(const mp_fdlist *from, mp_fdlist *to) {
+  int i;
+  to->n = 0;
+  for (i = 0; i < from->n; i++) {
+    int d = fcntl(from->fd[i], F_DUPFD_CLOEXEC, 0);
+    if (d < 0) {
+      int e = errno;
+      mp_fdlist_close(to);
+      return e;
+    }
+    to->fd[to->n++] = d;
+  }
+  return 0;
 }
 
 /* Cached pid; process.c refreshes it in a forked child. */

@@ -127,6 +127,10 @@ MP_API void mp_newclass(lua_State *L, const char *name, const luaL_Reg *const *m
 MP_API void mp_add_tests(lua_State *L, const luaL_Reg *tests);
 /* Close every fd of the list and empty it. */
 MP_API void mp_fdlist_close(mp_fdlist *l);
+/* Fill `to` with close-on-exec copies of the fds of `from` (not the same
+   list): 0, or the errno of the copy that failed (`to` is then empty, the
+   copies made closed). */
+MP_API int mp_fdlist_dup(const mp_fdlist *from, mp_fdlist *to);
 /* Pid of this process, refreshed after fork (cheap). */
 MP_API int mp_getpid(void);
 /* Set the cached pid: a forked child, first thing (process.c). */

@@ -2,7 +2,7 @@
  * pool.h: what the pool's two sides share (docs/design.md, decision 6):
  * pool.c, the parent's engine (PoolCore), and pool_worker.c, the worker's
  * loop and its handle (PoolWorker); the worker's side uses the parent's,
- * never the other way.
+ * never the other way. Both use pool_fds.c, the fds in their frames.
  *
  * A channel carries frames (wire.c's 16-byte header; the kinds
  * MP_FRAME_DEF .. MP_FRAME_INITFAIL of mp.h). Payloads, u32 fields in the
@@ -48,7 +48,7 @@
 #define POOL_ARGS_ONE 0xffffffffu      /* a TASK item's arguments as one value */
 
 /* The fds to send with the frames of an output buffer: per frame that
-   carries handles, its group of copies (pool.c). The groups are in stream
+   carries handles, its group of copies (pool_fds.c). The groups are in stream
    order, stored in g from index head on; orig are the fds as the values'
    handles gave them (a repeat in the frame reuses its copy). */
 typedef struct pool_fdgrp {
@@ -113,7 +113,7 @@ typedef struct pcore {
   slot s[];
 } pcore;
 
-/* Raise "pool: corrupt message" (pool.c). */
+/* Raise "pool: corrupt message" (pool_fds.c). */
 MP_API int mp_pool_corrupt(lua_State *L);
 
 static inline void pool_wr_u32(char *p, uint32_t v) { memcpy(p, &v, 4); }
@@ -138,7 +138,7 @@ static inline void pool_frame_close(mp_buf *b, size_t at, uint32_t kind,
   mp_frame_put(b->data + at, b->len - at - MP_FRAME_HDR, nfds, kind);
 }
 
-/* -- pool.c: fds in frames (see the head of this file) --------------- */
+/* -- pool_fds.c: fds in frames (see the head of this file) ----------- */
 /* Position in the frame at off's fd group of a copy of fd (made now, or
    the one made for a repeat); raises SerializationError past MP_MAX_FDS
    fds in one frame, OSError when fd cannot be duplicated. */

@@ -27,7 +27,6 @@
  */
 #include "queue.h"
 
-#include <fcntl.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/eventfd.h>
@@ -210,6 +209,54 @@ static int put_lock(qshm *s, qstate *st) {
   return 1;
 }
 
+/* Write the item's record (head[0, hlen) then p[0, len)) with the lock
+   held and st its state, let the lock go and wake a getter: true, or a
+   raise for a write that failed. Inline: every put's own path. */
+static inline __attribute__((always_inline)) int put_write(lua_State *L, mp_queue *q,
+                                                           qstate *st, const char *head,
+                                                           size_t hlen, const char *p,
+                                                           size_t len) {
+  qshm *s = q->shm;
+  int wake = 0;
+  int err = mpq_write(q, st, head, hlen, p, len, q->kind == K_JOINABLE, &wake);
+  mpq_unlock(s);
+  if (wake) mpq_wake(s, &s->not_empty, 1);
+  if (err != 0) return put_failed(L, err);
+  lua_pushboolean(L, 1);
+  return 1;
+}
+
+/* An unbounded put that does not write now leaves the item (in the value
+   at vi) to this process's feeder, with copies of its fds (NULL: none),
+   since the caller may close its handles once put returns; a
+   JoinableQueue counts it now, before a consumer can take it, as Python
+   does: true. Inline: an unbounded put's path while its feeder is busy. */
+static inline __attribute__((always_inline)) int put_feeder(lua_State *L, mp_queue *q,
+                                                            const char *head, size_t hlen,
+                                                            const char *p, size_t len,
+                                                            int vi, const mp_fdlist *fds) {
+  qshm *s = q->shm;
+  struct feeder *f = mpq_feeder_start(L, q);
+  mp_fdlist own;
+  own.n = 0;
+  if (fds != NULL) {
+    int err = mp_fdlist_dup(fds, &own);
+    if (err != 0)
+      return mp_raise_errno(L, err, "Queue.put: cannot keep the item's descriptors");
+  }
+  if (q->kind == K_JOINABLE) {
+    qstate st;
+    mpq_lock(s);
+    st = s->st;
+    st.unfinished++;
+    mpq_commit(s, &st);
+    mpq_unlock(s);
+  }
+  mpq_feeder_put(L, f, head, hlen, p, len, vi, &own);
+  lua_pushboolean(L, 1);
+  return 1;
+}
+
 /* A put of an item whose message p[0, len) (in the value at vi) carries
    fds: they go as a datagram of the channel, the record is marked
    (queue_chan.c); a full channel is waited for as a full bounded queue is,
@@ -219,11 +266,10 @@ static int put_fds(lua_State *L, mp_queue *q, const char *p, size_t len,
   qshm *s = q->shm;
   uint64_t need = mpq_rec_size(MARK_LEN + (uint64_t)len);
   double deadline = mp_deadline(timeout);
-  struct feeder *f;
   for (;;) {
     qstate st;
     char mark[MARK_LEN];
-    int err, wake = 0;
+    int err;
     if (s->maxsize == 0) {
       int ferr;
       if (mpq_feeder_pending(L, q, &ferr)) {
@@ -256,52 +302,27 @@ static int put_fds(lua_State *L, mp_queue *q, const char *p, size_t len,
       return mp_raise_errno(L, err, "Queue.put: cannot send the item's descriptors");
     }
     /* a write that fails leaves the datagram an orphan (dropped later) */
-    err = mpq_write(q, &st, mark, MARK_LEN, p, len, q->kind == K_JOINABLE, &wake);
-    mpq_unlock(s);
-    if (wake) mpq_wake(s, &s->not_empty, 1);
-    if (err != 0) return put_failed(L, err);
-    lua_pushboolean(L, 1);
-    return 1;
+    return put_write(L, q, &st, mark, MARK_LEN, p, len);
   }
-  f = mpq_feeder_start(L, q);
-  {
-    /* snapshots: the caller may close its handles once put returns */
-    mp_fdlist own;
-    int i;
-    own.n = 0;
-    for (i = 0; i < fds->n; i++) {
-      int d = fcntl(fds->fd[i], F_DUPFD_CLOEXEC, 0);
-      if (d < 0) {
-        int e = errno;
-        mp_fdlist_close(&own);
-        return mp_raise_errno(L, e, "Queue.put: cannot keep the item's descriptors");
-      }
-      own.fd[own.n++] = d;
-    }
-    if (q->kind == K_JOINABLE) {          /* counted before a consumer can
-                                             take it, as Python does */
-      qstate st;
-      mpq_lock(s);
-      st = s->st;
-      st.unfinished++;
-      mpq_commit(s, &st);
-      mpq_unlock(s);
-    }
-    mpq_feeder_put(L, f, NULL, 0, p, len, vi, &own);
-  }
-  lua_pushboolean(L, 1);
-  return 1;
+  return put_feeder(L, q, NULL, 0, p, len, vi, fds);
 }
 
-static int queue_put_t(lua_State *L, double timeout) {
-  mp_queue *q = check_queue(L, 1);
-  qshm *s = q->shm;
+/* q:put(v [, timeout]), or q:put_nowait(v) (nowait 1) */
+static int queue_put_t(lua_State *L, int nowait) {
+  double timeout = nowait ? 0 : mp_opttimeout(L, 3);
+  mp_queue *q;
+  qshm *s;
   const char *p = NULL;        /* the item's message: head, then p */
   char head[MP_CODEC_SCALAR_MAX];
   size_t len = 0, hlen = 0;
   int vi = 2;                  /* the value that holds p */
   uint64_t need;
   double deadline;
+  if (lua_gettop(L) > 3 - nowait)
+    return luaL_error(L, nowait ? "put_nowait: too many arguments"
+                                : "put: too many arguments");
+  q = check_queue(L, 1);
+  s = q->shm;
   switch (lua_type(L, 2)) {
     case LUA_TNIL: case LUA_TNONE:
       return luaL_argerror(L, 2, "nil is not a message");
@@ -332,69 +353,36 @@ static int queue_put_t(lua_State *L, double timeout) {
   need = mpq_rec_size(hlen + len);
   deadline = mp_deadline(timeout);
   if (s->maxsize == 0) {
-    struct feeder *f;
     int ferr, behind = mpq_feeder_pending(L, q, &ferr);   /* keep this
                                                             producer's order */
     if (ferr != 0) return put_failed(L, ferr);
     if (!behind) {
       qstate st;
-      int err, wake = 0;
       mpq_lock(s);
       st = s->st;
       if (st.nitems == 0) st.head = st.tail = st.wrap = 0;
-      if (st.nitems == 0 || mpq_used(&st) + need <= SOFT_BYTES) {
-        err = mpq_write(q, &st, head, hlen, p, len, q->kind == K_JOINABLE, &wake);
-        mpq_unlock(s);
-        if (wake) mpq_wake(s, &s->not_empty, 1);
-        if (err != 0) return put_failed(L, err);
-        lua_pushboolean(L, 1);
-        return 1;
-      }
+      if (st.nitems == 0 || mpq_used(&st) + need <= SOFT_BYTES)
+        return put_write(L, q, &st, head, hlen, p, len);
       mpq_unlock(s);
     }
-    f = mpq_feeder_start(L, q);
-    if (q->kind == K_JOINABLE) {          /* counted now, as Python does */
-      qstate st;
-      mpq_lock(s);
-      st = s->st;
-      st.unfinished++;
-      mpq_commit(s, &st);
-      mpq_unlock(s);
-    }
-    mpq_feeder_put(L, f, head, hlen, p, len, vi, NULL);
-    lua_pushboolean(L, 1);
-    return 1;
+    return put_feeder(L, q, head, hlen, p, len, vi, NULL);
   }
   for (;;) {
     qstate st;
-    int err, wake_get = 0;
     if (!mpq_can_go(s, 0)) {
       int r = put_no_room(L, q, timeout, deadline);
       if (r) return r;
       continue;
     }
-    if (!put_lock(s, &st)) continue;
-    err = mpq_write(q, &st, head, hlen, p, len, q->kind == K_JOINABLE, &wake_get);
-    mpq_unlock(s);
-    if (err != 0) return put_failed(L, err);
-    if (wake_get) mpq_wake(s, &s->not_empty, 1);
-    lua_pushboolean(L, 1);
-    return 1;
+    if (put_lock(s, &st)) return put_write(L, q, &st, head, hlen, p, len);
   }
 }
 
 /* q:put(v [, timeout]) -> true | nil, "full" | nil, "timeout" */
-static int queue_put(lua_State *L) {
-  double timeout = mp_opttimeout(L, 3);
-  if (lua_gettop(L) > 3) return luaL_error(L, "put: too many arguments");
-  return queue_put_t(L, timeout);
-}
+static int queue_put(lua_State *L) { return queue_put_t(L, 0); }
 
 /* q:put_nowait(v) -> true | nil, "full" */
-static int queue_put_nowait(lua_State *L) {
-  if (lua_gettop(L) > 2) return luaL_error(L, "put_nowait: too many arguments");
-  return queue_put_t(L, 0);
-}
+static int queue_put_nowait(lua_State *L) { return queue_put_t(L, 1); }
 
 /* ---- get ---------------------------------------------------------- */
 
@@ -461,11 +449,18 @@ static __attribute__((noinline)) int get_fds(lua_State *L, mp_queue *q,
   return 1;
 }
 
-static int queue_get_t(lua_State *L, double timeout) {
-  mp_queue *q = check_queue(L, 1);
-  qshm *s = q->shm;
+/* q:get([timeout]), or q:get_nowait() (nowait 1) */
+static int queue_get_t(lua_State *L, int nowait) {
+  double timeout = nowait ? 0 : mp_opttimeout(L, 2), deadline;
+  mp_queue *q;
+  qshm *s;
   char stackbuf[STACK_ITEM];
-  double deadline = mp_deadline(timeout);
+  if (lua_gettop(L) > 2 - nowait)
+    return luaL_error(L, nowait ? "get_nowait: too many arguments"
+                                : "get: too many arguments");
+  q = check_queue(L, 1);
+  s = q->shm;
+  deadline = mp_deadline(timeout);
   lua_settop(L, 1);
   luaL_checkstack(L, 8, NULL);
   mpq_feeder_tidy(L, q);
@@ -476,8 +471,8 @@ static int queue_get_t(lua_State *L, double timeout) {
     size_t off;
     int err, pushed = 0;
     if (mp_atomic_load(&s->st.nitems) == 0) {
-      if (timeout == 0) goto empty;
-      if (deadline >= 0 && mp_now() >= deadline) goto timedout;
+      if (timeout == 0) return mp_reason(L, "empty");
+      if (deadline >= 0 && mp_now() >= deadline) return mp_reason(L, "timeout");
       if (mpq_wait(L, q, 1, deadline) < 0) return lua_error(L);  /* nothing held */
       continue;
     }
@@ -528,28 +523,13 @@ static int queue_get_t(lua_State *L, double timeout) {
     }
     return 1;
   }
-empty:
-  lua_pushnil(L);
-  lua_pushliteral(L, "empty");
-  return 2;
-timedout:
-  lua_pushnil(L);
-  lua_pushliteral(L, "timeout");
-  return 2;
 }
 
 /* q:get([timeout]) -> v | nil, "empty" | nil, "timeout" */
-static int queue_get(lua_State *L) {
-  double timeout = mp_opttimeout(L, 2);
-  if (lua_gettop(L) > 2) return luaL_error(L, "get: too many arguments");
-  return queue_get_t(L, timeout);
-}
+static int queue_get(lua_State *L) { return queue_get_t(L, 0); }
 
 /* q:get_nowait() -> v | nil, "empty" */
-static int queue_get_nowait(lua_State *L) {
-  if (lua_gettop(L) > 1) return luaL_error(L, "get_nowait: too many arguments");
-  return queue_get_t(L, 0);
-}
+static int queue_get_nowait(lua_State *L) { return queue_get_t(L, 1); }
 
 /* ---- state -------------------------------------------------------- */
 

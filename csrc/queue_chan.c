@@ -28,7 +28,6 @@
  */
 #include "queue.h"
 
-#include <fcntl.h>
 #include <poll.h>
 #include <string.h>
 #include <sys/socket.h>
@@ -88,17 +87,12 @@ MP_API int mpq_dgram_parse(const char *p, size_t len, uint64_t *id, int *nfds) {
 
 MP_API int mpq_chan_send(mp_queue *q, const int *fds, int n, char *mark) {
   qshm *s = q->shm;
-  union {
-    char buf[CMSG_SPACE(sizeof(int) * MP_MAX_FDS)];
-    struct cmsghdr align;
-  } u;
   char h[DGRAM_LEN];
   uint32_t magic = DGRAM_MAGIC, nf = (uint32_t)n;
   uint64_t id;
   struct iovec iov;
-  struct msghdr msg;
-  struct cmsghdr *cm;
-  size_t sz = sizeof(int) * (size_t)n;
+  mp_fdlist fl;
+  int one = 1, sent, err;
   if (n <= 0 || n > MP_MAX_FDS) return EINVAL;
   /* the id is spent before the send: a producer killed after sending
      must not leave a datagram whose id the next one would give again */
@@ -108,19 +102,11 @@ MP_API int mpq_chan_send(mp_queue *q, const int *fds, int n, char *mark) {
   memcpy(h + 8, &id, 8);
   iov.iov_base = h;
   iov.iov_len = sizeof h;
-  memset(&msg, 0, sizeof msg);
-  memset(u.buf, 0, sizeof u.buf);
-  msg.msg_iov = &iov;
-  msg.msg_iovlen = 1;
-  msg.msg_control = u.buf;
-  msg.msg_controllen = CMSG_SPACE(sz);
-  cm = CMSG_FIRSTHDR(&msg);
-  cm->cmsg_level = SOL_SOCKET;
-  cm->cmsg_type = SCM_RIGHTS;
-  cm->cmsg_len = CMSG_LEN(sz);
-  memcpy(CMSG_DATA(cm), fds, sz);
-  while (sendmsg(q->afd, &msg, MSG_DONTWAIT | MSG_NOSIGNAL) < 0)
-    if (errno != EINTR) return errno;
+  fl.n = n;
+  memcpy(fl.fd, fds, sizeof(int) * (size_t)n);
+  /* one datagram: it goes whole or not at all */
+  if ((err = mp_sendv(NULL, q->afd, &iov, &one, &fl, MSG_DONTWAIT, &sent)) != 0)
+    return err;
   if (mpq_crash_stage == 3) _exit(9);
   memset(mark, 0, MARK_LEN);
   mark[0] = (char)MARK_BYTE;

@@ -73,6 +73,15 @@ static const ctype *find_code(int code) {
 #define RD(T, p)    __atomic_load_n((const T *)(p), __ATOMIC_RELAXED)
 #define WR(T, p, v) __atomic_store_n((T *)(p), (T)(v), __ATOMIC_RELAXED)
 
+/* A float or double is read and written whole, as the unsigned integer
+   of its size. */
+typedef union realbits {
+  uint32_t u4;
+  float f;
+  uint64_t u8;
+  double d;
+} realbits;
+
 static void push_elem(lua_State *L, int code, const char *p) {
   switch (code) {
     case 'b': lua_pushinteger(L, RD(int8_t, p)); break;
@@ -85,17 +94,15 @@ static void push_elem(lua_State *L, int code, const char *p) {
     case 'L': case 'Q':                   /* wraps past 2^63, as string.pack "J" */
       lua_pushinteger(L, (lua_Integer)RD(uint64_t, p)); break;
     case 'f': {
-      uint32_t u = RD(uint32_t, p);
-      float f;
-      memcpy(&f, &u, sizeof f);
-      lua_pushnumber(L, (lua_Number)f);
+      realbits v;
+      v.u4 = RD(uint32_t, p);
+      lua_pushnumber(L, (lua_Number)v.f);
       break;
     }
     case 'd': {
-      uint64_t u = RD(uint64_t, p);
-      double d;
-      memcpy(&d, &u, sizeof d);
-      lua_pushnumber(L, (lua_Number)d);
+      realbits v;
+      v.u8 = RD(uint64_t, p);
+      lua_pushnumber(L, (lua_Number)v.d);
       break;
     }
     case 'c': {
@@ -147,18 +154,15 @@ static void write_elem(lua_State *L, int code, char *p, int i) {
     case 'f': case 'd': {
       int isnum = 0;
       lua_Number n = 0;
+      realbits bits;
       if (lua_type(L, i) == LUA_TNUMBER) n = lua_tonumberx(L, i, &isnum);
       if (!isnum) bad_value(L, code, i, "number");
       if (code == 'f') {
-        float f = (float)n;
-        uint32_t u;
-        memcpy(&u, &f, sizeof u);
-        WR(uint32_t, p, u);
+        bits.f = (float)n;
+        WR(uint32_t, p, bits.u4);
       } else {
-        double d = (double)n;
-        uint64_t u;
-        memcpy(&u, &d, sizeof u);
-        WR(uint64_t, p, u);
+        bits.d = (double)n;
+        WR(uint64_t, p, bits.u8);
       }
       break;
     }

@@ -13,7 +13,8 @@
  * MSG_NOSIGNAL (a closed peer is EPIPE, never SIGPIPE), EINTR resumed or
  * handed to the signal's Lua hook (mp_interrupted), and with MSG_DONTWAIT
  * the non-blocking flush of the pool's parent (EAGAIN once the socket is
- * full, the iovecs advanced past what went). mp_recv_fds is one recvmsg
+ * full, the iovecs advanced past what went) and the datagrams of a
+ * queue's descriptor channel (queue_chan.c). mp_recv_fds is one recvmsg
  * that collects the fds that came.
  */
 #include "mp.h"

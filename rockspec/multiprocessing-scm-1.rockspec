@@ -74,6 +74,7 @@ build = {
         "csrc/osutil.c",
         "csrc/embed.c",
         "csrc/pool.c",
+        "csrc/pool_fds.c",
         "csrc/pool_worker.c",
         "csrc/process.c",
         "csrc/queue.c",
