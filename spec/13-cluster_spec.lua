@@ -33,38 +33,7 @@ local function sh(cmd)
   return out
 end
 
--- A redis-server of our own: {dir=, sock=, url=, cli=}; aof: append-only
--- file (fsync always) in its directory.
-local function start_redis(aof, dir)
-  dir = dir or helpers.tmpname("redis")
-  os.execute("mkdir -p " .. dir)
-  local sock = dir .. "/s"
-  local cmd = ("redis-server --port 0 --unixsocket %s --dir %s --save '' --daemonize yes " ..
-               "--pidfile %s/pid --logfile %s/log --appendonly %s --appendfsync always")
-              :format(sock, dir, dir, dir, aof and "yes" or "no")
-  assert(os.execute(cmd))
-  local r = { dir = dir, sock = sock, url = "unix://" .. sock }
-  assert(helpers.wait_until(function()
-    local c = redis.connect{ path = sock, timeout = 2 }
-    if c and c:command("PING") == "PONG" then c:close() return true end
-    if c then c:close() end
-    return false
-  end, 10), "redis-server did not start")
-  function r.cli()
-    return assert(redis.connect{ path = sock, timeout = 5 })
-  end
-  function r.stop(keep)
-    local f = io.open(dir .. "/pid")
-    local pid = f and tonumber(f:read("l"))
-    if f then f:close() end
-    if pid then
-      core.kill(pid, 15)
-      helpers.wait_until(function() return not io.open("/proc/" .. pid .. "/stat") end, 10)
-    end
-    if not keep then os.execute("rm -rf " .. dir) end
-  end
-  return r
-end
+local start_redis = helpers.start_redis
 
 local here = sh("pwd"):gsub("\n$", "")
 local keyfiles = {}

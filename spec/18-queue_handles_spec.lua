@@ -10,16 +10,7 @@ local core = require "multiprocessing.core"
 
 local METHODS = { "fork", "spawn", "forkserver" }
 
--- Start fn(...) in a child of start method m; its exit code is what fn
--- returns (an integer) or 0, an error exits 1.
-local function start(m, fn, ...)
-  local p = mp.get_context(m).Process{ target = function(...)
-    local code = fn(...)
-    os.exit(math.type(code) == "integer" and code or 0, false)
-  end, args = table.pack(...) }
-  p:start()
-  return p
-end
+local start = H.start_by   -- start(m, fn, ...): a child of start method m
 
 -- Run body(); stop the fork server afterwards (leakcheck counts it).
 local function with(m, body)
