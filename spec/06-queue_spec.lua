@@ -481,11 +481,8 @@ describe("Queue across processes", function()
   it("never shows a half-written item of a producer killed mid-put", function()
     local q <close> = mp.Queue()
     q:put(1)
-    local p = spawn(function(qq)
-      core._test.queue_crash(1)                  -- die after copying, before commit
-      qq:put(string.rep("h", 1 << 20))
-    end, q)
-    assert.are.equal(9, p:join(10))
+    -- die after copying, before commit
+    H.crash_at(1, function(qq) qq:put(string.rep("h", 1 << 20)) end, q)
     assert.is_true(q:put(2, 10))
     assert.are.equal(2, q:qsize())
     assert.are.equal(1, q:get(10))
@@ -495,11 +492,7 @@ describe("Queue across processes", function()
 
   it("completes the put of a producer killed after its journal was written", function()
     local q <close> = mp.Queue()
-    local p = spawn(function(qq)
-      core._test.queue_crash(2)                  -- die inside the commit
-      qq:put("journaled")
-    end, q)
-    assert.are.equal(9, p:join(10))
+    H.crash_at(2, function(qq) qq:put("journaled") end, q)   -- die inside the commit
     assert.is_true(q:put("next", 10))
     assert.are.equal("journaled", q:get(10))
     assert.are.equal("next", q:get(10))

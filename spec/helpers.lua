@@ -174,6 +174,17 @@ function H.start_by(m, fn, ...)
   return p
 end
 
+-- Run fn(...) in a child set to die at the queue's crash point point
+-- (core._test.queue_crash: it exits 9 there), and assert that it did.
+function H.crash_at(point, fn, ...)
+  local assert = require "luassert"
+  local p = H.start(function(...)
+    require("multiprocessing.core")._test.queue_crash(point)
+    return fn(...)
+  end, ...)
+  assert.are.equal(9, H.finish(p, 10))
+end
+
 -- H.start_by with the default start method.
 function H.start(fn, ...)
   return H.start_by(nil, fn, ...)
