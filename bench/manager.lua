@@ -39,20 +39,8 @@ local function incr(m)
   return d.n, PROCS * EACH / dt
 end
 
-local function echo(a, b, n)
-  for _ = 1, n do b:put(a:get(30)) end
-end
-
 local function queue_roundtrip(m, n)
-  local a, b = m:Queue(), m:Queue()
-  local p = mp.Process{ target = echo, args = { a, b, n + 1 } }
-  p:start()
-  a:put(0); b:get(30)                         -- the child is running
-  local t0 = now()
-  for i = 1, n do a:put(i); b:get(30) end
-  local dt = now() - t0
-  p:join(30)
-  return n / dt
+  return n / lib.roundtrips(m:Queue(), m:Queue(), n)
 end
 
 if mp.is_main() then

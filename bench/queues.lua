@@ -4,6 +4,7 @@
 local mp = require "multiprocessing"
 local core = require "multiprocessing.core"
 local now = core.monotonic
+local lib = require "bench.lib"
 
 local function producer(q, item, n)
   for _ = 1, n do q:put(item) end
@@ -23,36 +24,19 @@ local function stream(item, n)
   return dt
 end
 
-local function echo(a, b, n)
-  for _ = 1, n do b:put(a:get(30)) end
-end
-
 local function pingpong(n)
   collectgarbage()
-  local a, b = mp.Queue(), mp.Queue()
-  local p = mp.Process{target = echo, args = {a, b, n}}
-  p:start()
-  a:put(0); b:get(30)                       -- the child is running
-  local t0 = now()
-  for i = 2, n do a:put(i); b:get(30) end
-  local dt = now() - t0
-  p:join(30)
-  return (n - 1) / dt
-end
-
-local function out(case, impl, value, unit)
-  io.write(string.format("%s\t%s\t%.1f\t%s\n", case, impl, value, unit))
-  io.flush()
+  return (n - 1) / lib.roundtrips(mp.Queue(), mp.Queue(), n - 1)
 end
 
 if mp.is_main() then
   local N = 1000000
   stream(0, 20000)                          -- warm up (not measured)
-  out("queue_small_int", "lua-mp", N / stream(12345, N), "ops/s")
-  out("queue_small_str", "lua-mp", N / stream("hello, world", N), "ops/s")
+  lib.emit("queue_small_int", "lua-mp", N / stream(12345, N), "ops/s")
+  lib.emit("queue_small_str", "lua-mp", N / stream("hello, world", N), "ops/s")
   local M = 1000
-  out("queue_1mib", "lua-mp", M / stream(string.rep("x", 1 << 20), M), "MiB/s")
-  out("queue_pingpong", "lua-mp", pingpong(200000), "ops/s")
-  local rate = require("bench.lib").c_rate("pingpong", "200000")   -- the C baseline
-  if rate then out("queue_pingpong", "c-pipe", rate, "ops/s") end
+  lib.emit("queue_1mib", "lua-mp", M / stream(string.rep("x", 1 << 20), M), "MiB/s")
+  lib.emit("queue_pingpong", "lua-mp", pingpong(200000), "ops/s")
+  local rate = lib.c_rate("pingpong", "200000")   -- the C baseline
+  if rate then lib.emit("queue_pingpong", "c-pipe", rate, "ops/s") end
 end

@@ -15,18 +15,19 @@ local cqueues = require "cqueues"
 local socket = require "cqueues.socket"
 local condition = require "cqueues.condition"
 
--- primes below n, by trial division (CPU-bound on purpose)
+-- primes below n: each i is tried against the primes found before it, up
+-- to its square root (CPU-bound on purpose)
 local function count_primes(n)
-  local count = n > 2 and 1 or 0
-  for i = 3, n - 1, 2 do
-    local prime, d = true, 3
-    while d * d <= i do
-      if i % d == 0 then prime = false break end
-      d = d + 2
+  local primes = {}
+  for i = 2, n - 1 do
+    local prime = true
+    for _, p in ipairs(primes) do
+      if p * p > i then break end
+      if i % p == 0 then prime = false break end
     end
-    if prime then count = count + 1 end
+    if prime then primes[#primes + 1] = i end
   end
-  return count
+  return #primes
 end
 
 if mp.is_main() then

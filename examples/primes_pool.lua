@@ -3,30 +3,31 @@
 -- once with mp.cpu_count() workers. Prints both counts (equal), both times
 -- and the speed-up, e.g.:
 --   counting primes below 3000000 in 64 ranges
---   1 worker:    216816 primes in 3.10 s
---   2 workers:   216816 primes in 1.58 s
---   speed-up: 1.96x on 2 CPUs
+--   1 worker:    216816 primes in 1.20 s
+--   2 workers:   216816 primes in 0.61 s
+--   speed-up: 1.97x on 2 CPUs
 local mp = require "multiprocessing"
 local clock = require("multiprocessing.core").monotonic
 
 local N = math.tointeger(tonumber(arg and arg[1]) or 3e6)
 local RANGES = 64
 
--- primes in [lo, hi): trial division by odd numbers (CPU-bound on purpose)
+-- is n prime? trial division by 2, 3 and the numbers 6k - 1, 6k + 1
+-- (CPU-bound on purpose)
+local function is_prime(n)
+  if n < 4 then return n > 1 end
+  if n % 2 == 0 or n % 3 == 0 then return false end
+  for d = 5, math.floor(math.sqrt(n)), 6 do
+    if n % d == 0 or n % (d + 2) == 0 then return false end
+  end
+  return true
+end
+
+-- the task: how many primes in [range[1], range[2])
 local function count_primes(range)
-  local lo, hi = range[1], range[2]
   local n = 0
-  if lo <= 2 and hi > 2 then n = 1 end
-  local i = lo > 3 and lo or 3
-  if i % 2 == 0 then i = i + 1 end
-  while i < hi do
-    local prime, d = true, 3
-    while d * d <= i do
-      if i % d == 0 then prime = false break end
-      d = d + 2
-    end
-    if prime then n = n + 1 end
-    i = i + 2
+  for i = range[1], range[2] - 1 do
+    if is_prime(i) then n = n + 1 end
   end
   return n
 end

@@ -121,7 +121,7 @@ describe("Listener and Client arguments", function()
   end)
 
   it("raise an OSError with EMFILE when descriptors run out, and go on after", function()
-    local out, code = H.run_lua([[
+    H.run_ok([[
       local mp = require "multiprocessing"
       local keep, err = {}, nil
       while true do
@@ -137,8 +137,6 @@ describe("Listener and Client arguments", function()
       a:send("ok")
       print(b:recv(1))
     ]], 30, "ulimit -n 64;")
-    assert.are.equal(0, code, out)
-    assert.are.equal("ok\n", out)
   end)
 end)
 
@@ -460,8 +458,8 @@ for _, tr in ipairs({ { "TCP", function() return "127.0.0.1:0" end },
   end)
 end
 
--- Ctrl-C under lua5.4: SIGINT sets a hook that raises "interrupted!";
--- accept, and the authkey handshake after it, let it run at once.
+-- Ctrl-C (see H.interrupt_wait): accept, and the authkey handshake after
+-- it, give way to it at once.
 describe("SIGINT interrupts a blocked wait", function()
   H.leakcheck()
   local interrupt = H.interrupt_wait

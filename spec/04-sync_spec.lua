@@ -3,6 +3,7 @@
 -- recovery of a lock whose holder died, lifecycle.
 local H = require "helpers"
 local mp = require "multiprocessing"
+local core = require "multiprocessing.core"
 
 local spawn, join = H.start, H.finish   -- a child running fn(...); join, kill, close
 
@@ -31,13 +32,7 @@ describe("Lock", function()
 
   it("acquires, refuses a second acquire, and releases", function()
     local l <close> = mp.Lock()
-    assert.is_false(l:locked())
-    assert.is_true(l:acquire())
-    assert.is_true(l:locked())
-    assert.is_false(l:acquire(0))
-    assert.is_false(l:acquire(0.05))
-    l:release()
-    assert.is_false(l:locked())
+    H.lock_once(l)
     assert.is_true(l:acquire(0))
     l:release()
   end)
@@ -162,7 +157,7 @@ describe("Lock", function()
 
   it("is recovered when its dead holder's pid now names another process", function()
     local l <close> = mp.Lock()
-    require("multiprocessing.core")._test.sync_reused(l)   -- our pid, another start time
+    core._test.sync_reused(l)   -- our pid, another start time
     local p = spawn(function()
       local ok, why = l:acquire(10)
       return ok and why == "abandoned" and 0 or 3
@@ -512,6 +507,17 @@ end)
 describe("Barrier", function()
   H.leakcheck()
 
+  -- A child that waits on b for 15 s and exits 4 if the wait breaks (2 for
+  -- any other end); returned once it waits.
+  local function waiter(b)
+    local p = spawn(function()
+      local idx, why = b:wait(15)
+      return (idx == nil and why == "broken") and 4 or 2
+    end)
+    assert.is_true(H.wait_until(function() return b.n_waiting == 1 end, 10))
+    return p
+  end
+
   it("rejects bad arguments", function()
     assert.has_error(function() mp.Barrier() end)
     assert.has_error(function() mp.Barrier(0) end)
@@ -557,12 +563,7 @@ describe("Barrier", function()
 
   it("breaks for everyone when one party times out", function()
     local b <close> = mp.Barrier(3)
-    local p = spawn(function()
-      local idx, why = b:wait(15)
-      if idx == nil and why == "broken" then return 4 end
-      return 2
-    end)
-    assert.is_true(H.wait_until(function() return b.n_waiting == 1 end, 10))
+    local p = waiter(b)
     local idx, why = b:wait(0.1)
     assert.is_nil(idx)
     assert.are.equal("timeout", why)
@@ -579,11 +580,7 @@ describe("Barrier", function()
 
   it("abort() breaks it for waiters, reset() makes it usable again", function()
     local b <close> = mp.Barrier(2)
-    local p = spawn(function()
-      local idx, why = b:wait(15)
-      return (idx == nil and why == "broken") and 4 or 2
-    end)
-    assert.is_true(H.wait_until(function() return b.n_waiting == 1 end, 10))
+    local p = waiter(b)
     b:abort()
     assert.are.equal(4, join(p))
     assert.is_true(b.broken)
@@ -597,11 +594,7 @@ describe("Barrier", function()
 
   it("reset() while a party waits breaks that wait only", function()
     local b <close> = mp.Barrier(2)
-    local p = spawn(function()
-      local idx, why = b:wait(15)
-      return (idx == nil and why == "broken") and 4 or 2
-    end)
-    assert.is_true(H.wait_until(function() return b.n_waiting == 1 end, 10))
+    local p = waiter(b)
     b:reset()
     assert.are.equal(4, join(p))
     assert.is_false(b.broken)
@@ -700,13 +693,12 @@ describe("sync objects as handles", function()
   end)
 end)
 
--- Ctrl-C under lua5.4: SIGINT sets a hook that raises "interrupted!"; a
--- wait in C lets it run at once (before, the wait went on until it ended
--- by itself, so the child below was still waiting when joined).
+-- Ctrl-C (see H.interrupt_wait): a wait in C gives way to it at once
+-- (before, the wait went on until it ended by itself, so the child below
+-- was still waiting when joined).
 describe("SIGINT interrupts a blocked wait", function()
   H.leakcheck()
   local interrupt = H.interrupt_wait
-  local core = require "multiprocessing.core"
 
   it("in Event:wait(30)", function()
     local e <close> = mp.Event()
@@ -827,12 +819,8 @@ describe("SIGINT interrupts a blocked wait", function()
     local go <close> = mp.Event()
     l:acquire()
     local p = spawn(function()
-      core._test.nop_signal(true)
-      go:set()
-      local t0 = core.monotonic()
-      local got = e:wait(0.5)              -- signals come: still times out, on time
-      local dt = core.monotonic() - t0
-      if got ~= false or dt < 0.5 or dt > 3 then return 3 end
+      -- signals come: still times out, on time
+      if H.nop_timed_wait(go, function(t) return e:wait(t) end) ~= false then return 3 end
       if not e:wait(30) then return 4 end     -- set after more signals
       if not l:acquire(30) then return 5 end  -- released after more signals
       l:release()

@@ -4,11 +4,20 @@ local H = require "helpers"
 local mp = require "multiprocessing"
 local core = require "multiprocessing.core"
 
--- Start a process running fn(...) and return it.
-local function spawn(fn, ...)
-  local p = mp.Process{ target = fn, args = table.pack(...) }
-  p:start()
-  return p
+local spawn = H.start   -- a child running fn(...), exiting with what fn returns
+
+-- Put big into the empty queue q and get it back (within 10 s): the ring
+-- grows to hold it and gives its pages back once drained. Returns the
+-- ring's base size.
+local function big_through(q, big)
+  local base = q:_stats().cap
+  assert.is_true(q:put(big))
+  assert.is_true(q:_stats().cap >= #big)
+  local r = q:get(10)
+  assert.are.equal(#big, #r)
+  assert.is_true(r == big)
+  assert.are.equal(base, q:_stats().cap)
+  return base
 end
 
 describe("Queue arguments", function()
@@ -81,32 +90,19 @@ describe("Queue in one process", function()
 
   it("keeps every kind of value exact and in order", function()
     local q <close> = mp.Queue()
-    local values = { 0, -1, math.maxinteger, math.mininteger, 1.5, -0.0, 1 / 0,
-                     false, true, "", "a\0b", string.rep("y", 100000) }
+    local values = H.scalars(string.rep("y", 100000))
     for _, v in ipairs(values) do assert.is_true(q:put(v)) end
     assert.are.equal(#values, q:qsize())
-    for _, v in ipairs(values) do
-      local r = q:get(0)
-      assert.are.equal(v, r)
-      assert.are.equal(math.type(v), math.type(r))
-    end
+    for _, v in ipairs(values) do H.exact(v, q:get(0)) end
     q:put(0 / 0)
-    local nan = q:get(0)
-    assert.is_true(nan ~= nan)
+    H.exact(0 / 0, q:get(0))
     assert.is_true(q:empty())
   end)
 
   it("carries tables through the codec", function()
     local q <close> = mp.Queue()
-    local shared = { 1, 2 }
-    local t = { x = shared, y = shared, list = { "a", { deep = true } } }
-    t.self = t
-    q:put(t)
-    local r = q:get(0)
-    assert.are.equal(r.x, r.y)
-    assert.are.equal(r, r.self)
-    assert.are.same({ 1, 2 }, r.x)
-    assert.is_true(r.list[2].deep)
+    q:put(H.cyclic())
+    H.same_cyclic(q:get(0))
     local big = {}
     for i = 1, 50000 do big[i] = i end        -- an encoded item above 8 KiB
     q:put(big)
@@ -168,14 +164,7 @@ describe("Queue in one process", function()
 
   it("passes a 64 MiB item and gives the memory back once drained", function()
     local q <close> = mp.Queue()
-    local base = q:_stats().cap
-    local big = string.rep("0123456789abcdef", 4 << 20)
-    assert.is_true(q:put(big))
-    assert.is_true(q:_stats().cap >= #big)
-    local r = q:get(1)
-    assert.are.equal(#big, #r)
-    assert.is_true(r == big)
-    assert.are.equal(base, q:_stats().cap)
+    big_through(q, string.rep("0123456789abcdef", 4 << 20))
   end)
 
   it("gets this process's own items back through its feeder", function()
@@ -492,11 +481,8 @@ describe("Queue across processes", function()
   it("never shows a half-written item of a producer killed mid-put", function()
     local q <close> = mp.Queue()
     q:put(1)
-    local p = spawn(function(qq)
-      core._test.queue_crash(1)                  -- die after copying, before commit
-      qq:put(string.rep("h", 1 << 20))
-    end, q)
-    assert.are.equal(9, p:join(10))
+    -- die after copying, before commit
+    H.crash_at(1, function(qq) qq:put(string.rep("h", 1 << 20)) end, q)
     assert.is_true(q:put(2, 10))
     assert.are.equal(2, q:qsize())
     assert.are.equal(1, q:get(10))
@@ -506,11 +492,7 @@ describe("Queue across processes", function()
 
   it("completes the put of a producer killed after its journal was written", function()
     local q <close> = mp.Queue()
-    local p = spawn(function(qq)
-      core._test.queue_crash(2)                  -- die inside the commit
-      qq:put("journaled")
-    end, q)
-    assert.are.equal(9, p:join(10))
+    H.crash_at(2, function(qq) qq:put("journaled") end, q)   -- die inside the commit
     assert.is_true(q:put("next", 10))
     assert.are.equal("journaled", q:get(10))
     assert.are.equal("next", q:get(10))
@@ -785,11 +767,7 @@ describe("Queue's shared memory", function()
 
   it("grows again after a drain gave its pages back (the segment cannot shrink)", function()
     local q <close> = mp.Queue()
-    local base = q:_stats().cap
-    local big = string.rep("b", 32 << 20)
-    assert.is_true(q:put(big))
-    assert.is_true(q:get(10) == big)
-    assert.are.equal(base, q:_stats().cap)
+    local base = big_through(q, string.rep("b", 32 << 20))
     local mid = string.rep("m", base)      -- more than the base ring: it grows
     assert.is_true(q:put(mid))
     assert.is_true(q:_stats().cap > base)
@@ -865,9 +843,9 @@ describe("Queue's shared memory", function()
   end)
 end)
 
--- Ctrl-C under lua5.4: SIGINT sets a hook that raises "interrupted!"; a
--- queue's wait lets it run at once, announced as no waiter and holding
--- nothing, so the queue goes on as before.
+-- Ctrl-C (see H.interrupt_wait): a queue's wait gives way to it at once,
+-- announced as no waiter and holding nothing, so the queue goes on as
+-- before.
 describe("SIGINT interrupts a blocked wait", function()
   H.leakcheck()
   local interrupt = H.interrupt_wait
@@ -933,12 +911,9 @@ describe("SIGINT interrupts a blocked wait", function()
     local q <close> = mp.Queue()
     local go <close> = mp.Event()
     local p = spawn(function()
-      core._test.nop_signal(true)
-      go:set()
-      local t0 = core.monotonic()
-      local v, why = q:get(0.5)            -- signals come: still times out, on time
-      local dt = core.monotonic() - t0
-      if v ~= nil or why ~= "timeout" or dt < 0.5 or dt > 3 then os.exit(3) end
+      -- signals come: still times out, on time
+      local v, why = H.nop_timed_wait(go, function(t) return q:get(t) end)
+      if v ~= nil or why ~= "timeout" then os.exit(3) end
       v = q:get(30)                        -- put after more signals
       local _, n = core._test.nop_signal()
       os.exit(v == 42 and n >= 5 and 0 or 4)

@@ -898,9 +898,9 @@ describe("Pool workers before their first task", function()
   end)
 end)
 
--- Ctrl-C under lua5.4: SIGINT sets a hook that raises "interrupted!". The
--- pool's wait lets it run at once (before, it went on until a result came,
--- and pool:map only noticed when it next looked: seconds later).
+-- Ctrl-C (see H.interrupt_wait): the pool's wait gives way to it at once
+-- (before, it went on until a result came, and pool:map only noticed when
+-- it next looked: seconds later).
 describe("SIGINT interrupts a blocked wait", function()
   H.leakcheck()
   local interrupt = H.interrupt_wait

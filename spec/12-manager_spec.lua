@@ -6,11 +6,7 @@ local mp = require "multiprocessing"
 local core = require "multiprocessing.core"
 local connection = require "multiprocessing.connection"
 
-local function start(fn, ...)
-  local p = mp.Process{ target = fn, args = table.pack(...) }
-  p:start()
-  return p
-end
+local start = H.start   -- a child running fn(...), exiting with what fn returns
 
 -- the manager directories under /tmp
 local function dirs()
@@ -267,12 +263,7 @@ describe("Manager proxies", function()
 
   it("Lock and RLock", function()
     local l = m:Lock()
-    assert.is_true(l:acquire())
-    assert.is_true(l:locked())
-    assert.is_false(l:acquire(0))
-    assert.is_false(l:acquire(0.05))
-    l:release()
-    assert.is_false(l:locked())
+    H.lock_once(l)
     remote_error(function() l:release() end, "unlocked")
     assert.are.same({ 7, 8 }, { l:with(function(a) return a, a + 1 end, 7) })
     assert.is_false(l:locked())

@@ -33,38 +33,7 @@ local function sh(cmd)
   return out
 end
 
--- A redis-server of our own: {dir=, sock=, url=, cli=}; aof: append-only
--- file (fsync always) in its directory.
-local function start_redis(aof, dir)
-  dir = dir or helpers.tmpname("redis")
-  os.execute("mkdir -p " .. dir)
-  local sock = dir .. "/s"
-  local cmd = ("redis-server --port 0 --unixsocket %s --dir %s --save '' --daemonize yes " ..
-               "--pidfile %s/pid --logfile %s/log --appendonly %s --appendfsync always")
-              :format(sock, dir, dir, dir, aof and "yes" or "no")
-  assert(os.execute(cmd))
-  local r = { dir = dir, sock = sock, url = "unix://" .. sock }
-  assert(helpers.wait_until(function()
-    local c = redis.connect{ path = sock, timeout = 2 }
-    if c and c:command("PING") == "PONG" then c:close() return true end
-    if c then c:close() end
-    return false
-  end, 10), "redis-server did not start")
-  function r.cli()
-    return assert(redis.connect{ path = sock, timeout = 5 })
-  end
-  function r.stop(keep)
-    local f = io.open(dir .. "/pid")
-    local pid = f and tonumber(f:read("l"))
-    if f then f:close() end
-    if pid then
-      core.kill(pid, 15)
-      helpers.wait_until(function() return not io.open("/proc/" .. pid .. "/stat") end, 10)
-    end
-    if not keep then os.execute("rm -rf " .. dir) end
-  end
-  return r
-end
+local start_redis = helpers.start_redis
 
 local here = sh("pwd"):gsub("\n$", "")
 local keyfiles = {}
@@ -138,6 +107,13 @@ local function wait_workers(rs, n, queue)
   end, 15)
   c:close()
   return ok
+end
+
+-- The machine "m1" with one worker, once that worker serves.
+local function one_worker(rs)
+  local m1 = machine(rs, "m1", { processes = 1 })
+  assert(wait_workers(rs, 1))
+  return m1
 end
 
 local function keys(rs)
@@ -569,8 +545,7 @@ describe("cluster failures", function()
   after_each(function() stop_machines(); rs.stop(); remove_keyfiles() end)
 
   it("a machine killed mid-task: another takes the task after its lease", function()
-    local m1 = machine(rs, "m1", { processes = 1 })
-    assert(wait_workers(rs, 1))
+    local m1 = one_worker(rs)
     local pool <close> = cluster.Pool{ redis = rs.url, queue = "q", authkey = "k", lease = 1 }
     local flag = helpers.tmpname("started")
     local r = pool:apply_async(function(path)
@@ -620,8 +595,7 @@ describe("cluster failures", function()
   end)
 
   it("a result that holds a handle fails its task with SerializationError naming where", function()
-    local m1 = machine(rs, "m1", { processes = 1 })
-    assert(wait_workers(rs, 1))
+    local m1 = one_worker(rs)
     local pool <close> = cluster.Pool{ redis = rs.url, queue = "q", authkey = "k" }
     local ok, e = pcall(pool.apply, pool, function() return "x", mp.Queue() end)
     assert.is_false(ok)
@@ -633,8 +607,7 @@ describe("cluster failures", function()
   end)
 
   it("a task that kills its worker each time fails with WorkerLostError after max_retries", function()
-    local m1 = machine(rs, "m1", { processes = 1 })
-    assert(wait_workers(rs, 1))
+    local m1 = one_worker(rs)
     local pool <close> = cluster.Pool{ redis = rs.url, queue = "q", authkey = "k", lease = 1, max_retries = 1 }
     local ok, e = pcall(pool.apply, pool, function() os.exit(3) end)
     assert.is_false(ok)
@@ -647,8 +620,7 @@ describe("cluster failures", function()
   end)
 
   it("a client with the wrong key fails fast with AuthenticationError", function()
-    local m1 = machine(rs, "m1", { processes = 1 })
-    assert(wait_workers(rs, 1))
+    local m1 = one_worker(rs)
     local ok, e = pcall(cluster.Pool, { redis = rs.url, queue = "q", authkey = "wrong" })
     assert.is_false(ok); assert.is_true(mp.AuthenticationError:is(e))
     m1.stop()
@@ -664,8 +636,7 @@ describe("cluster failures", function()
   end)
 
   it("a worker refuses an unsigned or forged task before decoding it", function()
-    local m1 = machine(rs, "m1", { processes = 1 })
-    assert(wait_workers(rs, 1))
+    local m1 = one_worker(rs)
     local pool <close> = cluster.Pool{ redis = rs.url, queue = "q", authkey = "k" }
     local marker = helpers.tmpname("pwned")
     local evil = mp.dumps({ c = pool._client, t = 999, mode = "apply", args = {}, lease = 1000,
@@ -729,8 +700,7 @@ describe("cluster failures", function()
   end)
 
   it("a task sent with a key the workers do not share fails with AuthenticationError", function()
-    local m1 = machine(rs, "m1", { processes = 1 })
-    assert(wait_workers(rs, 1))
+    local m1 = one_worker(rs)
     -- the key check expired: the client could not tell at start
     local c = rs.cli(); c:command("DEL", "mp:{q}:key"); c:close()
     local pool <close> = cluster.Pool{ redis = rs.url, queue = "q", authkey = "other" }
@@ -776,8 +746,7 @@ describe("cluster failures", function()
   end)
 
   it("a client that dies leaves its result stream to expire", function()
-    local m1 = machine(rs, "m1", { processes = 1 })
-    assert(wait_workers(rs, 1))
+    local m1 = one_worker(rs)
     local p = helpers.start(function(url)
       local pool = cluster.Pool{ redis = url, queue = "q", authkey = "k", result_ttl = 1 }
       pool:apply_async(function() return 1 end)

@@ -48,6 +48,18 @@ local function sleep_then(t, v)
   return v
 end
 
+-- Run f(pool, blocked, open) with a pool of n workers (as with_pool,
+-- forked): blocked is the pool's first task, which returns true once
+-- open() was called (false after 10 s).
+local function with_blocked(n, f)
+  local gate = H.tmpname("gate")
+  local ok, err = pcall(with_pool, "fork", n, function(pool)
+    f(pool, pool:submit(block_until, gate), function() touch(gate) end)
+  end)
+  os.remove(gate)
+  if not ok then error(err, 0) end
+end
+
 for _, m in ipairs(METHODS) do
   describe("futures under " .. m, function()
     H.leakcheck()
@@ -111,11 +123,9 @@ describe("futures", function()
   end)
 
   it("done is false while the task runs and true once it finished or failed", function()
-    local gate = H.tmpname("gate")
-    with_pool("fork", 1, function(pool)
-      local r = pool:submit(block_until, gate)
+    with_blocked(1, function(pool, r, open)
       assert.is_false(r:done())
-      touch(gate)
+      open()
       assert.is_true(r:wait(10))
       assert.is_true(r:done())
       local bad = pool:submit(error, "task broke")
@@ -123,26 +133,20 @@ describe("futures", function()
       assert.is_true(bad:done())
       assert.is_false(bad:successful())
     end)
-    os.remove(gate)
   end)
 
   it("cancel of a running task is false and the task finishes", function()
-    local gate = H.tmpname("gate")
-    with_pool("fork", 1, function(pool)
-      local r = pool:submit(block_until, gate)
+    with_blocked(1, function(_, r, open)
       -- wait until the worker has taken it: its result can only come after
       assert.is_false(r:wait(0.2))
       assert.is_false(r:cancel())
-      touch(gate)
+      open()
       assert.is_true(r:get(10))
     end)
-    os.remove(gate)
   end)
 
   it("a cancelled task's error_callback and done callbacks get CancelledError", function()
-    local gate = H.tmpname("gate")
-    with_pool("fork", 1, function(pool)
-      local busy = pool:submit(block_until, gate)
+    with_blocked(1, function(pool, busy, open)
       local got
       local r = pool:apply_async(function() return 1 end, {}, {
         callback = function() error("not called") end,
@@ -153,23 +157,20 @@ describe("futures", function()
       pool:poll()
       assert.is_true(mp.CancelledError:is(got), tostring(got))
       assert.are.equal(r, seen)
-      touch(gate)
+      open()
       assert.is_true(busy:get(10))
     end)
-    os.remove(gate)
   end)
 
   it("cancel of a map cancels the chunks not handed out; the others run", function()
-    local gate = H.tmpname("gate")
     local dir = H.tmpname("items")
-    with_pool("fork", 1, function(pool)
-      local busy = pool:submit(block_until, gate)
+    with_blocked(1, function(pool, busy, open)
       local paths = {}
       for i = 1, 20 do paths[i] = dir .. "-" .. i end
       local r = pool:map_async(mark, paths, 1)
       assert.is_true(r:cancel())
       assert.is_false(r:cancel())               -- nothing left to cancel
-      touch(gate)
+      open()
       assert.is_true(busy:get(10))
       assert.is_true(r:wait(10))
       local ok, err = pcall(r.get, r)
@@ -187,7 +188,6 @@ describe("futures", function()
       assert.are.equal(0, st.queued)
       assert.are.equal(21, st.done)             -- cancelled items count as done
     end)
-    os.remove(gate)
   end)
 
   it("add_done_callback: once, with the result, from the owner's pool calls", function()
@@ -358,15 +358,13 @@ describe("results make progress when asked without blocking", function()
   end)
 
   it("mp.wait takes AsyncResults and returns the ready ones", function()
-    local gate = H.tmpname("gate")
-    with_pool("fork", 2, function(pool)
-      local slow = pool:submit(block_until, gate)
+    with_blocked(2, function(pool, slow, open)
       local quick = pool:submit(function() return 1 end)
       local a, b <close> = mp.Pipe()
       local ready = mp.wait({ slow, quick, a }, 10)
       assert.are.same({ quick }, ready)
       assert.are.same({}, mp.wait({ slow, a }, 0.1))
-      touch(gate)
+      open()
       assert.are.same({ slow }, mp.wait({ slow, a }, 10))
       b:send("x")
       assert.are.same({ a }, mp.wait({ a }, 10))
@@ -374,6 +372,5 @@ describe("results make progress when asked without blocking", function()
       assert.are.same({ slow, quick }, mp.wait({ slow, quick, a }, 10))
       a:close()
     end)
-    os.remove(gate)
   end)
 end)

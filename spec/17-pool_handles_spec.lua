@@ -265,18 +265,9 @@ describe("Pool handles: transports without fds", function()
       return
     end
     local cluster = require "multiprocessing.cluster"
-    local dir = H.tmpname("redis")
-    os.execute("mkdir -p " .. dir)
-    assert(os.execute(("redis-server --port 0 --unixsocket %s/s --dir %s --save '' --daemonize yes "
-                       .. "--pidfile %s/pid --logfile %s/log"):format(dir, dir, dir, dir)))
+    local rs = H.start_redis()
     local ok, err = pcall(function()
-      local redis = require "multiprocessing.redis"
-      assert(H.wait_until(function()
-        local c = redis.connect{ path = dir .. "/s", timeout = 2 }
-        if c then c:close() end
-        return c ~= nil
-      end, 10), "redis-server did not start")
-      local pool <close> = cluster.Pool{ redis = "unix://" .. dir .. "/s", queue = "q", authkey = "k" }
+      local pool <close> = cluster.Pool{ redis = rs.url, queue = "q", authkey = "k" }
       local q = mp.Queue()
       local ok1, e1 = pcall(pool.apply_async, pool, function(x) return x end, { 1, q })
       local ok2, e2 = pcall(pool.map_async, pool, function(t) return t end, { { q = q } }, 1)
@@ -287,14 +278,7 @@ describe("Pool handles: transports without fds", function()
       assert.is_false(ok2)
       assert.truthy(e2.message:find("task.args[1].q: cannot serialize Queue handle here", 1, true), e2.message)
     end)
-    local f = io.open(dir .. "/pid")
-    local pid = f and tonumber(f:read("l"))
-    if f then f:close() end
-    if pid then
-      core.kill(pid, 15)
-      H.wait_until(function() return not io.open("/proc/" .. pid .. "/stat") end, 10)
-    end
-    os.execute("rm -rf " .. dir)
+    rs.stop()
     assert(ok, err)
   end)
 end)

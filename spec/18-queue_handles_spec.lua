@@ -10,16 +10,7 @@ local core = require "multiprocessing.core"
 
 local METHODS = { "fork", "spawn", "forkserver" }
 
--- Start fn(...) in a child of start method m; its exit code is what fn
--- returns (an integer) or 0, an error exits 1.
-local function start(m, fn, ...)
-  local p = mp.get_context(m).Process{ target = function(...)
-    local code = fn(...)
-    os.exit(math.type(code) == "integer" and code or 0, false)
-  end, args = table.pack(...) }
-  p:start()
-  return p
-end
+local start = H.start_by   -- start(m, fn, ...): a child of start method m
 
 -- Run body(); stop the fork server afterwards (leakcheck counts it).
 local function with(m, body)
@@ -256,11 +247,7 @@ describe("handles in Queue items", function()
     local r1, w1 = mp.Pipe(false)
     local r2, w2 = mp.Pipe(false)
     local fds0 = H.fd_count()
-    local p = H.start(function(qq, ww)
-      core._test.queue_crash(3)
-      qq:put({ w = ww, who = "dead" })
-    end, q, w1)
-    assert.are.equal(9, H.finish(p, 10))
+    H.crash_at(3, function(qq, ww) qq:put({ w = ww, who = "dead" }) end, q, w1)
     assert.is_true(q:put({ w = w2, who = "next" }, 10))   -- takes the dead one's lock over
     local it = q:get(10)
     assert.are.equal("next", it.who)
@@ -280,11 +267,7 @@ describe("handles in Queue items", function()
     q:put({ w = w1, i = 1 })
     q:put("plain")
     q:put({ w = w2, i = 2 })
-    local p = H.start(function(qq)
-      core._test.queue_crash(4)
-      qq:get(10)
-    end, q)
-    assert.are.equal(9, H.finish(p, 10))
+    H.crash_at(4, function(qq) qq:get(10) end, q)
     assert.are.equal("plain", q:get(10))
     local it = q:get(10)
     assert.are.equal(2, it.i)

@@ -102,6 +102,57 @@ function H.leakcheck()
   env.after_each(function() check() end)
 end
 
+-- Values a channel must carry exactly, ending with long (a long string):
+-- integers at both ends, floats (-0.0 and inf too), booleans, strings with
+-- a NUL. NaN is not among them: send 0 / 0 apart, check it with H.exact.
+function H.scalars(long)
+  return { 0, -1, math.maxinteger, math.mininteger, 1.5, -0.0, 1 / 0,
+           false, true, "", "a\0b", long }
+end
+
+-- Assert that r is v as a channel must give it back: equal and of the
+-- same math.type, or a NaN for a NaN.
+function H.exact(v, r)
+  local assert = require "luassert"
+  if v ~= v then
+    assert.is_true(r ~= r)
+  else
+    assert.are.equal(v, r)
+    assert.are.equal(math.type(v), math.type(r))
+  end
+end
+
+-- A table with a shared reference and a cycle in it, and the assertion
+-- that r is a copy of one that kept both.
+function H.cyclic()
+  local shared = { 1, 2 }
+  local t = { x = shared, y = shared, list = { "a", "b", { deep = true } } }
+  t.self = t
+  return t
+end
+
+function H.same_cyclic(r)
+  local assert = require "luassert"
+  assert.are.equal(r.x, r.y)
+  assert.are.equal(r, r.self)
+  assert.are.same({ 1, 2 }, r.x)
+  assert.is_true(r.list[3].deep)
+end
+
+-- Assert that the free lock l (a Lock or a manager's Lock proxy) locks:
+-- acquire takes it, a second acquire fails at once and after a wait,
+-- release frees it.
+function H.lock_once(l)
+  local assert = require "luassert"
+  assert.is_false(l:locked())
+  assert.is_true(l:acquire())
+  assert.is_true(l:locked())
+  assert.is_false(l:acquire(0))
+  assert.is_false(l:acquire(0.05))
+  l:release()
+  assert.is_false(l:locked())
+end
+
 -- Path of a temporary file name unique to this process.
 local tmpn = 0
 function H.tmpname(tag)
@@ -109,17 +160,34 @@ function H.tmpname(tag)
   return string.format("/tmp/mp-spec-%d-%d-%s", mypid(), tmpn, tag or "x")
 end
 
--- Start a child running fn(...); its exit code is what fn returns (an
--- integer) or 0; an error exits 1. It never returns into busted (the
--- library's exit path).
-function H.start(fn, ...)
+-- Start a child by start method m (nil: the default) running fn(...);
+-- its exit code is what fn returns (an integer) or 0; an error exits 1.
+-- It never returns into busted (the library's exit path).
+function H.start_by(m, fn, ...)
   local mp = require "multiprocessing"
-  local p = mp.Process{ target = function(...)
+  local Process = m and mp.get_context(m).Process or mp.Process
+  local p = Process{ target = function(...)
     local code = fn(...)
     os.exit(math.type(code) == "integer" and code or 0, false)
   end, args = table.pack(...) }
   p:start()
   return p
+end
+
+-- Run fn(...) in a child set to die at the queue's crash point point
+-- (core._test.queue_crash: it exits 9 there), and assert that it did.
+function H.crash_at(point, fn, ...)
+  local assert = require "luassert"
+  local p = H.start(function(...)
+    require("multiprocessing.core")._test.queue_crash(point)
+    return fn(...)
+  end, ...)
+  assert.are.equal(9, H.finish(p, 10))
+end
+
+-- H.start_by with the default start method.
+function H.start(fn, ...)
+  return H.start_by(nil, fn, ...)
 end
 
 -- Join p (killing it if it has not ended within timeout seconds, default
@@ -170,6 +238,21 @@ function H.interrupt_wait(body, settle)
   return code
 end
 
+-- The child's side of H.nop_signals: install the test handler that raises
+-- nothing (core._test.nop_signal(true)), set go, and return what
+-- wait(0.5) returns; raise unless the signals during it left it taking
+-- 0.5 to 3 s.
+function H.nop_timed_wait(go, wait)
+  local core = require "multiprocessing.core"
+  core._test.nop_signal(true)
+  go:set()
+  local t0 = core.monotonic()
+  local r = table.pack(wait(0.5))
+  local dt = core.monotonic() - t0
+  if dt < 0.5 or dt > 3 then error(("the timed wait took %.2f s"):format(dt)) end
+  return table.unpack(r, 1, r.n)
+end
+
 -- Run Lua source in a fresh lua5.4 (with this tree on the paths) and
 -- return its output (stdout and stderr together) and its exit code;
 -- prefix: shell words run before it (e.g. "ulimit -n 64;").
@@ -186,6 +269,52 @@ function H.run_lua(src, timeout, prefix)
   os.remove(script)
   local code = tonumber(out:match("exit:(%d+)\n?$"))
   return out:gsub("exit:%d+\n?$", ""), code
+end
+
+-- H.run_lua(src, timeout, prefix), asserting that src printed "ok" and
+-- nothing else, and exited 0.
+function H.run_ok(src, timeout, prefix)
+  local assert = require "luassert"
+  local out, code = H.run_lua(src, timeout, prefix)
+  assert.are.equal(0, code, out)
+  assert.are.equal("ok\n", out)
+end
+
+-- A redis-server of our own on a Unix socket in dir (default: a new
+-- temporary directory): {dir=, sock=, url=, cli=, stop=}; r.cli() connects
+-- to it, r.stop(keep) stops it and removes dir unless keep. aof: with an
+-- append-only file (fsync always) in dir.
+function H.start_redis(aof, dir)
+  local core = require "multiprocessing.core"
+  local redis = require "multiprocessing.redis"
+  dir = dir or H.tmpname("redis")
+  os.execute("mkdir -p " .. dir)
+  local sock = dir .. "/s"
+  local cmd = ("redis-server --port 0 --unixsocket %s --dir %s --save '' --daemonize yes " ..
+               "--pidfile %s/pid --logfile %s/log --appendonly %s --appendfsync always")
+              :format(sock, dir, dir, dir, aof and "yes" or "no")
+  assert(os.execute(cmd))
+  local r = { dir = dir, sock = sock, url = "unix://" .. sock }
+  assert(H.wait_until(function()
+    local c = redis.connect{ path = sock, timeout = 2 }
+    if c and c:command("PING") == "PONG" then c:close() return true end
+    if c then c:close() end
+    return false
+  end, 10), "redis-server did not start")
+  function r.cli()
+    return assert(redis.connect{ path = sock, timeout = 5 })
+  end
+  function r.stop(keep)
+    local f = io.open(dir .. "/pid")
+    local pid = f and tonumber(f:read("l"))
+    if f then f:close() end
+    if pid then
+      core.kill(pid, 15)
+      H.wait_until(function() return not io.open("/proc/" .. pid .. "/stat") end, 10)
+    end
+    if not keep then os.execute("rm -rf " .. dir) end
+  end
+  return r
 end
 
 -- A copy of the shared-memory segment behind fd in a memfd that is not

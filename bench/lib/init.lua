@@ -19,6 +19,26 @@ function M.rate(n, f, warm)
   return n / (clock() - t0)
 end
 
+-- The child of a round-trip case: puts back on b each item it gets from
+-- a, n times.
+function M.echo(a, b, n)
+  for _ = 1, n do b:put(a:get(30)) end
+end
+
+-- Seconds that n round trips take through the queues a (there) and b
+-- (back) with an echo child, after one unmeasured trip that shows the
+-- child runs. a and b: any objects with put and get(timeout).
+function M.roundtrips(a, b, n)
+  local p = require("multiprocessing").Process{ target = M.echo, args = { a, b, n + 1 } }
+  p:start()
+  a:put(0); b:get(30)                         -- the child is running
+  local t0 = clock()
+  for i = 1, n do a:put(i); b:get(30) end
+  local dt = clock() - t0
+  p:join(30)
+  return dt
+end
+
 -- Build the C program bench/<name>.c (with extra compiler flags cflags)
 -- and run it with args; returns the number it prints (nil when no C
 -- compiler is there).

@@ -6,7 +6,7 @@
 --   MP_AUTHKEY=... mp-worker --redis redis://10.0.0.5:6379/0 --queue primes
 -- `make run-cluster` starts a Redis and two worker "machines" and runs this.
 -- Prints the count and which machine counted how many ranges, e.g.:
---   216816 primes below 3000000 in 1.71 s
+--   216816 primes below 3000000 in 0.16 s
 --   alpha: 33 ranges
 --   beta: 31 ranges
 local cluster = require "multiprocessing.cluster"
@@ -15,22 +15,18 @@ local clock = require("multiprocessing.core").monotonic
 local N = math.tointeger(tonumber(arg and arg[1]) or 3e6)
 local RANGES = 64
 
--- primes in [lo, hi), and the machine that counted them (its workers'
+-- primes in [lo, hi), by a sieve of the range: cross out the multiples of
+-- every d up to sqrt(hi); and the machine that counted them (its workers'
 -- MP_MACHINE, set by make run-cluster; else the worker's parent pid)
 local function count_primes(range)
-  local lo, hi = range[1], range[2]
+  local lo, hi = math.max(range[1], 2), range[2]
+  local composite = {}
+  for d = 2, math.floor(math.sqrt(hi - 1)) do
+    for m = math.max(d * d, (lo + d - 1) // d * d), hi - 1, d do composite[m] = true end
+  end
   local n = 0
-  if lo <= 2 and hi > 2 then n = 1 end
-  local i = lo > 3 and lo or 3
-  if i % 2 == 0 then i = i + 1 end
-  while i < hi do
-    local prime, d = true, 3
-    while d * d <= i do
-      if i % d == 0 then prime = false break end
-      d = d + 2
-    end
-    if prime then n = n + 1 end
-    i = i + 2
+  for i = lo, hi - 1 do
+    if not composite[i] then n = n + 1 end
   end
   return { n, os.getenv("MP_MACHINE") or ("pid " .. require("multiprocessing.core").getppid()) }
 end
