@@ -51,6 +51,7 @@ build = {
     ["multiprocessing.managers.sync"] = "lua/multiprocessing/managers/sync.lua",
     ["multiprocessing.polling"] = "lua/multiprocessing/polling.lua",
     ["multiprocessing.pool"] = "lua/multiprocessing/pool.lua",
+    ["multiprocessing.pool_jobs"] = "lua/multiprocessing/pool_jobs.lua",
     ["multiprocessing.pool_results"] = "lua/multiprocessing/pool_results.lua",
     ["multiprocessing.pool_scheduler"] = "lua/multiprocessing/pool_scheduler.lua",
     ["multiprocessing.pool_supervisor"] = "lua/multiprocessing/pool_supervisor.lua",

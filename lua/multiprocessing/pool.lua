@@ -2,13 +2,15 @@
 -- construction, its calls and its lifecycle.
 --
 -- The parent knows which worker holds which task (docs/design.md,
--- decision 6). The Pool is one object whose methods come from four
+-- decision 6). The Pool is one object whose methods come from five
 -- files, one job each:
 --
 --   pool.lua             the API: options, the calls (apply, submit, map,
 --                        imap, ...), close, terminate, join, poll, fileno,
 --                        the polling protocol, stats
---   pool_scheduler.lua   the books: jobs, chunks, dispatch, results,
+--   pool_jobs.lua        the jobs: their queue, their items cut into
+--                        ranges, their functions' ids, cancel
+--   pool_scheduler.lua   the books: chunks, dispatch, results,
 --                        deadlines, and the step that moves them
 --   pool_supervisor.lua  the workers: start, death, restart, a broken pool
 --   pool_results.lua     AsyncResult (futures too), as_completed, the imap
@@ -72,7 +74,7 @@ local MAX_PROCESSES = 4096     -- csrc/pool.c's bound on slots
 local Pool = {}
 Pool.__index = Pool
 Pool.__name = "multiprocessing.Pool"
-for _, part in ipairs { "pool_scheduler", "pool_supervisor", "pool_results" } do
+for _, part in ipairs { "pool_jobs", "pool_scheduler", "pool_supervisor", "pool_results" } do
   for k, f in pairs(require("multiprocessing." .. part).methods) do Pool[k] = f end
 end
 
@@ -106,7 +108,7 @@ function exports.Pool(opts)
     _initargs = opts.initargs or {},
     _workers = {}, _nworkers = 0, _rr = 0,          -- (pool_supervisor.lua)
     _seq = 0, _timed = {}, _ntimed = 0,               -- (pool_scheduler.lua)
-    _jobs = {}, _jobhead = 1, _jobtail = 1, _active = 0, _unfinished = {},
+    _jobs = {}, _jobhead = 1, _jobtail = 1, _active = 0, _unfinished = {},  -- (pool_jobs.lua)
     _fnids = {}, _nfn = 0, _fncount = 0, _ewma = {},
     _cbq = {}, _cbhead = 1, _cbtail = 1,              -- (pool_results.lua)
     _done = 0, _failed = 0, _restarts = 0,
