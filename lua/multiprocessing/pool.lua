@@ -249,38 +249,7 @@ function Pool:apply(fn, args)
   return new_result(self:_submit("apply", "apply", fn, args, true, nil)):get()
 end
 
--- pool:map_async(fn, list [, chunksize | opts]) -> AsyncResult (of a list)
-function Pool:map_async(fn, xs, opts)
-  return new_result(self:_submit("map_async", "map", fn, xs, false, opts))
-end
-
--- pool:map(fn, list [, chunksize | opts]) -> list of first results (with .n)
-function Pool:map(fn, xs, opts)
-  return new_result(self:_submit("map", "map", fn, xs, false, opts)):get()
-end
-
--- pool:starmap_async(fn, list of argument tables [, chunksize | opts]) -> AsyncResult
-function Pool:starmap_async(fn, xs, opts)
-  return new_result(self:_submit("starmap_async", "map", fn, xs, true, opts))
-end
-
--- pool:starmap(fn, list of argument tables [, chunksize | opts]) -> list
-function Pool:starmap(fn, xs, opts)
-  return new_result(self:_submit("starmap", "map", fn, xs, true, opts)):get()
-end
-
--- pool:imap(fn, list_or_iterator [, chunksize | opts]) -> iterator giving
--- i, results... in input order
-function Pool:imap(fn, xs, opts)
-  local job = self:_submit("imap", "imap", fn, xs, false, opts)
-  return results.imap(self, job)
-end
-
--- pool:imap_unordered(...) -> iterator giving i, results... as they finish
-function Pool:imap_unordered(fn, xs, opts)
-  local job = self:_submit("imap_unordered", "imapu", fn, xs, false, opts)
-  return results.imap_unordered(self, job)
-end
+results.map_calls(Pool, "_submit", "imapu")   -- map, starmap, imap... (_async)
 
 -- ---- for event loops, and numbers --------------------------------------
 

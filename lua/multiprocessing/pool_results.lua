@@ -359,6 +359,37 @@ function M.imap_unordered(pool, job)
   end
 end
 
+-- pool_results.map_calls(Pool, make, imapu): the map family, the same in
+-- both pools, each call a job made by
+-- pool[make](pool, fname, mode, fn, xs, star, opts) (imapu: the mode of
+-- imap_unordered's job):
+--   pool:map_async(fn, list [, chunksize | opts]) -> AsyncResult (of a list)
+--   pool:map(fn, list [, chunksize | opts]) -> list of first results (with .n)
+--   pool:starmap_async(fn, list of argument tables [, chunksize | opts]) -> AsyncResult
+--   pool:starmap(fn, list of argument tables [, chunksize | opts]) -> list
+--   pool:imap(fn, list_or_iterator [, chunksize | opts]) -> iterator giving
+--     i, results... in input order
+--   pool:imap_unordered(...) -> iterator giving i, results... as they finish
+-- (no call is a tail call of make: its errors name the caller's line)
+function M.map_calls(Pool, make, imapu)
+  local new, imap, imap_unordered = M.new, M.imap, M.imap_unordered
+  for name, star in pairs { map = false, starmap = true } do
+    local async = name .. "_async"
+    Pool[async] = function(self, fn, xs, opts)
+      return new(self[make](self, async, "map", fn, xs, star, opts))
+    end
+    Pool[name] = function(self, fn, xs, opts)
+      return new(self[make](self, name, "map", fn, xs, star, opts)):get()
+    end
+  end
+  function Pool.imap(self, fn, xs, opts)
+    return imap(self, self[make](self, "imap", "imap", fn, xs, false, opts))
+  end
+  function Pool.imap_unordered(self, fn, xs, opts)
+    return imap_unordered(self, self[make](self, "imap_unordered", imapu, fn, xs, false, opts))
+  end
+end
+
 -- ---- callbacks and progress ------------------------------------------------
 
 local Pool = {}             -- the methods this module gives the Pool
