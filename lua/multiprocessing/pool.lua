@@ -14,7 +14,7 @@
 --                        deadlines, and the step that moves them
 --   pool_supervisor.lua  the workers: start, death, restart, a broken pool
 --   pool_results.lua     AsyncResult (futures too), as_completed, the imap
---                        iterators, callbacks
+--                        iterators, callbacks, the map family's calls
 --
 -- and pool_worker.lua is the worker's side (it never loads the others).
 -- The engine (channels, epoll set, timer, shared page) is C: the PoolCore

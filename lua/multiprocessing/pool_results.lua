@@ -1,7 +1,8 @@
 -- multiprocessing.pool_results: how a Pool's results reach the program:
 -- AsyncResult (with the futures' done, cancel and add_done_callback, and
 -- the polling protocol of event loops), mp.as_completed, the imap and
--- imap_unordered iterators, callbacks and progress.
+-- imap_unordered iterators, callbacks and progress, and the map family's
+-- calls (map_calls).
 --
 -- Two pools share them: the local Pool (pool.lua) and the cluster pool
 -- (cluster.lua). Each reads a job and makes its pool progress while what
