@@ -350,12 +350,7 @@ function Pool:terminate()
   end
   self:_cleanup()
   self._tasks, self._ntasks = {}, 0
-  local first
-  while self._cbhead < self._cbtail do
-    local ok, e = pcall(self._run_callbacks, self)
-    if not ok and first == nil then first = e end
-  end
-  if first ~= nil then error(first, 0) end
+  self:_run_all_callbacks()
 end
 Pool.__close = Pool.terminate
 

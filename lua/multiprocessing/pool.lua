@@ -330,13 +330,8 @@ function Pool:terminate()
   polling.forget(self)
   self._pc:close()
   -- the done callbacks of the tasks it failed (add_done_callback), and any
-  -- left queued: all run; the first error is raised after them
-  local first
-  while self._cbhead < self._cbtail do
-    local ok, err = pcall(self._run_callbacks, self)
-    if not ok and first == nil then first = err end
-  end
-  if first ~= nil then error(first, 0) end
+  -- left queued: all run
+  self:_run_all_callbacks()
 end
 
 -- pool:join(): wait for the workers to leave (after close or terminate)

@@ -477,4 +477,15 @@ function Pool:_run_callbacks()
   end
 end
 
+-- pool:_run_all_callbacks(): run every queued callback, those after one
+-- that raises too (terminate); the first error is raised after them
+function Pool:_run_all_callbacks()
+  local first
+  while self._cbhead < self._cbtail do
+    local ok, err = pcall(self._run_callbacks, self)
+    if not ok and first == nil then first = err end
+  end
+  if first ~= nil then error(first, 0) end
+end
+
 return M
