@@ -20,8 +20,6 @@ local conn = require "multiprocessing.cluster.conn"
 local wire = require "multiprocessing.cluster.wire"
 local worker = require "multiprocessing.cluster.worker"
 
-local type, tostring, pairs, ipairs, error, setmetatable, pcall =
-      type, tostring, pairs, ipairs, error, setmetatable, pcall
 local unpack, pack = table.unpack, table.pack
 local math_min, math_max, math_ceil = math.min, math.max, math.ceil
 local new_result = results.new
@@ -251,35 +249,7 @@ function Pool:_map(fname, mode, fn, xs, star, opts)
   return job
 end
 
--- pool:map_async(fn, list [, chunksize | opts]) -> AsyncResult (of a list)
-function Pool:map_async(fn, xs, opts)
-  return new_result(self:_map("map_async", "map", fn, xs, false, opts))
-end
-
--- pool:map(fn, list [, chunksize | opts]) -> list of first results (with .n)
-function Pool:map(fn, xs, opts)
-  return new_result(self:_map("map", "map", fn, xs, false, opts)):get()
-end
-
--- pool:starmap_async(fn, list of argument tables [, chunksize | opts]) -> AsyncResult
-function Pool:starmap_async(fn, xs, opts)
-  return new_result(self:_map("starmap_async", "map", fn, xs, true, opts))
-end
-
--- pool:starmap(fn, list of argument tables [, chunksize | opts]) -> list
-function Pool:starmap(fn, xs, opts)
-  return new_result(self:_map("starmap", "map", fn, xs, true, opts)):get()
-end
-
--- pool:imap(fn, xs [, chunksize | opts]) -> iterator giving i, results... in order
-function Pool:imap(fn, xs, opts)
-  return results.imap(self, self:_map("imap", "imap", fn, xs, false, opts))
-end
-
--- pool:imap_unordered(...) -> iterator giving i, results... as they come
-function Pool:imap_unordered(fn, xs, opts)
-  return results.imap_unordered(self, self:_map("imap_unordered", "imap", fn, xs, false, opts))
-end
+results.map_calls(Pool, "_map", "imap")   -- map, starmap, imap... (_async)
 
 -- ---- for event loops, and numbers --------------------------------------
 
@@ -380,12 +350,7 @@ function Pool:terminate()
   end
   self:_cleanup()
   self._tasks, self._ntasks = {}, 0
-  local first
-  while self._cbhead < self._cbtail do
-    local ok, e = pcall(self._run_callbacks, self)
-    if not ok and first == nil then first = e end
-  end
-  if first ~= nil then error(first, 0) end
+  self:_run_all_callbacks()
 end
 Pool.__close = Pool.terminate
 

@@ -15,8 +15,6 @@ local check = require "multiprocessing.check"
 local client = require "multiprocessing.managers.client"
 local proxies = require "multiprocessing.managers.proxies"
 
-local type, error, pairs, ipairs, pcall, tostring, setmetatable, getmetatable, rawget, require =
-      type, error, pairs, ipairs, pcall, tostring, setmetatable, getmetatable, rawget, require
 local getpid = core.getpid
 local call, forget, new_proxy, log = client.call, client.forget, proxies.new, client.log
 
@@ -159,6 +157,15 @@ local function check_running(self, fname)
   end
 end
 
+-- raise unless m is still new (fname: the method called), and has an
+-- address
+local function check_initial(self, fname)
+  if self._state ~= "initial" then
+    error(errors.new("ProcessError", fname .. ": the manager is " .. self._state), 3)
+  end
+  if not self._address then error(fname .. ": the manager needs an address", 3) end
+end
+
 -- m:<typeid>(...) -> a proxy of a new object made in the server
 local function creator(typeid)
   return function(self, ...)
@@ -259,10 +266,7 @@ end
 
 -- m:connect() -> m: use the server at address (another process's manager)
 function Manager.connect(self)
-  if self._state ~= "initial" then
-    error(errors.new("ProcessError", "connect: the manager is " .. self._state), 2)
-  end
-  if not self._address then error("connect: the manager has no address", 2) end
+  check_initial(self, "connect")
   self.address = self._address
   call(self.address, key_of(self), 0, "info")      -- reachable, and the key is right
   self._state = "connected"
@@ -302,10 +306,7 @@ end
 -- m:get_server() -> a server that listens at the manager's address now
 -- (srv.address: port 0 resolved); srv:serve_forever() serves here
 function Manager.get_server(self)
-  if self._state ~= "initial" then
-    error(errors.new("ProcessError", "get_server: the manager is " .. self._state), 2)
-  end
-  if not self._address then error("get_server: the manager needs an address", 2) end
+  check_initial(self, "get_server")
   local srv = require("multiprocessing.managers.server").new(server_spec(self, self._address))
   self.address = srv.address
   self._state = "serving"
@@ -314,10 +315,7 @@ end
 
 -- m:serve_forever(): this process serves until a client calls shutdown
 function Manager.serve_forever(self)
-  if self._state ~= "initial" then
-    error(errors.new("ProcessError", "serve_forever: the manager is " .. self._state), 2)
-  end
-  if not self._address then error("serve_forever: the manager needs an address", 2) end
+  check_initial(self, "serve_forever")
   Manager.get_server(self):serve_forever()
 end
 

@@ -2,17 +2,19 @@
 -- construction, its calls and its lifecycle.
 --
 -- The parent knows which worker holds which task (docs/design.md,
--- decision 6). The Pool is one object whose methods come from four
+-- decision 6). The Pool is one object whose methods come from five
 -- files, one job each:
 --
 --   pool.lua             the API: options, the calls (apply, submit, map,
 --                        imap, ...), close, terminate, join, poll, fileno,
 --                        the polling protocol, stats
---   pool_scheduler.lua   the books: jobs, chunks, dispatch, results,
+--   pool_jobs.lua        the jobs: their queue, their items cut into
+--                        ranges, their functions' ids, cancel
+--   pool_scheduler.lua   the books: chunks, dispatch, results,
 --                        deadlines, and the step that moves them
 --   pool_supervisor.lua  the workers: start, death, restart, a broken pool
 --   pool_results.lua     AsyncResult (futures too), as_completed, the imap
---                        iterators, callbacks
+--                        iterators, callbacks, the map family's calls
 --
 -- and pool_worker.lua is the worker's side (it never loads the others).
 -- The engine (channels, epoll set, timer, shared page) is C: the PoolCore
@@ -72,7 +74,7 @@ local MAX_PROCESSES = 4096     -- csrc/pool.c's bound on slots
 local Pool = {}
 Pool.__index = Pool
 Pool.__name = "multiprocessing.Pool"
-for _, part in ipairs { "pool_scheduler", "pool_supervisor", "pool_results" } do
+for _, part in ipairs { "pool_jobs", "pool_scheduler", "pool_supervisor", "pool_results" } do
   for k, f in pairs(require("multiprocessing." .. part).methods) do Pool[k] = f end
 end
 
@@ -106,7 +108,7 @@ function exports.Pool(opts)
     _initargs = opts.initargs or {},
     _workers = {}, _nworkers = 0, _rr = 0,          -- (pool_supervisor.lua)
     _seq = 0, _timed = {}, _ntimed = 0,               -- (pool_scheduler.lua)
-    _jobs = {}, _jobhead = 1, _jobtail = 1, _active = 0, _unfinished = {},
+    _jobs = {}, _jobhead = 1, _jobtail = 1, _active = 0, _unfinished = {},  -- (pool_jobs.lua)
     _fnids = {}, _nfn = 0, _fncount = 0, _ewma = {},
     _cbq = {}, _cbhead = 1, _cbtail = 1,              -- (pool_results.lua)
     _done = 0, _failed = 0, _restarts = 0,
@@ -247,38 +249,7 @@ function Pool:apply(fn, args)
   return new_result(self:_submit("apply", "apply", fn, args, true, nil)):get()
 end
 
--- pool:map_async(fn, list [, chunksize | opts]) -> AsyncResult (of a list)
-function Pool:map_async(fn, xs, opts)
-  return new_result(self:_submit("map_async", "map", fn, xs, false, opts))
-end
-
--- pool:map(fn, list [, chunksize | opts]) -> list of first results (with .n)
-function Pool:map(fn, xs, opts)
-  return new_result(self:_submit("map", "map", fn, xs, false, opts)):get()
-end
-
--- pool:starmap_async(fn, list of argument tables [, chunksize | opts]) -> AsyncResult
-function Pool:starmap_async(fn, xs, opts)
-  return new_result(self:_submit("starmap_async", "map", fn, xs, true, opts))
-end
-
--- pool:starmap(fn, list of argument tables [, chunksize | opts]) -> list
-function Pool:starmap(fn, xs, opts)
-  return new_result(self:_submit("starmap", "map", fn, xs, true, opts)):get()
-end
-
--- pool:imap(fn, list_or_iterator [, chunksize | opts]) -> iterator giving
--- i, results... in input order
-function Pool:imap(fn, xs, opts)
-  local job = self:_submit("imap", "imap", fn, xs, false, opts)
-  return results.imap(self, job)
-end
-
--- pool:imap_unordered(...) -> iterator giving i, results... as they finish
-function Pool:imap_unordered(fn, xs, opts)
-  local job = self:_submit("imap_unordered", "imapu", fn, xs, false, opts)
-  return results.imap_unordered(self, job)
-end
+results.map_calls(Pool, "_submit", "imapu")   -- map, starmap, imap... (_async)
 
 -- ---- for event loops, and numbers --------------------------------------
 
@@ -359,13 +330,8 @@ function Pool:terminate()
   polling.forget(self)
   self._pc:close()
   -- the done callbacks of the tasks it failed (add_done_callback), and any
-  -- left queued: all run; the first error is raised after them
-  local first
-  while self._cbhead < self._cbtail do
-    local ok, err = pcall(self._run_callbacks, self)
-    if not ok and first == nil then first = err end
-  end
-  if first ~= nil then error(first, 0) end
+  -- left queued: all run
+  self:_run_all_callbacks()
 end
 
 -- pool:join(): wait for the workers to leave (after close or terminate)

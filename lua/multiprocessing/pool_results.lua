@@ -1,7 +1,8 @@
 -- multiprocessing.pool_results: how a Pool's results reach the program:
 -- AsyncResult (with the futures' done, cancel and add_done_callback, and
 -- the polling protocol of event loops), mp.as_completed, the imap and
--- imap_unordered iterators, callbacks and progress.
+-- imap_unordered iterators, callbacks and progress, and the map family's
+-- calls (map_calls).
 --
 -- Two pools share them: the local Pool (pool.lua) and the cluster pool
 -- (cluster.lua). Each reads a job and makes its pool progress while what
@@ -359,6 +360,37 @@ function M.imap_unordered(pool, job)
   end
 end
 
+-- pool_results.map_calls(Pool, make, imapu): the map family, the same in
+-- both pools, each call a job made by
+-- pool[make](pool, fname, mode, fn, xs, star, opts) (imapu: the mode of
+-- imap_unordered's job):
+--   pool:map_async(fn, list [, chunksize | opts]) -> AsyncResult (of a list)
+--   pool:map(fn, list [, chunksize | opts]) -> list of first results (with .n)
+--   pool:starmap_async(fn, list of argument tables [, chunksize | opts]) -> AsyncResult
+--   pool:starmap(fn, list of argument tables [, chunksize | opts]) -> list
+--   pool:imap(fn, list_or_iterator [, chunksize | opts]) -> iterator giving
+--     i, results... in input order
+--   pool:imap_unordered(...) -> iterator giving i, results... as they finish
+-- (no call is a tail call of make: its errors name the caller's line)
+function M.map_calls(Pool, make, imapu)
+  local new, imap, imap_unordered = M.new, M.imap, M.imap_unordered
+  for name, star in pairs { map = false, starmap = true } do
+    local async = name .. "_async"
+    Pool[async] = function(self, fn, xs, opts)
+      return new(self[make](self, async, "map", fn, xs, star, opts))
+    end
+    Pool[name] = function(self, fn, xs, opts)
+      return new(self[make](self, name, "map", fn, xs, star, opts)):get()
+    end
+  end
+  function Pool.imap(self, fn, xs, opts)
+    return imap(self, self[make](self, "imap", "imap", fn, xs, false, opts))
+  end
+  function Pool.imap_unordered(self, fn, xs, opts)
+    return imap_unordered(self, self[make](self, "imap_unordered", imapu, fn, xs, false, opts))
+  end
+end
+
 -- ---- callbacks and progress ------------------------------------------------
 
 local Pool = {}             -- the methods this module gives the Pool
@@ -443,6 +475,17 @@ function Pool:_run_callbacks()
   if self._cbhead > 1 and self._cbhead == self._cbtail then
     self._cbq, self._cbhead, self._cbtail = {}, 1, 1
   end
+end
+
+-- pool:_run_all_callbacks(): run every queued callback, those after one
+-- that raises too (terminate); the first error is raised after them
+function Pool:_run_all_callbacks()
+  local first
+  while self._cbhead < self._cbtail do
+    local ok, err = pcall(self._run_callbacks, self)
+    if not ok and first == nil then first = err end
+  end
+  if first ~= nil then error(first, 0) end
 end
 
 return M

@@ -9,8 +9,8 @@ local core = require "multiprocessing.core"
 local sync = require "multiprocessing.synchronize"
 local check = require "multiprocessing.check"
 
-local type, pcall, tostring, math_type =
-      type, pcall, tostring, math.type
+local type, pcall, tostring, pairs, math_type =
+      type, pcall, tostring, pairs, math.type
 local byte = string.byte
 local argerror = check.argerror
 
@@ -44,11 +44,6 @@ local function check_opts(opts, fname)
     argerror(3, fname, "'lock' must be a boolean, a Lock or an RLock, got " ..
              check.typename(lock), 3)
   end
-  return lock
-end
-
-local function make_lock(lock)
-  if lock == true then return core.sync_new("RLock") end
   return lock
 end
 
@@ -95,6 +90,7 @@ local MAX_BYTES = 1 << 40        -- csrc/sharedctypes.c's bound on a segment
 
 local function new_array(fname, t, init, lock)
   local code = ctype(t, fname)
+  if lock == true then lock = core.sync_new("RLock") end
   local ti = type(init)
   local n
   if math_type(init) == "integer" then
@@ -121,28 +117,18 @@ local function new_array(fname, t, init, lock)
            (ti == "number" and tostring(init) or ti), 3)
 end
 
--- mp.Value(type, [init [, {lock=true}]])
-function exports.Value(t, init, opts)
-  local v = new_value("Value", t, init, check_opts(opts, "Value"))
-  return v
-end
-
--- mp.RawValue(type, [init])
-function exports.RawValue(t, init)
-  local v = new_value("RawValue", t, init, false)
-  return v
-end
-
--- mp.Array(type, size_or_list [, {lock=true}])
-function exports.Array(t, init, opts)
-  local a = new_array("Array", t, init, make_lock(check_opts(opts, "Array")))
-  return a
-end
-
--- mp.RawArray(type, size_or_list)
-function exports.RawArray(t, init)
-  local a = new_array("RawArray", t, init, false)
-  return a
+-- mp.Value(type, [init [, {lock=true}]]), mp.RawValue(type, [init]),
+-- mp.Array(type, size_or_list [, {lock=true}]), mp.RawArray(type, size_or_list)
+for name, new in pairs { Value = new_value, Array = new_array } do
+  local raw = "Raw" .. name
+  exports[name] = function(t, init, opts)
+    local o = new(name, t, init, check_opts(opts, name))
+    return o
+  end
+  exports[raw] = function(t, init)
+    local o = new(raw, t, init, false)
+    return o
+  end
 end
 
 return M

@@ -27,8 +27,7 @@ local process = require "multiprocessing.process"
 local check = require "multiprocessing.check"
 local codec = require "multiprocessing.codec"
 
-local type, error, pairs, ipairs, tostring, pcall, xpcall, require, loadfile, load =
-      type, error, pairs, ipairs, tostring, pcall, xpcall, require, loadfile, load
+local require, loadfile, load = require, loadfile, load  -- names a program may make its own
 local unpack = table.unpack
 local package, stderr, io_open = package, io.stderr, io.open
 

@@ -89,11 +89,15 @@ local function forget(id)
   end
 end
 
+-- the manager at addr is gone (why): forget connection id and raise
+-- ProcessError
+local function lost(addr, id, why)
+  forget(id)
+  error(gone(addr, why), 0)
+end
+
 local function result(addr, id, r)
-  if type(r) ~= "table" then
-    forget(id)
-    error(gone(addr, "it sent a malformed reply"), 0)
-  end
+  if type(r) ~= "table" then lost(addr, id, "it sent a malformed reply") end
   if r[2] then return unpack(r, 3, r.n or #r) end
   local e = r[3]
   if type(e) ~= "table" then e = { message = tostring(e) } end
@@ -111,22 +115,24 @@ local function pcall_as(field, e, f, a, b)
   return ok, r1, r2
 end
 
+-- io_result(addr, id, pcall_as(...)) -> what the send or receive returned.
+-- An error object (a value that cannot be encoded, or decoded here: read
+-- whole, so the connection is still in step) or an interrupt is raised as
+-- it is; any other error means the manager is gone.
+local function io_result(addr, id, ok, r, why)
+  if not ok then
+    if core._is_interrupt(r) or errors.is_error(r) then error(r, 0) end
+    lost(addr, id, r)
+  end
+  return r, why
+end
+
 -- Receive on the socket: -> the reply r, or nil (nothing yet) when
 -- timeout is 0; raises ProcessError when the manager is gone.
 local function sock_recv(e, addr, id, timeout)
   local c = e.conn
-  local okr, r, rwhy = pcall_as("receiving", e, c.recv, c, timeout)
-  if not okr then
-    -- a reply that cannot be decoded here (a class this process has not
-    -- registered) was read whole: the connection is still in step
-    if core._is_interrupt(r) or errors.is_error(r) then error(r, 0) end
-    forget(id)
-    error(gone(addr, r), 0)
-  end
-  if r == nil and rwhy ~= "timeout" then
-    forget(id)
-    error(gone(addr, rwhy or "closed"), 0)
-  end
+  local r, why = io_result(addr, id, pcall_as("receiving", e, c.recv, c, timeout))
+  if r == nil and why ~= "timeout" then lost(addr, id, why or "closed") end
   return r
 end
 
@@ -139,16 +145,8 @@ end
 -- one call over the socket; my is the seq sent (negated if spinning)
 local function sock_call(e, addr, id, my, msg, spinning)
   local c = e.conn
-  local ok, sent, why = pcall_as("sending", e, c.send, c, msg)
-  if not ok then
-    if errors.is_error(sent) or core._is_interrupt(sent) then error(sent, 0) end
-    forget(id)
-    error(gone(addr, sent), 0)
-  end
-  if not sent then
-    forget(id)
-    error(gone(addr, why), 0)
-  end
+  local sent, why = io_result(addr, id, pcall_as("sending", e, c.send, c, msg))
+  if not sent then lost(addr, id, why) end
   local t0 = spinning and monotonic()
   while true do
     local r = sock_recv(e, addr, id, spinning and 0 or nil)
@@ -186,12 +184,7 @@ local function chan_wait(e, addr, id, my, spinning)
     fails = fails + 1
   end
   while true do
-    local ok, r = pcall_as("receiving", e, rep.get, rep, slice)
-    if not ok then
-      if core._is_interrupt(r) or errors.is_error(r) then error(r, 0) end
-      forget(id)
-      error(gone(addr, r), 0)
-    end
+    local r = io_result(addr, id, pcall_as("receiving", e, rep.get, rep, slice))
     if r ~= nil then
       if mine(r, my) then return result(addr, id, r) end
     elseif e.conn:poll() then
@@ -268,43 +261,41 @@ local function go(e, addr, id, my, msg, spinning, st)
       return chan_wait(e, addr, id, my, spinning)
     end
     if core._is_interrupt(err) then error(err, 0) end
-    if not errors.is_error(err) then
-      forget(id)
-      error(gone(addr, err), 0)
-    end
+    if not errors.is_error(err) then lost(addr, id, err) end
     -- a value the queue cannot carry (a handle with fds): by the socket
   end
   if st then st.owner = e end          -- sock_call raises if the send fails
   return sock_call(e, addr, id, my, msg, spinning)
 end
 
--- call(addr, key, oid, method, ...) -> the results of method on object oid
-local function call(addr, key, oid, method, ...)
+-- call_on(addr, key, st, oid, method, ...) -> the results of method on
+-- object oid. st: the state of the proxy making the call, or nil; a proxy
+-- that holds no reference of this process's connection (inherited through
+-- a fork, or its manager's connection opened again) takes one with the
+-- call (msg.inc), so that what it names lives while it does.
+local function call_on(addr, key, st, oid, method, ...)
   local e, id = connect(addr, key)
   seq = seq + 1
   probe = probe + 1
   local spinning = (fails < M.FAILS or probe & 15 == 0) and may_spin()
   local my = spinning and -seq or seq
-  return go(e, addr, id, my, pack(my, oid, method, ...), spinning)
+  local msg = pack(my, oid, method, ...)
+  if st and st.owner ~= e then
+    msg.inc = true
+    return go(e, addr, id, my, msg, spinning, st)
+  end
+  return go(e, addr, id, my, msg, spinning)
+end
+
+-- call(addr, key, oid, method, ...) -> the results of method on object oid
+local function call(addr, key, oid, method, ...)
+  return call_on(addr, key, nil, oid, method, ...)
 end
 M.call = call
 
--- call_st(st, method, ...): a proxy's call (st: its state). A proxy that
--- holds no reference of this process's connection (inherited through a
--- fork, or its manager's connection opened again) takes one with the call
--- (msg.inc), so that what it names lives while it does.
+-- call_st(st, method, ...): a proxy's call (st: its state)
 function M.call_st(st, method, ...)
-  local e, id = connect(st.addr, st.key)
-  seq = seq + 1
-  probe = probe + 1
-  local spinning = (fails < M.FAILS or probe & 15 == 0) and may_spin()
-  local my = spinning and -seq or seq
-  local msg = pack(my, st.oid, method, ...)
-  if st.owner ~= e then
-    msg.inc = true
-    return go(e, st.addr, id, my, msg, spinning, st)
-  end
-  return go(e, st.addr, id, my, msg, spinning)
+  return call_on(st.addr, st.key, st, st.oid, method, ...)
 end
 
 -- client.owner(addr, key) -> this process's connection entry for the

@@ -20,6 +20,15 @@ local M = {}
 local kinds = {}
 M.kinds = kinds
 
+-- kind(name, ...) -> a new table of methods, those of the objects of kind
+-- name and of each other name given (a variant: RLock of Lock...)
+local function kind(...)
+  local methods = {}
+  for _, name in ipairs { ... } do kinds[name] = methods end
+  return methods
+end
+M.kind = kind
+
 -- ---- dict, Namespace -------------------------------------------------------
 
 local function count(t)
@@ -28,8 +37,7 @@ local function count(t)
   return n
 end
 
-local dict = {}
-kinds.dict = dict
+local dict = kind("dict")
 
 function M.new_dict(t)
   if t ~= nil and type(t) ~= "table" then error("dict: table expected, got " .. type(t), 0) end
@@ -109,8 +117,7 @@ function dict.apply(_, o, _, k, fn, ...)
   return v
 end
 
-local namespace = {}
-kinds.Namespace = namespace
+local namespace = kind("Namespace")
 
 local function check_name(k)
   if type(k) ~= "string" or k:sub(1, 1) == "_" then
@@ -134,8 +141,7 @@ namespace.items = dict.items
 
 -- ---- list -----------------------------------------------------------------
 
-local list = {}
-kinds.list = list
+local list = kind("list")
 
 function M.new_list(t)
   if t ~= nil and type(t) ~= "table" then error("list: table expected, got " .. type(t), 0) end
@@ -273,8 +279,7 @@ local function coerce(spec, v, fname)
   return v
 end
 
-local value = {}
-kinds.Value = value
+local value = kind("Value")
 
 function M.new_value(typ, init)
   local spec = check_type(typ, "Value")
@@ -284,8 +289,7 @@ end
 function value.get(_, o) return o.value end
 function value.set(_, o, _, v) o.value = coerce(o.spec, v, "Value") end
 
-local array = {}
-kinds.Array = array
+local array = kind("Array")
 
 function M.new_array(typ, init)
   local spec = check_type(typ, "Array")
@@ -318,8 +322,7 @@ array.items = list.items
 
 -- The object a registered callable returned; its exposed methods are
 -- called as obj:method(...), in the server.
-local custom = {}
-kinds.custom = custom
+kind("custom")          -- no methods of its own: builtins.lua calls them
 M.custom_call = function(o, name, ...)
   local f = o.obj[name]
   if type(f) ~= "function" then

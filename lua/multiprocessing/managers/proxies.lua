@@ -46,7 +46,8 @@ end
 -- (managers/client.lua) whose reference it is, or st.inner is set for a
 -- proxy that lives in its own manager's server (a value stored in a dict,
 -- a queue...), whose reference the server counts itself. M.server is that
--- server, in the server's process (managers/server.lua sets it).
+-- server, in the server's process (managers/server.lua sets it; its
+-- counts are managers/refs.lua's).
 M.server = nil
 
 local function is_local(srv, st)

@@ -16,70 +16,40 @@
 -- A connection that drops has its parked calls withdrawn and what it held
 -- (locks, semaphores) released: sync.release_dropped.
 --
--- Reference counting (docs/managers.md, "Object lifetime"): each object
--- counts its references (o.refs): those of each connection (cl.refs[oid],
--- given back by a request's rel list or when the connection drops),
--- transit ones (o.transit: a proxy on its way, taken by its sender and
--- adopted by its receiver) and those of proxies that live in this server
--- (stored in a dict, a queue...: proxies.lua marks them st.inner, their
--- __gc queues the id in srv.freeq, which the loop empties). An object
--- whose count falls to 0 leaves srv.objects; Lua's GC does the rest.
+-- The server's own calls and the objects it makes are builtins.lua's,
+-- the reference counting of its objects refs.lua's (docs/managers.md,
+-- "Object lifetime"); this file is the loop and the answers.
 
 local core = require "multiprocessing.core"
 local connection = require "multiprocessing.connection"
 local errors = require "multiprocessing.errors"
 local objects = require "multiprocessing.managers.objects"
 local sync = require "multiprocessing.managers.sync"
-
 local proxies = require "multiprocessing.managers.proxies"
+local client = require "multiprocessing.managers.client"
+local refs = require "multiprocessing.managers.refs"
+local builtins = require "multiprocessing.managers.builtins"
 
-local type, pairs, ipairs, pcall, xpcall, error, tostring, setmetatable, require, next =
-      type, pairs, ipairs, pcall, xpcall, error, tostring, setmetatable, require, next
-local collectgarbage = collectgarbage
+local type, pairs, ipairs, pcall, xpcall, error, tostring =
+      type, pairs, ipairs, pcall, xpcall, error, tostring
 local pack, unpack = table.pack, table.unpack
 local mathtype = math.type
 local monotonic, getpid = core.monotonic, core.getpid
 local traceback = debug.traceback
-local kinds = objects.kinds
-local client = require "multiprocessing.managers.client"
+local kinds, own, custom = objects.kinds, builtins.own, builtins.custom
 local may_spin = client.may_spin
+local unref, run_freeq = refs.unref, refs.run_freeq
+local refs_msg, undo_refs = refs.refs_msg, refs.undo_refs
 
 local M = {}
 local Server = {}
 Server.__index = Server
+for _, part in ipairs { refs, builtins } do
+  for k, f in pairs(part.methods) do Server[k] = f end
+end
 local PARK = setmetatable({}, { __tostring = function() return "PARK" end })
 Server.PARK = PARK
 M.ACCEPT_BURST = 64        -- handshakes advanced per loop turn, at most
-
--- The typeids of a SyncManager: typeid -> constructor(srv, ...) -> object
-local BUILTIN = {
-  dict = function(_, t) return objects.new_dict(t) end,
-  list = function(_, t) return objects.new_list(t) end,
-  Namespace = function(_, t) return objects.new_namespace(t) end,
-  Queue = function(_, n) return sync.new_queue(n, false) end,
-  JoinableQueue = function(_, n) return sync.new_queue(n, true) end,
-  Lock = function() return sync.new_lock(false) end,
-  RLock = function() return sync.new_lock(true) end,
-  Semaphore = function(_, n) return sync.new_semaphore(n, false) end,
-  BoundedSemaphore = function(_, n) return sync.new_semaphore(n, true) end,
-  Condition = function(srv, l)
-    local lo
-    if l ~= nil then
-      lo = srv:resolve(l)
-      if not lo or (lo.kind ~= "Lock" and lo.kind ~= "RLock") then
-        error("Condition: the lock must be a Lock or RLock of this manager", 0)
-      end
-    end
-    return sync.new_condition(lo)
-  end,
-  Event = function() return sync.new_event() end,
-  Barrier = function(_, parties, action, timeout)
-    return sync.new_barrier(parties, action, timeout)
-  end,
-  Value = function(_, typ, init) return objects.new_value(typ, init) end,
-  Array = function(_, typ, init) return objects.new_array(typ, init) end,
-}
-local SERVED = { dict = true, list = true, Namespace = true }
 
 -- server.new{address=, authkey=, registry=} -> Server (listening); this
 -- process's proxies of it are now its own (proxies.server)
@@ -140,106 +110,6 @@ local function error_data(e)
     msg = tostring(err)
   end
   return { type = "RemoteError", message = msg, traceback = tb, pid = getpid() }
-end
-
--- ---- references -----------------------------------------------------------
-
-local function unref(self, oid, n)
-  local o = self.objects[oid]
-  if not o then return end
-  o.refs = o.refs - n
-  if o.refs <= 0 then
-    self.objects[oid] = nil
-    local v = o.served
-    if v ~= nil and self.ids[v] == o then self.ids[v] = nil end
-  end
-end
-
-local function cl_unref(self, cl, oid)
-  local n = cl.refs[oid]
-  if not n then return end                -- not this connection's: ignored
-  cl.refs[oid] = n > 1 and n - 1 or nil
-  unref(self, oid, 1)
-end
-
-local function cl_ref(cl, o)
-  o.refs = o.refs + 1
-  cl.refs[o.id] = (cl.refs[o.id] or 0) + 1
-end
-
--- srv:ref_out(oid) -> "c" | "t" | nil: a proxy of this server being
--- serialized (proxies.lua): a reference for the client the answer being
--- encoded goes to, or else a transit one; nil if the object is gone
-function Server:ref_out(oid)
-  local o = self.objects[oid]
-  if not o then return nil end
-  local cl = self.enc_cl
-  if cl then
-    cl_ref(cl, o)
-    local log = self.enc_log
-    if not log then
-      log = {}
-      self.enc_log = log
-    end
-    log[#log + 1] = oid
-    return "c"
-  end
-  o.refs = o.refs + 1
-  o.transit = o.transit + 1
-  return "t"
-end
-
--- srv:ref_in(oid, transit) -> true if the object exists: a proxy of this
--- server rebuilt here holds a reference (adopting a transit one)
-function Server:ref_in(oid, transit)
-  local o = self.objects[oid]
-  if not o then return false end
-  if transit and o.transit > 0 then o.transit = o.transit - 1
-  else o.refs = o.refs + 1 end
-  return true
-end
-
--- srv:unref_later(oid): an inner proxy's __gc (no work in a finalizer)
-function Server:unref_later(oid)
-  local q = self.freeq
-  q[#q + 1] = oid
-end
-
-local function run_freeq(self)
-  local q = self.freeq
-  self.freeq = {}
-  for i = 1, #q do unref(self, q[i], 1) end
-end
-
--- srv:collect(): a full collection, until no inner proxy is left to free
--- (a freed container's proxies are found by the next one)
-function Server:collect()
-  for _ = 1, 32 do
-    collectgarbage("collect")
-    if self.freeq[1] == nil then return end
-    run_freeq(self)
-  end
-end
-
--- a request's reference traffic: inc (the proxy making the call takes a
--- reference for this connection), rel (ids whose references it gives back)
-local function refs_msg(self, cl, oid, inc, rel)
-  if inc then
-    local o = self.objects[oid]
-    if o then cl_ref(cl, o) end
-  end
-  if type(rel) == "table" then
-    for i = 1, #rel do cl_unref(self, cl, rel[i]) end
-  end
-end
-
--- the references an answer that could not be sent gave its client
-local function undo_refs(self)
-  local cl, log = self.enc_cl, self.enc_log
-  self.enc_log = nil
-  if log then
-    for i = 1, #log do cl_unref(self, cl, log[i]) end
-  end
 end
 
 local function send_sock(self, conn, msg)
@@ -307,177 +177,6 @@ local function finish(self, w, ok, first, ...)
   self:grant(w, first, ...)
 end
 
--- ---- the server's own calls (oid 0) -------------------------------------
-
--- the object a proxy of this manager names, or nil
-function Server:resolve(p)
-  local st = proxies.state(p)
-  if st and (st.sid == self.sid or st.sid == nil and st.addr == self.address) then
-    return self.objects[st.oid]
-  end
-  return nil
-end
-
-local function add(self, o)
-  self.nextid = self.nextid + 1
-  o.id = self.nextid
-  o.refs, o.transit = 0, 0
-  self.objects[o.id] = o
-  return o
-end
-
--- the object that serves value v as typeid (registry entry e; nil for a
--- dict, list or Namespace that a method_to_typeid names in a BaseManager):
--- the one made before for the same value, or a new one
-local function serve_value(self, typeid, e, v)
-  local old = self.ids[v]
-  if old then return old end
-  local o
-  local kind = typeid
-  if e then kind = e.proxytype or e.builtin or "custom" end
-  if SERVED[kind] then
-    if type(v) ~= "table" then
-      error("typeid '" .. typeid .. "': a " .. kind .. " proxy needs a table, got "
-            .. type(v), 0)
-    end
-    o = add(self, { kind = kind, t = v, served = v })
-  elseif kind ~= "custom" then
-    error("typeid '" .. typeid .. "' cannot serve a value", 0)
-  else
-    local exposed = e.exposed or objects.exposed_of(v)
-    local set = {}
-    for _, name in ipairs(exposed) do set[name] = true end
-    o = add(self, { kind = "custom", obj = v, served = v, exposed = exposed, exposed_set = set,
-                    m2t = e.method_to_typeid })
-  end
-  self.ids[v] = o
-  return o
-end
-
-local own = {}
--- create(typeid, ...) -> oid, kind, exposed, sid; the object gets one
--- reference, the calling connection's
-function own.create(self, _, w, typeid, ...)
-  local e = self.registry[typeid]
-  if e == nil then error("unknown typeid " .. tostring(typeid), 0) end
-  local o
-  if e.builtin then
-    o = add(self, BUILTIN[e.builtin](self, ...))
-  else
-    local v = e.callable(...)
-    if v == nil then error("the callable of typeid '" .. typeid .. "' returned nil", 0) end
-    o = serve_value(self, typeid, e, v)
-  end
-  cl_ref(self.clients[w.conn], o)
-  return o.id, o.kind, o.exposed, self.sid
-end
-
--- a method_to_typeid method's result: a proxy (of this server, st.inner)
--- of the object that serves it as typeid; its answer gives the caller a
--- reference (ref_out), and this proxy's own goes with it (collected)
-local function as_proxy(self, typeid, v)
-  if v == nil then return nil end
-  local o = serve_value(self, typeid, self.registry[typeid], v)
-  local st = { addr = self.address, key = self.authkey, oid = o.id, kind = o.kind,
-               exposed = o.exposed, sid = self.sid }
-  self:ref_in(o.id, false)
-  st.inner = self
-  return proxies.new(st)
-end
-
--- transit(oid) -> true: a transit reference for a proxy being serialized
--- by its holder (false: no such object)
-function own.transit(self, _, _, oid)
-  local o = self.objects[oid]
-  if not o then return false end
-  o.refs = o.refs + 1
-  o.transit = o.transit + 1
-  return true
-end
-
--- adopt(oid) -> true: the receiver of such a proxy makes a transit
--- reference its connection's (false: no such object)
-function own.adopt(self, _, w, oid)
-  local o = self.objects[oid]
-  if not o then return false end
-  local cl = self.clients[w.conn]
-  if o.transit > 0 then
-    o.transit = o.transit - 1
-    o.refs = o.refs - 1
-  end
-  cl_ref(cl, o)
-  return true
-end
-
--- number_of_objects() -> n: the objects alive, after a full collection
-function own.number_of_objects(self)
-  self:collect()
-  local n = 0
-  for _ in pairs(self.objects) do n = n + 1 end
-  return n
-end
-
--- debug_info() -> {{id=, kind=, refs=, transit=, parked=}, ...} (by id),
--- after a full collection; parked: the entries of a sync object's or
--- queue's waiter lists (live or timed out, not yet dropped)
-local WAIT_LISTS = { "waiters", "getters", "putters", "joiners", "waiting" }
-function own.debug_info(self)
-  self:collect()
-  local r = {}
-  for id, o in pairs(self.objects) do
-    local parked = 0
-    if type(o) == "table" then
-      for _, k in ipairs(WAIT_LISTS) do
-        if type(rawget(o, k)) == "table" then parked = parked + #o[k] end
-      end
-    end
-    r[#r + 1] = { id = id, kind = o.kind, refs = o.refs, transit = o.transit, parked = parked }
-  end
-  table.sort(r, function(a, b) return a.id < b.id end)
-  return r
-end
-
--- channel() -> req, rep: two queues for this client's calls (managers.lua)
-function own.channel(self, _, w)
-  local cl = self.clients[w.conn]
-  if not cl.req then
-    local mp = require "multiprocessing"
-    cl.req, cl.rep = mp.Queue(), mp.Queue()
-    self.dirty = true
-  end
-  return cl.req, cl.rep
-end
-
-function own.shutdown(self)
-  self.stopping = true
-  return true
-end
-
--- info() -> {objects=, clients=, parked=, pending=, refused=}, pid
-function own.info(self)
-  local n, c, parked = 0, 0, 0
-  for _ in pairs(self.objects) do n = n + 1 end
-  for _, cl in pairs(self.clients) do
-    c = c + 1
-    for _ in pairs(cl.parked) do parked = parked + 1 end
-  end
-  local hs = self.listener:_handshakes()
-  return { objects = n, clients = c, parked = parked, pending = #hs, refused = self.refused },
-         getpid()
-end
-
-local function custom_method(name)
-  return function(self, o, _, ...)
-    if not o.exposed_set[name] then
-      error("'" .. tostring(name) .. "' is not exposed by this object", 0)
-    end
-    local m2t = o.m2t
-    local typeid = m2t and m2t[name]
-    if typeid then return as_proxy(self, typeid, (objects.custom_call(o, name, ...))) end
-    return objects.custom_call(o, name, ...)
-  end
-end
-
 -- ---- the loop -----------------------------------------------------------
 
 function Server:dispatch(conn, msg, chan)
@@ -490,6 +189,7 @@ function Server:dispatch(conn, msg, chan)
   if inc or rel then refs_msg(self, self.clients[conn], oid, inc, rel) end
   if mathtype(seq) == "integer" and seq < 0 then self.peer_spins = true end
   local fn, o
+  local args = 4                         -- where msg's arguments start
   if oid == 0 then
     fn, o = own[method], self
   else
@@ -497,13 +197,13 @@ function Server:dispatch(conn, msg, chan)
     if o == nil then
       return fail(self, w, "no object " .. tostring(oid) .. " in this manager")
     end
-    if o.kind == "custom" then fn = custom_method(method)
+    if o.kind == "custom" then fn, args = custom, 3      -- custom(srv, o, w, method, ...)
     else fn = kinds[o.kind][method] end
   end
   if type(fn) ~= "function" then
     return fail(self, w, "no method '" .. tostring(method) .. "' here")
   end
-  finish(self, w, xpcall(fn, handler, self, o, w, unpack(msg, 4, msg.n or #msg)))
+  finish(self, w, xpcall(fn, handler, self, o, w, unpack(msg, args, msg.n or #msg)))
 end
 
 local function close_channel(cl)

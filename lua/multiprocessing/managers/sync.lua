@@ -20,7 +20,7 @@ local mathtype = math.type
 local remove = table.remove
 
 local M = {}
-local kinds = objects.kinds
+local kind = objects.kind
 
 local function check_timeout(t)
   if t ~= nil and (type(t) ~= "number" or not (t >= 0)) then
@@ -55,9 +55,7 @@ end
 
 -- ---- Lock, RLock ----------------------------------------------------------
 
-local lock = {}
-kinds.Lock = lock
-kinds.RLock = lock
+local lock = kind("Lock", "RLock")
 
 function M.new_lock(reentrant)
   return { kind = reentrant and "RLock" or "Lock", owner = nil, count = 0,
@@ -132,9 +130,7 @@ end
 
 -- ---- Semaphore, BoundedSemaphore -------------------------------------------
 
-local sem = {}
-kinds.Semaphore = sem
-kinds.BoundedSemaphore = sem
+local sem = kind("Semaphore", "BoundedSemaphore")
 
 function M.new_semaphore(n, bounded)
   n = int_at_least(n, 1, 0, "Semaphore: the value")
@@ -190,8 +186,7 @@ function sem.get_value(_, o) return o.value end
 
 -- ---- Condition --------------------------------------------------------------
 
-local cond = {}
-kinds.Condition = cond
+local cond = kind("Condition")
 
 function M.new_condition(lockobj)
   return { kind = "Condition", lock = lockobj or M.new_lock(true), waiters = {} }
@@ -256,8 +251,7 @@ function cond.notify_all(srv, o, w) notify(srv, o, w, math.huge) end
 
 -- ---- Event --------------------------------------------------------------
 
-local event = {}
-kinds.Event = event
+local event = kind("Event")
 
 function M.new_event() return { kind = "Event", flag = false, waiters = {} } end
 
@@ -281,8 +275,7 @@ end
 
 -- ---- Barrier -----------------------------------------------------------------
 
-local barrier = {}
-kinds.Barrier = barrier
+local barrier = kind("Barrier")
 
 function M.new_barrier(parties, action, timeout)
   int_at_least(parties, nil, 1, "Barrier: parties")
@@ -354,9 +347,7 @@ function barrier.broken(_, o) return o.broken end
 
 -- ---- Queue, JoinableQueue -------------------------------------------------
 
-local queue = {}
-kinds.Queue = queue
-kinds.JoinableQueue = queue
+local queue = kind("Queue", "JoinableQueue")
 
 function M.new_queue(maxsize, joinable)
   maxsize = int_at_least(maxsize, 0, 0, "Queue: maxsize")
