@@ -20,6 +20,8 @@ local conn = require "multiprocessing.cluster.conn"
 local wire = require "multiprocessing.cluster.wire"
 local worker = require "multiprocessing.cluster.worker"
 
+local type, tostring, pairs, ipairs, error, setmetatable, pcall =
+      type, tostring, pairs, ipairs, error, setmetatable, pcall
 local unpack, pack = table.unpack, table.pack
 local math_min, math_max, math_ceil = math.min, math.max, math.ceil
 local new_result = results.new

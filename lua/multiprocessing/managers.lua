@@ -15,6 +15,8 @@ local check = require "multiprocessing.check"
 local client = require "multiprocessing.managers.client"
 local proxies = require "multiprocessing.managers.proxies"
 
+local type, error, pairs, ipairs, pcall, tostring, setmetatable, getmetatable, rawget, require =
+      type, error, pairs, ipairs, pcall, tostring, setmetatable, getmetatable, rawget, require
 local getpid = core.getpid
 local call, forget, new_proxy, log = client.call, client.forget, proxies.new, client.log
 

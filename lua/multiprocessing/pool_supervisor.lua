@@ -23,6 +23,8 @@ local log = require "multiprocessing.log"
 local process = require "multiprocessing.process"
 local worker = require "multiprocessing.pool_worker"
 
+local type, error, pairs, next, tostring, setmetatable, pcall =
+      type, error, pairs, next, tostring, setmetatable, pcall
 local math_min, math_max = math.min, math.max
 local monotonic = core.monotonic
 

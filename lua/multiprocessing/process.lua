@@ -16,6 +16,8 @@ local log = require "multiprocessing.log"
 local check = require "multiprocessing.check"
 local polling = require "multiprocessing.polling"
 
+local type, error, pairs, tostring, setmetatable, xpcall, pcall =
+      type, error, pairs, tostring, setmetatable, xpcall, pcall
 local unpack, traceback = table.unpack, debug.traceback
 local stderr = io.stderr
 

@@ -27,7 +27,8 @@ local process = require "multiprocessing.process"
 local check = require "multiprocessing.check"
 local codec = require "multiprocessing.codec"
 
-local require, loadfile, load = require, loadfile, load  -- names a program may make its own
+local type, error, pairs, ipairs, tostring, pcall, xpcall, require, loadfile, load =
+      type, error, pairs, ipairs, tostring, pcall, xpcall, require, loadfile, load
 local unpack = table.unpack
 local package, stderr, io_open = package, io.stderr, io.open
 

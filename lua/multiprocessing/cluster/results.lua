@@ -9,6 +9,8 @@ local polling = require "multiprocessing.polling"
 local results = require "multiprocessing.pool_results"
 local wire = require "multiprocessing.cluster.wire"
 
+local type, tostring, tonumber, pairs, ipairs, error =
+      type, tostring, tonumber, pairs, ipairs, error
 local unpack = table.unpack
 local monotonic = core.monotonic
 local math_min = math.min

@@ -24,6 +24,8 @@ local errors = require "multiprocessing.errors"
 local conn = require "multiprocessing.cluster.conn"
 local wire = require "multiprocessing.cluster.wire"
 
+local type, tostring, tonumber, pairs, ipairs, error, pcall =
+      type, tostring, tonumber, pairs, ipairs, error, pcall
 local pack, unpack = table.pack, table.unpack
 local monotonic = core.monotonic
 local math_min, math_max = math.min, math.max
