@@ -74,13 +74,19 @@ end
 
 local contexts = {}
 
+-- a copy of opts (argument 1 of a call to fname: a table or nil)
+-- whose start_method is m unless it names one
+local function with_method(opts, m, fname)
+  check.type(opts, "table", 1, fname, nil, 3)
+  local o = {}
+  for k, v in pairs(opts or {}) do o[k] = v end
+  if o.start_method == nil then o.start_method = m end
+  return o
+end
+
 local function bind_process(m)
   return function(opts)
-    check.type(opts, "table", 1, "Process")
-    local o = {}
-    for k, v in pairs(opts or {}) do o[k] = v end
-    if o.start_method == nil then o.start_method = m end
-    return require("multiprocessing").Process(o)
+    return require("multiprocessing").Process(with_method(opts, m, "Process"))
   end
 end
 
@@ -99,11 +105,7 @@ local function bind_manager(m, ctx)
   return function(a, b)
     local opts = a
     if a == ctx then opts = b end
-    check.type(opts, "table", 1, "Manager")
-    local o = {}
-    for k, v in pairs(opts or {}) do o[k] = v end
-    if o.start_method == nil then o.start_method = m end
-    return require("multiprocessing").Manager(o)
+    return require("multiprocessing").Manager(with_method(opts, m, "Manager"))
   end
 end
 
