@@ -39,7 +39,10 @@
 
 #define RBUF_SIZE 65536
 
+#define CONN_MAGIC 0x4d50434f4e4eu   /* "MPCONN": never a user address */
+
 struct mp_conn {
+  uint64_t magic;      /* CONN_MAGIC: to_conn's check, as sync.h's */
   int fd;              /* -1 when closed */
   int readable, writable;
   int eof;             /* the peer closed: nothing more will come */
@@ -60,8 +63,15 @@ struct mp_conn {
   size_t slen, spos;
 };
 
+/* a full userdata of our size with our magic (no registry look-up:
+   sync.h's check_sync) */
 static mp_conn *to_conn(lua_State *L, int i) {
-  return (mp_conn *)luaL_checkudata(L, i, MP_CONNECTION_T);
+  mp_conn *c = (mp_conn *)lua_touserdata(L, i);
+  if (__builtin_expect(c != NULL && lua_rawlen(L, i) == sizeof(mp_conn) &&
+                       c->magic == CONN_MAGIC, 1))
+    return c;
+  luaL_typeerror(L, i, MP_CONNECTION_T);
+  return NULL;
 }
 
 static mp_conn *check_conn(lua_State *L, int i) {
@@ -100,6 +110,7 @@ static void conn_release(mp_conn *c) {
 MP_API mp_conn *mp_conn_push(lua_State *L) {
   mp_conn *c = (mp_conn *)lua_newuserdatauv(L, sizeof(mp_conn), 1);
   memset(c, 0, sizeof *c);
+  c->magic = CONN_MAGIC;
   c->fd = -1;
   luaL_setmetatable(L, MP_CONNECTION_T);
   mp_buf_push(L, 0);

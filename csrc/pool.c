@@ -75,8 +75,16 @@ static void put_u32(lua_State *L, mp_buf *b, uint32_t v) {
 
 /* ---- the PoolCore object ------------------------------------------- */
 
+/* a full userdata with our magic, as long as its n slots say (no
+   registry look-up: sync.h's check_sync) */
 MP_API pcore *mp_pool_to(lua_State *L, int i) {
-  return (pcore *)luaL_checkudata(L, i, MP_POOL_T);
+  pcore *pc = (pcore *)lua_touserdata(L, i);
+  if (__builtin_expect(pc != NULL && lua_rawlen(L, i) >= sizeof(pcore) &&
+                       pc->magic == POOL_MAGIC &&
+                       lua_rawlen(L, i) == sizeof(pcore) + sizeof(slot) * (size_t)pc->n, 1))
+    return pc;
+  luaL_typeerror(L, i, MP_POOL_T);
+  return NULL;
 }
 
 MP_API pcore *mp_pool_check(lua_State *L, int i) {
@@ -139,6 +147,7 @@ static int pool_new(lua_State *L) {
   luaL_argcheck(L, n >= 1 && n <= 4096, 1, "processes must be in 1..4096");
   pc = (pcore *)lua_newuserdatauv(L, sizeof(pcore) + sizeof(slot) * (size_t)n, 0);
   memset(pc, 0, sizeof(pcore) + sizeof(slot) * (size_t)n);
+  pc->magic = POOL_MAGIC;
   pc->n = (int)n;
   pc->epfd = pc->tfd = pc->shmfd = -1;
   pc->closed = 1;                        /* nothing to release yet */

@@ -101,8 +101,11 @@ typedef struct slot {
   pool_fifo ff;                        /* fds read, the frame's claimed */
 } slot;
 
+#define POOL_MAGIC 0x4d50504f4f4cu     /* "MPPOOL": never a user address */
+
 /* A PoolCore userdata (MP_POOL_T). */
 typedef struct pcore {
+  uint64_t magic;                      /* POOL_MAGIC: mp_pool_to's check */
   struct pcore *next, **prevp;         /* the live pools (pool.c) */
   int owner;                           /* pid of the process that made it */
   int n, closed;

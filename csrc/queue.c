@@ -52,12 +52,13 @@ static int q_corrupt(lua_State *L, const char *call, const char *what) {
 
 /* ---- userdata ----------------------------------------------------- */
 
+/* A queue of any of the three classes: a full userdata of our size with
+   our magic (no registry look-up: sync.h's check_sync) */
 static mp_queue *to_queue(lua_State *L, int i) {
-  int k;
-  for (k = 0; k < 3; k++) {
-    mp_queue *q = (mp_queue *)luaL_testudata(L, i, kind_classes[k]);
-    if (q != NULL) return q;
-  }
+  mp_queue *q = (mp_queue *)lua_touserdata(L, i);
+  if (__builtin_expect(q != NULL && lua_rawlen(L, i) == sizeof(mp_queue) &&
+                       q->magic == QUEUE_MAGIC, 1))
+    return q;
   luaL_typeerror(L, i, "Queue");
   return NULL;
 }
@@ -101,6 +102,7 @@ static void queue_release(mp_queue *q, int mode) {
 static mp_queue *queue_push(lua_State *L, int kind) {
   mp_queue *q = (mp_queue *)lua_newuserdatauv(L, sizeof(mp_queue), 1);
   memset(q, 0, sizeof *q);
+  q->magic = QUEUE_MAGIC;
   q->fd = q->efd = q->afd = q->bfd = -1;
   q->kind = kind;
   q->spin = SPIN_SECS;

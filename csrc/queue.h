@@ -94,8 +94,11 @@ typedef struct rec {
 
 struct feeder;
 
+#define QUEUE_MAGIC 0x4d5051554555u   /* "MPQUEU": never a user address */
+
 /* One process's view of a queue (the userdata of all three classes). */
 typedef struct mp_queue {
+  uint64_t magic;       /* QUEUE_MAGIC: to_queue's check, as sync.h's */
   qshm *shm;            /* NULL when closed */
   char *ring;           /* ring mapping (mapcap bytes), NULL until first use */
   size_t mapcap;

@@ -134,6 +134,34 @@ describe("argument errors", function()
     for _, case in ipairs(cases) do points_here(case) end
   end)
 
+  it("say which class a C method wants when it gets another object", function()
+    local q <close> = mp.Queue()
+    local jq <close> = mp.JoinableQueue()
+    local a, b = mp.Pipe()
+    local lock <close> = mp.Lock()
+    local pool <close> = mp.Pool(1)
+    local pc = pool._pc
+    -- (the checks compare a size and a number, not the metatable: none of
+    -- these may pass them)
+    local others = { {}, io.stdout, lock, a, pc, 1, "x" }
+    for _, o in ipairs(others) do
+      if o ~= a then
+        assert.truthy(bare(a.send, o, 1):match("^bad argument #1 to '[^']*' %(multiprocessing%.Connection expected"),
+                      tostring(o))
+      end
+      assert.truthy(bare(q.put, o, 1):match("^bad argument #1 to '[^']*' %(Queue expected"), tostring(o))
+      assert.truthy(bare(jq.task_done, o):match("^bad argument #1 to '[^']*' %(Queue expected"), tostring(o))
+      if o ~= pc then
+        assert.truthy(bare(pc.flush, o):match("^bad argument #1 to '[^']*' %(multiprocessing%.PoolCore expected"),
+                      tostring(o))
+      end
+    end
+    -- each queue class's methods take the others' objects where Python's do
+    assert.is_true(q.put(jq, 7))
+    assert.are.equal(7, jq:get(5))
+    a:close(); b:close()
+  end)
+
   it("point at the caller's line for methods written in Lua", function()
     local pool <close> = mp.Pool(1)
     local lock <close> = mp.Lock()

@@ -31,7 +31,7 @@ local results = require "multiprocessing.pool_results"
 local jobs = require "multiprocessing.pool_jobs"
 
 local type, pairs, tostring, pcall = type, pairs, tostring, pcall
-local math_huge, math_min, math_max = math.huge, math.min, math.max
+local math_huge, math_max = math.huge, math.max
 local monotonic = core.monotonic
 local has_work, take_chunk = jobs.has_work, jobs.take_chunk
 
@@ -66,8 +66,10 @@ function Pool:_depth(job)
   local per = self._ewma[job.fnid]
   if not per then return job.mode == "map" and 2 or 1 end
   local est = per * job.chunksize
-  if est < FAST_US then
-    return est > 0 and math_max(4, math_min(64, QUEUED_US // est)) or 64
+  if est < FAST_US then                   -- QUEUED_US // est, 4 to 64
+    if est * 64 <= QUEUED_US then return 64 end
+    if est * 4 >= QUEUED_US then return 4 end
+    return QUEUED_US // est
   end
   if est < MEDIUM_US then return 2 end
   return 1
@@ -110,12 +112,16 @@ function Pool:_dispatch()
   if not job then return end
   local n, workers, maxtasks = self._n, self._workers, self._maxtasks
   local start = self._rr
+  local djob, depth                       -- _depth(djob): no result comes meanwhile
   for i = 1, n do
     local slot = (start + i - 1) % n + 1
     local w = workers[slot]
     while w and not w.exclusive and not w.retiring do
-      job = self:_head_job()
-      if not job then self._rr = slot return end
+      job = self._jobs[self._jobhead]     -- _head_job's answer, mostly
+      if not (job and has_work(job)) then
+        job = self:_head_job()
+        if not job then self._rr = slot return end
+      end
       local maxn = math_huge
       if maxtasks then
         maxn = maxtasks - w.items
@@ -124,8 +130,9 @@ function Pool:_dispatch()
       if job.timeout then
         if w.inflight > 0 then break end
         maxn = 1
-      elseif w.inflight >= self:_depth(job) then
-        break
+      else
+        if job ~= djob then djob, depth = job, self:_depth(job) end
+        if w.inflight >= depth then break end
       end
       local first, cnt = take_chunk(job, maxn)
       if first then self:_send(slot, w, job, first, cnt)
