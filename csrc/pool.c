@@ -277,50 +277,44 @@ static int pool_ctl(lua_State *L) {
   return 0;
 }
 
-/* pc:task(i, seq, fnid, star, list, a, b): items list[a..b] as one chunk;
-   star: each item is a table of arguments (n = its .n or #) */
-static int pool_task(lua_State *L) {
-  pcore *pc = mp_pool_check(L, 1);
-  slot *s = mp_pool_slot(L, pc, 2);
-  uint32_t seq = (uint32_t)luaL_checkinteger(L, 3);
-  uint32_t fnid = (uint32_t)luaL_checkinteger(L, 4);
-  int star = lua_toboolean(L, 5);
-  lua_Integer a = luaL_checkinteger(L, 7), b = luaL_checkinteger(L, 8), k;
-  luaL_checktype(L, 6, LUA_TTABLE);
-  luaL_argcheck(L, a >= 1 && b >= a && b - a < (lua_Integer)UINT32_MAX, 7,
-                "bad chunk range");
-  lua_settop(L, 8);
+/* Frame items list[a..b] (the list at index 6) as one TASK frame seq; the
+   stack's top is base (an item goes at base + 1, a task's arguments table
+   at base + 2). star: each item is a table of arguments (n = its .n or #) */
+static void frame_task(lua_State *L, pcore *pc, slot *s, uint32_t seq, uint32_t fnid,
+                       int star, lua_Integer a, lua_Integer b, int base) {
+  const int item = base + 1, args = base + 2;
+  lua_Integer k;
   fr_begin(L, s, MP_FRAME_TASK);
   put_u32(L, &s->out, seq);
   put_u32(L, &s->out, fnid);
   put_u32(L, &s->out, (uint32_t)(b - a + 1));
   for (k = a; k <= b; k++) {
-    int t = lua_rawgeti(L, 6, k);                 /* 9: item */
+    int t = lua_rawgeti(L, 6, k);                 /* item */
     if (!star) {
       if (s->out.cap - s->out.len < 4) mp_buf_reserve(L, &s->out, 4);
       pool_wr_u32(s->out.data + s->out.len, 1);
       s->out.len += 4;
-      pool_put_value(L, &s->out, 9, t, &s->oq, s->frame_start);
+      pool_put_value(L, &s->out, item, t, &s->oq, s->frame_start);
     } else {
       lua_Integer argc, j;
       size_t istart;
-      if (lua_type(L, 9) != LUA_TTABLE)
-        return luaL_error(L, "arguments of task %d must be a table (got %s)",
-                          (int)k, luaL_typename(L, 9));
-      if (lua_getfield(L, 9, "n") == LUA_TNUMBER) argc = lua_tointeger(L, -1);
-      else argc = (lua_Integer)lua_rawlen(L, 9);
+      if (lua_type(L, item) != LUA_TTABLE)
+        luaL_error(L, "arguments of task %d must be a table (got %s)",
+                   (int)k, luaL_typename(L, item));
+      if (lua_getfield(L, item, "n") == LUA_TNUMBER) argc = lua_tointeger(L, -1);
+      else argc = (lua_Integer)lua_rawlen(L, item);
       lua_pop(L, 1);
       if (argc < 0 || argc > 250)
-        return luaL_error(L, "task %d has too many arguments", (int)k);
+        luaL_error(L, "task %d has too many arguments", (int)k);
       istart = s->out.len;
       put_u32(L, &s->out, (uint32_t)argc);
       for (j = 1; j <= argc; j++) {
-        int ta = lua_rawgeti(L, 9, j);
+        int ta = lua_rawgeti(L, item, j);
         if (ta != LUA_TNIL && ta != LUA_TBOOLEAN && ta != LUA_TNUMBER && ta != LUA_TSTRING) {
           lua_pop(L, 1);                 /* not all plain: one message */
           break;
         }
-        pool_put_value(L, &s->out, 10, ta, &s->oq, s->frame_start);
+        pool_put_value(L, &s->out, args, ta, &s->oq, s->frame_start);
         lua_pop(L, 1);
       }
       if (j <= argc) {                   /* {args..., n = argc} as one value, so
@@ -329,12 +323,12 @@ static int pool_task(lua_State *L) {
         put_u32(L, &s->out, POOL_ARGS_ONE);
         lua_createtable(L, (int)argc, 1);
         for (j = 1; j <= argc; j++) {
-          lua_rawgeti(L, 9, j);
-          lua_rawseti(L, 10, j);
+          lua_rawgeti(L, item, j);
+          lua_rawseti(L, args, j);
         }
         lua_pushinteger(L, argc);
-        lua_setfield(L, 10, "n");
-        pool_put_value(L, &s->out, 10, LUA_TTABLE, &s->oq, s->frame_start);
+        lua_setfield(L, args, "n");
+        pool_put_value(L, &s->out, args, LUA_TTABLE, &s->oq, s->frame_start);
         lua_pop(L, 1);
       }
     }
@@ -342,7 +336,60 @@ static int pool_task(lua_State *L) {
   }
   fr_end(s);
   if (s->out.len - s->outpos >= 32768) flush_slot(pc, s);   /* start it now */
+}
+
+/* the arguments pc:task and pc:tasks share: -> the slot; *a, *b: the range */
+static slot *task_args(lua_State *L, pcore **pc, lua_Integer *a, lua_Integer *b) {
+  slot *s;
+  *pc = mp_pool_check(L, 1);
+  s = mp_pool_slot(L, *pc, 2);
+  *a = luaL_checkinteger(L, 7);
+  *b = luaL_checkinteger(L, 8);
+  luaL_checktype(L, 6, LUA_TTABLE);
+  luaL_argcheck(L, *a >= 1 && *b >= *a && *b - *a < (lua_Integer)UINT32_MAX, 7,
+                "bad chunk range");
+  return s;
+}
+
+/* pc:task(i, seq, fnid, star, list, a, b): items list[a..b] as one chunk */
+static int pool_task(lua_State *L) {
+  pcore *pc;
+  lua_Integer a, b;
+  slot *s = task_args(L, &pc, &a, &b);
+  lua_settop(L, 8);
+  frame_task(L, pc, s, (uint32_t)luaL_checkinteger(L, 3), (uint32_t)luaL_checkinteger(L, 4),
+             lua_toboolean(L, 5), a, b, 8);
   return 0;
+}
+
+/* pc:tasks(i, seq, fnid, star, list, a, b, size) -> chunks: items
+   list[a..b] cut into chunks of size items, framed as chunks seq, seq + 1,
+   ... in one call (what pc:task does for one: a chunksize-1 map's books
+   cost less so). An item that cannot be serialized raises; pc:framed(i)
+   then says how many chunks were framed whole before it. */
+static int pool_tasks(lua_State *L) {
+  pcore *pc;
+  lua_Integer a, b, size, n = 0;
+  slot *s = task_args(L, &pc, &a, &b);
+  uint32_t seq = (uint32_t)luaL_checkinteger(L, 3), fnid = (uint32_t)luaL_checkinteger(L, 4);
+  int star = lua_toboolean(L, 5);
+  size = luaL_checkinteger(L, 9);
+  luaL_argcheck(L, size >= 1, 9, "chunk size must be >= 1");
+  lua_settop(L, 9);
+  s->framed = 0;
+  for (; a <= b; a += size) {
+    frame_task(L, pc, s, seq + (uint32_t)n, fnid, star, a, b - a < size ? b : a + size - 1, 9);
+    s->framed = (int)++n;
+  }
+  lua_pushinteger(L, n);
+  return 1;
+}
+
+/* pc:framed(i) -> the chunks the last pc:tasks of slot i framed whole */
+static int pool_framed(lua_State *L) {
+  pcore *pc = mp_pool_to(L, 1);
+  lua_pushinteger(L, mp_pool_slot(L, pc, 2)->framed);
+  return 1;
 }
 
 /* ---- parent: moving bytes ------------------------------------------ */
@@ -763,6 +810,8 @@ static const luaL_Reg pool_methods[] = {
   {"def", pool_def},
   {"ctl", pool_ctl},
   {"task", pool_task},
+  {"tasks", pool_tasks},
+  {"framed", pool_framed},
   {"wait", pool_wait},
   {"fill", pool_fill},
   {"flush", pool_flush},

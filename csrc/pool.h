@@ -89,6 +89,7 @@ typedef struct slot {
   int pidfd;                           /* sentinel in the epoll set (not ours) */
   int eof, dead, wantout, active;
   int building;                        /* a frame was being built: discard */
+  int framed;                          /* chunks pc:tasks framed whole */
   int kind;                            /* the kind of the one being built */
   size_t frame_start;
   mp_buf out;

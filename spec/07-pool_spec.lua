@@ -650,6 +650,68 @@ describe("Pool failures", function()
     end)
   end)
 
+  -- A warm fast function gets up to 64 chunks in flight per worker, sent
+  -- as runs of chunks in one call (pool_scheduler.lua's _send_run). Maps
+-- wait at most 60 s: get(60) returns nil, "timeout" when a chunk is lost.
+  local function warm(pool, f)
+    local xs = {}
+    for i = 1, 1000 do xs[i] = i end
+    assert.are.equal(1000, #pool:map_async(f, xs, 1):get(60))
+    return xs
+  end
+
+  it("runs of chunks put every result in its place; an item that cannot travel fails its chunk alone", function()
+    with_pool(2, function(pool)
+      local function f(x) return x * 2 end
+      local xs = warm(pool, f)
+      for _, cs in ipairs({ 1, 3, 7 }) do        -- 1000 items: a short last chunk
+        local out = pool:map_async(f, xs, cs):get(60)
+        assert.are.equal(1000, out.n)
+        for i = 1, 1000 do assert.are.equal(2 * i, out[i]) end
+        local bad = table.move(xs, 1, 1000, 1, {})
+        bad[500] = io.stdout
+        local s0 = pool:stats()
+        local r = pool:map_async(f, bad, cs)
+        local ok, err = pcall(r.get, r, 60)
+        local s1 = pool:stats()
+        assert.is_false(ok)
+        assert.is_true(mp.SerializationError:is(err))
+        assert.are.equal(1000, s1.done - s0.done)         -- the rest was sent again
+        assert.are.equal(cs, s1.failed - s0.failed)       -- the chunk of item 500
+      end
+    end)
+  end)
+
+  it("a worker that dies inside a run of chunks: no task is lost or runs twice", function()
+    with_pool(2, function(pool)
+      local file = H.tmpname("ran")
+      local xs = warm(pool, function(x) return x end)
+      local r = pool:map_async(function(x)
+        if x == 300 then os.exit(5) end
+        local f = io.open(file, "a")
+        f:write(x, "\n")
+        f:close()
+        return x
+      end, xs, 1)
+      local ok, err = pcall(r.get, r, 60)
+      assert.is_false(ok)
+      assert.is_true(mp.WorkerLostError:is(err))
+      assert.are.equal(5, err.exitcode)
+      local count = {}
+      for line in io.lines(file) do
+        local x = tonumber(line)
+        count[x] = (count[x] or 0) + 1
+      end
+      os.remove(file)
+      for i = 1, 1000 do
+        assert.are.equal(i ~= 300 and 1 or nil, count[i], "task " .. i)
+      end
+      assert.are.equal(1, pool:stats().restarts)
+      local out = pool:map_async(function(x) return -x end, xs, 1):get(60)
+      for i = 1, 1000 do assert.are.equal(-i, out[i]) end
+    end)
+  end)
+
   it("only the running chunk fails when a worker dies with more queued", function()
     with_pool(1, function(pool)
       local rs = {}

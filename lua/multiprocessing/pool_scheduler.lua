@@ -13,6 +13,14 @@
 -- w.tail-1]) from its send until its result is read or its worker dies:
 -- a worker answers its chunks in the order it got them. A chunk with a
 -- deadline (apply_async's timeout) is also a key of pool._timed.
+-- Several chunks of a list sent to one worker in one call (pc:tasks: a
+-- map with chunksize 1 keeps up to 64 in flight) are one record of the
+-- FIFO, a run:
+--
+--   { seq =, job =, first =, n =, size =, k =, done = }
+--
+-- chunks seq .. seq+k-1 of size items each (the last may be shorter),
+-- items first..first+n-1, of which the first done have come back.
 --
 -- Pipelining: a worker holds one chunk until the function's time per item
 -- is known; fast functions then get chunks worth about QUEUED_US of work
@@ -106,6 +114,45 @@ function Pool:_send(slot, w, job, first, n)
   end
 end
 
+-- Send items first..last of job (a list) to slot's worker w as chunks of
+-- size items, in one call; a run in w's FIFO.
+function Pool:_send_run(slot, w, job, first, last, size)
+  local pc = self._pc
+  local seq = self._seq + 1
+  local fnid = job.fnid
+  if not w.sent[fnid] then
+    pc:def(slot, fnid, job.fnbytes, job.fnfds)
+    w.sent[fnid] = true
+  end
+  local ok, k = pcall(pc.tasks, pc, slot, seq, fnid, job.star, job.list, first, last, size)
+  local err
+  if not ok then                       -- an item could not be serialized
+    err = k
+    k = pc:framed(slot)
+  end
+  local n = k * size
+  if first + n - 1 > last then n = last - first + 1 end
+  if k > 0 then
+    w.fifo[w.tail] = { seq = seq, job = job, first = first, n = n, size = size, k = k, done = 0 }
+    w.tail = w.tail + 1
+    w.inflight = w.inflight + k
+    w.items = w.items + n
+  end
+  self._seq = seq + k - 1
+  if err then                          -- chunk k+1 fails, the rest goes again
+    self._seq = seq + k
+    if type(err) ~= "table" then err = errors.new("SerializationError", tostring(err)) end
+    local f = first + n
+    local m = size
+    if f + m - 1 > last then m = last - f + 1 end
+    if f + m <= last then
+      local r = job.retry
+      r[#r + 1] = { f + m, last - f - m + 1 }
+    end
+    self:_fail_range(job, f, m, err)
+  end
+end
+
 function Pool:_dispatch()
   if self._state == "terminated" or self._broken then return end
   local job = self:_head_job()
@@ -132,11 +179,23 @@ function Pool:_dispatch()
         maxn = 1
       else
         if job ~= djob then djob, depth = job, self:_depth(job) end
-        if w.inflight >= depth then break end
+        local room = depth - w.inflight
+        if room <= 0 then break end
+        if room > 1 and job.list and not maxtasks and not job.retry[1] then
+          local first, size = job.cursor, job.chunksize
+          local last = first + room * size - 1  -- has_work: first <= total
+          if last > job.total then last = job.total end
+          job.cursor = last + 1
+          self:_send_run(slot, w, job, first, last, size)
+          goto continue
+        end
       end
-      local first, cnt = take_chunk(job, maxn)
-      if first then self:_send(slot, w, job, first, cnt)
-      else self:_check_done(job) end
+      do
+        local first, cnt = take_chunk(job, maxn)
+        if first then self:_send(slot, w, job, first, cnt)
+        else self:_check_done(job) end
+      end
+      ::continue::
     end
   end
   self._rr = start % n + 1
@@ -199,15 +258,29 @@ end
 function Pool:_result(slot, w, n, us)
   local h = w.head
   local chunk = w.fifo[h]
-  w.fifo[h] = nil
-  w.head = h + 1
-  w.inflight = w.inflight - 1
-  if w.exclusive == chunk then w.exclusive = nil end
-  if self._timed[chunk] then
-    self._timed[chunk] = nil
-    self._ntimed = self._ntimed - 1
+  local first
+  local size = chunk.size
+  if size then                            -- a run: its next chunk
+    local d = chunk.done
+    first = chunk.first + d * size
+    d = d + 1
+    chunk.done = d
+    if d == chunk.k then
+      w.fifo[h] = nil
+      w.head = h + 1
+    end
+  else
+    w.fifo[h] = nil
+    w.head = h + 1
+    first = chunk.first
+    if w.exclusive == chunk then w.exclusive = nil end
+    if self._timed[chunk] then
+      self._timed[chunk] = nil
+      self._ntimed = self._ntimed - 1
+    end
   end
-  local job, first = chunk.job, chunk.first
+  w.inflight = w.inflight - 1
+  local job = chunk.job
   if not job then return end              -- aborted
   local ok, nerr, errs = pcall(self._pc.take, self._pc, slot, job.results, first, job.packed)
   if not ok then
@@ -262,35 +335,50 @@ end
 -- was running fails with WorkerLostError (TimeoutError if the parent
 -- killed it for its deadline), those it finished without sending their
 -- results fail too (no task runs twice), those it never started are
--- handed out again.
+-- handed out again: lost_one does this for chunk seq (items
+-- first..first+n-1 of job), _lost_chunks for every chunk w held.
+local function lost_one(self, w, job, seq, first, n, timedout, code, started, finished)
+  local err
+  local who = { pid = w.pid, exitcode = code }
+  if timedout then
+    err = errors.new("TimeoutError", ("task timed out after %g s; its worker (pid %d) "
+                     .. "was killed and replaced"):format(job.timeout, w.pid), who)
+  elseif seq == started and seq > finished then
+    err = errors.new("WorkerLostError", ("worker (pid %d) died with exit code %d "
+                     .. "while running this task"):format(w.pid, code), who)
+  elseif seq <= finished then          -- done, but its result was held back
+    err = errors.new("WorkerLostError", ("worker (pid %d) died with exit code %d "
+                     .. "before sending this task's result"):format(w.pid, code), who)
+  end
+  if err then
+    self:_fail_range(job, first, n, err)
+  else                                 -- never started: hand it out again
+    local r = job.retry
+    r[#r + 1] = { first, n }
+    self:_queue_job(job)
+  end
+end
+
 function Pool:_lost_chunks(w, code, started, finished)
   for i = w.head, w.tail - 1 do
     local chunk = w.fifo[i]
-    local job, seq = chunk.job, chunk.seq
-    if job then
-      local err
-      local who = { pid = w.pid, exitcode = code }
-      if chunk.timedout then
-        err = errors.new("TimeoutError", ("task timed out after %g s; its worker (pid %d) "
-                         .. "was killed and replaced"):format(job.timeout, w.pid), who)
-      elseif seq == started and seq > finished then
-        err = errors.new("WorkerLostError", ("worker (pid %d) died with exit code %d "
-                         .. "while running this task"):format(w.pid, code), who)
-      elseif seq <= finished then        -- done, but its result was held back
-        err = errors.new("WorkerLostError", ("worker (pid %d) died with exit code %d "
-                         .. "before sending this task's result"):format(w.pid, code), who)
+    local job = chunk.job
+    if self._timed[chunk] then
+      self._timed[chunk] = nil
+      self._ntimed = self._ntimed - 1
+    end
+    local size = chunk.size
+    if job and size then               -- a run: its chunks not come back
+      local last = chunk.first + chunk.n - 1
+      for j = chunk.done, chunk.k - 1 do
+        local f = chunk.first + j * size
+        local m = last - f + 1
+        if m > size then m = size end
+        lost_one(self, w, job, chunk.seq + j, f, m, false, code, started, finished)
       end
-      if self._timed[chunk] then
-        self._timed[chunk] = nil
-        self._ntimed = self._ntimed - 1
-      end
-      if err then
-        self:_fail_range(job, chunk.first, chunk.n, err)
-      else                                 -- never started: hand it out again
-        local r = job.retry
-        r[#r + 1] = { chunk.first, chunk.n }
-        self:_queue_job(job)
-      end
+    elseif job then                    -- (nil: aborted)
+      lost_one(self, w, job, chunk.seq, chunk.first, chunk.n, chunk.timedout,
+               code, started, finished)
     end
   end
 end
