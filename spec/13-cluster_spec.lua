@@ -255,6 +255,26 @@ describe("cluster.Pool", function()
     assert.error_matches(function() pool:apply(42) end, "function expected")
     assert.error_matches(function() cluster.Pool{ redis = rs.url, queue = "q", authkey = "k", nope = 1 } end,
                          "unknown option 'nope'")
+    -- every option is checked before Redis is asked anything
+    local function opts(extra)
+      local o = { redis = rs.url, queue = "q", authkey = "k" }
+      for k, v in pairs(extra) do o[k] = v end
+      return o
+    end
+    for _, case in ipairs({
+      { { retry_for = -1 }, "'retry_for' must be a number >= 0, got %-1" },
+      { { retry_for = "x" }, "'retry_for' must be a number >= 0, got string" },
+      { { max_retries = 1.5 }, "'max_retries' must be an integer >= 0, got 1.5" },
+      { { lease = 0 }, "'lease' must be a number >= 1, got 0" },
+      { { queue = 5 }, "'queue' must be a string" },
+      { { authkey = false }, "'authkey' must be a string" },
+    }) do
+      assert.error_matches(function() cluster.Pool(opts(case[1])) end,
+                           "^bad argument #1 to 'Pool' %(" .. case[2], nil)
+    end
+    assert.error_matches(function() cluster.Pool{ redis = rs.url, queue = "q" } end,
+                         "'authkey' is required")
+    assert.error_matches(function() cluster.Pool("redis://x") end, "options table expected, got string")
     pool:close(); pool:join()
   end)
 

@@ -40,43 +40,37 @@ for k, f in pairs(results.methods) do Pool[k] = f end
 
 local function perr(msg, level) error(errors.new("ProcessError", msg), level + 1) end
 
-local KNOWN = { redis = true, queue = true, authkey = true, max_retries = true,
-  lease = true, result_ttl = true, timeout = true, retry_for = true }
-
-local function check_num(o, k, default, min, level)
-  local v = o[k]
-  if v == nil then return default end
-  if type(v) ~= "number" or v < min then
-    error(("bad argument #1 to 'Pool' (%s must be a number >= %s)"):format(k, min), level + 1)
-  end
-  return v
-end
+local OPTIONS = { redis = "string", queue = "string", authkey = "string",
+  max_retries = true, lease = true, result_ttl = true, timeout = true, retry_for = true }
 
 -- cluster.Pool{redis=, queue=, authkey=, max_retries=2, lease=10,
 -- result_ttl=60, timeout=, retry_for=60} -> Pool
 function M.Pool(o)
-  if type(o) ~= "table" then error("bad argument #1 to 'Pool' (table expected)", 2) end
-  for k in pairs(o) do
-    if not KNOWN[k] then error("bad argument #1 to 'Pool' (unknown option '" .. tostring(k) .. "')", 2) end
-  end
+  if type(o) ~= "table" then check.argerror(1, "Pool", "options table expected, got "
+                                            .. check.typename(o), 2) end
+  check.options(o, 1, "Pool", OPTIONS, 2)
   for _, k in ipairs{ "redis", "queue", "authkey" } do
-    if type(o[k]) ~= "string" then
-      error("bad argument #1 to 'Pool' (" .. k .. " must be a string)", 2)
-    end
+    if o[k] == nil then check.argerror(1, "Pool", "'" .. k .. "' is required", 2) end
   end
+  local function num(k, default, min)
+    local v = check.number(o[k], 1, "Pool", "'" .. k .. "'", min, 3)
+    if v == nil then return default end
+    return v
+  end
+  local max_retries = check.integer(o.max_retries, 1, "Pool", "'max_retries'", 0, nil, 2)
   local self = setmetatable({
     _keys = wire.keys(o.queue), _authkey = o.authkey,
-    _max_retries = check_num(o, "max_retries", 2, 0, 2),
-    _lease = math.floor(check_num(o, "lease", 10, 1, 2) * 1000),
-    _ttl = math.floor(check_num(o, "result_ttl", 60, 1, 2) * 1000),
-    _timeout = o.timeout and check_num(o, "timeout", nil, 0, 2),
+    _max_retries = max_retries or 2,
+    _lease = math.floor(num("lease", 10, 1) * 1000),
+    _ttl = math.floor(num("result_ttl", 60, 1) * 1000),
+    _timeout = num("timeout", nil, 0),
     _client = wire.hex(auth.random_bytes(8)),
     _n = 0, _tasks = {}, _ntasks = 0, _last = "0-0", _reading = false,
     _state = "running", _done = 0, _failed = 0, _refused = 0, _total = 0,
     _owner = core.getpid(), _expire_at = 0,
     _cbq = {}, _cbhead = 1, _cbtail = 1,       -- (pool_results.lua's callbacks)
   }, Pool)
-  local copts = { retry_for = o.retry_for }
+  local copts = { retry_for = num("retry_for", nil, 0) }
   self._wc = conn.new(o.redis, copts)
   self._rc = conn.new(o.redis, copts)
   self._rkey = self._keys.result(self._client)

@@ -181,8 +181,10 @@ function Pool:_dispatch()
         if job ~= djob then djob, depth = job, self:_depth(job) end
         local room = depth - w.inflight
         if room <= 0 then break end
-        if room > 1 and job.list and not maxtasks and not job.retry[1] then
-          local first, size = job.cursor, job.chunksize
+        local size = job.chunksize
+        if room > 1 and job.list and not maxtasks and not job.retry[1]
+           and job.total - job.cursor >= size then    -- two chunks or more
+          local first = job.cursor
           local last = first + room * size - 1  -- has_work: first <= total
           if last > job.total then last = job.total end
           job.cursor = last + 1
