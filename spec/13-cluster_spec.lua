@@ -422,6 +422,13 @@ describe("cluster futures and event loops", function()
     assert.equal(r, called); assert.is_true(mp.CancelledError:is(errd))
     local st = pool:stats()
     assert.equal(1, st.done); assert.equal(1, st.failed); assert.equal(0, st.queued)
+    -- poll counts unfinished jobs, as the local Pool's does; stats, tasks
+    local m2 = pool:map_async(function(x) return x end, { 1, 2, 3, 4, 5, 6 }, 2)
+    local a2 = pool:apply_async(function() return 1 end, {})
+    assert.equal(2, pool:poll(0))
+    assert.equal(4, pool:stats().queued)
+    assert.is_true(m2:cancel()); assert.is_true(a2:cancel())
+    assert.equal(0, pool:poll(0))
     -- a task delivered to a worker is not cancelled
     c:command("XGROUP", "CREATE", IDLE, "workers", "0", "MKSTREAM")
     local a, b = pool:submit(function() return "a" end), pool:submit(function() return "b" end)

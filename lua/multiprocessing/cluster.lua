@@ -65,7 +65,7 @@ function M.Pool(o)
     _ttl = math.floor(num("result_ttl", 60, 1) * 1000),
     _timeout = num("timeout", nil, 0),
     _client = wire.hex(auth.random_bytes(8)),
-    _n = 0, _tasks = {}, _ntasks = 0, _last = "0-0", _reading = false,
+    _n = 0, _tasks = {}, _ntasks = 0, _active = 0, _last = "0-0", _reading = false,
     _state = "running", _done = 0, _failed = 0, _refused = 0, _total = 0,
     _owner = core.getpid(), _expire_at = 0,
     _cbq = {}, _cbhead = 1, _cbtail = 1,       -- (pool_results.lua's callbacks)
@@ -112,6 +112,10 @@ function Pool:_abort(job, cmds)
     if task and not task.entry then self._tasks[t] = nil; self._ntasks = self._ntasks - 1 end
   end
   self._total = self._total - (job.total - (job.nsent or 0))
+  if not job.dropped then                -- its caller got an error, not the job
+    job.dropped = true
+    self._active = self._active - 1
+  end
 end
 
 -- Send the queued entries of one job; on a failure forget what was not
@@ -147,6 +151,7 @@ local function new_job(self, mode, total, opts)
     end
   end
   self._total = self._total + total
+  self._active = self._active + 1
   return job
 end
 
@@ -254,7 +259,7 @@ results.map_calls(Pool, "_map", "imap")   -- map, starmap, imap... (_async)
 function Pool:poll(timeout)
   check.timeout(timeout, 1, "poll")
   self:_step(timeout or 0)
-  return self._ntasks
+  return self._active
 end
 
 -- pool:_fd() -> the result connection's socket, with a read waiting in
@@ -345,7 +350,7 @@ function Pool:terminate()
     end
   end
   self:_cleanup()
-  self._tasks, self._ntasks = {}, 0
+  self._tasks, self._ntasks, self._active = {}, 0, 0
   self:_run_all_callbacks()
 end
 Pool.__close = Pool.terminate

@@ -29,6 +29,7 @@ local BLOCK_MS = 1000
 -- for the end of the step (none but the done callbacks when aborted).
 function Pool:_finish(job)
   job.done = true
+  if not job.dropped then self._active = self._active - 1 end
   local n = nfinished[1] + 1
   nfinished[1] = n
   job.finished = n
