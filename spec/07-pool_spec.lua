@@ -685,6 +685,7 @@ describe("Pool failures", function()
   it("a worker that dies inside a run of chunks: no task is lost or runs twice", function()
     with_pool(2, function(pool)
       local file = H.tmpname("ran")
+      finally(function() os.remove(file) end)
       local xs = warm(pool, function(x) return x end)
       local r = pool:map_async(function(x)
         if x == 300 then os.exit(5) end
@@ -702,7 +703,6 @@ describe("Pool failures", function()
         local x = tonumber(line)
         count[x] = (count[x] or 0) + 1
       end
-      os.remove(file)
       for i = 1, 1000 do
         assert.are.equal(i ~= 300 and 1 or nil, count[i], "task " .. i)
       end
