@@ -153,10 +153,14 @@ function Pool:_submit(fname, mode, fn, xs, star, opts)
     check.argerror(1, fname, "function expected, got " .. check.typename(fn), L)
   end
   local fnbytes, fnfds = fn_bytes(fn)
+  -- (the fields set later are named here too, so that the table is made
+  -- with room for them: no rehash on the way of a round trip)
   local job = { pool = self, mode = mode, fnid = self:_fn_id(fnbytes, fnfds),
                 fnbytes = fnbytes, fnfds = fnfds,
                 star = star, cursor = 1, retry = {}, results = {}, errs = {},
-                ndone = 0, nfail = 0, packed = mode ~= "map" }
+                ndone = 0, nfail = 0, packed = mode ~= "map",
+                list = nil, total = nil, chunksize = nil, queued = false,
+                done = false, finished = nil }
   if mode == "apply" then
     job.list, job.total, job.chunksize = { xs }, 1, 1
   elseif type(xs) == "table" then

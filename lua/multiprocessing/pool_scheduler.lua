@@ -154,6 +154,7 @@ function Pool:_send_run(slot, w, job, first, last, size)
 end
 
 function Pool:_dispatch()
+  if self._jobhead == self._jobtail then return end   -- no job queued
   if self._state == "terminated" or self._broken then return end
   local job = self:_head_job()
   if not job then return end
