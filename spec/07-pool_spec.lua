@@ -679,6 +679,15 @@ describe("Pool failures", function()
         assert.are.equal(1000, s1.done - s0.done)         -- the rest was sent again
         assert.are.equal(cs, s1.failed - s0.failed)       -- the chunk of item 500
       end
+      -- starmap's argument lists, plain and not (a table among them)
+      local function g(a, b, t) return a + b + (t and t.x or 0) end
+      local args = {}
+      for i = 1, 1000 do args[i] = { i, 2 * i, i % 3 == 0 and { x = 1 } or nil, n = 3 } end
+      for _, cs in ipairs({ 1, 1, 7 }) do                -- (the first warms g up)
+        local r = pool:starmap_async(g, args, cs)
+        local out = r:get(60)
+        for i = 1, 1000 do assert.are.equal(3 * i + (i % 3 == 0 and 1 or 0), out[i]) end
+      end
     end)
   end)
 
