@@ -53,12 +53,10 @@ static int q_corrupt(lua_State *L, const char *call, const char *what) {
 /* ---- userdata ----------------------------------------------------- */
 
 /* A queue of any of the three classes: a full userdata of our size with
-   our magic (no registry look-up: sync.h's check_sync) */
+   our magic (mp_tomagic: no registry look-up) */
 static mp_queue *to_queue(lua_State *L, int i) {
-  mp_queue *q = (mp_queue *)lua_touserdata(L, i);
-  if (__builtin_expect(q != NULL && lua_rawlen(L, i) == sizeof(mp_queue) &&
-                       q->magic == QUEUE_MAGIC, 1))
-    return q;
+  mp_queue *q = (mp_queue *)mp_tomagic(L, i, sizeof(mp_queue), QUEUE_MAGIC);
+  if (__builtin_expect(q != NULL, 1)) return q;
   luaL_typeerror(L, i, "Queue");
   return NULL;
 }
@@ -237,7 +235,6 @@ static inline __attribute__((always_inline)) int put_feeder(lua_State *L, mp_que
                                                             const char *head, size_t hlen,
                                                             const char *p, size_t len,
                                                             int vi, const mp_fdlist *fds) {
-  qshm *s = q->shm;
   struct feeder *f = mpq_feeder_start(L, q);
   mp_fdlist own;
   own.n = 0;
@@ -246,14 +243,7 @@ static inline __attribute__((always_inline)) int put_feeder(lua_State *L, mp_que
     if (err != 0)
       return mp_raise_errno(L, err, "Queue.put: cannot keep the item's descriptors");
   }
-  if (q->kind == K_JOINABLE) {
-    qstate st;
-    mpq_lock(s);
-    st = s->st;
-    st.unfinished++;
-    mpq_commit(s, &st);
-    mpq_unlock(s);
-  }
+  if (q->kind == K_JOINABLE) mpq_unfinished_add(q, 1);
   mpq_feeder_put(L, f, head, hlen, p, len, vi, &own);
   lua_pushboolean(L, 1);
   return 1;
@@ -289,7 +279,7 @@ static int put_fds(lua_State *L, mp_queue *q, const char *p, size_t len,
       mpq_unlock(s);
       break;
     }
-    err = mpq_chan_send(q, fds->fd, fds->n, mark);
+    err = mpq_chan_send(q, fds->fd, fds->n, mark, st.nitems == 0);
     if (err == EAGAIN) {                  /* the channel is full */
       mpq_unlock(s);
       if (s->maxsize == 0) break;         /* the feeder sends it later */
@@ -444,9 +434,13 @@ static __attribute__((noinline)) int get_fds(lua_State *L, mp_queue *q,
   ft.fds.n = 0;
   copy_out(L, q, payload, len);
   mpq_pop(q, st, len, &ft);             /* lets the lock go */
-  if (!ft.ok)
+  if (!ft.ok) {
+    mpq_unfinished_add(q, -1);          /* no task_done will come for it */
     return mp_raise(L, "SerializationError", "Queue.get: the item's "
-                    "descriptors were lost (dropped the item)");
+                    "descriptors were lost (dropped the item): its producer died "
+                    "between them and it, a datagram was forged, or this process "
+                    "is at its open-file limit");
+  }
   decode_rbuf(L, q, len, MARK_LEN, &ft.fds);
   return 1;
 }
@@ -650,9 +644,7 @@ static int queue_join(lua_State *L) {
     if (mp_interrupted(L)) return lua_error(L);   /* before each sleep */
     mp_futex_wait(&s->st.unfinished, v, deadline);
   }
-  lua_pushnil(L);
-  lua_pushliteral(L, "timeout");
-  return 2;
+  return mp_reason(L, "timeout");
 }
 
 /* ---- metamethods -------------------------------------------------- */

@@ -132,6 +132,11 @@ MP_API void mpq_lock(qshm *s);
 MP_API void mpq_unlock(qshm *s);
 /* Make ns the state through the journal (under the lock). */
 MP_API void mpq_commit(qshm *s, const qstate *ns);
+/* A JoinableQueue's count of unfinished items moved by delta, under the
+   lock (taken here): +1 for an item put, -n for items dropped that no
+   consumer will ever get (clamped at 0); join() is woken at 0. Nothing
+   for the other kinds. */
+MP_API void mpq_unfinished_add(mp_queue *q, int64_t delta);
 /* Can the state st (a copy) be followed without leaving a ring of
    st->cap bytes? */
 MP_API int mpq_sane(const qstate *st);
@@ -197,8 +202,11 @@ MP_API void mpq_chan_new(lua_State *L, mp_queue *q);
 MP_API const char *mpq_chan_check(int afd, int bfd);
 /* Under the lock: give the item an id, send its fds (n of them) as one
    datagram and write its marker to mark (MARK_LEN bytes). 0, EAGAIN when
-   the channel is full, or an errno (nothing was sent). */
-MP_API int mpq_chan_send(mp_queue *q, const int *fds, int n, char *mark);
+   the channel is full, or an errno (nothing was sent). ring_empty: the
+   caller's state of the ring holds no record, so every datagram still in
+   a full channel is an orphan or a forgery that no get will take: they
+   are dropped and the send tried again. */
+MP_API int mpq_chan_send(mp_queue *q, const int *fds, int n, char *mark, int ring_empty);
 /* Wait (nothing held) until the channel may take a datagram, or the
    deadline (-1: forever), at most max_wait seconds; EINTR ends it early. */
 MP_API void mpq_chan_wait(mp_queue *q, double deadline, double max_wait);

@@ -85,7 +85,26 @@ MP_API int mpq_dgram_parse(const char *p, size_t len, uint64_t *id, int *nfds) {
   return 1;
 }
 
-MP_API int mpq_chan_send(mp_queue *q, const int *fds, int n, char *mark) {
+/* Receive the next datagram (its first DGRAM_LEN + 1 bytes, so that a
+   longer one shows) and its fds, which go to fds: its length, or -1
+   (errno). *bad: the control data was cut short or was not only fds. */
+static ssize_t chan_recv(int fd, char *p, mp_fdlist *fds, int *bad) {
+  ssize_t n;
+  fds->n = 0;
+  do n = mp_recv_fds(fd, p, DGRAM_LEN + 1, MSG_DONTWAIT, fds, bad);
+  while (n < 0 && errno == EINTR);
+  return n;
+}
+
+/* Drop every datagram the channel holds (see mpq_chan_send). */
+static void chan_drain(mp_queue *q) {
+  char h[DGRAM_LEN + 1];
+  mp_fdlist fds;
+  int bad;
+  while (chan_recv(q->bfd, h, &fds, &bad) >= 0) mp_fdlist_close(&fds);
+}
+
+MP_API int mpq_chan_send(mp_queue *q, const int *fds, int n, char *mark, int ring_empty) {
   qshm *s = q->shm;
   char h[DGRAM_LEN];
   uint32_t magic = DGRAM_MAGIC, nf = (uint32_t)n;
@@ -105,8 +124,12 @@ MP_API int mpq_chan_send(mp_queue *q, const int *fds, int n, char *mark) {
   fl.n = n;
   memcpy(fl.fd, fds, sizeof(int) * (size_t)n);
   /* one datagram: it goes whole or not at all */
-  if ((err = mp_sendv(NULL, q->afd, &iov, &one, &fl, MSG_DONTWAIT, &sent)) != 0)
-    return err;
+  err = mp_sendv(NULL, q->afd, &iov, &one, &fl, MSG_DONTWAIT, &sent);
+  if (err == EAGAIN && ring_empty) {
+    chan_drain(q);
+    err = mp_sendv(NULL, q->afd, &iov, &one, &fl, MSG_DONTWAIT, &sent);
+  }
+  if (err != 0) return err;
   if (mpq_crash_stage == 3) _exit(9);
   memset(mark, 0, MARK_LEN);
   mark[0] = (char)MARK_BYTE;
@@ -123,17 +146,6 @@ MP_API void mpq_chan_wait(mp_queue *q, double deadline, double max_wait) {
   pfd.revents = 0;
   if (ms < 0 || ms > most) ms = most;
   poll(&pfd, 1, ms);
-}
-
-/* Receive the next datagram (its first DGRAM_LEN + 1 bytes, so that a
-   longer one shows) and its fds, which go to fds: its length, or -1
-   (errno). *bad: the control data was cut short or was not only fds. */
-static ssize_t chan_recv(int fd, char *p, mp_fdlist *fds, int *bad) {
-  ssize_t n;
-  fds->n = 0;
-  do n = mp_recv_fds(fd, p, DGRAM_LEN + 1, MSG_DONTWAIT, fds, bad);
-  while (n < 0 && errno == EINTR);
-  return n;
 }
 
 MP_API int mpq_chan_take(mp_queue *q, mpq_take *ft) {

@@ -80,9 +80,6 @@ static void node_free(pnode *n) {
   free(n);
 }
 
-/* Write v[0], then as many of v[1..cnt) as fit, into the ring (mode: see
-   FEED_*); *written says how many. Returns 0, -1 when the thread is asked
-   to stop, or an errno. */
 /* A JoinableQueue's items are counted at put: one dropped unwritten (its
    descriptors could not be sent, or the process exits with the channel
    full) is taken back from the count, under the lock, so that join()
@@ -92,6 +89,11 @@ static void uncount(mp_queue *q, qstate *st, uint32_t n) {
   st->unfinished = st->unfinished > n ? st->unfinished - n : 0;
 }
 
+/* Write v[0], then as many of v[1..cnt) as fit, into the ring (mode: see
+   FEED_*); *written says how many. An item whose descriptors could not be
+   sent is dropped and counted in *written, its errno in *chan_err (the
+   next put raises it). Returns 0, -1 when the thread is asked to stop, or
+   an errno. */
 static int feed_some(mp_queue *q, feeder *f, pnode **v, int cnt, int mode,
                      int *written, int *chan_err) {
   qshm *s = q->shm;
@@ -132,7 +134,7 @@ static int feed_some(mp_queue *q, feeder *f, pnode **v, int cnt, int mode,
           mpq_used(&st) + mpq_rec_size(n->hlen + n->len) > SOFT_BYTES)
         break;
       if (n->nfds > 0) {                  /* its fds first, then its record */
-        int e = mpq_chan_send(q, n->fds, n->nfds, n->head);
+        int e = mpq_chan_send(q, n->fds, n->nfds, n->head, st.nitems == 0);
         if (e == EAGAIN) { chan_full = 1; break; }
         node_close_fds(n);                /* the datagram holds its own */
         if (e != 0) {                     /* dropped; the next put says so */
@@ -221,15 +223,9 @@ MP_API void mpq_feeder_finish(mp_queue *q, int mode) {
       if (feed_some(q, f, &n, 1, mode, &written, &cerr) != 0) break;
     }
   if (f->next != NULL && q->shm != NULL && q->kind == K_JOINABLE) {
-    uint32_t lost = 0;                    /* never written: see uncount */
-    qstate st;
+    int64_t lost = 0;                     /* never written: see uncount */
     for (n = f->next; n != NULL; n = n->next) lost++;
-    mpq_lock(q->shm);
-    st = q->shm->st;
-    uncount(q, &st, lost);
-    mpq_commit(q->shm, &st);
-    mpq_unlock(q->shm);
-    if (st.unfinished == 0) mp_futex_wake(&q->shm->st.unfinished, 0x7fffffff);
+    mpq_unfinished_add(q, -lost);
   }
   for (n = f->head; n != NULL; n = nx) {
     nx = n->next;

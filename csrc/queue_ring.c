@@ -73,6 +73,20 @@ MP_API void mpq_commit(qshm *s, const qstate *ns) {
   mp_atomic_store(&s->jvalid, 0);
 }
 
+MP_API void mpq_unfinished_add(mp_queue *q, int64_t delta) {
+  qshm *s = q->shm;
+  qstate st;
+  int64_t v;
+  if (q->kind != K_JOINABLE || delta == 0) return;
+  mpq_lock(s);
+  st = s->st;
+  v = (int64_t)st.unfinished + delta;
+  st.unfinished = v > 0 ? (uint32_t)v : 0;
+  mpq_commit(s, &st);
+  mpq_unlock(s);
+  if (st.unfinished == 0) mp_futex_wake(&s->st.unfinished, 0x7fffffff);
+}
+
 /* Can st, a copy of the state read from shared memory, be followed without
    leaving a ring of st->cap bytes? (Whether the segment holds that many is
    mpq_remap's business.) */

@@ -196,6 +196,24 @@ describe("handles in Queue items", function()
     r:close(); w:close()
   end)
 
+  it("a channel that orphans and forgeries filled is emptied when no item waits", function()
+    local bq <close> = mp.Queue(10)
+    local r, w = mp.Pipe(false)
+    finally(function() r:close(); w:close() end)
+    core._test.queue_chan_sndbuf(bq, 1)
+    local n = 0                              -- datagrams no record will claim
+    while n < 1000 and core._test.queue_chan_send(bq, dgram(1, 1 << 40), w:fileno()) do
+      n = n + 1
+    end
+    assert.is_true(n > 0 and n < 1000, "sent " .. n)
+    assert.is_true(bq:empty())
+    assert.is_true(bq:put({ w = w }, 5))     -- would wait for ever for room
+    local it = bq:get(5)
+    it.w:send("through")
+    assert.are.equal("through", r:recv(5))
+    it.w:close()
+  end)
+
   it("a JoinableQueue counts items with handles that wait in the feeder", function()
     local jq <close> = mp.JoinableQueue()
     local r, w = mp.Pipe(false)
@@ -277,6 +295,19 @@ describe("handles in Queue items", function()
     assert.is_true(q:empty())
     assert.are.equal(fds0, H.fd_count())
     r1:close(); w1:close(); r2:close(); w2:close()
+  end)
+
+  it("a JoinableQueue item whose descriptors were lost is not waited for by join()", function()
+    local jq <close> = mp.JoinableQueue()
+    local r, w = mp.Pipe(false)
+    finally(function() r:close(); w:close() end)
+    assert.is_true(core._test.queue_chan_send(jq, dgram(2, 1), w:fileno()))  -- id 1, one fd short
+    assert.is_true(jq:put({ w = w }))                                         -- id 1
+    local ok, err = pcall(jq.get, jq, 5)
+    assert.is_false(ok)
+    assert.is_true(mp.SerializationError:is(err), tostring(err))
+    assert.are.equal(0, jq:_stats().unfinished)
+    assert.is_true(jq:join(1))
   end)
 
   it("forged datagrams make at most their item fail, never a crash or a hang", function()
