@@ -8,11 +8,11 @@
  * tags, codec_scalar.h writes and reads a scalar for the encoder and the
  * decoder too): a value is its tag byte and payload, a message is the
  * version byte, a flags byte (0: no references) and one value. So
- * mp_decode_scalar reads what mp_encode writes for a scalar; mp_decode_scalar takes only a message it
- * is sure of (one well-formed scalar, nothing after it) and leaves
- * anything else, well-formed or not, to mp_decode, which raises on what is
- * wrong. The pool's per-value paths use codec_scalar.h's inline functions
- * directly. The queue's ring writes its items' messages in place
+ * mp_decode_scalar reads what mp_encode writes for a scalar; it takes
+ * only a message it is sure of (one well-formed scalar, nothing after it)
+ * and leaves anything else, well-formed or not, to mp_decode, which
+ * raises on what is wrong. The pool's per-value paths use
+ * codec_scalar.h's inline functions directly. The queue's ring writes its items' messages in place
  * (mp_encode_number_at, mp_encode_strhead) and reads a long string's
  * bytes straight into a Lua string (mp_decode_strhead).
  */

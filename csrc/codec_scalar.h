@@ -207,8 +207,6 @@ static inline const char *cs_get(lua_State *L, const char *p, const char *end) {
   return (const char *)q;
 }
 
-/* Append the scalar at idx, of type t (lua_type), as a whole codec
-   message: 1; 0 (nothing appended) when it is none. */
 /* Push the value of the message p[0 .. len) if it is one well-formed
    scalar: 1; else 0, nothing pushed (mp_decode's then). */
 static inline int cs_decode(lua_State *L, const char *p, size_t len) {

@@ -63,13 +63,11 @@ struct mp_conn {
   size_t slen, spos;
 };
 
-/* a full userdata of our size with our magic (no registry look-up:
-   sync.h's check_sync) */
+/* a full userdata of our size with our magic (mp_tomagic: no registry
+   look-up) */
 static mp_conn *to_conn(lua_State *L, int i) {
-  mp_conn *c = (mp_conn *)lua_touserdata(L, i);
-  if (__builtin_expect(c != NULL && lua_rawlen(L, i) == sizeof(mp_conn) &&
-                       c->magic == CONN_MAGIC, 1))
-    return c;
+  mp_conn *c = (mp_conn *)mp_tomagic(L, i, sizeof(mp_conn), CONN_MAGIC);
+  if (__builtin_expect(c != NULL, 1)) return c;
   luaL_typeerror(L, i, MP_CONNECTION_T);
   return NULL;
 }

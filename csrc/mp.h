@@ -111,6 +111,16 @@ MP_API double mp_deadline(double timeout);
    that is left. Cheap when no hook is set. L may be NULL (never
    interrupted). */
 MP_API int mp_interrupted(lua_State *L);
+/* The hot classes' check of their object (Queue, Connection, PoolCore):
+   the full userdata at i if its block has at least size bytes and begins
+   with magic (a uint64_t no address or user value takes), else NULL; no
+   registry look-up (docs/design.md, "The layers"). A light userdata has
+   no length and never passes. */
+static inline void *mp_tomagic(lua_State *L, int i, size_t size, uint64_t magic) {
+  void *p = lua_touserdata(L, i);
+  if (p == NULL || lua_rawlen(L, i) < size || *(const uint64_t *)p != magic) return NULL;
+  return p;
+}
 /* Register a class (in the manner of LuaSocket's auxiliar_newclass): its
    metatable is made with luaL_newmetatable(name) (so __name names it) and
    gets the metamethods of meta; its methods, the lists of the NULL-ended

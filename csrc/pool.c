@@ -75,14 +75,10 @@ static void put_u32(lua_State *L, mp_buf *b, uint32_t v) {
 
 /* ---- the PoolCore object ------------------------------------------- */
 
-/* a full userdata with our magic, as long as its n slots say (no
-   registry look-up: sync.h's check_sync) */
+/* a full userdata with our magic (mp_tomagic: no registry look-up) */
 MP_API pcore *mp_pool_to(lua_State *L, int i) {
-  pcore *pc = (pcore *)lua_touserdata(L, i);
-  if (__builtin_expect(pc != NULL && lua_rawlen(L, i) >= sizeof(pcore) &&
-                       pc->magic == POOL_MAGIC &&
-                       lua_rawlen(L, i) == sizeof(pcore) + sizeof(slot) * (size_t)pc->n, 1))
-    return pc;
+  pcore *pc = (pcore *)mp_tomagic(L, i, sizeof(pcore), POOL_MAGIC);
+  if (__builtin_expect(pc != NULL, 1)) return pc;
   luaL_typeerror(L, i, MP_POOL_T);
   return NULL;
 }
@@ -338,41 +334,20 @@ static void frame_task(lua_State *L, pcore *pc, slot *s, uint32_t seq, uint32_t 
   if (s->out.len - s->outpos >= 32768) flush_slot(pc, s);   /* start it now */
 }
 
-/* the arguments pc:task and pc:tasks share: -> the slot; *a, *b: the range */
-static slot *task_args(lua_State *L, pcore **pc, lua_Integer *a, lua_Integer *b) {
-  slot *s;
-  *pc = mp_pool_check(L, 1);
-  s = mp_pool_slot(L, *pc, 2);
-  *a = luaL_checkinteger(L, 7);
-  *b = luaL_checkinteger(L, 8);
-  luaL_checktype(L, 6, LUA_TTABLE);
-  luaL_argcheck(L, *a >= 1 && *b >= *a && *b - *a < (lua_Integer)UINT32_MAX, 7,
-                "bad chunk range");
-  return s;
-}
-
-/* pc:task(i, seq, fnid, star, list, a, b): items list[a..b] as one chunk */
-static int pool_task(lua_State *L) {
-  pcore *pc;
-  lua_Integer a, b;
-  slot *s = task_args(L, &pc, &a, &b);
-  lua_settop(L, 8);
-  frame_task(L, pc, s, (uint32_t)luaL_checkinteger(L, 3), (uint32_t)luaL_checkinteger(L, 4),
-             lua_toboolean(L, 5), a, b, 8);
-  return 0;
-}
-
 /* pc:tasks(i, seq, fnid, star, list, a, b, size) -> chunks: items
-   list[a..b] cut into chunks of size items, framed as chunks seq, seq + 1,
-   ... in one call (what pc:task does for one: a chunksize-1 map's books
-   cost less so). An item that cannot be serialized raises; pc:framed(i)
-   then says how many chunks were framed whole before it. */
+   list[a..b] cut into chunks of size items (one chunk: size = b - a + 1),
+   framed as chunks seq, seq + 1, ... in one call (a chunksize-1 map's
+   books cost less so). An item that cannot be serialized raises;
+   pc:framed(i) then says how many chunks were framed whole before it. */
 static int pool_tasks(lua_State *L) {
-  pcore *pc;
-  lua_Integer a, b, size, n = 0;
-  slot *s = task_args(L, &pc, &a, &b);
+  pcore *pc = mp_pool_check(L, 1);
+  slot *s = mp_pool_slot(L, pc, 2);
   uint32_t seq = (uint32_t)luaL_checkinteger(L, 3), fnid = (uint32_t)luaL_checkinteger(L, 4);
   int star = lua_toboolean(L, 5);
+  lua_Integer a = luaL_checkinteger(L, 7), b = luaL_checkinteger(L, 8), size, n = 0;
+  luaL_checktype(L, 6, LUA_TTABLE);
+  luaL_argcheck(L, a >= 1 && b >= a && b - a < (lua_Integer)UINT32_MAX, 7,
+                "bad chunk range");
   size = luaL_checkinteger(L, 9);
   luaL_argcheck(L, size >= 1, 9, "chunk size must be >= 1");
   lua_settop(L, 9);
@@ -809,7 +784,6 @@ static const luaL_Reg pool_methods[] = {
   {"close_slot", pool_close_slot},
   {"def", pool_def},
   {"ctl", pool_ctl},
-  {"task", pool_task},
   {"tasks", pool_tasks},
   {"framed", pool_framed},
   {"wait", pool_wait},

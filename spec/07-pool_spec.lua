@@ -669,7 +669,7 @@ describe("Pool failures", function()
         assert.are.equal(1000, out.n)
         for i = 1, 1000 do assert.are.equal(2 * i, out[i]) end
         local bad = table.move(xs, 1, 1000, 1, {})
-        bad[500] = io.stdout
+        bad[500], bad[505] = io.stdout, io.stdout      -- in two chunks of any size here
         local s0 = pool:stats()
         local r = pool:map_async(f, bad, cs)
         local ok, err = pcall(r.get, r, 60)
@@ -677,7 +677,22 @@ describe("Pool failures", function()
         assert.is_false(ok)
         assert.is_true(mp.SerializationError:is(err))
         assert.are.equal(1000, s1.done - s0.done)         -- the rest was sent again
-        assert.are.equal(cs, s1.failed - s0.failed)       -- the chunk of item 500
+        assert.are.equal(2 * cs, s1.failed - s0.failed)   -- the chunks of 500 and 505
+      end
+      -- positions stay integers whatever depth the function's speed gives
+      local function busy(x)
+        local t = os.clock() + 1e-5
+        repeat until os.clock() >= t
+        return x
+      end
+      for _ = 1, 2 do
+        local seen = 0
+        for i, v in pool:imap_unordered(busy, xs, 1) do
+          assert.are.equal("integer", math.type(i))
+          assert.are.equal(i, v)
+          seen = seen + 1
+        end
+        assert.are.equal(1000, seen)
       end
       -- starmap's argument lists, plain and not (a table among them)
       local function g(a, b, t) return a + b + (t and t.x or 0) end

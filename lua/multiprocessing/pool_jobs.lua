@@ -42,20 +42,21 @@ end
 M.has_work = has_work
 
 -- take_chunk(job, maxn) -> first, n: the next range of up to maxn items of
--- job (nil when none now)
+-- job, and of no more than its chunksize (a range handed out again is cut
+-- as the list was); nil when none now
 local function take_chunk(job, maxn)
+  local want = math_min(job.chunksize, maxn)
   local r = job.retry
   local k = #r
   if k > 0 then
     local first, n = r[k][1], r[k][2]
-    if n > maxn then
-      r[k][1], r[k][2] = first + maxn, n - maxn
-      return first, maxn
+    if n > want then
+      r[k][1], r[k][2] = first + want, n - want
+      return first, want
     end
     r[k] = nil
     return first, n
   end
-  local want = math_min(job.chunksize, maxn)
   local first = job.cursor
   if job.list then
     local n = math_min(want, job.total - first + 1)

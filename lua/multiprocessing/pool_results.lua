@@ -54,7 +54,6 @@ AsyncResult.__index = AsyncResult
 AsyncResult.__name = "multiprocessing.AsyncResult"
 M.AsyncResult = AsyncResult
 
--- pool_results.new(job) -> the AsyncResult of job
 -- results.check_star_items(list, n, fname, level): starmap's items must
 -- each be a table of arguments (both pools check at the caller's line)
 function M.check_star_items(list, n, fname, level)
@@ -65,6 +64,7 @@ function M.check_star_items(list, n, fname, level)
   end
 end
 
+-- pool_results.new(job) -> the AsyncResult of job
 function M.new(job)
   return setmetatable({ _job = job }, AsyncResult)
 end

@@ -39,7 +39,7 @@ local results = require "multiprocessing.pool_results"
 local jobs = require "multiprocessing.pool_jobs"
 
 local type, pairs, tostring, pcall = type, pairs, tostring, pcall
-local math_huge, math_max = math.huge, math.max
+local math_huge, math_max, math_tointeger = math.huge, math.max, math.tointeger
 local monotonic = core.monotonic
 local has_work, take_chunk = jobs.has_work, jobs.take_chunk
 
@@ -77,26 +77,40 @@ function Pool:_depth(job)
   if est < FAST_US then                   -- QUEUED_US // est, 4 to 64
     if est * 64 <= QUEUED_US then return 64 end
     if est * 4 >= QUEUED_US then return 4 end
-    return QUEUED_US // est
+    return math_tointeger(QUEUED_US // est)   -- (est is a float: so is //)
   end
   if est < MEDIUM_US then return 2 end
   return 1
 end
 
--- Send items first..first+n-1 of job to slot's worker w as one chunk.
-function Pool:_send(slot, w, job, first, n)
+-- An item or result that could not be serialized: err as an error object.
+local function serialization_error(err)
+  if type(err) == "table" then return err end
+  return errors.new("SerializationError", tostring(err))
+end
+
+-- Frame items first..last of job for slot's worker w as chunks of size
+-- items (pc:tasks), its function first if w lacks it. -> chunks framed
+-- whole, and the error that stopped the next one, if any.
+local function frame(self, slot, w, job, seq, first, last, size)
   local pc = self._pc
-  local seq = self._seq + 1
-  self._seq = seq
   local fnid = job.fnid
   if not w.sent[fnid] then
     pc:def(slot, fnid, job.fnbytes, job.fnfds)
     w.sent[fnid] = true
   end
-  local ok, err = pcall(pc.task, pc, slot, seq, fnid, job.star,
-                        job.list or job.items, first, first + n - 1)
-  if not ok then                       -- an item could not be serialized
-    if type(err) ~= "table" then err = errors.new("SerializationError", tostring(err)) end
+  local ok, k = pcall(pc.tasks, pc, slot, seq, fnid, job.star, job.list or job.items,
+                      first, last, size)
+  if ok then return k end
+  return pc:framed(slot), serialization_error(k)
+end
+
+-- Send items first..first+n-1 of job to slot's worker w as one chunk.
+function Pool:_send(slot, w, job, first, n)
+  local seq = self._seq + 1
+  self._seq = seq
+  local _, err = frame(self, slot, w, job, seq, first, first + n - 1, n)
+  if err then                          -- an item could not be serialized
     self:_fail_range(job, first, n, err)
     return
   end
@@ -117,19 +131,8 @@ end
 -- Send items first..last of job (a list) to slot's worker w as chunks of
 -- size items, in one call; a run in w's FIFO.
 function Pool:_send_run(slot, w, job, first, last, size)
-  local pc = self._pc
   local seq = self._seq + 1
-  local fnid = job.fnid
-  if not w.sent[fnid] then
-    pc:def(slot, fnid, job.fnbytes, job.fnfds)
-    w.sent[fnid] = true
-  end
-  local ok, k = pcall(pc.tasks, pc, slot, seq, fnid, job.star, job.list, first, last, size)
-  local err
-  if not ok then                       -- an item could not be serialized
-    err = k
-    k = pc:framed(slot)
-  end
+  local k, err = frame(self, slot, w, job, seq, first, last, size)
   local n = k * size
   if first + n - 1 > last then n = last - first + 1 end
   if k > 0 then
@@ -141,7 +144,6 @@ function Pool:_send_run(slot, w, job, first, last, size)
   self._seq = seq + k - 1
   if err then                          -- chunk k+1 fails, the rest goes again
     self._seq = seq + k
-    if type(err) ~= "table" then err = errors.new("SerializationError", tostring(err)) end
     local f = first + n
     local m = size
     if f + m - 1 > last then m = last - f + 1 end
@@ -178,30 +180,28 @@ function Pool:_dispatch()
           maxn = maxtasks - w.items
           if maxn <= 0 then break end
         end
+        local room = 1                  -- chunks to send now
         if job.timeout then
           if w.inflight > 0 then break end
           maxn = 1
         else
           if job ~= djob then djob, depth = job, self:_depth(job) end
-          local room = depth - w.inflight
+          room = depth - w.inflight
           if room <= 0 then break end
-          local size = job.chunksize
-          if pass == 2 and room > 1 and job.list and not maxtasks and not job.retry[1]
-             and job.total - job.cursor >= size then  -- two chunks or more
-            local first = job.cursor
-            local last = first + room * size - 1  -- has_work: first <= total
-            if last > job.total then last = job.total end
-            job.cursor = last + 1
-            self:_send_run(slot, w, job, first, last, size)
-            goto continue
-          end
         end
-        do
+        local size = job.chunksize
+        if pass == 2 and room > 1 and job.list and not maxtasks and not job.retry[1]
+           and job.total - job.cursor >= size then    -- a run: two chunks or more
+          local first = job.cursor
+          local last = first + room * size - 1    -- has_work: first <= total
+          if last > job.total then last = job.total end
+          job.cursor = last + 1
+          self:_send_run(slot, w, job, first, last, size)
+        else
           local first, cnt = take_chunk(job, maxn)
           if first then self:_send(slot, w, job, first, cnt)
           else self:_check_done(job) end
         end
-        ::continue::
       end
     end
   end
@@ -291,7 +291,7 @@ function Pool:_result(slot, w, n, us)
   if not job then return end              -- aborted
   local ok, nerr, errs = pcall(self._pc.take, self._pc, slot, job.results, first, job.packed)
   if not ok then
-    local e = type(nerr) == "table" and nerr or errors.new("SerializationError", tostring(nerr))
+    local e = serialization_error(nerr)
     for i = first, first + n - 1 do self:_fail_item(job, i, e) end
   elseif nerr > 0 then
     for k, data in pairs(errs) do self:_fail_item(job, first + k - 1, remote_error(data)) end
@@ -378,10 +378,16 @@ function Pool:_lost_chunks(w, code, started, finished)
     if job and size then               -- a run: its chunks not come back
       local last = chunk.first + chunk.n - 1
       for j = chunk.done, chunk.k - 1 do
-        local f = chunk.first + j * size
+        local seq, f = chunk.seq + j, chunk.first + j * size
+        if seq > started and seq > finished then   -- this one and the rest never
+          local r = job.retry                       -- started: one range again
+          r[#r + 1] = { f, last - f + 1 }
+          self:_queue_job(job)
+          break
+        end
         local m = last - f + 1
         if m > size then m = size end
-        lost_one(self, w, job, chunk.seq + j, f, m, false, code, started, finished)
+        lost_one(self, w, job, seq, f, m, false, code, started, finished)
       end
     elseif job then                    -- (nil: aborted)
       lost_one(self, w, job, chunk.seq, chunk.first, chunk.n, chunk.timedout,
