@@ -1076,9 +1076,46 @@ describe("Managers: get_server", function()
     srv:serve_forever()
     dog:kill(); dog:join(5); dog:close()
     assert.are.equal(0, H.finish(client))
-    assert.are.equal(client.pid or store.from_child, store.from_child)
+    assert.are.equal(client.pid, store.from_child)
     assert.is_number(store.from_child)
     assert.has_error(function() srv:serve_forever() end)   -- it served
+    srv:close()
+  end)
+
+  it("a child forked after get_server is a client: the proxies it receives give their references back", function()
+    local m = mp.BaseManager{ address = "127.0.0.1:0", authkey = "k" }
+    local store = {}
+    m:register("store", function() return store end, { proxytype = "dict" })
+    m:register("fresh", function() return {} end, { proxytype = "dict" })
+    local srv = m:get_server()
+    local client = start(function(addr)
+      local ok = pcall(function()
+        local c = mp.BaseManager{ address = addr, authkey = "k" }
+        c:register("store"); c:register("fresh")
+        c:connect()
+        local st = c:store()
+        local before = c:_number_of_objects()
+        st.sub = c:fresh()
+        local got = st.sub                 -- a proxy in an answer
+        got.x = 1
+        got = nil                          -- luacheck: ignore 311
+        st.sub = nil
+        collectgarbage(); collectgarbage()
+        st.probe = 1                       -- carries the reference given back
+        st.before, st.after = before, c:_number_of_objects()
+      end)
+      require("multiprocessing.managers")._call(addr, "k", 0, "shutdown")
+      return ok and 0 or 3
+    end, srv.address)
+    local dog = start(function(addr)
+      H.sleep(30)
+      pcall(require("multiprocessing.managers")._call, addr, "k", 0, "shutdown")
+    end, srv.address)
+    srv:serve_forever()
+    dog:kill(); dog:join(5); dog:close()
+    assert.are.equal(0, H.finish(client))
+    assert.is_number(store.before)
+    assert.are.equal(store.before, store.after)    -- the sub-dict is gone
     srv:close()
   end)
 

@@ -231,14 +231,16 @@ function Manager.start(self)
     address = self._dir .. "/manager.sock"
   end
   local mp = require "multiprocessing"
-  local okn, r, w, p = pcall(function()
-    local r_, w_ = mp.Pipe(false)
-    return r_, w_, mp.Process{ target = M._serve_child, args = { server_spec(self, address), w_ },
-                               daemon = true, name = self._name, start_method = self._method }
+  local r, w, p
+  local okn, err0 = pcall(function()
+    r, w = mp.Pipe(false)
+    p = mp.Process{ target = M._serve_child, args = { server_spec(self, address), w },
+                    daemon = true, name = self._name, start_method = self._method }
   end)
   if not okn then                        -- (EMFILE...): leave no socket directory
+    if r then r:close(); w:close() end
     if self._dir then os.remove(self._dir); self._dir = nil end
-    error(r, 0)
+    error(err0, 0)
   end
   local ok, err = pcall(p.start, p)
   w:close()
@@ -334,7 +336,7 @@ function Manager._number_of_objects(self)
   return (call(self.address, self._authkey, 0, "number_of_objects"))
 end
 
--- m:_debug_info() -> {{id=, kind=, refs=, transit=}, ...}: each object
+-- m:_debug_info() -> {{id=, kind=, refs=, transit=, parked=}, ...}: each object
 -- the server holds and its references, after a full collection
 function Manager._debug_info(self)
   check_running(self, "_debug_info")

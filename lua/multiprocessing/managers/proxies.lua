@@ -50,6 +50,16 @@ end
 -- counts are managers/refs.lua's).
 M.server = nil
 
+-- M.server when this process is the server's own: a child forked from it
+-- (get_server, then Processes, then serve_forever) holds a copy that
+-- serves nothing, and its proxies are clients' proxies
+local getpid = core.getpid
+local function server_here()
+  local srv = M.server
+  if srv and srv.pid == getpid() then return srv end
+  return nil
+end
+
 local function is_local(srv, st)
   if srv == nil then return false end
   if st.sid == nil then return st.addr == srv.address end
@@ -61,7 +71,7 @@ local function collect(p)
   local st = pstate[p]
   if not st then return end
   if st.inner then
-    local srv = M.server
+    local srv = server_here()
     if srv and st.inner == srv then srv:unref_later(st.oid) end
   elseif st.owner then
     client.release(st)
@@ -84,7 +94,7 @@ end
 local function reduce(p)
   local st = pstate[p]
   local ref
-  local srv = M.server
+  local srv = server_here()
   if is_local(srv, st) then
     ref = srv:ref_out(st.oid)
   else
@@ -107,7 +117,7 @@ local function rebuild_proxy(st)
   end
   local ref = st.ref
   st.ref = nil
-  local srv = M.server
+  local srv = server_here()
   if is_local(srv, st) then
     if srv:ref_in(st.oid, ref == "t") then st.inner = srv end
   elseif ref == "c" then

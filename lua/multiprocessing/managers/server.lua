@@ -58,6 +58,7 @@ function M.new(spec)
   local rnd = require("multiprocessing.auth").random_bytes(8)
   local srv = setmetatable({
     listener = l, address = l.address, authkey = spec.authkey,
+    pid = core.getpid(), -- (proxies.lua: a forked child's copy is no server)
     sid = rnd:gsub(".", function(ch) return ("%02x"):format(ch:byte()) end),
     registry = spec.registry or {},
     clients = {},      -- conn -> {parked = {w = true}, held = {obj = true}, refs = {oid = n}}
@@ -90,7 +91,7 @@ function Server:park(w, timeout, on_timeout)
   if timeout then
     local d = monotonic() + timeout
     w.deadline = d
-    self.timed[#self.timed + 1] = w
+    sync.push_waiter(self.timed, w)     -- (the answered ones dropped now and then)
     if not self.nextd or d < self.nextd then self.nextd = d end
   end
   return PARK

@@ -46,6 +46,7 @@ local function push_waiter(list, w)
   end
   list[n + 1] = w
 end
+M.push_waiter = push_waiter               -- (server.lua's list of timed waits too)
 
 -- the first waiter of list not done (removing the done ones before it)
 local function first_live(list)
@@ -389,6 +390,7 @@ local function pump(srv, o)
       if p then
         remove(o.putters, 1)
         push(o, p.item)
+        p.item = nil                      -- (its wait may stay listed a while)
         srv:grant(p, true)
         moved = true
       end
