@@ -571,23 +571,29 @@ describe("cluster failures", function()
   before_each(function() rs = start_redis() end)
   after_each(function() stop_machines(); rs.stop(); remove_keyfiles() end)
 
+  local function exists(path)
+    local f = io.open(path)
+    if f then f:close() end
+    return f ~= nil
+  end
+
   it("a machine killed mid-task: another takes the task after its lease", function()
     local m1 = one_worker(rs)
     local pool <close> = cluster.Pool{ redis = rs.url, queue = "q", authkey = "k", lease = 1 }
     local flag = helpers.tmpname("started")
+    finally(function() os.remove(flag) end)
     local r = pool:apply_async(function(path)
       local f = io.open(path, "a"); f:write("x"); f:close()
       local t = os.time() + 1 while os.time() <= t do end  -- busy a second or two
       return "done"
     end, { flag })
-    assert(helpers.wait_until(function() return io.open(flag) ~= nil end, 15))
+    assert(helpers.wait_until(function() return exists(flag) end, 15))
     m1.kill()                                 -- the whole machine, at once
     local m2 = machine(rs, "m2", { processes = 1 })
     assert.equal("done", r:get(30))
     local f = io.open(flag); local runs = #f:read("a"); f:close()
     assert.equal(2, runs)                     -- ran again, reached the client once
     assert.equal(1, pool:stats().done)
-    os.remove(flag)
     pool:close(); pool:join()
     m2.stop(); m1.stop()
   end)
@@ -597,6 +603,7 @@ describe("cluster failures", function()
     assert(wait_workers(rs, 3))
     local pool <close> = cluster.Pool{ redis = rs.url, queue = "q", authkey = "k", lease = 1 }
     local flags, rs_ = {}, {}
+    finally(function() for i = 1, 3 do if flags[i] then os.remove(flags[i]) end end end)
     for i = 1, 3 do
       flags[i] = helpers.tmpname("started" .. i)
       rs_[i] = pool:apply_async(function(path, v)
@@ -606,7 +613,7 @@ describe("cluster failures", function()
       end, { flags[i], i * 10 })
     end
     assert(helpers.wait_until(function()
-      for i = 1, 3 do if not io.open(flags[i]) then return false end end
+      for i = 1, 3 do if not exists(flags[i]) then return false end end
       return true
     end, 15))
     m1.kill()
@@ -614,7 +621,6 @@ describe("cluster failures", function()
     for i = 1, 3 do
       assert.equal(i * 10, rs_[i]:get(30))
       local f = io.open(flags[i]); assert.equal(2, #f:read("a")); f:close()
-      os.remove(flags[i])
     end
     assert.equal(3, pool:stats().done)
     pool:close(); pool:join()

@@ -295,12 +295,6 @@ function H.start_redis(aof, dir)
               :format(sock, dir, dir, dir, aof and "yes" or "no")
   assert(os.execute(cmd))
   local r = { dir = dir, sock = sock, url = "unix://" .. sock }
-  assert(H.wait_until(function()
-    local c = redis.connect{ path = sock, timeout = 2 }
-    if c and c:command("PING") == "PONG" then c:close() return true end
-    if c then c:close() end
-    return false
-  end, 10), "redis-server did not start")
   function r.cli()
     return assert(redis.connect{ path = sock, timeout = 5 })
   end
@@ -310,9 +304,22 @@ function H.start_redis(aof, dir)
     if f then f:close() end
     if pid then
       core.kill(pid, 15)
-      H.wait_until(function() return not io.open("/proc/" .. pid .. "/stat") end, 10)
+      H.wait_until(function()
+        local st = io.open("/proc/" .. pid .. "/stat")
+        if st then st:close() end
+        return st == nil
+      end, 10)
     end
     if not keep then os.execute("rm -rf " .. dir) end
+  end
+  if not H.wait_until(function()
+    local c = redis.connect{ path = sock, timeout = 2 }
+    if c and c:command("PING") == "PONG" then c:close() return true end
+    if c then c:close() end
+    return false
+  end, 10) then
+    r.stop()                              -- leave no server behind
+    error("redis-server did not answer PING within 10 s", 2)
   end
   return r
 end

@@ -254,7 +254,7 @@ results.map_calls(Pool, "_map", "imap")   -- map, starmap, imap... (_async)
 
 -- ---- for event loops, and numbers --------------------------------------
 
--- pool:poll([timeout]) -> number of unfinished tasks; makes progress and
+-- pool:poll([timeout]) -> number of unfinished jobs; makes progress and
 -- runs callbacks (for event loops: call it when pool:fileno() is readable)
 function Pool:poll(timeout)
   check.timeout(timeout, 1, "poll")

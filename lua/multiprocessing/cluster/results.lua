@@ -9,8 +9,8 @@ local polling = require "multiprocessing.polling"
 local results = require "multiprocessing.pool_results"
 local wire = require "multiprocessing.cluster.wire"
 
-local type, tostring, tonumber, pairs, ipairs, error =
-      type, tostring, tonumber, pairs, ipairs, error
+local type, tostring, tonumber, pairs, ipairs =
+      type, tostring, tonumber, pairs, ipairs
 local unpack = table.unpack
 local monotonic = core.monotonic
 local math_min = math.min
@@ -201,7 +201,10 @@ function Pool:_cancel(job)
   end
   if #args == 5 then return false end
   local gone, msg = self._wc:call(unpack(args))
-  if type(gone) ~= "table" then error("cancel: " .. tostring(msg), 3) end
+  if type(gone) ~= "table" then
+    errors.raise("ProcessError", "cancel: cannot take the tasks off " .. self._keys.tasks
+                 .. ": " .. tostring(msg), 3)
+  end
   if #gone == 0 then return false end
   job.cancelled = true
   local err = errors.new("CancelledError", "the task was cancelled before it started")

@@ -23,6 +23,7 @@ local core = require "multiprocessing.core"
 local errors = require "multiprocessing.errors"
 local conn = require "multiprocessing.cluster.conn"
 local wire = require "multiprocessing.cluster.wire"
+local check = require "multiprocessing.check"
 
 local type, tostring, tonumber, pairs, ipairs, error, pcall =
       type, tostring, tonumber, pairs, ipairs, error, pcall
@@ -66,37 +67,28 @@ local function hostname()
   return h or "localhost"
 end
 
-local function opt(o, k, kind, default, level)
-  local v = o[k]
-  if v == nil then return default end
-  if type(v) ~= kind then
-    error(("bad option '%s' (%s expected, got %s)"):format(k, kind, type(v)), level + 1)
-  end
-  return v
-end
-
-local KNOWN = { redis = true, queue = true, processes = true, authkey = true,
-  machine = true, heartbeat = true, block = true, stop = true, ready = true,
-  initializer = true, initargs = true, maxtasksperchild = true, verbose = true }
+local OPTIONS = { redis = "string", queue = "string", authkey = "string",
+  processes = true, machine = "string", heartbeat = true, stop = "callable",
+  ready = "callable", initializer = true, initargs = true, maxtasksperchild = true,
+  verbose = true }
 
 -- cluster.serve{redis=, queue=, authkey=, processes=, machine=, heartbeat=,
 -- stop=fn, ready=fn, ...}: serve the queue until stop() returns true (or
--- forever); returns the number of tasks done
+-- forever); returns the number of tasks done. Options are checked as
+-- cluster.Pool's are (check.lua); the local Pool checks the ones it takes.
 function M.serve(o)
-  if type(o) ~= "table" then error("bad argument #1 to 'serve' (table expected)", 2) end
-  for k in pairs(o) do
-    if not KNOWN[k] then error("bad argument #1 to 'serve' (unknown option '" .. tostring(k) .. "')", 2) end
+  if type(o) ~= "table" then
+    check.argerror(1, "serve", "options table expected, got " .. check.typename(o), 2)
   end
-  local url = opt(o, "redis", "string", nil, 2)
-  local queue = opt(o, "queue", "string", nil, 2)
-  local authkey = opt(o, "authkey", "string", nil, 2)
-  if not url or not queue or not authkey then
-    error("bad argument #1 to 'serve' (redis, queue and authkey are required)", 2)
+  check.options(o, 1, "serve", OPTIONS, 2)
+  for _, k in ipairs{ "redis", "queue", "authkey" } do
+    if o[k] == nil then check.argerror(1, "serve", "'" .. k .. "' is required", 2) end
   end
-  local nproc = opt(o, "processes", "number", mp.cpu_count(), 2)
-  local machine = opt(o, "machine", "string", hostname(), 2)
-  local hb_every = opt(o, "heartbeat", "number", 1, 2)
-  local stop = opt(o, "stop", "function", function() return false end, 2)
+  local url, queue, authkey = o.redis, o.queue, o.authkey
+  local nproc = check.integer(o.processes, 1, "serve", "'processes'", 1, nil, 2) or mp.cpu_count()
+  local machine = o.machine or hostname()
+  local hb_every = check.positive(o.heartbeat, 1, "serve", "'heartbeat'", 2) or 1
+  local stop = o.stop or function() return false end
   local verbose = o.verbose
   local keys = wire.keys(queue)
   local me = machine .. "/" .. core.getpid()
