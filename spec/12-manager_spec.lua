@@ -1048,6 +1048,24 @@ end)
 describe("Managers: get_server", function()
   H.leakcheck()
 
+  -- Serve srv here until a forked client has run body(address) and shut
+  -- the server down (a watchdog does it after 30 s if the client does
+  -- not): -> the client's exit code (3: body raised), its pid.
+  local function serve_for(srv, body)
+    local client = start(function(addr)
+      local ok = pcall(body, addr)
+      require("multiprocessing.managers")._call(addr, "k", 0, "shutdown")
+      return ok and 0 or 3
+    end, srv.address)
+    local dog = start(function(addr)
+      H.sleep(30)
+      pcall(require("multiprocessing.managers")._call, addr, "k", 0, "shutdown")
+    end, srv.address)
+    srv:serve_forever()
+    dog:kill(); dog:join(5); dog:close()
+    return H.finish(client), client.pid
+  end
+
   it("binds at once (port 0 resolved) and serves here until a client shuts it down", function()
     local m = mp.BaseManager{ address = "127.0.0.1:0", authkey = "k" }
     local store = {}
@@ -1058,25 +1076,14 @@ describe("Managers: get_server", function()
     assert.are.equal(srv.address, m.address)
     assert.has_error(function() m:get_server() end)        -- once
     assert.has_error(function() m:serve_forever() end)
-    local client = start(function(addr)
-      local ok = pcall(function()
-        local c = mp.BaseManager{ address = addr, authkey = "k" }
-        c:register("store")
-        c:connect()
-        c:store().from_child = mp.current_process().pid
-      end)
-      require("multiprocessing.managers")._call(addr, "k", 0, "shutdown")
-      return ok and 0 or 3
-    end, srv.address)
-    -- a watchdog: if the client fails to stop the server, it does
-    local dog = start(function(addr)
-      H.sleep(30)
-      pcall(require("multiprocessing.managers")._call, addr, "k", 0, "shutdown")
-    end, srv.address)
-    srv:serve_forever()
-    dog:kill(); dog:join(5); dog:close()
-    assert.are.equal(0, H.finish(client))
-    assert.are.equal(client.pid, store.from_child)
+    local code, pid = serve_for(srv, function(addr)
+      local c = mp.BaseManager{ address = addr, authkey = "k" }
+      c:register("store")
+      c:connect()
+      c:store().from_child = mp.current_process().pid
+    end)
+    assert.are.equal(0, code)
+    assert.are.equal(pid, store.from_child)
     assert.is_number(store.from_child)
     assert.has_error(function() srv:serve_forever() end)   -- it served
     srv:close()
@@ -1088,32 +1095,21 @@ describe("Managers: get_server", function()
     m:register("store", function() return store end, { proxytype = "dict" })
     m:register("fresh", function() return {} end, { proxytype = "dict" })
     local srv = m:get_server()
-    local client = start(function(addr)
-      local ok = pcall(function()
-        local c = mp.BaseManager{ address = addr, authkey = "k" }
-        c:register("store"); c:register("fresh")
-        c:connect()
-        local st = c:store()
-        local before = c:_number_of_objects()
-        st.sub = c:fresh()
-        local got = st.sub                 -- a proxy in an answer
-        got.x = 1
-        got = nil                          -- luacheck: ignore 311
-        st.sub = nil
-        collectgarbage(); collectgarbage()
-        st.probe = 1                       -- carries the reference given back
-        st.before, st.after = before, c:_number_of_objects()
-      end)
-      require("multiprocessing.managers")._call(addr, "k", 0, "shutdown")
-      return ok and 0 or 3
-    end, srv.address)
-    local dog = start(function(addr)
-      H.sleep(30)
-      pcall(require("multiprocessing.managers")._call, addr, "k", 0, "shutdown")
-    end, srv.address)
-    srv:serve_forever()
-    dog:kill(); dog:join(5); dog:close()
-    assert.are.equal(0, H.finish(client))
+    assert.are.equal(0, serve_for(srv, function(addr)
+      local c = mp.BaseManager{ address = addr, authkey = "k" }
+      c:register("store"); c:register("fresh")
+      c:connect()
+      local st = c:store()
+      local before = c:_number_of_objects()
+      st.sub = c:fresh()
+      local got = st.sub                   -- a proxy in an answer
+      got.x = 1
+      got = nil                            -- luacheck: ignore 311
+      st.sub = nil
+      collectgarbage(); collectgarbage()
+      st.probe = 1                         -- carries the reference given back
+      st.before, st.after = before, c:_number_of_objects()
+    end))
     assert.is_number(store.before)
     assert.are.equal(store.before, store.after)    -- the sub-dict is gone
     srv:close()
