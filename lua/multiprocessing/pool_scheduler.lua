@@ -163,45 +163,41 @@ function Pool:_dispatch()
   local n, workers, maxtasks = self._n, self._workers, self._maxtasks
   local start = self._rr
   local djob, depth                       -- _depth(djob): no result comes meanwhile
-  -- two passes: first one chunk to each idle worker, so that every one
-  -- starts while the others' chunks are framed, then runs to fill them
-  for pass = 1, 2 do
-    for i = 1, n do
-      local slot = (start + i - 1) % n + 1
-      local w = workers[slot]
-      while w and not w.exclusive and not w.retiring and (pass == 2 or w.inflight == 0) do
-        job = self._jobs[self._jobhead]   -- _head_job's answer, mostly
-        if not (job and has_work(job)) then
-          job = self:_head_job()
-          if not job then self._rr = slot return end
-        end
-        local maxn = math_huge
-        if maxtasks then
-          maxn = maxtasks - w.items
-          if maxn <= 0 then break end
-        end
-        local room = 1                  -- chunks to send now
-        if job.timeout then
-          if w.inflight > 0 then break end
-          maxn = 1
-        else
-          if job ~= djob then djob, depth = job, self:_depth(job) end
-          room = depth - w.inflight
-          if room <= 0 then break end
-        end
-        local size = job.chunksize
-        if pass == 2 and room > 1 and job.list and not maxtasks and not job.retry[1]
-           and job.total - job.cursor >= size then    -- a run: two chunks or more
-          local first = job.cursor
-          local last = first + room * size - 1    -- has_work: first <= total
-          if last > job.total then last = job.total end
-          job.cursor = last + 1
-          self:_send_run(slot, w, job, first, last, size)
-        else
-          local first, cnt = take_chunk(job, maxn)
-          if first then self:_send(slot, w, job, first, cnt)
-          else self:_check_done(job) end
-        end
+  for i = 1, n do
+    local slot = (start + i - 1) % n + 1
+    local w = workers[slot]
+    while w and not w.exclusive and not w.retiring do
+      job = self._jobs[self._jobhead]   -- _head_job's answer, mostly
+      if not (job and has_work(job)) then
+        job = self:_head_job()
+        if not job then self._rr = slot return end
+      end
+      local maxn = math_huge
+      if maxtasks then
+        maxn = maxtasks - w.items
+        if maxn <= 0 then break end
+      end
+      local room = 1                  -- chunks to send now
+      if job.timeout then
+        if w.inflight > 0 then break end
+        maxn = 1
+      else
+        if job ~= djob then djob, depth = job, self:_depth(job) end
+        room = depth - w.inflight
+        if room <= 0 then break end
+      end
+      local size = job.chunksize
+      if room > 1 and job.list and not maxtasks and not job.retry[1]
+         and job.total - job.cursor >= size then    -- a run: two chunks or more
+        local first = job.cursor
+        local last = first + room * size - 1    -- has_work: first <= total
+        if last > job.total then last = job.total end
+        job.cursor = last + 1
+        self:_send_run(slot, w, job, first, last, size)
+      else
+        local first, cnt = take_chunk(job, maxn)
+        if first then self:_send(slot, w, job, first, cnt)
+        else self:_check_done(job) end
       end
     end
   end
